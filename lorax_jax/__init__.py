@@ -1,0 +1,24 @@
+"""lorax_jax: LoRA for any JAX/Flax model, as a pure function transform.
+
+    cfg   = lorax_jax.LoraConfig(r=8, alpha=16, dropout=0.05, target_value=True)
+    lora  = lorax_jax.init_lora(params, cfg, jax.random.key(0))
+    apply = lorax_jax.lora_transform(model.apply, params, cfg)
+    logits = apply(params, lora, batch, rng=key)   # differentiate w.r.t. `lora` only
+"""
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import check_lora, init_lora
+from lorax_jax.merge import delta, merge, unmerge
+from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params,
+                              trainable_mask)
+from lorax_jax.pathmap import PathMap
+from lorax_jax.targets import Target, find_targets, summary
+from lorax_jax.transform import lora_transform
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig", "PathMap", "Target", "check_lora", "count", "delta", "filter_params",
+    "find_targets", "init_lora", "join_params", "lora_count", "lora_transform", "merge",
+    "size", "split_params", "summary", "trainable_mask", "unmerge",
+]

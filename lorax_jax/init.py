@@ -1,0 +1,98 @@
+"""`init_lora`: the LoRA pytree, and the check that a LoRA tree fits its params.
+
+The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding
+only the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in
+`lorax_jax.targets`). ``b`` starts at zero, so the adapted model equals the base model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.targets import Path, Target, find_targets, path_str
+
+Lora = dict[str, Any]
+
+
+def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
+  """Fresh factors for every target of ``cfg`` in ``params``; one key per target.
+
+  ``a`` follows ``cfg.init`` (PEFT's kaiming-uniform ``U(±1/sqrt(fan_in))`` or a
+  gaussian of std ``1/r``), ``b`` is zero; embeddings follow PEFT instead (``a = 0``,
+  ``b ~ N(0, 1)``). Either way ``A ⊗ B = 0`` at step 0.
+  """
+  targets = find_targets(params, cfg)
+  keys = jax.random.split(rng, len(targets))
+  lora: Lora = {}
+  for key, t in zip(keys, targets.values()):
+    a, b = _init_factors(key, t, cfg)
+    _set_path(lora, t.path, {"a": a, "b": b})
+  return lora
+
+
+def _init_factors(key: jax.Array, t: Target, cfg: LoraConfig) -> tuple[jax.Array, jax.Array]:
+  dtype = cfg.param_dtype
+  if t.path[-1] == "embedding":
+    return jnp.zeros(t.a_shape, dtype), jax.random.normal(key, t.b_shape, dtype)
+  if cfg.init == "gaussian":
+    a = jax.random.normal(key, t.a_shape, dtype) / t.rank
+  else:
+    bound = 1.0 / math.sqrt(math.prod(t.in_shape))
+    a = jax.random.uniform(key, t.a_shape, dtype, -bound, bound)
+  return a, jnp.zeros(t.b_shape, dtype)
+
+
+def factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
+  """``(target, a, b)`` for every target, after `check_lora`."""
+  check_lora(targets, lora)
+  for path, t in targets.items():
+    node = get_path(lora, path)
+    yield t, node["a"], node["b"]
+
+
+def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
+  """Raise a ValueError naming the path unless ``lora`` holds exactly the targets' factors."""
+  seen = set()
+  for path, node in _lora_nodes(lora, ()):
+    name = path_str(path)
+    if path not in targets:
+      raise ValueError(f"LoRA tree has an unexpected entry {name} (no such target in the params)")
+    seen.add(path)
+    t = targets[path]
+    if not isinstance(node, Mapping) or set(node) != {"a", "b"}:
+      got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+      raise ValueError(f"LoRA entry {name} must be {{'a', 'b'}}, got {got}")
+    for k, want in (("a", t.a_shape), ("b", t.b_shape)):
+      got = tuple(jnp.shape(node[k]))
+      if got != want:
+        raise ValueError(f"LoRA factor {name}/{k} has shape {got}, expected {want} for kernel {t.shape}")
+  missing = [path_str(p) for p in targets if p not in seen]
+  if missing:
+    raise ValueError(f"LoRA tree is missing the factors of {', '.join(missing)}")
+
+
+def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
+  """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place)."""
+  if isinstance(tree, Mapping) and tree and not ({"a", "b"} & set(tree)):
+    for k, v in tree.items():
+      yield from _lora_nodes(v, (*prefix, str(k)))
+  else:
+    yield prefix, tree
+
+
+def get_path(tree: Any, path: Path) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set_path(tree: dict, path: Path, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value

@@ -1,0 +1,105 @@
+"""Frozen and trainable parts of a params tree: split, join, mask, count, size.
+
+Lorax's ``Params.filter`` and ``Params.size``. A *combined* tree is the params tree
+with each targeted kernel's factors stored beside it under ``"lora"``:
+``{..., "q_proj": {"kernel": W, "lora": {"a": a, "b": b}}}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import Lora, check_lora
+from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str
+
+LORA_KEY = "lora"
+
+
+def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
+  """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`."""
+  frozen, lora = _split(tree, ())
+  check_lora(find_targets(frozen, cfg), lora)
+  return frozen, lora
+
+
+def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
+  """The inverse of `split_params`: put each factor pair beside its kernel."""
+  def join(node: Any, sub: Any) -> Any:
+    if not isinstance(sub, Mapping):
+      return node
+    out = dict(node)
+    for key, value in sub.items():
+      if isinstance(value, Mapping) and set(value) == {"a", "b"}:
+        out[LORA_KEY] = value
+        if key not in node:
+          raise ValueError(f"join_params: no kernel {key!r} beside its LoRA factors")
+      else:
+        if key not in node:
+          raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
+        out[key] = join(node[key], value)
+    return out
+  return join(params, lora)
+
+
+def _split(tree: Any, prefix: Path) -> tuple[Any, Lora]:
+  if not isinstance(tree, Mapping):
+    return tree, {}
+  frozen, lora = {}, {}
+  kernels = [k for k in tree if k != LORA_KEY]
+  for key in kernels:
+    f, l = _split(tree[key], (*prefix, str(key)))
+    frozen[key] = f
+    if l:
+      lora[str(key)] = l
+  if LORA_KEY in tree:
+    owners = [k for k in kernels if not isinstance(tree[k], Mapping)]
+    if len(owners) != 1:
+      raise ValueError(
+          f"split_params: {path_str(prefix) or '<root>'}/{LORA_KEY} needs exactly one kernel "
+          f"beside it, found {owners}")
+    lora[str(owners[0])] = dict(tree[LORA_KEY])
+  return frozen, lora
+
+
+def trainable_mask(params: Any, lora: Lora) -> tuple[Any, Lora]:
+  """The optax mask for ``(params, lora)``: ``False`` on every frozen leaf, ``True`` on LoRA."""
+  return (jax.tree_util.tree_map(lambda _: False, params),
+          jax.tree_util.tree_map(lambda _: True, lora))
+
+
+def count(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
+  """The number of scalars in ``tree`` (those at leaves where ``where(path, leaf)``)."""
+  return sum(int(np.size(x)) for p, x in leaves_with_paths(tree) if where is None or where(p, x))
+
+
+def size(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
+  """The bytes held by ``tree`` (Lorax's ``Params.size``)."""
+  return sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
+             for p, x in leaves_with_paths(tree) if where is None or where(p, x))
+
+
+def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
+  """The leaves of ``tree`` where ``where(path, leaf)``, as nested dicts (Lorax's ``Params.filter``)."""
+  out: dict = {}
+  for path, leaf in leaves_with_paths(tree):
+    if where(path, leaf):
+      node = out
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = leaf
+  return out
+
+
+def lora_count(params: Any, cfg: LoraConfig) -> int:
+  """Trainable scalars ``cfg`` adds to ``params``, without allocating them."""
+  return sum(math.prod(t.a_shape) + math.prod(t.b_shape)
+             for t in find_targets(params, cfg).values())
+
+
+

@@ -1,0 +1,87 @@
+"""`PathMap`: a declarative table between Flax param paths and Hugging Face tensor names.
+
+Each rule is ``(flax_pattern, hf_pattern, kind)``: ``{i}`` (or any ``{name}``) stands for
+a run of digits that must agree on both sides, and ``kind`` says how the tensor is laid
+out in torch:
+
+- ``"linear"``: Flax ``[in..., out]`` kernel (leading axes flattened), torch ``nn.Linear``
+  ``[out, in]`` weight.
+- ``"conv"``: Flax ``HWIO`` kernel, torch ``OIHW`` weight.
+- ``"embedding"`` and ``"param"``: the same layout on both sides (a table, a bias, a norm scale).
+
+A map for your own model is a list of such rules, for example::
+
+    PathMap((("params/layers_{i}/attn/query/kernel", "model.layers.{i}.attn.q_proj.weight", "linear"),
+             ("params/embed/embedding", "model.embed_tokens.weight", "embedding")))
+
+A LoRA adapter names a target by its module, the tensor name without ``.weight``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import numpy as np
+
+Kind = Literal["linear", "conv", "embedding", "param"]
+KINDS = ("linear", "conv", "embedding", "param")
+
+
+@dataclasses.dataclass(frozen=True)
+class PathMap:
+  """Rules ``(flax_pattern, hf_pattern, kind)``, tried in order."""
+
+  rules: tuple[tuple[str, str, str], ...]
+
+  def __post_init__(self):
+    for rule in self.rules:
+      if len(rule) != 3 or rule[2] not in KINDS:
+        raise ValueError(f"PathMap rule {rule!r} must be (flax_pattern, hf_pattern, kind in {KINDS})")
+      if set(_fields(rule[0])) != set(_fields(rule[1])):
+        raise ValueError(f"PathMap rule {rule!r}: both sides must use the same {{fields}}")
+
+  def to_hf(self, flax_path: str) -> tuple[str, str] | None:
+    """``(hf tensor name, kind)`` for a ``/``-joined Flax path, or None if no rule maps it."""
+    return self._convert(flax_path, 0, 1)
+
+  def to_flax(self, hf_name: str) -> tuple[str, str] | None:
+    """``(/-joined Flax path, kind)`` for a Hugging Face tensor name, or None."""
+    return self._convert(hf_name, 1, 0)
+
+  def _convert(self, name: str, src: int, dst: int) -> tuple[str, str] | None:
+    for rule in self.rules:
+      m = re.fullmatch(_regex(rule[src]), name)
+      if m:
+        return rule[dst].format(**m.groupdict()), rule[2]
+    return None
+
+
+def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
+  """A Flax-layout array in torch's layout (see the module docstring)."""
+  x = np.asarray(x)
+  if kind == "linear":
+    return x.reshape(-1, x.shape[-1]).T
+  if kind == "conv":
+    return x.transpose(3, 2, 0, 1)
+  return x
+
+
+def from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+  """A torch-layout array in Flax's layout, reshaped to ``shape`` if given (inverse of `to_torch`)."""
+  x = np.asarray(x)
+  if kind == "linear":
+    x = x.T
+  elif kind == "conv":
+    x = x.transpose(2, 3, 1, 0)
+  return x if shape is None else x.reshape(shape)
+
+
+def _fields(pattern: str) -> list[str]:
+  return re.findall(r"\{(\w+)\}", pattern)
+
+
+def _regex(pattern: str) -> str:
+  parts = re.split(r"(\{\w+\})", pattern)
+  return "".join(f"(?P<{p[1:-1]}>\\d+)" if re.fullmatch(r"\{\w+\}", p) else re.escape(p) for p in parts)

@@ -1,0 +1,215 @@
+"""Which leaves of a params pytree are adapted, with what rank, alpha and axes.
+
+A kernel ``W`` of shape ``S + I + O`` (stacked-layer axes ``S``, input axes ``I``,
+output axes ``O``) gets two factors, both with the rank axis right after the stack:
+
+    a: S + (r,) + I        b: S + (r,) + O        delta = s · einsum("...ri,...ro->...io", a, b)
+
+so a Flax ``Dense`` kernel ``[in, out]`` gets ``a: [r, in]`` (PEFT's ``lora_A.weight``)
+and ``b: [r, out]`` (PEFT's ``lora_B.weight`` transposed). Both layouts put the small
+rank axis first, which is what XLA contracts fastest for the factor gradients
+(``bench/`` measures it). An embedding table ``[vocab, features]`` has ``I = (vocab,)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.config import LoraConfig
+
+Path = tuple[str, ...]
+
+KERNEL_LEAVES = ("kernel", "weight", "w", "embedding")
+QUERY_NAMES = ("query", "q_proj", "wq", "q", "to_q", "q_lin")
+KEY_NAMES = ("key", "k_proj", "wk", "k", "to_k", "k_lin")
+VALUE_NAMES = ("value", "v_proj", "wv", "v", "to_v", "v_lin")
+SHORT_NAMES = ("q", "k", "v")  # only inside a module whose name says attention
+OUT_NAMES = ("out", "o_proj", "out_proj", "wo", "o", "to_out", "c_proj", "out_lin")
+HEAD_NAMES = ("lm_head", "head", "classifier", "score")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One adapted leaf: where it is and the shapes of its factors."""
+
+  path: Path
+  shape: tuple[int, ...]
+  rank: int
+  alpha: float
+  scale: float
+  n_stack: int
+  n_in: int
+
+  @property
+  def stack_shape(self) -> tuple[int, ...]:
+    return self.shape[: self.n_stack]
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return self.shape[self.n_stack : self.n_stack + self.n_in]
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return self.shape[self.n_stack + self.n_in :]
+
+  @property
+  def a_shape(self) -> tuple[int, ...]:
+    return (*self.stack_shape, self.rank, *self.in_shape)
+
+  @property
+  def b_shape(self) -> tuple[int, ...]:
+    return (*self.stack_shape, self.rank, *self.out_shape)
+
+  @property
+  def name(self) -> str:
+    return path_str(self.path)
+
+  def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``s · A ⊗ B`` as a kernel-shaped array (float32 accumulation)."""
+    a2 = a.reshape(*self.stack_shape, self.rank, math.prod(self.in_shape))
+    b2 = b.reshape(*self.stack_shape, self.rank, math.prod(self.out_shape))
+    d = jnp.einsum("...ri,...ro->...io", a2, b2, preferred_element_type=jnp.float32)
+    return (self.scale * d).reshape(self.shape)
+
+
+def path_str(path: Path) -> str:
+  return "/".join(path)
+
+
+def key_str(key: Any) -> str:
+  """One pytree path entry as a string (dict key, attribute, or sequence index)."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
+  """``(path, leaf)`` for every leaf, paths as tuples of strings."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(tuple(key_str(k) for k in kp), leaf) for kp, leaf in flat]
+
+
+def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
+  """The targets of ``cfg`` in ``params``, keyed by path, in tree order.
+
+  Raises:
+    ValueError: nothing matched (the message lists a sample of the available paths),
+      or a matched leaf is not a float array of rank >= 2.
+  """
+  found: dict[Path, Target] = {}
+  all_paths = []
+  for path, leaf in leaves_with_paths(params):
+    all_paths.append(path_str(path))
+    if not _is_target(path, leaf, cfg):
+      continue
+    shape = tuple(np.shape(leaf))
+    if len(shape) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(
+          f"LoRA target {path_str(path)} must be a float kernel of rank >= 2, got "
+          f"shape {shape} dtype {jnp.result_type(leaf)}")
+    name = path_str(path)
+    rank = int(_lookup(cfg.rank_pattern, name, cfg.r))
+    alpha = float(_lookup(cfg.alpha_pattern, name, cfg.alpha))
+    n_stack, n_in = _lookup(cfg.kernel_axes, name, None) or _default_axes(path, shape)
+    if n_stack + n_in >= len(shape):
+      raise ValueError(
+          f"LoRA target {name}: kernel_axes ({n_stack}, {n_in}) leave no output axis in "
+          f"shape {shape}")
+    found[path] = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), n_stack, n_in)
+  if not found:
+    sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
+    raise ValueError(f"LoraConfig matches no parameter; available paths: {sample or '(none)'}")
+  return found
+
+
+def summary(params: Any, cfg: LoraConfig) -> str:
+  """The matched paths with their ranks, and trainable / total parameter counts.
+
+  What PEFT users know as ``print_trainable_parameters``.
+  """
+  found = find_targets(params, cfg)
+  total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+  trainable = sum(math.prod(t.a_shape) + math.prod(t.b_shape) for t in found.values())
+  width = max(len(t.name) for t in found.values())
+  lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
+  lines.append(
+      f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
+      f"trainable%: {100 * trainable / (total + trainable):.4f}")
+  return "\n".join(lines)
+
+
+def matches(patterns: str | Sequence[str], name: str) -> bool:
+  """A regex full-matches ``name``, or a listed suffix ends it at a ``/`` boundary."""
+  if isinstance(patterns, str):
+    return re.fullmatch(patterns, name) is not None or _suffix_match(patterns, name)
+  return any(_suffix_match(p, name) or re.fullmatch(p, name) is not None for p in patterns)
+
+
+def _suffix_match(suffix: str, name: str) -> bool:
+  module = _module_path(name)
+  return any(n == suffix or n.endswith("/" + suffix) for n in (name, module))
+
+
+def _module_path(name: str) -> str:
+  head, _, leaf = name.rpartition("/")
+  return head if leaf in KERNEL_LEAVES else name
+
+
+def _lookup(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+  for key, value in pattern.items():
+    if matches(key, name):
+      return value
+  return default
+
+
+def _module_name(path: Path) -> str:
+  """The name of the module owning a leaf: ``(..., "q_proj", "kernel") -> "q_proj"``."""
+  if len(path) >= 2 and path[-1] in KERNEL_LEAVES:
+    return path[-2]
+  return path[-1]
+
+
+def _is_target(path: Path, leaf: Any, cfg: LoraConfig) -> bool:
+  if not hasattr(leaf, "shape") and not isinstance(leaf, np.ndarray):
+    return False
+  name = path_str(path)
+  if cfg.exclude is not None and matches(cfg.exclude, name):
+    return False
+  if cfg.target_fn is not None:
+    return bool(cfg.target_fn(path, leaf))
+  if cfg.targets == "all-linear":
+    return (path[-1] == "kernel" and np.ndim(leaf) >= 2 and _module_name(path) not in HEAD_NAMES)
+  if cfg.targets is not None:
+    return matches(cfg.targets, name)
+  if np.ndim(leaf) < 2:
+    return False
+  module = _module_name(path)
+  in_attention = any(re.search("attn|attention", p, re.IGNORECASE) for p in path[:-2])
+  wanted = [names for names, on in ((QUERY_NAMES, cfg.target_query), (KEY_NAMES, cfg.target_key),
+                                    (VALUE_NAMES, cfg.target_value)) if on]
+  return any(module in names and (module not in SHORT_NAMES or in_attention) for names in wanted)
+
+
+def _default_axes(path: Path, shape: tuple[int, ...]) -> tuple[int, int]:
+  """``(n_stack, n_in)`` guessed from the names; ``kernel_axes`` overrides it.
+
+  Two-axis kernels and embeddings are ``[in, out]``; a multi-axis attention
+  projection (Flax ``DenseGeneral``) is ``[d, heads, head_dim]`` for q/k/v and
+  ``[heads, head_dim, d]`` for the output; anything else (a conv ``HWIO``) has one
+  output axis. Stacked (``nn.scan``) kernels need ``kernel_axes``.
+  """
+  module = _module_name(path)
+  if len(shape) == 2 or path[-1] == "embedding":
+    return 0, 1
+  if module in QUERY_NAMES + KEY_NAMES + VALUE_NAMES:
+    return 0, 1
+  return 0, len(shape) - 1
