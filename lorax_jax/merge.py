@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, factors
-from lorax_jax.targets import Path, find_targets, key_str
+from lorax_jax.targets import Path, find_targets, tree_path
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
@@ -33,7 +33,7 @@ def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
 
 def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float) -> Any:
   def update(kp, w):
-    d = deltas.get(tuple(key_str(k) for k in kp))
+    d = deltas.get(tree_path(kp))
     if d is None:
       return w
     return (jnp.asarray(w, jnp.float32) + sign * d).astype(jnp.result_type(w))

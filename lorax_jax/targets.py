@@ -92,10 +92,17 @@ def key_str(key: Any) -> str:
   return str(key)
 
 
+def tree_path(keys: Sequence[Any]) -> Path:
+  """A pytree key path as a tuple of strings; NNX's trailing ``.value`` is dropped."""
+  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+    keys = keys[:-1]
+  return tuple(key_str(k) for k in keys)
+
+
 def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf, paths as tuples of strings."""
+  """``(path, leaf)`` for every leaf, in `jax.tree_util` order, paths as tuples of strings."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(tuple(key_str(k) for k in kp), leaf) for kp, leaf in flat]
+  return [(tree_path(kp), leaf) for kp, leaf in flat]
 
 
 def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:

@@ -1,0 +1,540 @@
+"""`lora_transform`: the factored LoRA engine, the whole story in one file.
+
+``lora_transform(apply_fn, params, cfg)`` returns ``lora_apply(params, lora, *args, rng=None,
+**kwargs)``, which computes ``apply_fn(params, *args, **kwargs)`` as if every targeted
+kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
+
+1. Trace ``apply_fn`` to a jaxpr (cached per argument shapes).
+2. Evaluate the jaxpr equation by equation. A targeted kernel enters as a `LoraKernel`:
+   the frozen ``w`` with its factors ``a``, ``b`` and a record of which of the kernel's
+   current axes belong to ``a``, to ``b`` or to both (stacked layers).
+3. Dtype casts, transposes and reshapes of the kernel are applied to ``w`` and followed
+   on the factors (lazily: a transpose only relabels axes).
+4. Where the kernel is consumed, the low-rank branch is added:
+   ``dot_general(x, W) + s · (dropout(x) · A) · B``; for ``conv_general_dilated`` ``A`` is a
+   conv with the layer's window into ``r`` channels and ``B`` a 1×1 conv; for an
+   embedding ``gather`` the rows of ``A`` are gathered, then multiplied by ``B``.
+5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
+   kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
+   ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
+6. A kernel that reaches any other operation is merged for that use only
+   (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
+
+Dropout is applied to the branch input ``x`` with a key folded from ``rng``, the
+target's index, its use and, inside loops, the iteration. ``rng=None`` uses
+``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import Lora, check_lora, get_path
+from lorax_jax.merge import merge
+from lorax_jax.targets import Path, Target, find_targets, leaves_with_paths
+
+Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraKernel:
+  """A targeted kernel in flight: ``w`` as the model sees it now, plus its factors.
+
+  ``a`` has axes ``(stack..., r, a-axes...)`` and ``b`` ``(stack..., r, b-axes...)``; the
+  kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``.
+  """
+
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
+  index: int = dataclasses.field(metadata=dict(static=True))
+  scale: float = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def n_stack(self) -> int:
+    return sum(1 for side, _ in self.labels if side == "s")
+
+  def letters(self) -> tuple[str, str, str]:
+    """einsum subscripts of ``a``, ``b`` and the kernel (``r`` is ``"R"``)."""
+    kernel = string.ascii_lowercase[: len(self.labels)]
+    where = {label: kernel[j] for j, label in enumerate(self.labels)}
+    stack = "".join(where["s", i] for i in range(self.n_stack))
+    a = stack + "R" + "".join(where["a", i] for i in range(self.a.ndim - self.n_stack - 1))
+    b = stack + "R" + "".join(where["b", i] for i in range(self.b.ndim - self.n_stack - 1))
+    return a, b, kernel
+
+  def factors(self) -> tuple[jax.Array, jax.Array]:
+    """``a`` and ``b`` in the kernel's current dtype."""
+    return self.a.astype(self.w.dtype), self.b.astype(self.w.dtype)
+
+  def merged(self) -> jax.Array:
+    """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
+    a_sub, b_sub, k_sub = self.letters()
+    d = jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", self.a, self.b, preferred_element_type=jnp.float32)
+    return (self.w.astype(jnp.float32) + self.scale * d).astype(self.w.dtype)
+
+  def with_w(self, w: jax.Array, labels: tuple[Label, ...] | None = None) -> LoraKernel:
+    return dataclasses.replace(self, w=w, labels=self.labels if labels is None else labels)
+
+
+@dataclasses.dataclass
+class _Context:
+  """What one evaluation needs besides values: dropout key and rate, strictness, the report."""
+
+  rng: jax.Array | None
+  rate: float
+  strict: bool
+  names: tuple[str, ...]
+  fallbacks: set[tuple[str, str]]
+  uses: dict[int, int] = dataclasses.field(default_factory=dict)
+
+  def fold(self, i: jax.Array) -> _Context:
+    """The context for one iteration ``i`` of a loop: its own dropout keys."""
+    rng = None if self.rng is None else jax.random.fold_in(self.rng, i)
+    return dataclasses.replace(self, rng=rng, uses={})
+
+  def dropout(self, x: jax.Array, k: LoraKernel) -> jax.Array:
+    if self.rng is None or self.rate == 0.0:
+      return x
+    use = self.uses.get(k.index, 0)
+    self.uses[k.index] = use + 1
+    key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
+    keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+  def fallback(self, k: LoraKernel, what: str) -> jax.Array:
+    """Merge ``k`` for one use by ``what``, and report it (or raise if strict)."""
+    name = self.names[k.index]
+    if self.strict:
+      raise NotImplementedError(
+          f"lora_transform(strict=True): kernel {name} reaches `{what}`, which the factored engine "
+          "does not handle; it would be merged for that use")
+    if (name, what) not in self.fallbacks:
+      warnings.warn(f"lorax_jax: kernel {name} reaches `{what}`; merged W' for that use", stacklevel=2)
+      self.fallbacks.add((name, what))
+    return k.merged()
+
+
+class LoraApply:
+  """``lora_apply(params, lora, *args, rng=None, **kwargs)``; see `lora_transform`."""
+
+  def __init__(self, apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, strict: bool):
+    self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
+    self.targets = find_targets(params, cfg)
+    self.fallbacks: set[tuple[str, str]] = set()
+    self._jaxprs: dict[Any, tuple[jex.core.ClosedJaxpr, Any]] = {}
+
+  def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
+               **kwargs: Any) -> Any:
+    check_lora(self.targets, lora)
+    if rng is None and self.cfg.dropout_seed is not None:
+      rng = jax.random.key(self.cfg.dropout_seed)
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+    dynamic = [_is_array(x) for x in leaves]
+    closed, out_tree = self._trace(leaves, treedef, dynamic)
+    kernels = self._kernels(params, lora)
+    invals = [kernels.get(i, x) for i, (x, d) in enumerate(zip(leaves, dynamic)) if d]
+    ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
+                   self.fallbacks)
+    outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
+    outs = [ctx.fallback(x, "the output") if isinstance(x, LoraKernel) else x for x in outs]
+    return jax.tree_util.tree_unflatten(out_tree, outs)
+
+  def _kernels(self, params: Any, lora: Lora) -> dict[int, LoraKernel]:
+    """The targeted leaves of ``params`` (by flat index) as `LoraKernel`s."""
+    index = {t.path: i for i, t in enumerate(self.targets.values())}
+    kernels = {}
+    for leaf_i, (path, w) in enumerate(leaves_with_paths(params)):
+      if path in index:
+        t, node = self.targets[path], get_path(lora, path)
+        kernels[leaf_i] = LoraKernel(jnp.asarray(w), node["a"], node["b"], _labels(t), index[path],
+                                     t.scale)
+    return kernels
+
+  def _trace(self, leaves: list[Any], treedef: Any, dynamic: list[bool]):
+    statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
+    avals = tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", False))
+                  for x, d in zip(leaves, dynamic) if d)
+    try:
+      key = (treedef, tuple(dynamic), statics, avals)
+      hash(key)
+    except TypeError:
+      key = None
+    if key is not None and key in self._jaxprs:
+      return self._jaxprs[key]
+
+    def fn(*dyn):
+      it = iter(dyn)
+      full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
+      params, args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
+      return self.apply_fn(params, *args, **kwargs)
+
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*[x for x, d in zip(leaves, dynamic) if d])
+    traced = closed, jax.tree_util.tree_structure(shape)
+    if key is not None:
+      self._jaxprs[key] = traced
+    return traced
+
+
+def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *,
+                   mode: Literal["factored", "reference"] = "factored",
+                   strict: bool = False) -> Callable[..., Any]:
+  """``apply_fn`` with LoRA: ``lora_apply(params, lora, *args, rng=None, **kwargs)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. a linen ``model.apply`` or
+      ``lambda state, x: nnx.merge(graphdef, state)(x)``.
+    params: the frozen params (their structure and shapes decide the targets).
+    cfg: the `LoraConfig`.
+    mode: ``"factored"`` (the engine, never forms ``W'``) or ``"reference"``
+      (``apply_fn(merge(params, lora, cfg), ...)``; no LoRA dropout).
+    strict: raise instead of merging a kernel that reaches an unsupported operation.
+
+  Returns:
+    A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
+    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged.
+  """
+  if mode == "reference":
+    targets = find_targets(params, cfg)
+
+    def reference_apply(params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
+                        **kwargs: Any) -> Any:
+      del rng  # the merged path has no branch input to drop out
+      check_lora(targets, lora)
+      return apply_fn(merge(params, lora, cfg), *args, **kwargs)
+    return reference_apply
+  if mode != "factored":
+    raise ValueError(f"lora_transform: mode must be 'factored' or 'reference', got {mode!r}")
+  return LoraApply(apply_fn, params, cfg, strict)
+
+
+def _labels(t: Target) -> tuple[Label, ...]:
+  n_out = len(t.out_shape)
+  return (tuple(("s", i) for i in range(t.n_stack)) + tuple(("a", i) for i in range(t.n_in))
+          + tuple(("b", i) for i in range(n_out)))
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+# ---------------------------------------------------------------------------------------
+# The interpreter
+
+
+def _eval(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(x, LoraKernel) for x in invals):
+      rule = _RULES.get(eqn.primitive.name, _fallback_rule)
+      outvals = rule(eqn, invals, ctx)
+    else:
+      outvals = _bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outvals):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any], **params: Any) -> list[Any]:
+  bind_params = eqn.primitive.get_bind_params({**eqn.params, **params})
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _plain(x: Any, ctx: _Context, what: str) -> Any:
+  return ctx.fallback(x, what) if isinstance(x, LoraKernel) else x
+
+
+def _fallback_rule(eqn, invals, ctx):
+  return _bind(eqn, [_plain(x, ctx, eqn.primitive.name) for x in invals])
+
+
+# --- following the kernel: casts, transposes, reshapes ---------------------------------
+
+
+def _convert_rule(eqn, invals, ctx):
+  (k,) = invals
+  return [k.with_w(_bind(eqn, [k.w])[0])]
+
+
+def _transpose_rule(eqn, invals, ctx):
+  (k,) = invals
+  perm = eqn.params["permutation"]
+  return [k.with_w(_bind(eqn, [k.w])[0], tuple(k.labels[p] for p in perm))]
+
+
+def _reshape_rule(eqn, invals, ctx):
+  """``reshape``, ``squeeze`` and size-preserving ``broadcast_in_dim``: row-major reshapes."""
+  k = invals[0]
+  dims = eqn.params.get("broadcast_dimensions", ())
+  if (len(invals) == 1 and eqn.params.get("dimensions") is None
+      and list(dims) == sorted(dims)):
+    w = _bind(eqn, [k.w])[0]
+    moved = _reshape_factors(k, w.shape) if w.size == k.w.size else None
+    if moved is not None:
+      return [moved.with_w(w)]
+  return _fallback_rule(eqn, invals, ctx)
+
+
+def _reshape_factors(k: LoraKernel, shape: tuple[int, ...]) -> LoraKernel | None:
+  """``k`` with its factors reshaped to follow ``w.reshape(shape)``, or None if they can't.
+
+  They can when every group of axes merged or split lies on one side (stack, ``a`` or
+  ``b``) as consecutive axes in the factor's order. Size-1 axes come and go freely
+  (new ones are put on ``a``).
+  """
+  ns = k.n_stack
+  rank = {}
+  for side in "sab":
+    side_axes = sorted(l[1] for j, l in enumerate(k.labels) if l[0] == side and k.w.shape[j] != 1)
+    rank.update({(side, i): n for n, i in enumerate(side_axes)})
+  old = [j for j, n in enumerate(k.w.shape) if n != 1]
+  new = [j for j, n in enumerate(shape) if n != 1]
+  firsts: dict[str, dict[int, list[int]]] = {"s": {}, "a": {}, "b": {}}
+  for gi, gj in _reshape_groups([k.w.shape[j] for j in old], [shape[j] for j in new]):
+    labels = [k.labels[old[x]] for x in gi]
+    side, ranks = labels[0][0], [rank[l] for l in labels]
+    if any(l[0] != side for l in labels) or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+      return None
+    firsts[side][ranks[0]] = [new[x] for x in gj]
+  new_labels: dict[int, Label] = {}
+  dims: dict[str, list[int]] = {}
+  for side in "sab":
+    axes = [axis for first in sorted(firsts[side]) for axis in firsts[side][first]]
+    dims[side] = [shape[axis] for axis in axes]
+    new_labels.update({axis: (side, n) for n, axis in enumerate(axes)})
+  for axis in (j for j, n in enumerate(shape) if n == 1):
+    new_labels[axis] = ("a", len(dims["a"]))
+    dims["a"].append(1)
+  r = k.a.shape[ns]
+  a = k.a.reshape(*dims["s"], r, *dims["a"])
+  b = k.b.reshape(*dims["s"], r, *dims["b"])
+  return dataclasses.replace(k, a=a, b=b, labels=tuple(new_labels[j] for j in range(len(shape))))
+
+
+def _reshape_groups(old: list[int], new: list[int]) -> list[tuple[list[int], list[int]]]:
+  """Split a reshape (no size-1 axes) into groups of old and new axes of equal size."""
+  groups, i, j = [], 0, 0
+  while i < len(old) and j < len(new):
+    gi, gj, pi, pj = [i], [j], old[i], new[j]
+    while pi != pj:
+      if pi < pj:
+        i += 1
+        gi.append(i)
+        pi *= old[i]
+      else:
+        j += 1
+        gj.append(j)
+        pj *= new[j]
+    groups.append((gi, gj))
+    i, j = i + 1, j + 1
+  return groups
+
+
+# --- consuming the kernel: the low-rank branch ----------------------------------------
+
+
+def _dot_general_rule(eqn, invals, ctx):
+  """``x·W + s · (dropout(x)·A)·B``, for the kernel on either side of the dot."""
+  lhs, rhs = invals
+  if isinstance(lhs, LoraKernel) and isinstance(rhs, LoraKernel):
+    lhs = ctx.fallback(lhs, "dot_general with two kernels")
+  side = 1 if isinstance(rhs, LoraKernel) else 0
+  k, x = (rhs, lhs) if side else (lhs, rhs)
+  base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  (xc, kc), (xb, kb) = ((lc, rc), (lb, rb)) if side else ((rc, lc), (rb, lb))
+  a_sub, b_sub, k_sub = k.letters()
+  x_sub = list(string.ascii_uppercase[:x.ndim].replace("R", "Z"))
+  for xi, ki in (*zip(xc, kc), *zip(xb, kb)):
+    x_sub[xi] = k_sub[ki]
+  x_sub = "".join(x_sub)
+  batch = "".join(k_sub[i] for i in kb)
+  x_free = "".join(c for i, c in enumerate(x_sub) if i not in xc and i not in xb)
+  k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
+  out_sub = batch + (x_free + k_free if side else k_free + x_free)
+  t_sub = "".join(dict.fromkeys(c for c in x_sub + a_sub if c in out_sub + b_sub))
+  a, b = k.factors()
+  precision = eqn.params.get("precision")
+  t = jnp.einsum(f"{x_sub},{a_sub}->{t_sub}", ctx.dropout(x, k), a, precision=precision)
+  branch = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(k.scale, t.dtype), b,
+                      precision=precision)
+  return [base + branch.astype(base.dtype)]
+
+
+def _conv_rule(eqn, invals, ctx):
+  """``conv(x, W) + s · conv(dropout(x), A) ·_features B``: A a conv into r channels, B a 1×1 conv."""
+  x, k = invals
+  dn = eqn.params["dimension_numbers"]
+  out_feature = dn.rhs_spec[0]
+  if (isinstance(x, LoraKernel) or not isinstance(k, LoraKernel) or k.n_stack
+      or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2
+      or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
+    return _fallback_rule(eqn, invals, ctx)
+  base = _bind(eqn, [x, k.w])[0]
+  a, b = k.factors()
+  # `a` laid out as the kernel, with r in place of the output features.
+  perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
+  t = _bind(eqn, [ctx.dropout(x, k), a.transpose(perm)])[0]
+  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ b
+  return [base + jnp.moveaxis(t, -1, dn.out_spec[1]).astype(base.dtype)]
+
+
+def _gather_rule(eqn, invals, ctx):
+  """An embedding lookup: ``W[ids] + s · A[ids] · B``."""
+  k, ids = invals
+  dn = eqn.params["dimension_numbers"]
+  slice_sizes = tuple(eqn.params["slice_sizes"])
+  b_axes = [j for j, l in enumerate(k.labels) if l[0] == "b"]
+  a_axes = [j for j, l in enumerate(k.labels) if l[0] == "a"]
+  if (isinstance(ids, LoraKernel) or k.n_stack or len(b_axes) != 1
+      or getattr(dn, "operand_batching_dims", ())
+      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in a_axes)
+      or slice_sizes[b_axes[0]] != k.w.shape[b_axes[0]]):
+    return _fallback_rule(eqn, invals, ctx)
+  (feature,) = b_axes
+  base = _bind(eqn, [k.w, ids])[0]
+  a, b = k.factors()
+  # `a` laid out as the kernel, with r in place of the features; gather its rows.
+  perm = [0 if j == feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
+  sizes = tuple(a.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
+  rows = _bind(eqn, [a.transpose(perm), ids], slice_sizes=sizes)[0]
+  out_axis = dn.offset_dims[0]
+  rows = jnp.moveaxis(rows * jnp.asarray(k.scale, rows.dtype), out_axis, -1) @ b
+  return [base + jnp.moveaxis(rows, -1, out_axis).astype(base.dtype)]
+
+
+# --- following the kernel into nested computations --------------------------------------
+
+
+def _jit_rule(eqn, invals, ctx):
+  """A nested ``jit``: evaluated inline (the outer trace compiles it as one program)."""
+  closed = eqn.params["jaxpr"]
+  return _eval(closed.jaxpr, closed.consts, invals, ctx)
+
+
+def _remat_rule(eqn, invals, ctx):
+  """``jax.checkpoint`` re-emitted with the same policy, the factors saved like the kernel."""
+  jaxpr = eqn.params["jaxpr"]
+  body = jax.checkpoint(lambda *args: _eval(jaxpr, (), args, ctx),
+                        prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+  return body(*invals)
+
+
+def _scan_rule(eqn, invals, ctx):
+  """``lax.scan`` re-emitted; a stacked kernel is sliced with its factors, per iteration."""
+  p = eqn.params
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+  init = [_plain(x, ctx, "a scan carry") for x in init]
+  sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else (x, None) for x in xs]
+  closed = p["jaxpr"]
+
+  def body(carry, step):
+    i, x_leaves = step
+    xs_now = [rebuild(x) if rebuild else x for x, (_, rebuild) in zip(x_leaves, sliced)]
+    outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry, *xs_now], ctx.fold(i))
+    outs = [_plain(x, ctx, "a scan output") for x in outs]
+    return outs[:n_carry], outs[n_carry:]
+
+  steps = (jnp.arange(p["length"]), [x for x, _ in sliced])
+  carry, ys = lax.scan(body, init, steps, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, Any]], LoraKernel]]:
+  """What scan slices for a kernel scanned over its axis 0, and how to rebuild the slice.
+
+  A stack axis slices ``w``, ``a`` and ``b``; an ``a`` (``b``) axis slices ``w`` and ``a``
+  (``b``), and the other factor is closed over.
+  """
+  side, i = k.labels[0]
+  axis = i if side == "s" else k.n_stack + 1 + i
+  leaves = {"w": k.w,
+            "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
+            "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None}
+  labels = tuple((s, n - 1) if s == side and n > i else (s, n) for s, n in k.labels[1:])
+
+  def rebuild(x: dict[str, Any]) -> LoraKernel:
+    return dataclasses.replace(k, w=x["w"], labels=labels,
+                               a=k.a if x["a"] is None else x["a"],
+                               b=k.b if x["b"] is None else x["b"])
+  return leaves, rebuild
+
+
+def _cond_rule(eqn, invals, ctx):
+  """``lax.switch`` re-emitted; a kernel leaving a branch is merged."""
+  index, *ops = invals
+  index = _plain(index, ctx, "a cond index")
+
+  def branch(closed):
+    def run(*args):
+      outs = _eval(closed.jaxpr, closed.consts, args, ctx)
+      return [_plain(x, ctx, "a cond output") for x in outs]
+    return run
+  return list(lax.switch(index, [branch(c) for c in eqn.params["branches"]], *ops))
+
+
+def _while_rule(eqn, invals, ctx):
+  """``lax.while_loop`` re-emitted, with an iteration counter for dropout keys."""
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+  init = [_plain(x, ctx, "a while carry") for x in init]
+  cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+
+  def cond_fn(state):
+    _, carry = state
+    return _eval(cond.jaxpr, cond.consts, [*cond_consts, *carry], ctx)[0]
+
+  def body_fn(state):
+    i, carry = state
+    outs = _eval(body.jaxpr, body.consts, [*body_consts, *carry], ctx.fold(i))
+    return i + 1, [_plain(x, ctx, "a while carry") for x in outs]
+  return lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), init))[1]
+
+
+_RULES: dict[str, Callable[..., list[Any]]] = {
+    "convert_element_type": _convert_rule,
+    "copy": _convert_rule,
+    "copy_p": _convert_rule,
+    "transpose": _transpose_rule,
+    "reshape": _reshape_rule,
+    "squeeze": _reshape_rule,
+    "broadcast_in_dim": _reshape_rule,
+    "dot_general": _dot_general_rule,
+    "conv_general_dilated": _conv_rule,
+    "gather": _gather_rule,
+    "pjit": _jit_rule,
+    "jit": _jit_rule,
+    "closed_call": _jit_rule,
+    "core_call": _jit_rule,
+    "remat2": _remat_rule,
+    "checkpoint": _remat_rule,
+    "scan": _scan_rule,
+    "cond": _cond_rule,
+    "while": _while_rule,
+}
