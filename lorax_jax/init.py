@@ -32,7 +32,7 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   lora: Lora = {}
   for key, t in zip(keys, targets.values()):
     a, b = _init_factors(key, t, cfg)
-    _set_path(lora, t.path, {"a": a, "b": b})
+    set_path(lora, t.path, {"a": a, "b": b})
   return lora
 
 
@@ -92,7 +92,7 @@ def get_path(tree: Any, path: Path) -> Any:
   return tree
 
 
-def _set_path(tree: dict, path: Path, value: Any) -> None:
+def set_path(tree: dict, path: Path, value: Any) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
   tree[path[-1]] = value

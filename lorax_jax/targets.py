@@ -115,7 +115,8 @@ def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
   found: dict[Path, Target] = {}
   all_paths = []
   for path, leaf in leaves_with_paths(params):
-    all_paths.append(path_str(path))
+    if np.ndim(leaf) >= 2:
+      all_paths.append(path_str(path))
     if not _is_target(path, leaf, cfg):
       continue
     shape = tuple(np.shape(leaf))
@@ -134,7 +135,7 @@ def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
     found[path] = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), n_stack, n_in)
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
-    raise ValueError(f"LoraConfig matches no parameter; available paths: {sample or '(none)'}")
+    raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
   return found
 
 

@@ -1,0 +1,65 @@
+"""LoRA factors in lorax_jax's layout <-> torch's (PEFT ``lora_A``/``lora_B``, Kohya ``lora_down``/``lora_up``).
+
+For a kernel with stack axes ``S``, input axes ``I`` and output axes ``O`` (`lorax_jax.targets`)
+lorax_jax holds ``a: S+(r,)+I`` and ``b: S+(r,)+O``; torch holds
+
+- linear and embedding: ``A: S+(r, prod(I))``, ``B: S+(prod(O), r)``, so ``A = a`` and
+  ``B = bᵀ`` for a ``Dense`` kernel ``[in, out]`` or an embedding table ``[vocab, d]``
+  (``I``/``O`` flattened row-major, as ``nn.Linear`` sees a reshaped kernel);
+- conv (``HWIO`` kernel ``[kh, kw, cin, cout]``): ``A: [r, cin, kh, kw]`` (a convolution
+  with the layer's kernel size) and ``B: [cout, r, 1, 1]`` (a 1×1 convolution).
+
+In both, ``ΔW_torch = s · B @ A`` is the torch-layout image of ``ΔW = s · aᵀ b``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lorax_jax.targets import Target, path_str
+
+
+def torch_shapes(t: Target, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The shapes of ``(A, B)`` in torch's layout for target ``t`` of layout ``kind``."""
+  if kind == "conv":
+    _check_conv(t)
+    *spatial, cin = t.in_shape
+    return (t.rank, cin, *spatial), (t.out_shape[0], t.rank, *(1,) * len(spatial))
+  r, n_in, n_out = t.rank, math.prod(t.in_shape), math.prod(t.out_shape)
+  return (*t.stack_shape, r, n_in), (*t.stack_shape, n_out, r)
+
+
+def to_torch(a: np.ndarray, b: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(A, B)`` in torch's layout from lorax_jax's ``(a, b)``."""
+  a, b = np.asarray(a), np.asarray(b)
+  shape_a, shape_b = torch_shapes(t, kind)
+  if kind == "conv":
+    return np.moveaxis(a, -1, 1), b.T.reshape(shape_b)
+  return a.reshape(shape_a), np.swapaxes(b.reshape(*t.stack_shape, t.rank, -1), -1, -2)
+
+
+def from_torch(A: np.ndarray, B: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """lorax_jax's ``(a, b)`` from torch-layout ``(A, B)`` of the shapes `torch_shapes` gives."""
+  if kind == "conv":
+    return np.moveaxis(A, 1, -1), B.reshape(B.shape[:2]).T
+  return A.reshape(t.a_shape), np.swapaxes(B, -1, -2).reshape(t.b_shape)
+
+
+def fit(x: np.ndarray, want: tuple[int, ...], key: str, t: Target, unit_axes: bool = False
+        ) -> np.ndarray:
+  """``x`` checked to have shape ``want`` (with ``unit_axes``, to differ from it only by axes of
+  size 1, as a 1×1 conv factor does from a linear one; then reshaped); else a ValueError naming ``key``."""
+  if x.shape == want:
+    return x
+  if unit_axes and [n for n in x.shape if n != 1] == [n for n in want if n != 1]:
+    return x.reshape(want)
+  raise ValueError(f"{key} has shape {x.shape}, expected {want} (rank {t.rank}, kernel "
+                   f"{path_str(t.path)} of shape {t.shape})")
+
+
+def _check_conv(t: Target) -> None:
+  if t.n_stack or len(t.out_shape) != 1 or len(t.in_shape) < 2:
+    raise ValueError(f"LoRA target {path_str(t.path)} is a conv but its kernel {t.shape} is not "
+                     "[*spatial, cin, cout] (kernel_axes n_stack=0, n_in=ndim-1)")

@@ -1,0 +1,98 @@
+"""Kohya / diffusers LoRA files (``lora_unet_…``, ``lora_te_…``) as a LoRA tree and config.
+
+A Kohya file names each module by its Hugging Face (diffusers / transformers) module name
+with ``.`` replaced by ``_``, behind a prefix (``lora_unet_down_blocks_0_attentions_0_proj_in``),
+and holds
+
+    <module>.lora_down.weight   [r, in]    (conv: [r, cin, kh, kw])     = PEFT's lora_A
+    <module>.lora_up.weight     [out, r]   (conv: [cout, r, 1, 1])      = PEFT's lora_B
+    <module>.alpha              scalar     (absent: alpha = r)
+
+for the update ``W_torch + alpha / r · up @ down``. Underscored names are not parsed back
+(``proj_in`` has one too): the underscored form of every kernel the path map names is built
+and looked up, and a name two kernels share is an error. This is the format of Lorax's
+LCM-LoRA loader.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import Lora, set_path
+from lorax_jax.io.factors import fit, from_torch, torch_shapes
+from lorax_jax.io.modules import Module, by_name, exact_config, modules
+from lorax_jax.io.tensors import read_safetensors
+from lorax_jax.pathmap import PathMap
+from lorax_jax.targets import find_targets
+
+# Kohya prefix -> the prefix of the Hugging Face module names it stands for.
+DEFAULT_PREFIXES = {"lora_unet_": "", "lora_te_": "", "lora_te1_": "", "lora_te2_": ""}
+_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+
+
+def load_kohya(path: str, params: Any, path_map: PathMap | None,
+               prefix_map: Mapping[str, str | None] | None = None, param_dtype: Any = jnp.float32,
+               ) -> tuple[Lora, LoraConfig]:
+  """A Kohya LoRA ``.safetensors`` file as ``(lora, cfg)`` for ``params``.
+
+  ``prefix_map`` maps each Kohya prefix to the prefix of the path map's Hugging Face names
+  (default: all four to ``""``, for params of one model); a prefix mapped to ``None`` is
+  skipped (``{"lora_unet_": "", "lora_te_": None}`` loads only the UNet part). Each
+  module's rank comes from its tensors and its alpha from the file; ``cfg`` targets exactly
+  those paths with per-target ``rank_pattern`` / ``alpha_pattern``, so
+  ``merge(params, lora, cfg)`` is ``W + alpha / r · up @ down``.
+
+  Raises:
+    ValueError: an unreadable file; a key that is not a Kohya LoRA key or whose module is not
+      in ``params``; a module without both factors; mis-shaped factors (each named).
+  """
+  prefixes = dict(DEFAULT_PREFIXES if prefix_map is None else prefix_map)
+  tensors = read_safetensors(path)
+  aliases = [Module(kohya + m.name[len(hf):].replace(".", "_"), m.path, m.kind)
+             for m in modules(params, path_map) if m.kind != "embedding"
+             for kohya, hf in prefixes.items() if hf is not None and m.name.startswith(hf)]
+  skipped = tuple(k for k, hf in prefixes.items() if hf is None)
+  parts: dict[str, dict[str, str]] = collections.defaultdict(dict)
+  unexpected = []
+  for key in tensors:
+    match = _KEY.fullmatch(key)
+    if match is None:
+      unexpected.append(key)
+    elif not (skipped and match["module"].startswith(skipped)):
+      parts[match["module"]][match["part"]] = key
+  found, unknown = by_name(aliases, parts)
+  unexpected += [key for name in unknown for key in parts[name].values()]
+  if unexpected:
+    raise ValueError(f"{path} has keys that are not Kohya LoRA factors of these params: "
+                     f"{', '.join(sorted(unexpected))}")
+  missing = [f"{name}.{p}" for name in found for p in ("lora_down.weight", "lora_up.weight")
+             if p not in parts[name]]
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)}")
+  if not found:
+    raise ValueError(f"{path} holds no LoRA factors for these params")
+  ranks = {m.path: int(tensors[parts[n]["lora_down.weight"]].shape[0]) for n, m in found.items()}
+  alphas = {m.path: float(tensors[parts[n]["alpha"]].item()) if "alpha" in parts[n] else ranks[m.path]
+            for n, m in found.items()}
+  cfg = exact_config(ranks, alphas, _most_common(ranks.values()), _most_common(alphas.values()),
+                     param_dtype=param_dtype)
+  targets = find_targets(params, cfg)
+  lora: Lora = {}
+  for name, m in found.items():
+    t = targets[m.path]
+    want_down, want_up = torch_shapes(t, m.kind)
+    down, up = (tensors[parts[name][p]] for p in ("lora_down.weight", "lora_up.weight"))
+    a, b = from_torch(fit(down, want_down, f"{path}: {name}.lora_down.weight", t, unit_axes=True),
+                      fit(up, want_up, f"{path}: {name}.lora_up.weight", t, unit_axes=True), t, m.kind)
+    set_path(lora, m.path, {"a": jnp.asarray(a, param_dtype), "b": jnp.asarray(b, param_dtype)})
+  return lora, cfg
+
+
+def _most_common(values: Any) -> Any:
+  return collections.Counter(values).most_common(1)[0][0]

@@ -1,0 +1,127 @@
+"""Adapter module names <-> Flax paths, and a `LoraConfig` that targets exactly given paths.
+
+Adapter files name each adapted layer by its *module*. With a `PathMap` that is the Hugging
+Face tensor name minus ``.weight`` (``model.layers.3.self_attn.q_proj``), so the file is the
+one PEFT reads and writes for the matching torch model. Without one it is the Flax path
+joined with ``.``, minus a final kernel leaf (``params.layers_3.attn.query`` for
+``params/layers_3/attn/query/kernel``); any model can then save and load its own adapters.
+Names are looked up in a table built from every kernel of ``params``, never parsed, so keys
+containing ``_`` round-trip; two paths with the same name (keys containing ``.``) are an
+error naming both.
+
+Each module has a *kind*, which fixes the torch layout of its factors: the path map's kind,
+or without a map ``"embedding"`` for an ``embedding`` leaf, ``"conv"`` for a 4-axis
+``kernel`` (Flax ``nn.Conv``, ``HWIO``), ``"linear"`` for any other kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.pathmap import PathMap
+from lorax_jax.targets import KERNEL_LEAVES, Path, leaves_with_paths, path_str
+
+ADAPTABLE_KINDS = ("linear", "conv", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  """A kernel an adapter can name: its module name, Flax path and layout kind."""
+
+  name: str
+  path: Path
+  kind: str
+
+
+def modules(params: Any, path_map: PathMap | None = None) -> list[Module]:
+  """Every kernel of ``params`` that an adapter file can name (see the module docstring)."""
+  found = []
+  for path, leaf in leaves_with_paths(params):
+    if np.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      continue
+    if path_map is None:
+      found.append(Module(_flax_name(path), path, _flax_kind(path, np.ndim(leaf))))
+      continue
+    mapped = path_map.to_hf(path_str(path))
+    if mapped is not None and mapped[1] in ADAPTABLE_KINDS and mapped[0].endswith(".weight"):
+      found.append(Module(mapped[0].removesuffix(".weight"), path, mapped[1]))
+  return found
+
+
+def by_path(mods: Iterable[Module], paths: Iterable[Path]) -> dict[Path, Module]:
+  """The module of each path; a path with no name, or a name shared with another path, is an error."""
+  table = {m.path: m for m in mods}
+  counts: dict[str, list[Module]] = {}
+  for m in table.values():
+    counts.setdefault(m.name, []).append(m)
+  out = {}
+  for path in paths:
+    if path not in table:
+      raise ValueError(f"LoRA target {path_str(path)} has no module name (not in the path map, or "
+                       f"not a linear/conv/embedding kernel there)")
+    out[path] = _unique(counts[table[path].name])
+  return out
+
+
+def by_name(mods: Iterable[Module], names: Iterable[str]) -> tuple[dict[str, Module], list[str]]:
+  """``({name: module}, unknown names)``; a name shared by two paths is an error."""
+  table: dict[str, list[Module]] = {}
+  for m in mods:
+    table.setdefault(m.name, []).append(m)
+  found, unknown = {}, []
+  for name in names:
+    if name in table:
+      found[name] = _unique(table[name])
+    else:
+      unknown.append(name)
+  return found, unknown
+
+
+def exact_config(ranks: Mapping[Path, int], alphas: Mapping[Path, float], r: int, alpha: float,
+                 **fields: Any) -> LoraConfig:
+  """A `LoraConfig` that targets exactly ``ranks``' paths, each with its own rank and alpha.
+
+  ``targets`` is one regex of the escaped paths; every rank other than ``r`` and alpha
+  other than ``alpha`` goes to ``rank_pattern`` / ``alpha_pattern`` (one regex per value).
+  """
+  return LoraConfig(r=int(r), alpha=float(alpha), targets=_exact_regex(ranks),
+                    rank_pattern=_pattern(ranks, r, int), alpha_pattern=_pattern(alphas, alpha, float),
+                    **fields)
+
+
+def _pattern(values: Mapping[Path, Any], default: Any, cast: type) -> dict[str, Any]:
+  groups: dict[Any, list[Path]] = {}
+  for path, v in values.items():
+    if v != default:
+      groups.setdefault(cast(v), []).append(path)
+  return {_exact_regex(paths): v for v, paths in groups.items()}
+
+
+def _exact_regex(paths: Iterable[Path]) -> str:
+  """A regex full-matching exactly these ``/``-joined paths (never a suffix of another)."""
+  return "(?:" + "|".join(re.escape(path_str(p)) for p in paths) + ")"
+
+
+def _unique(candidates: list[Module]) -> Module:
+  if len(candidates) > 1:
+    paths = " and ".join(path_str(m.path) for m in candidates)
+    raise ValueError(f"adapter module name {candidates[0].name!r} is ambiguous: {paths} both have it "
+                     "(rename a key that contains '.' or pass a path_map)")
+  return candidates[0]
+
+
+def _flax_name(path: Path) -> str:
+  return ".".join(path[:-1] if len(path) > 1 and path[-1] in KERNEL_LEAVES else path)
+
+
+def _flax_kind(path: Path, ndim: int) -> str:
+  if path[-1] == "embedding":
+    return "embedding"
+  return "conv" if path[-1] == "kernel" and ndim == 4 else "linear"

@@ -1,0 +1,175 @@
+"""A zoo of small models, each with the config that adapts it (shared by the tests)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import lorax_jax as lj
+
+
+@dataclasses.dataclass
+class Case:
+  name: str
+  apply_fn: Callable[..., Any]
+  params: Any
+  inputs: tuple[Any, ...]
+  cfg: lj.LoraConfig
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(32, name="fc1")(x))
+    x = nn.gelu(nn.Dense(32, name="fc2")(x))
+    return nn.Dense(5, name="head")(x)
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=(2, 2), padding="VALID", name="conv2")(x))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(3, name="head")(x)
+
+
+class EmbedLM(nn.Module):
+  """Embedding, a hidden Dense, and a tied LM head (``embed.attend``) plus an untied one."""
+
+  vocab: int = 50
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(self.vocab, 16, name="embed")
+    h = jnp.tanh(nn.Dense(16, name="hidden")(embed(ids)))
+    return embed.attend(h) + nn.Dense(self.vocab, name="lm_head")(h)
+
+
+class Block(nn.Module):
+  d: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name="ln1")(x)
+    x = x + nn.MultiHeadDotProductAttention(self.heads, name="attn")(h, h, mask=nn.make_causal_mask(h[..., 0]))
+    h = nn.LayerNorm(name="ln2")(x)
+    return x + nn.Dense(self.d, name="fc2")(nn.gelu(nn.Dense(4 * self.d, name="fc1")(h)))
+
+
+class MHATransformer(nn.Module):
+  d: int = 32
+  heads: int = 4
+  depth: int = 2
+  vocab: int = 40
+
+  @nn.compact
+  def __call__(self, ids):
+    x = nn.Embed(self.vocab, self.d, name="embed")(ids)
+    for i in range(self.depth):
+      x = Block(self.d, self.heads, name=f"block_{i}")(x)
+    return nn.Dense(self.vocab, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
+
+
+class ScanBlock(nn.Module):
+  """A pre-LN block with fused-free q/k/v Dense projections, as one `nn.scan` step."""
+
+  d: int
+  heads: int
+
+  @nn.compact
+  def __call__(self, x, _):
+    b, t, d = x.shape
+    h = nn.LayerNorm(name="ln1")(x)
+    q, k, v = (nn.Dense(d, name=n)(h).reshape(b, t, self.heads, -1) for n in ("query", "key", "value"))
+    att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+    att = jnp.where(jnp.tril(jnp.ones((t, t), bool)), att, -1e9)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(att, -1), v).reshape(b, t, d)
+    x = x + nn.Dense(d, name="out")(o)
+    h = nn.LayerNorm(name="ln2")(x)
+    return x + nn.Dense(d, name="fc2")(nn.gelu(nn.Dense(4 * d, name="fc1")(h))), None
+
+
+class ScanTransformer(nn.Module):
+  """Blocks stacked with `nn.scan` and wrapped in `nn.remat`: kernels ``[depth, in, out]``."""
+
+  d: int = 32
+  heads: int = 4
+  depth: int = 3
+  vocab: int = 40
+
+  @nn.compact
+  def __call__(self, ids, offset=None):
+    x = nn.Embed(self.vocab, self.d, name="embed")(ids)
+    if offset is not None:  # lets a test differentiate w.r.t. the first activation
+      x = x + offset
+    blocks = nn.scan(nn.remat(ScanBlock), variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=self.depth)
+    x, _ = blocks(self.d, self.heads, name="blocks")(x, None)
+    return nn.Dense(self.vocab, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
+
+
+def einsum_attention(params: dict, x: jax.Array) -> jax.Array:
+  """Multi-head attention written with `jnp.einsum` on raw params ``wq, wk, wv: [d, h, k]``, ``wo: [h, k, d]``."""
+  q = jnp.einsum("btd,dhk->bthk", x, params["wq"])
+  k = jnp.einsum("btd,dhk->bthk", x, params["wk"])
+  v = jnp.einsum("btd,dhk->bthk", x, params["wv"])
+  att = jax.nn.softmax(jnp.einsum("bqhk,bshk->bhqs", q, k) / jnp.sqrt(q.shape[-1]), -1)
+  return jnp.einsum("bhqs,bshk,hkd->bqd", att, v, params["wo"])
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.q_proj = nnx.Linear(12, 12, rngs=rngs)
+    self.v_proj = nnx.Linear(12, 12, rngs=rngs)
+    self.out = nnx.Linear(12, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jax.nn.tanh(self.q_proj(x)) * self.v_proj(x))
+
+
+def _linen(name: str, model: nn.Module, x: Any, cfg: lj.LoraConfig) -> Case:
+  params = model.init(jax.random.key(0), x)
+  return Case(name, model.apply, params, (x,), cfg)
+
+
+def cases() -> list[Case]:
+  key = jax.random.key(42)
+  ids = jax.random.randint(key, (2, 7), 0, 40)
+  zoo = [
+      _linen("mlp", MLP(), jax.random.normal(key, (4, 10)), lj.LoraConfig(r=3, alpha=6, targets="all-linear")),
+      _linen("cnn", CNN(), jax.random.normal(key, (2, 9, 9, 3)),
+             lj.LoraConfig(r=2, alpha=4, targets=["conv1", "conv2", "head"])),
+      _linen("embed_lm", EmbedLM(), jax.random.randint(key, (3, 5), 0, 50),
+             lj.LoraConfig(r=4, alpha=4, targets=["embed", "hidden", "lm_head"])),
+      _linen("mha_transformer", MHATransformer(), ids,
+             lj.LoraConfig(r=4, alpha=8, targets=["query", "key", "value", "out", "fc1", "fc2"])),
+      _linen("scan_remat_transformer", ScanTransformer(), ids,
+             lj.LoraConfig(r=4, alpha=8, targets="all-linear", kernel_axes={"params/blocks/.*": (1, 1)})),
+  ]
+  d, h, k = 16, 4, 4
+  ks = jax.random.split(key, 4)
+  raw = {n: jax.random.normal(kk, (d, h, k)) / 4 for n, kk in zip(("wq", "wk", "wv"), ks)}
+  raw["wo"] = jax.random.normal(ks[3], (h, k, d)) / 4
+  zoo.append(Case("einsum_attention", einsum_attention, raw, (jax.random.normal(key, (2, 6, d)),),
+                  lj.LoraConfig(r=2, alpha=2, targets=["wq", "wk", "wv", "wo"])))
+  graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
+  zoo.append(Case("nnx", lambda s, x: nnx.merge(graphdef, s)(x), state,
+                  (jax.random.normal(key, (5, 12)),), lj.LoraConfig(r=2, alpha=4)))
+  return zoo
+
+
+def random_lora(case: Case, seed: int = 1, scale: float = 0.3) -> Any:
+  """Factors with random non-zero ``a`` and ``b``."""
+  lora = lj.init_lora(case.params, case.cfg, jax.random.key(seed))
+  leaves, tree = jax.tree_util.tree_flatten(lora)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
