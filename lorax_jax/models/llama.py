@@ -1,0 +1,337 @@
+"""A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache.
+
+Module names mirror Hugging Face's ``LlamaForCausalLM``, so `LLAMA_PATH_MAP` is a
+one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
+``model.layers.3.self_attn.q_proj.weight``). Every projection is a bias-free
+``nn.Dense`` with an ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s.
+
+Calling convention::
+
+    logits = model.apply(params, tokens)                       # [B, L] -> [B, L, V]
+    cache = model.init_cache(batch, length)
+    logits, cache = model.apply(params, tokens, positions, mask, cache=cache)
+
+The cache is an explicit pytree of fixed-size arrays (``k``/``v`` per layer
+``[B, S, n_kv, head_dim]``, a ``[B, S]`` mask of filled, non-padding slots and the
+next free slot ``index``); a call writes its ``L`` tokens at slots
+``index .. index + L - 1``. Query slot ``i`` attends to key slot ``j`` when
+``j <= i`` and slot ``j`` holds a real token. Shapes never change, so a jitted
+decode step compiles once per ``(B, S)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.models import hf
+from lorax_jax.pathmap import PathMap
+
+Cache = dict[str, Any]
+
+_UNSUPPORTED = {  # config.json key -> the only value this model implements
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The hyper-parameters of a Llama; field names are those of Hugging Face's ``config.json``."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
+                       f"of num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
+    """From a Hugging Face ``config.json`` dict; options this model does not implement are errors."""
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+      raise ValueError(f"config.json has model_type={model_type!r}; only 'llama' is supported")
+    for key, supported in _UNSUPPORTED.items():
+      if config.get(key, supported) != supported:
+        raise ValueError(f"config.json has {key}={config[key]!r}; only {supported!r} is supported")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(f"config.json asks for RoPE scaling {rope_type!r}; only plain RoPE is supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in config]
+    if missing:
+      raise ValueError(f"config.json lacks {', '.join(missing)}")
+    heads = config["num_attention_heads"]
+    return cls(
+        vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        max_position_embeddings=config.get("max_position_embeddings", 2048))
+
+  def to_hf(self) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers' ``LlamaForCausalLM`` loads."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, **dataclasses.asdict(self)}
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  """Hugging Face's RoPE convention: ``[x1, x2] -> [-x2, x1]`` over the last axis halves."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of ``x [B, L, H, D]`` at ``positions [B, L]``.
+
+  ``x cos(p f) + rotate_half(x) sin(p f)`` with ``f_k = theta^(-2k/D)`` repeated over both halves.
+  """
+  d = x.shape[-1]
+  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  angles = positions.astype(jnp.float32)[..., None] * freqs          # [B, L, D/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, D]
+  xf = x.astype(jnp.float32)
+  return (xf * jnp.cos(angles) + rotate_half(xf) * jnp.sin(angles)).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32."""
+
+  eps: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return weight * y.astype(x.dtype)
+
+
+def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=dtype, name=name)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention: query head ``h`` reads key/value head ``h // (H / H_kv)``."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.q_proj = _dense(c.num_attention_heads * c.head_dim, self.dtype, "q_proj")
+    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "k_proj")
+    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "v_proj")
+    self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj")
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, index: jax.Array,
+               cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+    c = self.config
+    b, l, _ = x.shape
+    groups = c.num_attention_heads // c.num_key_value_heads
+    q = rope(self.q_proj(x).reshape(b, l, c.num_attention_heads, c.head_dim), positions, c.rope_theta)
+    k = rope(self.k_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
+    v = self.v_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+      cache = {"k": k, "v": v}
+    q = q.reshape(b, l, c.num_key_value_heads, groups, c.head_dim)
+    scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) / np.sqrt(c.head_dim)
+    q_slot = index + jnp.arange(l)
+    allowed = key_mask[:, None, None, None, :] & (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])
+    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, c.num_attention_heads * c.head_dim)
+    return self.o_proj(out.astype(x.dtype)), cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    gate = _dense(c.intermediate_size, self.dtype, "gate_proj")(x)
+    up = _dense(c.intermediate_size, self.dtype, "up_proj")(x)
+    return _dense(c.hidden_size, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, key_mask, index, cache):
+    eps = self.config.rms_norm_eps
+    h, cache = Attention(self.config, self.dtype, name="self_attn")(
+        RMSNorm(eps, name="input_layernorm")(x), positions, key_mask, index, cache)
+    x = x + h
+    x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
+    return x, cache
+
+
+class LlamaModel(nn.Module):
+  """Embedding, ``num_hidden_layers`` decoder layers (``layers_{i}``, unrolled) and a final norm."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
+                                 embedding_init=nn.initializers.normal(0.02))
+    self.layers = [DecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps)
+
+  def __call__(self, tokens, positions, key_mask, index, cache):
+    x = self.embed_tokens(tokens)
+    new_cache = {}
+    for i, layer in enumerate(self.layers):
+      x, new_cache[f"layers_{i}"] = layer(x, positions, key_mask, index,
+                                          None if cache is None else cache[f"layers_{i}"])
+    return self.norm(x), new_cache
+
+
+class Llama(nn.Module):
+  """Causal language model; ``__call__`` returns logits, or ``(logits, new_cache)`` given a cache."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.model = LlamaModel(self.config, self.dtype)
+    if not self.config.tie_word_embeddings:
+      self.lm_head = _dense(self.config.vocab_size, self.dtype, "lm_head")
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+               cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Cache]:
+    """Logits ``[B, L, V]`` for ``tokens [B, L]``.
+
+    Args:
+      tokens: token ids.
+      positions: RoPE positions ``[B, L]``; default ``index + arange(L)`` (``index`` = 0 without a cache).
+      mask: ``[B, L]``, False for padding tokens no other token may attend to; default all True.
+      cache: from `init_cache` or a previous call; the tokens are appended at its ``index``.
+    """
+    b, l = tokens.shape
+    index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
+    if positions is None:
+      positions = jnp.broadcast_to(index + jnp.arange(l), (b, l))
+    mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+    key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+    h, layers = self.model(tokens, positions, key_mask, index, cache)
+    logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    if cache is None:
+      return logits
+    return logits, {"index": index + l, "mask": key_mask, **layers}
+
+  def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
+    """An empty cache of ``length`` slots for ``batch`` sequences."""
+    c = self.config
+    shape = (batch, length, c.num_key_value_heads, c.head_dim)
+    dtype = dtype or self.dtype
+    layers = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+              for i in range(c.num_hidden_layers)}
+    return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **layers}
+
+
+def _path_map() -> PathMap:
+  layer = "params/model/layers_{i}/"
+  hf_layer = "model.layers.{i}."
+  rules = [("params/model/embed_tokens/embedding", "model.embed_tokens.weight", "embedding")]
+  rules += [(f"{layer}self_attn/{p}/kernel", f"{hf_layer}self_attn.{p}.weight", "linear")
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+  rules += [(f"{layer}mlp/{p}/kernel", f"{hf_layer}mlp.{p}.weight", "linear")
+            for p in ("gate_proj", "up_proj", "down_proj")]
+  rules += [(f"{layer}{n}/weight", f"{hf_layer}{n}.weight", "param")
+            for n in ("input_layernorm", "post_attention_layernorm")]
+  rules += [("params/model/norm/weight", "model.norm.weight", "param"),
+            ("params/lm_head/kernel", "lm_head.weight", "linear")]
+  return PathMap(tuple(rules))
+
+
+LLAMA_PATH_MAP: PathMap = _path_map()
+"""Flax `Llama` param paths <-> Hugging Face ``LlamaForCausalLM`` tensor names."""
+
+
+def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The Hugging Face tensor names and torch-layout shapes of a Llama with this config."""
+  c = config
+  q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+  shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
+  if not c.tie_word_embeddings:
+    shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+  for i in range(c.num_hidden_layers):
+    layer = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
+             "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
+             "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
+             "mlp.up_proj": (c.intermediate_size, c.hidden_size),
+             "mlp.down_proj": (c.hidden_size, c.intermediate_size),
+             "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,)}
+    shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+  return shapes
+
+
+def check_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> None:
+  """ValueError naming the first missing, unexpected or mis-shaped checkpoint tensor."""
+  want = hf_shapes(config)
+  for name in sorted(want.keys() - tensors.keys()):
+    raise ValueError(f"checkpoint lacks {name}")
+  for name in sorted(tensors.keys() - want.keys()):
+    raise ValueError(f"checkpoint has unexpected tensor {name}")
+  for name, shape in want.items():
+    if tuple(tensors[name].shape) != shape:
+      raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
+                       f"the config implies {shape}")
+
+
+def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
+                       dtype: Any = jnp.float32) -> tuple[Llama, dict[str, Any]]:
+  """`Llama` and its params from Hugging Face tensors, checked name by name and shape by shape."""
+  ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
+  tensors = {k: v for k, v in tensors.items() if not k.endswith(ignored)}
+  check_tensors(config, tensors)
+  params = hf.params_from_tensors(tensors, LLAMA_PATH_MAP)
+  return Llama(config, dtype), jax.tree.map(jnp.asarray, params)
+
+
+def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
+  """``(config, model, params)`` from a Hugging Face Llama checkpoint directory."""
+  config = LlamaConfig.from_hf(hf.read_config(directory))
+  model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
+  return config, model, params
+
+
+def save_llama(directory: str, params: Any, config: LlamaConfig) -> None:
+  """Write params (merge a LoRA first) as a checkpoint that ``LlamaForCausalLM.from_pretrained`` loads."""
+  hf.save_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP)

