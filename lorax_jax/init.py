@@ -79,7 +79,7 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
 
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
   """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place)."""
-  if isinstance(tree, Mapping) and tree and not ({"a", "b"} & set(tree)):
+  if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
     for k, v in tree.items():
       yield from _lora_nodes(v, (*prefix, str(k)))
   else:

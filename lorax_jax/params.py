@@ -1,8 +1,8 @@
 """Frozen and trainable parts of a params tree: split, join, mask, count, size.
 
-Lorax's ``Params.filter`` and ``Params.size``. A *combined* tree is the params tree
-with each targeted kernel's factors stored beside it under ``"lora"``:
-``{..., "q_proj": {"kernel": W, "lora": {"a": a, "b": b}}}``.
+Lorax's ``Params.filter`` and ``Params.size``. A *combined* tree is the params tree with
+the factors stored in their module under ``"lora"``, keyed by the leaf they adapt:
+``{..., "q_proj": {"kernel": W, "bias": c, "lora": {"kernel": {"a": a, "b": b}}}}``.
 """
 
 from __future__ import annotations
@@ -35,13 +35,11 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
       return node
     out = dict(node)
     for key, value in sub.items():
+      if key not in node:
+        raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
       if isinstance(value, Mapping) and set(value) == {"a", "b"}:
-        out[LORA_KEY] = value
-        if key not in node:
-          raise ValueError(f"join_params: no kernel {key!r} beside its LoRA factors")
+        out.setdefault(LORA_KEY, {})[key] = value
       else:
-        if key not in node:
-          raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
         out[key] = join(node[key], value)
     return out
   return join(params, lora)
@@ -57,13 +55,11 @@ def _split(tree: Any, prefix: Path) -> tuple[Any, Lora]:
     frozen[key] = f
     if l:
       lora[str(key)] = l
-  if LORA_KEY in tree:
-    owners = [k for k in kernels if not isinstance(tree[k], Mapping)]
-    if len(owners) != 1:
-      raise ValueError(
-          f"split_params: {path_str(prefix) or '<root>'}/{LORA_KEY} needs exactly one kernel "
-          f"beside it, found {owners}")
-    lora[str(owners[0])] = dict(tree[LORA_KEY])
+  for leaf, factors in dict(tree.get(LORA_KEY, {})).items():
+    if leaf not in kernels or isinstance(tree[leaf], Mapping):
+      raise ValueError(f"split_params: {path_str((*prefix, LORA_KEY, str(leaf)))} adapts no kernel "
+                       f"{leaf!r} beside it (found {kernels})")
+    lora[str(leaf)] = dict(factors)
   return frozen, lora
 
 

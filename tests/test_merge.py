@@ -107,6 +107,7 @@ def test_split_join_mask_count_size():
   lora = zoo.random_lora(case)
   combined = lj.join_params(case.params, lora)
   assert set(combined["params"]["fc1"]) == {"kernel", "bias", "lora"}
+  assert set(combined["params"]["fc1"]["lora"]["kernel"]) == {"a", "b"}
   frozen, trainable = lj.split_params(combined, case.cfg)
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, case.params))
   jax.tree.map(np.testing.assert_array_equal, trainable, lora)
@@ -119,3 +120,6 @@ def test_split_join_mask_count_size():
   assert set(kernels["params"]) == {"fc1", "fc2", "head"} and all(set(v) == {"kernel"} for v in kernels["params"].values())
   with pytest.raises(ValueError, match="missing the factors"):
     lj.split_params(case.params, case.cfg)
+  combined["params"]["head"]["lora"] = {"scale": lora["params"]["fc1"]["kernel"]}
+  with pytest.raises(ValueError, match="params/head/lora/scale adapts no kernel 'scale'"):
+    lj.split_params(combined, case.cfg)

@@ -1,0 +1,194 @@
+"""The benchmark models: one GPT-style transformer written twice (Flax linen and NNX with
+``nnx.LoRALinear``) so every library trains the same weights, and a Llama-shaped fallback.
+
+GPT block on hidden states ``h`` (pre-LayerNorm, causal multi-head attention, GELU MLP):
+
+    h = h + o_proj(Attention(q_proj n, k_proj n, v_proj n)),  n = LayerNorm(h)
+    h = h + fc2(gelu(fc1 LayerNorm(h)))
+
+Embedding ``tok[ids] + pos[0..T)``, then a final LayerNorm and ``lm_head``; no biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class GptConfig:
+  vocab: int = 2048
+  d: int = 512
+  layers: int = 6
+  heads: int = 8
+  seq: int = 128
+
+  @property
+  def mlp(self) -> int:
+    return 4 * self.d
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+  """Causal softmax(q kᵀ / sqrt(d_head)) v per head; q, k, v: [B, T, d]."""
+  b, t, d = q.shape
+  split = lambda x: x.reshape(b, t, heads, d // heads)
+  q, k, v = split(q), split(k), split(v)
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d // heads).astype(q.dtype)
+  s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, d)
+
+
+class Block(nn.Module):
+  cfg: GptConfig
+
+  @nn.compact
+  def __call__(self, h):
+    c = self.cfg
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    x = nn.LayerNorm(name="ln1")(h)
+    a = attention(dense(c.d, "q_proj")(x), dense(c.d, "k_proj")(x), dense(c.d, "v_proj")(x), c.heads)
+    h = h + dense(c.d, "o_proj")(a)
+    x = nn.LayerNorm(name="ln2")(h)
+    return h + dense(c.d, "fc2")(jax.nn.gelu(dense(c.mlp, "fc1")(x)))
+
+
+class Gpt(nn.Module):
+  cfg: GptConfig
+
+  @nn.compact
+  def __call__(self, ids):
+    c = self.cfg
+    h = nn.Embed(c.vocab, c.d, name="tok")(ids) + nn.Embed(c.seq, c.d, name="pos")(jnp.arange(ids.shape[1]))
+    for i in range(c.layers):
+      h = Block(c, name=f"blocks_{i}")(h)
+    return nn.Dense(c.vocab, use_bias=False, name="lm_head")(nn.LayerNorm(name="ln_f")(h))
+
+
+# --- the same model in NNX, every block linear an nnx.LoRALinear ---------------------
+
+
+class NnxBlock(nnx.Module):
+  def __init__(self, c: GptConfig, r: int, rngs: nnx.Rngs):
+    self.heads = c.heads
+    lora = lambda i, o: nnx.LoRALinear(i, o, lora_rank=r, use_bias=False, rngs=rngs)
+    self.ln1, self.ln2 = nnx.LayerNorm(c.d, rngs=rngs), nnx.LayerNorm(c.d, rngs=rngs)
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = (lora(c.d, c.d) for _ in range(4))
+    self.fc1, self.fc2 = lora(c.d, c.mlp), lora(c.mlp, c.d)
+
+  def __call__(self, h):
+    x = self.ln1(h)
+    h = h + self.o_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+    return h + self.fc2(jax.nn.gelu(self.fc1(self.ln2(h))))
+
+
+class NnxGpt(nnx.Module):
+  def __init__(self, c: GptConfig, r: int, rngs: nnx.Rngs):
+    self.tok, self.pos = nnx.Embed(c.vocab, c.d, rngs=rngs), nnx.Embed(c.seq, c.d, rngs=rngs)
+    self.blocks = nnx.List([NnxBlock(c, r, rngs) for _ in range(c.layers)])
+    self.ln_f = nnx.LayerNorm(c.d, rngs=rngs)
+    self.lm_head = nnx.Linear(c.d, c.vocab, use_bias=False, rngs=rngs)
+
+  def __call__(self, ids):
+    h = self.tok(ids) + self.pos(jnp.arange(ids.shape[1]))
+    for block in self.blocks:
+      h = block(h)
+    return self.lm_head(self.ln_f(h))
+
+
+def nnx_gpt(c: GptConfig, params: Any, lora: Any, scales: dict[str, float]) -> NnxGpt:
+  """An `NnxGpt` holding the linen ``params`` and lorax_jax ``lora`` factors.
+
+  NNX computes ``x @ lora_a @ lora_b`` with no ``alpha / r``: ``lora_a = aᵀ`` and
+  ``lora_b = s · b`` give the same function.
+  """
+  r = next(iter(jax.tree.leaves(lora))).shape[0]
+  model = NnxGpt(c, r, nnx.Rngs(0))
+  p = params["params"]
+  model.tok.embedding.value = p["tok"]["embedding"]
+  model.pos.embedding.value = p["pos"]["embedding"]
+  model.lm_head.kernel.value = p["lm_head"]["kernel"]
+  _set_norm(model.ln_f, p["ln_f"])
+  for i, block in enumerate(model.blocks):
+    bp, bl = p[f"blocks_{i}"], lora["params"][f"blocks_{i}"]
+    _set_norm(block.ln1, bp["ln1"])
+    _set_norm(block.ln2, bp["ln2"])
+    for name in LINEARS:
+      layer = getattr(block, name)
+      layer.kernel.value = bp[name]["kernel"]
+      layer.lora.lora_a.value = bl[name]["kernel"]["a"].T
+      layer.lora.lora_b.value = scales[f"blocks_{i}/{name}"] * bl[name]["kernel"]["b"]
+  return model
+
+
+def _set_norm(norm: nnx.LayerNorm, p: Any) -> None:
+  norm.scale.value, norm.bias.value = p["scale"], p["bias"]
+
+
+# --- a Llama-shaped decoder (for SmolLM2-135M's dimensions when no loader is present) --
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaShape:
+  """SmolLM2-135M's dimensions."""
+
+  vocab: int = 49152
+  d: int = 576
+  layers: int = 30
+  heads: int = 9
+  kv_heads: int = 3
+  mlp: int = 1536
+  rope_theta: float = 100000.0
+
+
+def rope(x: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (half-split form) on x: [B, T, H, Dh]."""
+  t, dh = x.shape[1], x.shape[-1]
+  freqs = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
+  ang = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None]
+  cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
+  x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class LlamaLayer(nn.Module):
+  c: LlamaShape
+
+  @nn.compact
+  def __call__(self, h):
+    c, dh = self.c, self.c.d // self.c.heads
+    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
+    b, t, _ = h.shape
+    x = nn.RMSNorm(name="input_layernorm")(h)
+    q = rope(dense(c.heads * dh, "q_proj")(x).reshape(b, t, c.heads, dh), c.rope_theta)
+    k = rope(dense(c.kv_heads * dh, "k_proj")(x).reshape(b, t, c.kv_heads, dh), c.rope_theta)
+    v = dense(c.kv_heads * dh, "v_proj")(x).reshape(b, t, c.kv_heads, dh)
+    rep = c.heads // c.kv_heads
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh)
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
+    a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, c.d)
+    h = h + dense(c.d, "o_proj")(a)
+    x = nn.RMSNorm(name="post_attention_layernorm")(h)
+    g = jax.nn.silu(dense(c.mlp, "gate_proj")(x)) * dense(c.mlp, "up_proj")(x)
+    return h + dense(c.d, "down_proj")(g)
+
+
+class LlamaLike(nn.Module):
+  """A Llama decoder with Hugging Face's module names (tied embeddings, like SmolLM2)."""
+
+  c: LlamaShape
+
+  @nn.compact
+  def __call__(self, ids):
+    embed = nn.Embed(self.c.vocab, self.c.d, name="embed_tokens")
+    h = embed(ids)
+    for i in range(self.c.layers):
+      h = LlamaLayer(self.c, name=f"layers_{i}")(h)
+    return embed.attend(nn.RMSNorm(name="norm")(h))

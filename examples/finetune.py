@@ -1,0 +1,618 @@
+"""Fine-tune an LLM with LoRA on a CPU: SmolLM2-135M-Instruct learns to tell fortunes.
+
+    python examples/finetune.py                              # configs/finetune.yaml
+    python examples/finetune.py --steps 300 --r 16 --targets all-linear
+    python examples/finetune.py --config configs/pydoc.yaml  # layered on top of finetune.yaml
+    python examples/finetune.py --resume                     # go on from out_dir's checkpoint
+
+The base model is frozen; only the LoRA factors ``a``, ``b`` of the targeted projections
+train (``W' = W + (alpha / r) aᵀ b``, through `lorax_jax.lora_transform`, never forming
+``W'``). The loss is the mean next-token cross-entropy over the trained tokens: the
+assistant's answer in the chat format, every token in the text format.
+
+Written to ``out_dir``: ``adapter/`` (PEFT: ``PeftModel.from_pretrained`` loads it onto the
+Hugging Face model), ``loss.png``, ``samples.txt`` (generations before and after),
+``metrics.json``, ``settings.yaml`` and ``checkpoint.safetensors`` (LoRA factors, optimizer
+state, step and history; no pickle). The data order and dropout keys are pure functions of
+``(seed, step)``, so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from safetensors.numpy import load_file, save_file
+
+import lorax_jax
+from lorax_jax.files import write_atomic, write_text_atomic
+from lorax_jax.generate import generate
+from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
+from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from data import fortune_items  # noqa: E402  (examples/data.py)
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune.yaml")
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+CHECKPOINT = "checkpoint.safetensors"
+# Settings that may differ between a checkpoint and the run resuming it.
+RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything a run depends on; ``configs/finetune.yaml`` documents each key and sets its default."""
+
+  model: str
+  dtype: str
+  data: tuple[str, ...]
+  topics: tuple[str, ...]
+  format: str
+  prompt: str
+  max_chars: int
+  eval_fraction: float
+  eval_examples: int
+  r: int
+  alpha: float
+  dropout: float
+  targets: tuple[str, ...]
+  lr: float
+  warmup_steps: int
+  min_lr_ratio: float
+  weight_decay: float
+  clip_norm: float
+  steps: int
+  batch_size: int
+  seq_len: int
+  seed: int
+  out_dir: str
+  save_every: int
+  stop_at: int
+  sample_prompts: tuple[str, ...]
+  sample_tokens: int
+  temperature: float
+
+  def __post_init__(self):
+    checks = [
+        (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+        (self.format in ("chat", "text"), "format must be chat or text"),
+        (len(self.data) > 0, "data names no source: give fortunes, pydoc or a text file"),
+        (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
+        (self.eval_examples > 0, "eval_examples must be positive"),
+        (self.lr > 0, "lr must be positive"),
+        (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+        (self.steps > 0, "steps must be positive"),
+        (0 <= self.warmup_steps < self.steps, "warmup_steps must be in [0, steps)"),
+        (0 <= self.stop_at <= self.steps, "stop_at must be in [0, steps]"),
+        (self.batch_size > 0, "batch_size must be positive"),
+        (self.seq_len >= 4, "seq_len must be at least 4"),
+        (self.save_every > 0, "save_every must be positive"),
+        (self.sample_tokens > 0, "sample_tokens must be positive"),
+        (self.max_chars >= 0, "max_chars must be >= 0"),
+        (self.clip_norm > 0, "clip_norm must be positive"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ValueError(message)
+    lora_config(self)  # r, alpha, dropout and targets are LoraConfig's to check
+
+
+FIELDS: dict[str, Any] = typing.get_type_hints(Settings)
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+  """``value`` (parsed YAML) as the type of setting ``key``; ValueError naming the key otherwise."""
+  scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+  if kind == tuple[str, ...]:
+    items = [] if value is None else [value] if scalar else value
+    if isinstance(items, list) and all(isinstance(v, (str, int, float)) for v in items):
+      return tuple(str(v) for v in items)
+  elif kind is str and scalar:
+    return str(value)
+  elif kind is float and scalar:
+    try:
+      return float(value)  # also YAML 1.1's strings "3e-4" (it wants "3.0e-4")
+    except ValueError:
+      pass
+  elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  name = {float: "a number", int: "an integer", str: "a string"}.get(kind, "a list of strings")
+  raise ValueError(f"setting {key} must be {name}, got {value!r}")
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} does not exist")
+  with open(path) as f:
+    values = yaml.safe_load(f) or {}
+  if not isinstance(values, dict):
+    raise ValueError(f"config file {path} must hold a mapping of settings")
+  unknown = sorted(set(values) - set(FIELDS))
+  if unknown:
+    raise ValueError(f"{path}: unknown setting {', '.join(unknown)} (valid: {', '.join(FIELDS)})")
+  return values
+
+
+def _from_flag(text: str, kind: Any) -> Any:
+  """A flag's value: strings as given (``--prompt "Q: why?"``), a YAML list or one string for
+  lists (``--targets "[q_proj, v_proj]"``), YAML otherwise."""
+  if kind is str:
+    return text
+  value = yaml.safe_load(text)
+  return value if kind != tuple[str, ...] or isinstance(value, list) else text
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str) -> typing.NoReturn:
+    raise ValueError(message)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
+  """``(settings, resume)``: configs/finetune.yaml, then ``--config FILE``, then ``--key value`` flags
+  (see `_from_flag`). An unknown key is a ValueError that lists the valid ones."""
+  parser = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
+  parser.add_argument("--config", help="YAML file layered on top of configs/finetune.yaml")
+  parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in out_dir")
+  for key in FIELDS:
+    parser.add_argument(f"--{key}", default=None, metavar="VALUE")
+  args, unknown = parser.parse_known_args(argv)
+  if unknown:
+    raise ValueError(f"unknown setting {unknown[0]} (valid: --config, --resume, "
+                     f"{', '.join('--' + k for k in FIELDS)})")
+  values = _read_yaml(DEFAULT_CONFIG)
+  if args.config:
+    values.update(_read_yaml(args.config))
+  values.update({k: _from_flag(v, FIELDS[k]) for k, v in vars(args).items() if k in FIELDS and v is not None})
+  missing = [k for k in FIELDS if k not in values]
+  if missing:
+    raise ValueError(f"{DEFAULT_CONFIG} lacks setting {', '.join(missing)}")
+  return Settings(**{k: _coerce(k, values[k], FIELDS[k]) for k in FIELDS}), args.resume
+
+
+def lora_config(s: Settings) -> lorax_jax.LoraConfig:
+  targets = "all-linear" if s.targets == ("all-linear",) else list(s.targets)
+  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=targets)
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def load_model(s: Settings) -> tuple[Any, Any, Tokenizer]:
+  """``(model, params, tokenizer)`` for ``s.model``: "smollm2", a Hugging Face Llama directory or a GGUF file."""
+  from lorax_jax.models import gguf
+
+  dtype = jnp.dtype(s.dtype)
+  if s.model == "smollm2":
+    _, model, params, tokenizer = gguf.load_smollm2(dtype=dtype)
+  elif s.model.endswith(".gguf"):
+    _, model, params, tokenizer = gguf.load_gguf(s.model, dtype=dtype)
+  elif os.path.isdir(s.model):
+    _, model, params = load_llama(s.model, dtype)
+    tokenizer = load_tokenizer(s.model)
+  else:
+    raise FileNotFoundError(f"model {s.model!r} is neither smollm2, a Hugging Face Llama directory "
+                            "nor a .gguf file")
+  return model, params, tokenizer
+
+
+def stop_tokens(tokenizer: Tokenizer) -> list[int]:
+  """End of text, and ChatML's end of turn where the vocabulary has it."""
+  ids = {tokenizer.eos_id, tokenizer.backend.token_to_id("<|im_end|>")}
+  return sorted(i for i in ids if i is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def read_items(path: str) -> list[str]:
+  """A text file's items: its parts between lines holding only ``%`` or, when there are none,
+  between blank lines. A directory's files are read in sorted order."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    if not files:
+      raise ValueError(f"data directory {path} holds no files")
+    return [item for f in files for item in read_items(f)]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"data {path!r} is neither fortunes, pydoc nor an existing file or directory")
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  separator = r"^%[ \t]*$" if re.search(r"^%[ \t]*$", text, re.MULTILINE) else r"\n[ \t]*\n"
+  items = [s.strip() for s in re.split(separator, text, flags=re.MULTILINE) if s.strip()]
+  if not items:
+    raise ValueError(f"data file {path} is empty: give it some text")
+  return items
+
+
+def load_items(s: Settings) -> list[str]:
+  """The items of every source in ``s.data``, whitespace-tidied, deduplicated, in order."""
+  items = []
+  for source in s.data:
+    if source == "fortunes":
+      items += [t for v in fortune_items(list(s.topics) or None).values() for t in v]
+    elif source == "pydoc":
+      from pydoc_data.topics import topics
+      items += [topics[k] for k in sorted(topics)]
+    else:
+      items += read_items(source)
+  tidy = ("\n".join(" ".join(line.split()) for line in t.strip().splitlines()) for t in items)
+  return [t for t in dict.fromkeys(tidy) if 0 < len(t) <= (s.max_chars or len(t))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """Token rows ``[N, seq_len + 1]`` (the model reads ``[:, :-1]`` and predicts ``[:, 1:]``),
+  ``weights`` of the same shape (1 where a token is a training target, else 0) and the
+  ``lengths`` of the rows before padding."""
+
+  tokens: np.ndarray
+  weights: np.ndarray
+  lengths: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def take(self, rows: Any) -> Examples:
+    return Examples(self.tokens[rows], self.weights[rows], self.lengths[rows])
+
+
+def chat_examples(items: Sequence[str], tokenizer: Tokenizer, prompt: str, seq_len: int) -> Examples:
+  """One row per item: the chat ``user: prompt / assistant: item``, right-padded; only the answer
+  (up to its end-of-turn token) is a target. Items that do not fit ``seq_len + 1`` tokens are skipped."""
+  prefix = tokenizer.chat(prompt)
+  stops = stop_tokens(tokenizer)
+  rows = []
+  for item in items:
+    ids = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": item}],
+        add_generation_prompt=False))
+    if ids[:len(prefix)] != prefix:
+      raise ValueError("the chat template renders a conversation that does not start with its own prompt")
+    ends = [i for i, t in enumerate(ids) if t in stops and i >= len(prefix)]
+    ids = ids[:ends[0] + 1] if ends else ids
+    if len(ids) <= seq_len + 1:
+      rows.append((ids, len(prefix)))
+  return _pad(rows, seq_len + 1, tokenizer.pad_id or 0)
+
+
+def text_examples(items: Sequence[str], tokenizer: Tokenizer, seq_len: int) -> Examples:
+  """The items joined by end-of-text tokens and cut into rows of ``seq_len + 1`` tokens
+  (consecutive rows overlap by one token); every token is a target."""
+  ids = [t for item in items for t in tokenizer.encode(item) + stop_tokens(tokenizer)[:1]]
+  rows = [(ids[i:i + seq_len + 1], 0) for i in range(0, max(len(ids) - 1, 0), seq_len)]
+  return _pad([r for r in rows if len(r[0]) > 1], seq_len + 1, tokenizer.pad_id or 0)
+
+
+def _pad(rows: Sequence[tuple[list[int], int]], length: int, pad_id: int) -> Examples:
+  """Rows ``(ids, first_target)`` right-padded to ``length``; weights 1 on ``ids[first_target:]``."""
+  tokens = np.full((len(rows), length), pad_id, np.int32)
+  weights = np.zeros((len(rows), length), np.float32)
+  for i, (ids, start) in enumerate(rows):
+    tokens[i, :len(ids)] = ids
+    weights[i, max(start, 1):len(ids)] = 1.0
+  return Examples(tokens, weights, np.array([len(ids) for ids, _ in rows], np.int64))
+
+
+def make_examples(s: Settings, tokenizer: Tokenizer) -> tuple[Examples, Examples]:
+  """``(train, held_out)``: the items are shuffled with ``seed`` and split by ``eval_fraction``
+  before tokenizing, so no held-out text is trained on."""
+  items = load_items(s)
+  order = np.random.default_rng(s.seed).permutation(len(items))
+  n_eval = max(1, round(s.eval_fraction * len(items)))
+  splits = [[items[i] for i in part] for part in (order[n_eval:], order[:n_eval])]
+  if s.format == "chat":
+    train, held_out = (chat_examples(p, tokenizer, s.prompt, s.seq_len) for p in splits)
+  else:
+    train, held_out = (text_examples(p, tokenizer, s.seq_len) for p in splits)
+  if len(train) < s.batch_size or len(held_out) == 0:
+    raise ValueError(
+        f"data {', '.join(s.data)} gives {len(train)} training and {len(held_out)} held-out examples "
+        f"of at most {s.seq_len} tokens (from {len(items)} items of at most {s.max_chars or 'any'} "
+        f"characters); need at least batch_size={s.batch_size} and 1: add data, raise seq_len or "
+        "max_chars, or lower batch_size")
+  return train, held_out
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+  """The rows of batch ``step``: epoch ``e`` visits the rows in ``permutation(seed, e)`` order, and
+  batches run on across epoch boundaries. A pure function of ``(seed, step)``."""
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, offsets = np.divmod(positions, n)
+  perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in set(epochs.tolist())}
+  return np.array([perms[e][o] for e, o in zip(epochs.tolist(), offsets.tolist())])
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+
+
+def loss_sums(lora_apply: Callable[..., Any], params: Any, lora: Any, tokens: jax.Array,
+              weights: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """``(Σ w · CE, Σ w)``: cross-entropy of each next token, weighted by its target weight."""
+  logits = lora_apply(params, lora, tokens[:, :-1], rng=rng).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  w = weights[:, 1:]
+  return jnp.sum(ce * w), jnp.sum(w)
+
+
+def make_optimizer(s: Settings) -> optax.GradientTransformation:
+  """AdamW on a linear warmup to ``lr`` then a cosine decay to ``lr * min_lr_ratio`` at ``steps``,
+  after clipping the gradient's global norm to ``clip_norm``."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup_steps, s.steps, s.lr * s.min_lr_ratio)
+  return optax.chain(optax.clip_by_global_norm(s.clip_norm),
+                     optax.adamw(schedule, weight_decay=s.weight_decay))
+
+
+def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation):
+  """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
+  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)``. The frozen params are an
+  argument: never differentiated, never baked into the compiled code."""
+  def loss_fn(lora, params, tokens, weights, rng):
+    total, count = loss_sums(lora_apply, params, lora, tokens, weights, rng)
+    return total / jnp.maximum(count, 1.0)
+
+  def train_step(lora, opt_state, params, tokens, weights, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, params, tokens, weights, rng)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  def eval_sums(params, lora, tokens, weights):
+    return loss_sums(lora_apply, params, lora, tokens, weights, None)
+
+  return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+
+
+def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, examples: Examples,
+             batch_size: int) -> float:
+  """Mean cross-entropy per target token over ``examples``, in batches of ``batch_size`` (the last
+  padded with weightless rows, so one compilation serves every batch)."""
+  pad = -len(examples) % batch_size
+  tokens = np.concatenate([examples.tokens, np.repeat(examples.tokens[:1], pad, 0)])
+  weights = np.concatenate([examples.weights, np.zeros((pad, examples.weights.shape[1]), np.float32)])
+  sums = [eval_sums(params, lora, tokens[i:i + batch_size], weights[i:i + batch_size])
+          for i in range(0, len(tokens), batch_size)]
+  total, count = np.sum(np.array(jax.device_get(sums), np.float64), axis=0)
+  return float(total / count)
+
+
+def sample(model: Any, params: Any, tokenizer: Tokenizer, s: Settings, lora: Any = None,
+           cfg: lorax_jax.LoraConfig | None = None) -> list[str]:
+  """Completions of ``s.sample_prompts`` (chat prompts in the chat format), the adapter merged once."""
+  prompts = [tokenizer.chat(p) if s.format == "chat" else tokenizer.encode(p) for p in s.sample_prompts]
+  out = generate(model, params, prompts, max_new_tokens=s.sample_tokens, temperature=s.temperature,
+                 stop_tokens=stop_tokens(tokenizer), rng=jax.random.key(s.seed), lora=lora, cfg=cfg,
+                 merged=lora is not None)
+  return [tokenizer.decode(ids).strip() for ids in out]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: tensors in safetensors, everything else as JSON in its metadata
+
+
+def _flat(tree: Any) -> dict[str, jax.Array]:
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def save_checkpoint(path: str, lora: Any, opt_state: Any, state: dict[str, Any]) -> None:
+  """LoRA factors and optimizer state leaves (named by their tree paths) plus ``state`` as JSON,
+  in one file written atomically."""
+  tensors = {f"lora{k}": np.asarray(x) for k, x in _flat(lora).items()}
+  tensors |= {f"opt{k}": np.asarray(x) for k, x in _flat(opt_state).items()}
+  write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(state)}))
+
+
+def checkpoint_state(path: str) -> dict[str, Any]:
+  """The JSON state (step, settings, history, ...) of `save_checkpoint`'s file."""
+  from safetensors import safe_open
+
+  with safe_open(path, "np") as f:
+    state = json.loads((f.metadata() or {}).get("state", "null"))
+  if not isinstance(state, dict):
+    raise ValueError(f"{path} is not a finetune.py checkpoint; delete it or pick another out_dir")
+  return state
+
+
+def load_checkpoint(path: str, lora: Any, opt_state: Any) -> tuple[Any, Any]:
+  """``(lora, opt_state)`` from `save_checkpoint`'s file; ``lora`` and ``opt_state`` are templates
+  (fresh ones from ``init_lora`` and ``optimizer.init``) giving the trees' structure, and every
+  leaf must match its template's shape and dtype."""
+  tensors = load_file(path)
+  fix = "resume with the model and LoRA settings it was made with, or pick another out_dir"
+
+  def rebuild(prefix: str, template: Any) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for p, like in paths:
+      key = prefix + jax.tree_util.keystr(p)
+      if key not in tensors:
+        raise ValueError(f"checkpoint {path} lacks {key}, which this model needs: {fix}")
+      if tensors[key].shape != like.shape or tensors[key].dtype != like.dtype:
+        raise ValueError(f"checkpoint {path} was made for another model: {key} is "
+                         f"{tensors[key].dtype}{list(tensors[key].shape)}, this model needs "
+                         f"{like.dtype}{list(like.shape)}; {fix}")
+      leaves.append(jnp.asarray(tensors.pop(key)))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  lora, opt_state = rebuild("lora", lora), rebuild("opt", opt_state)
+  if tensors:
+    raise ValueError(f"checkpoint {path} has {', '.join(sorted(tensors))}, which this model lacks: {fix}")
+  return lora, opt_state
+
+
+def _resume_state(s: Settings, state: dict[str, Any], path: str) -> None:
+  """ValueError naming the first setting (other than those in RESUMABLE) that differs from the checkpoint's."""
+  saved = state["settings"]
+  for key, value in json.loads(json.dumps(dataclasses.asdict(s))).items():
+    if key not in RESUMABLE and saved.get(key) != value:
+      raise ValueError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, not {value!r}: "
+                       f"resume with the same settings (only {', '.join(RESUMABLE)} may change), "
+                       "or pick another out_dir")
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+
+
+def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]]) -> None:
+  """Training loss per step (and its running mean) with the held-out losses, as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  steps, losses = np.array(history, np.float64).reshape(-1, 2).T
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train (batch)")
+  if len(losses) >= 10:
+    k = 10
+    ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, "valid"), lw=2, label=f"train ({k}-step mean)")
+  ax.plot(*zip(*eval_points), "o", color="k", label="held-out (before, after)")
+  ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="LoRA fine-tune")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+  plt.close(fig)
+
+
+def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[str]) -> str:
+  blocks = [f"### {p}\n--- before\n{b}\n--- after\n{a}\n" for p, b, a in zip(prompts, before, after)]
+  return "\n".join(blocks)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+
+
+def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *, resume: bool = False,
+        base_model_name: str | None = None) -> dict[str, Any]:
+  """Fine-tune ``model``'s LoRA as ``s`` says; write everything into ``s.out_dir``.
+
+  Returns the metrics (as in ``metrics.json``) plus ``"lora"``, the trained factors.
+  """
+  train, held_out = make_examples(s, tokenizer)
+  held_out = held_out.take(slice(s.eval_examples))
+  cfg = lora_config(s)
+  key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
+  lora = lorax_jax.init_lora(params, cfg, key_init)
+  optimizer = make_optimizer(s)
+  opt_state = optimizer.init(lora)
+  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
+  train_step, eval_sums = make_steps(lora_apply, optimizer)
+  ckpt = os.path.join(s.out_dir, CHECKPOINT)
+  print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
+        f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
+        f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
+        f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
+
+  if resume:
+    if not os.path.isfile(ckpt):
+      raise FileNotFoundError(f"no checkpoint to resume at {ckpt}: run without --resume first")
+    state = checkpoint_state(ckpt)
+    _resume_state(s, state, ckpt)
+    lora, opt_state = load_checkpoint(ckpt, lora, opt_state)
+    print(f"resuming {ckpt} at step {state['step']}")
+  else:
+    if os.path.isfile(ckpt):
+      print(f"note: starting over in {s.out_dir} (--resume would continue its checkpoint)")
+    t = time.perf_counter()
+    state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
+             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size),
+             "samples_before": sample(model, params, tokenizer, s)}
+    print(f"held-out loss before: {state['eval_before']:.4f} ({time.perf_counter() - t:.0f}s with compilation)")
+  state["settings"] = dataclasses.asdict(s)
+  os.makedirs(s.out_dir, exist_ok=True)
+  write_text_atomic(os.path.join(s.out_dir, "settings.yaml"),
+                    yaml.safe_dump(json.loads(json.dumps(state["settings"])), sort_keys=False))
+
+  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
+  if state["step"] < s.steps:
+    print(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
+    return {**state, "lora": lora}
+
+  t = time.perf_counter()
+  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size)
+  samples_after = sample(model, params, tokenizer, s, lora, cfg)
+  print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
+  lorax_jax.save_adapter(os.path.join(s.out_dir, "adapter"), lora, cfg, params, LLAMA_PATH_MAP,
+                         base_model_name_or_path=base_model_name, task_type="CAUSAL_LM")
+  plot_losses(os.path.join(s.out_dir, "loss.png"), state["history"],
+              [(0, state["eval_before"]), (s.steps, eval_after)])
+  text = samples_text(s.sample_prompts, state["samples_before"], samples_after)
+  write_text_atomic(os.path.join(s.out_dir, "samples.txt"), text)
+  metrics = {"eval_before": state["eval_before"], "eval_after": eval_after, "steps": s.steps,
+             "train_seconds": state["train_seconds"],
+             "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
+             "samples_before": state["samples_before"], "samples_after": samples_after}
+  write_text_atomic(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+  print(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
+        f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
+        "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")
+  return {**metrics, "lora": lora}
+
+
+def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: Any,
+               state: dict[str, Any], train_step: Callable[..., Any], key_dropout: jax.Array,
+               ckpt: str) -> tuple[Any, Any, dict[str, Any]]:
+  """Steps ``state["step"] .. stop``, a checkpoint every ``save_every`` steps and at the end.
+
+  Batch ``k`` is `batch_indices` ``(seed, k)`` and its dropout key ``fold_in(key_dropout, k)``.
+  Tokens per second count the non-padding tokens read, after the first (compiling) step.
+  """
+  from tqdm import tqdm
+
+  stop = s.stop_at or s.steps
+  state = dict(state)
+  bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
+             dynamic_ncols=True, file=sys.stdout)
+  last = None
+  for step in bar:
+    batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
+    lora, opt_state, loss = train_step(lora, opt_state, params, batch.tokens, batch.weights,
+                                       jax.random.fold_in(key_dropout, step))
+    loss = float(loss)
+    now = time.perf_counter()
+    if last is not None:  # the first step of a process includes compilation
+      state["train_seconds"] += now - last
+      state["train_tokens"] += int(np.sum(batch.lengths - 1))
+    last = now
+    state["step"] = step + 1
+    state["history"].append((step + 1, loss))
+    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['train_tokens'] / max(state['train_seconds'], 1e-9):.0f}")
+    if state["step"] % s.save_every == 0 or state["step"] == stop:
+      save_checkpoint(ckpt, lora, opt_state, state)
+  bar.close()
+  return lora, opt_state, state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Run from the command line; bad input is one ``error: ...`` line on stderr and exit status 2."""
+  try:
+    s, resume = parse_args(argv)
+    t = time.perf_counter()
+    model, params, tokenizer = load_model(s)
+    print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
+    run(s, model, params, tokenizer, resume=resume,
+        base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)
+  except (ValueError, OSError, ImportError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
