@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from lorax_jax.files import write_atomic, write_text_atomic
+from lorax_jax.io.tensors import PICKLE_SUFFIXES, pickle_refusal, read_safetensors, safetensors_writer
 from lorax_jax.pathmap import PathMap, from_torch, to_torch
 from lorax_jax.targets import leaves_with_paths, path_str
 
@@ -28,17 +28,13 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
   """Every tensor of the directory's ``*.safetensors`` files, by name (float32 for floats)."""
   files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
   if not files:
-    bins = [f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth"))]
-    hint = f" ({', '.join(bins)} are pickled torch files, which lorax_jax never loads)" if bins else ""
-    raise FileNotFoundError(f"{directory} has no *.safetensors weights{hint}")
+    pickled = [f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES)]
+    raise FileNotFoundError(pickle_refusal(os.path.join(directory, pickled[0])) if pickled
+                            else f"{directory} has no *.safetensors weights")
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    try:
-      loaded = load_file(os.path.join(directory, name))
-    except Exception as e:  # safetensors raises its own error types
-      raise ValueError(f"{os.path.join(directory, name)} is not a readable safetensors file: {e}") from None
-    tensors.update(loaded)
-  return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.kind == "V" else v
+    tensors.update(read_safetensors(os.path.join(directory, name)))
+  return {k: v.astype(np.float32) if v.dtype.kind in "fV" else v  # "V": ml_dtypes bfloat16
           for k, v in tensors.items()}
 
 
@@ -76,6 +72,5 @@ def tensors_from_params(params: Any, path_map: PathMap) -> dict[str, np.ndarray]
 def save_checkpoint(directory: str, params: Any, config: Mapping[str, Any], path_map: PathMap) -> None:
   """Write ``model.safetensors`` + ``config.json`` that transformers loads."""
   tensors = tensors_from_params(params, path_map)
-  write_atomic(os.path.join(directory, "model.safetensors"),
-               lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+  write_atomic(os.path.join(directory, "model.safetensors"), safetensors_writer(tensors))
   write_text_atomic(os.path.join(directory, "config.json"), json.dumps(dict(config), indent=2))
