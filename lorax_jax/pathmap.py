@@ -15,12 +15,19 @@ A map for your own model is a list of such rules, for example::
              ("params/embed/embedding", "model.embed_tokens.weight", "embedding")))
 
 A LoRA adapter names a target by its module, the tensor name without ``.weight``.
+
+``ties`` lists ``(head, embedding)`` Hugging Face names of an output head that transformers
+ties to an input embedding (``tie_word_embeddings``); by default the causal-LM convention
+``lm_head.weight`` / ``model.embed_tokens.weight``. A tie holds for a params tree that has
+the embedding but no leaf for the head (`tied_embeddings`): the table is then used both at
+the token lookup and as the head.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -34,6 +41,7 @@ class PathMap:
   """Rules ``(flax_pattern, hf_pattern, kind)``, tried in order."""
 
   rules: tuple[tuple[str, str, str], ...]
+  ties: tuple[tuple[str, str], ...] = (("lm_head.weight", "model.embed_tokens.weight"),)
 
   def __post_init__(self):
     for rule in self.rules:
@@ -49,6 +57,17 @@ class PathMap:
   def to_flax(self, hf_name: str) -> tuple[str, str] | None:
     """``(/-joined Flax path, kind)`` for a Hugging Face tensor name, or None."""
     return self._convert(hf_name, 1, 0)
+
+  def tied_embeddings(self, flax_paths: Iterable[str]) -> dict[str, str]:
+    """``{embedding HF name: head HF name}`` for each tie that holds for params with these
+    ``/``-joined leaf paths (the embedding is a leaf, the head is mapped but not a leaf)."""
+    present = set(flax_paths)
+    out = {}
+    for head, embedding in self.ties:
+      head_path, embedding_path = self.to_flax(head), self.to_flax(embedding)
+      if head_path and embedding_path and embedding_path[0] in present and head_path[0] not in present:
+        out[embedding] = head
+    return out
 
   def _convert(self, name: str, src: int, dst: int) -> tuple[str, str] | None:
     for rule in self.rules:

@@ -264,7 +264,7 @@ def test_module_missing_from_file(saved, params):
     ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
     ({"use_dora": True}, "cannot honour: use_dora=True"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out=True"),
-    ({"bias": "all"}, "bias='all'"),
+    ({"bias": "all"}, "field 'bias' is 'all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"rank_pattern": {"q_proj": 4, "conv_in": 3}}, r"q_proj.lora_A.weight has shape \(2, 8\), expected \(4, 8\)"),
@@ -307,9 +307,10 @@ def test_missing_files(tmp_path, params):
     load_adapter(str(tmp_path), params)
 
 
-@pytest.mark.parametrize("fail_at", ["weights", "config-rename"])
+@pytest.mark.parametrize("fail_at", ["weights", "swap"])
 def test_failed_save_keeps_old_pair(saved, params, monkeypatch, fail_at):
   before = {f: (saved / f).read_bytes() for f in os.listdir(saved)}
+  siblings = set(os.listdir(saved.parent))
   cfg = make_cfg(targets=["q_proj"])
   if fail_at == "weights":
     def broken(tensors, path, metadata=None):
@@ -318,15 +319,13 @@ def test_failed_save_keeps_old_pair(saved, params, monkeypatch, fail_at):
       raise OSError("disk full")
     monkeypatch.setattr("lorax_jax.io.tensors.save_file", broken)
   else:
-    real = os.replace
-    def broken(src, dst):
-      if dst.endswith(CONFIG):
-        raise OSError("crash")
-      real(src, dst)
-    monkeypatch.setattr("lorax_jax.files.os.replace", broken)
+    def broken(a, b):
+      raise OSError("crash")
+    monkeypatch.setattr("lorax_jax.files._exchange", broken)
   with pytest.raises(OSError):
     save_adapter(str(saved), random_lora(params, cfg), cfg, params, NET_MAP)
-  assert {f: (saved / f).read_bytes() for f in os.listdir(saved)} == before  # no temp file left either
+  assert {f: (saved / f).read_bytes() for f in os.listdir(saved)} == before
+  assert set(os.listdir(saved.parent)) == siblings  # no temporary directory left either
   load_adapter(str(saved), params, NET_MAP)
 
 

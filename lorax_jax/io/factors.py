@@ -49,13 +49,18 @@ def from_torch(A: np.ndarray, B: np.ndarray, t: Target, kind: str) -> tuple[np.n
 
 def fit(x: np.ndarray, want: tuple[int, ...], key: str, t: Target, unit_axes: bool = False
         ) -> np.ndarray:
-  """``x`` checked to have shape ``want`` (with ``unit_axes``, to differ from it only by axes of
-  size 1, as a 1×1 conv factor does from a linear one; then reshaped); else a ValueError naming ``key``."""
-  if x.shape == want:
-    return x
-  if unit_axes and [n for n in x.shape if n != 1] == [n for n in want if n != 1]:
-    return x.reshape(want)
-  raise ValueError(f"{key} has shape {x.shape}, expected {want} (rank {t.rank}, kernel "
+  """``x`` checked by `check_shape` and reshaped to ``want``."""
+  check_shape(x.shape, want, key, t, unit_axes)
+  return x.reshape(want)
+
+
+def check_shape(shape: tuple[int, ...], want: tuple[int, ...], key: str, t: Target, unit_axes: bool = False
+                ) -> None:
+  """A ValueError naming ``key`` unless ``shape`` is ``want`` (with ``unit_axes``, or differs from
+  it only by axes of size 1, as a 1×1 conv factor does from a linear one)."""
+  if shape == want or (unit_axes and [n for n in shape if n != 1] == [n for n in want if n != 1]):
+    return
+  raise ValueError(f"{key} has shape {shape}, expected {want} (rank {t.rank}, kernel "
                    f"{path_str(t.path)} of shape {t.shape})")
 
 

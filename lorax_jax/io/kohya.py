@@ -17,19 +17,21 @@ LCM-LoRA loader.
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax.numpy as jnp
+import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, set_path
 from lorax_jax.io.factors import fit, from_torch, torch_shapes
 from lorax_jax.io.modules import Module, by_name, exact_config, modules
-from lorax_jax.io.tensors import read_safetensors
+from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, open_safetensors, read_header, read_tensors
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import find_targets
+from lorax_jax.targets import Path, find_targets
 
 # Kohya prefix -> the prefix of the Hugging Face module names it stands for.
 DEFAULT_PREFIXES = {"lora_unet_": "", "lora_te_": "", "lora_te1_": "", "lora_te2_": ""}
@@ -48,12 +50,22 @@ def load_kohya(path: str, params: Any, path_map: PathMap | None,
   those paths with per-target ``rank_pattern`` / ``alpha_pattern``, so
   ``merge(params, lora, cfg)`` is ``W + alpha / r · up @ down``.
 
+  Names, dtypes and shapes are checked from the file's header before a tensor is read.
+
   Raises:
-    ValueError: an unreadable file; a key that is not a Kohya LoRA key or whose module is not
-      in ``params``; a module without both factors; mis-shaped factors (each named).
+    ValueError: an unreadable file; a ``prefix_map`` that is not a mapping of strings to
+      strings or None; a key that is not a Kohya LoRA key or whose module is not in
+      ``params``; a module without both factors, or named under two prefixes; factors that
+      are not floating point or mis-shaped; an alpha that is not one finite number (each named).
   """
-  prefixes = dict(DEFAULT_PREFIXES if prefix_map is None else prefix_map)
-  tensors = read_safetensors(path)
+  prefixes = _prefixes(prefix_map)
+  with open_safetensors(path) as f:
+    infos = read_header(f, path)
+    return _load(f, infos, path, params, path_map, prefixes, param_dtype)
+
+
+def _load(f: BinaryIO, tensors: Mapping[str, TensorInfo], path: str, params: Any, path_map: PathMap | None,
+          prefixes: Mapping[str, str | None], param_dtype: Any) -> tuple[Lora, LoraConfig]:
   aliases = [Module(kohya + m.name[len(hf):].replace(".", "_"), m.path, m.kind)
              for m in modules(params, path_map) if m.kind != "embedding"
              for kohya, hf in prefixes.items() if hf is not None and m.name.startswith(hf)]
@@ -77,8 +89,25 @@ def load_kohya(path: str, params: Any, path_map: PathMap | None,
     raise ValueError(f"{path} is missing keys {', '.join(missing)}")
   if not found:
     raise ValueError(f"{path} holds no LoRA factors for these params")
+  by_module: dict[Path, list[str]] = collections.defaultdict(list)
+  for name, m in found.items():
+    by_module[m.path].append(name)
+  twice = [" and ".join(names) for names in by_module.values() if len(names) > 1]
+  if twice:
+    raise ValueError(f"{path} names one module under two prefixes: {'; '.join(twice)} (each a full set of "
+                     "factors); keep one, or map the prefixes to different modules in prefix_map")
+  factor_keys = [parts[n][p] for n in found for p in ("lora_down.weight", "lora_up.weight")]
+  bad = [f"{k} ({tensors[k].dtype}, shape {list(tensors[k].shape)})" for k in factor_keys
+         if tensors[k].dtype not in FLOAT_DTYPES or len(tensors[k].shape) < 2]
+  bad += [f"{parts[n]['alpha']} (shape {list(tensors[parts[n]['alpha']].shape)})" for n in found
+          if "alpha" in parts[n] and math.prod(tensors[parts[n]["alpha"]].shape) != 1]
+  if bad:
+    raise ValueError(f"{path}: factors must be floating-point matrices (2 or more axes) and each alpha one "
+                     f"number; got {', '.join(bad)}")
+  values = read_tensors(f, tensors, [*factor_keys, *(p["alpha"] for n, p in parts.items() if n in found
+                                                     and "alpha" in p)])
   ranks = {m.path: int(tensors[parts[n]["lora_down.weight"]].shape[0]) for n, m in found.items()}
-  alphas = {m.path: float(tensors[parts[n]["alpha"]].item()) if "alpha" in parts[n] else ranks[m.path]
+  alphas = {m.path: _alpha(values, parts[n]["alpha"], path) if "alpha" in parts[n] else ranks[m.path]
             for n, m in found.items()}
   cfg = exact_config(ranks, alphas, _most_common(ranks.values()), _most_common(alphas.values()),
                      param_dtype=param_dtype)
@@ -87,11 +116,28 @@ def load_kohya(path: str, params: Any, path_map: PathMap | None,
   for name, m in found.items():
     t = targets[m.path]
     want_down, want_up = torch_shapes(t, m.kind)
-    down, up = (tensors[parts[name][p]] for p in ("lora_down.weight", "lora_up.weight"))
+    down, up = (values[parts[name][p]] for p in ("lora_down.weight", "lora_up.weight"))
     a, b = from_torch(fit(down, want_down, f"{path}: {name}.lora_down.weight", t, unit_axes=True),
                       fit(up, want_up, f"{path}: {name}.lora_up.weight", t, unit_axes=True), t, m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, param_dtype), "b": jnp.asarray(b, param_dtype)})
   return lora, cfg
+
+
+def _prefixes(prefix_map: Mapping[str, str | None] | None) -> dict[str, str | None]:
+  if prefix_map is None:
+    return dict(DEFAULT_PREFIXES)
+  if not (isinstance(prefix_map, Mapping) and all(isinstance(k, str) for k in prefix_map)
+          and all(v is None or isinstance(v, str) for v in prefix_map.values())):
+    raise ValueError(f"prefix_map must map each Kohya prefix (a string) to a Hugging Face name prefix or "
+                     f"None, like {DEFAULT_PREFIXES}; got {prefix_map!r:.200}")
+  return dict(prefix_map)
+
+
+def _alpha(values: Mapping[str, np.ndarray], key: str, path: str) -> float:
+  alpha = float(values[key].reshape(()))
+  if not math.isfinite(alpha):
+    raise ValueError(f"{path}: {key} is {alpha}, not a finite number")
+  return alpha
 
 
 def _most_common(values: Any) -> Any:

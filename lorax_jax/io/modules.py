@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -82,6 +82,40 @@ def by_name(mods: Iterable[Module], names: Iterable[str]) -> tuple[dict[str, Mod
     else:
       unknown.append(name)
   return found, unknown
+
+
+def align_names(names: Iterable[str], mods: Iterable[Module]) -> tuple[dict[str, str], Callable[[str], str]]:
+  """``({adapter module name: module name of mods}, to_file)``, ``to_file`` mapping a module
+  name of ``mods`` to the adapter's layout.
+
+  A file saved for another layout of the same model differs by one leading component on
+  its names (a PEFT adapter of a bare ``BertModel`` says ``encoder.layer.0...`` where
+  ``BertForSequenceClassification`` says ``bert.encoder.layer.0...``): when adding, or when
+  removing, one such prefix on every name that is not already a module name makes every name
+  known, that is done. Otherwise names map to themselves (the caller reports unknown ones).
+  """
+  names = list(names)
+  known = {m.name for m in mods}
+  unknown = [n for n in names if n not in known]
+  heads = sorted({n.split(".")[0] + "." for n in [*known, *names] if "." in n})
+  for head in heads if unknown else ():
+    add = {n: head + n for n in unknown}
+    if all(v in known for v in add.values()):
+      return {n: add.get(n, n) for n in names}, lambda m: m.removeprefix(head)
+    if all(n.startswith(head) and n.removeprefix(head) in known for n in unknown):
+      return ({n: n.removeprefix(head) if n in unknown else n for n in names},
+              lambda m: m if m in names else head + m)
+  return {n: n for n in names}, lambda m: m
+
+
+def layout_hint(unknown: Iterable[str], mods: Iterable[Module]) -> str:
+  """The likely cause of adapter module names ``unknown`` that ``mods`` lack, with the fix."""
+  example = sorted(unknown)[0]
+  names = sorted(m.name for m in mods)
+  sample = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+  return (f"likely cause: the adapter was saved for another model or another layout of it (it names "
+          f"{example!r}; these params name their modules {sample}): load it with the path map of the "
+          "model it was trained on (without a path map, names are Flax paths joined with '.')")
 
 
 def exact_config(ranks: Mapping[Path, int], alphas: Mapping[Path, float], r: int, alpha: float,

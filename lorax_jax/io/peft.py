@@ -13,6 +13,14 @@ and PEFT's update ``W_torch + s · B @ A`` with ``s = lora_alpha / r`` (``/ sqrt
 ``alpha_pattern``. That is lorax_jax's ``W + s · aᵀ b`` (layouts in `lorax_jax.io.factors`).
 Beside an adapted embedding PEFT may also save the whole base table
 (``<m>.base_layer.weight``); loading checks that it equals the table in ``params``.
+
+An adapter directory is one unit: `save_adapter` replaces it whole and atomically
+(`lorax_jax.files.write_dir_atomic`), `load_adapter` reads both files through one handle on
+the directory, so it sees one complete version even while other processes save.
+
+A PEFT adapter of an embedding that the model ties to its output head
+(``tie_word_embeddings``) adapts the token lookup only; `load_adapter` limits such a target
+to that use (``target_uses``) and `save_adapter` refuses one adapted at all uses.
 """
 
 from __future__ import annotations
@@ -20,41 +28,39 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from lorax_jax.config import LoraConfig
-from lorax_jax.files import write_atomic, write_text_atomic
-from lorax_jax.init import Lora, set_path, factors, get_path
-from lorax_jax.io.factors import fit, from_torch, to_torch, torch_shapes
-from lorax_jax.io.modules import Module, by_name, by_path, exact_config, modules
-from lorax_jax.io.tensors import pickle_refusal, read_safetensors, safetensors_writer
 from lorax_jax import pathmap
+from lorax_jax.config import LoraConfig
+from lorax_jax.files import open_in, text_writer, write_dir_atomic
+from lorax_jax.init import Lora, factors, get_path, set_path
+from lorax_jax.io.factors import check_shape, from_torch, to_torch, torch_shapes
+from lorax_jax.io.modules import Module, align_names, by_name, by_path, exact_config, layout_hint, modules
+from lorax_jax.io.peft_config import lookup, matches, read_config
+from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import find_targets
+from lorax_jax.targets import Path, Target, find_targets, leaves_with_paths, path_str
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
+REPLACED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what a save may replace
 PREFIX = "base_model.model."
+LOOKUP_ONLY = ("lookup",)
+READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB])")
-
-# PEFT options that change what the adapter computes and that lorax_jax does not implement;
-# each must be absent, null, false or empty.
-UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layer_replication",
-               "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
-               "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
 
 
 def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                  path_map: PathMap | None = None, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> None:
-  """Write ``lora`` as a PEFT adapter in ``directory`` (created if needed).
+  """Write ``lora`` as a PEFT adapter: ``directory`` becomes exactly its two files.
 
   Factors keep their dtype. ``target_modules`` lists every adapted module by its full name,
   and ``rank_pattern`` / ``alpha_pattern`` hold every per-target rank and alpha that differs
@@ -62,13 +68,24 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   rebuild exactly the same targets. ``task_type`` (``"CAUSAL_LM"``, ...) picks the
   ``PeftModel`` class PEFT loads it into.
 
-  Both files or neither: the weights are staged in a temporary file, the config is written
-  atomically, then the weights are renamed into place. An exception at any point leaves the
-  previous pair untouched; only a hard crash between the two renames can pair the new config
-  with the old weights, which `load_adapter`'s shape checks then report.
+  The save is atomic for the pair: both files are written and fsynced in a fresh sibling
+  directory that then takes ``directory``'s place in one step, so a crash, a signal, a
+  concurrent save or a concurrent `load_adapter` sees the old adapter or the new one, never
+  a mix. Files get ``open``'s permissions under the umask.
+
+  Raises:
+    ValueError: a target without a module name; ``directory`` holding files other than an
+      adapter's (it would be replaced whole); an embedding the params tie to the output head,
+      adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
   targets = find_targets(params, cfg)
   names = by_path(modules(params, path_map), targets)
+  _check_tied(targets, names, cfg, _ties(params, path_map))
+  if os.path.isdir(directory):
+    others = sorted(set(os.listdir(directory)) - set(REPLACED_FILES))
+    if others:
+      raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
+                       "save the adapter to a directory of its own")
   tensors = {}
   for t, a, b in factors(targets, lora):
     key_a, key_b = _keys(names[t.path])
@@ -84,14 +101,8 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
-  os.makedirs(directory, exist_ok=True)
-  write_weights = safetensors_writer(tensors)
-
-  def write_pair(tmp: str) -> None:
-    write_weights(tmp)
-    write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(config, indent=2))
-
-  write_atomic(os.path.join(directory, WEIGHTS_NAME), write_pair)
+  write_dir_atomic(directory, {WEIGHTS_NAME: safetensors_writer(tensors),
+                               CONFIG_NAME: text_writer(json.dumps(config, indent=2))})
 
 
 def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
@@ -103,129 +114,188 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   alpha. The returned ``cfg`` targets exactly those paths (one regex of escaped paths) with
   per-target ``rank_pattern`` / ``alpha_pattern``, ``dropout = lora_dropout`` and
   ``use_rslora``; factors are cast to ``param_dtype`` (float32 by default). Pass the
-  ``kernel_axes`` the adapter was trained with if it used any.
+  ``kernel_axes`` the adapter was trained with if it used any. An adapted embedding that
+  ``path_map`` says the params tie to the output head gets ``target_uses`` ``("lookup",)``,
+  as in PEFT. Module names saved for the model without (or with) its task wrapper's prefix
+  (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
+
+  Everything is checked before a tensor is read: the config's fields (types, ranges, safe
+  patterns), and the safetensors header (each key once, a float dtype, the shape the target
+  needs); the directory is read through one handle, so a concurrent save is seen whole or
+  not at all.
 
   Raises:
     FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
-    ValueError: a pickled ``adapter_model.bin``; an unreadable file; ``peft_type`` other
-      than ``LORA`` or an option lorax_jax cannot honour (each named); a missing,
-      unexpected or mis-shaped key (each named).
+    ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
+      ``peft_type`` other than ``LORA``, an ``init_lora_weights`` that changes the base or an
+      option lorax_jax cannot honour (each named); a missing, unexpected, non-float or
+      mis-shaped key (each named).
   """
-  config = _read_config(directory)
-  weights_path = os.path.join(directory, WEIGHTS_NAME)
-  tensors = read_safetensors(weights_path)
-  mods = modules(params, path_map)
-  pairs = _pairs(_drop_base_copies(tensors, weights_path, mods, params), weights_path, mods)
-  if not pairs:
-    raise ValueError(f"{weights_path} holds no LoRA factors")
-  missing = {m.name for m in mods if _peft_targets(config, m.name)} - {m.name for m, _, _ in pairs}
-  if missing:
-    raise ValueError(f"{weights_path} is missing the factors of {', '.join(sorted(missing))} "
-                     f"(target_modules {config['target_modules']!r} selects them)")
-  ranks = {m.path: _peft_lookup(config.get("rank_pattern"), m.name, config["r"]) for m, _, _ in pairs}
-  alphas = {m.path: _peft_lookup(config.get("alpha_pattern"), m.name, config["lora_alpha"])
-            for m, _, _ in pairs}
-  dtype = jnp.dtype(param_dtype or jnp.float32)
-  cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
-                     dropout=float(config.get("lora_dropout") or 0.0),
-                     use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}))
-  targets = find_targets(params, cfg)
-  lora: Lora = {}
-  for m, (key_a, A), (key_b, B) in pairs:
-    t = targets[m.path]
-    want_a, want_b = torch_shapes(t, m.kind)
-    a, b = from_torch(fit(A, want_a, f"{weights_path}: {key_a}", t),
-                      fit(B, want_b, f"{weights_path}: {key_b}", t), t, m.kind)
-    set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
-  return lora, cfg
-
-
-def _read_config(directory: str) -> dict[str, Any]:
-  """``adapter_config.json``, checked for a LoRA that lorax_jax can run as PEFT does."""
-  path = os.path.join(directory, CONFIG_NAME)
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
         and not os.path.isfile(os.path.join(directory, WEIGHTS_NAME))):
       raise ValueError(pickle_refusal(os.path.join(directory, pickled)))
-  if not os.path.isfile(path):
+  if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
+  for _ in range(READ_ATTEMPTS):
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+      return _load(dir_fd, directory, params, path_map, param_dtype, kernel_axes)
+    except FileNotFoundError:
+      if os.path.samestat(os.fstat(dir_fd), os.stat(directory)):
+        raise
+      # a concurrent save replaced the directory while it was read: read the new one
+    finally:
+      os.close(dir_fd)
+  raise OSError(f"{directory} was replaced {READ_ATTEMPTS} times while being read; retry when no "
+                "process is saving to it")
+
+
+def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, param_dtype: Any,
+          kernel_axes: Mapping[str, tuple[int, int]] | None) -> tuple[Lora, LoraConfig]:
+  config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
   try:
-    with open(path) as f:
-      config = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
-  if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-    got = config.get("peft_type") if isinstance(config, dict) else config
-    raise ValueError(f"{path}: peft_type is {got!r}; lorax_jax loads only LORA adapters")
-  for key in ("r", "lora_alpha"):
-    if key not in config:
-      raise ValueError(f"{path} has no {key!r}")
-  bad = [f"{k}={config[k]!r}" for k in UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
-  if config.get("bias", "none") != "none":
-    bad.append(f"bias={config['bias']!r}")
-  if bad:
-    raise ValueError(f"{path} uses options lorax_jax cannot honour: {', '.join(bad)}")
-  return config
+    config_file = open_in(dir_fd, CONFIG_NAME)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory") from None
+  with config_file:
+    config = read_config(config_file, config_path)
+  try:
+    weights_file = open_in(dir_fd, WEIGHTS_NAME)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}") from None
+  with weights_file:
+    infos = read_header(weights_file, weights_path)
+    mods = modules(params, path_map)
+    pairs, copies, to_file = _pairs(infos, weights_path, mods)
+    if not pairs:
+      raise ValueError(f"{weights_path} holds no LoRA factors")
+    missing = ({to_file(m.name) for m in mods if _peft_targets(config, to_file(m.name))}
+               - {to_file(m.name) for m, _, _ in pairs})
+    if missing:
+      raise ValueError(f"{weights_path} is missing the factors of {', '.join(sorted(missing))} "
+                       f"(target_modules {config['target_modules']!r} selects them)")
+    # Patterns name modules in the file's layout.
+    ranks = {m.path: lookup(config.get("rank_pattern"), to_file(m.name), config["r"]) for m, _, _ in pairs}
+    alphas = {m.path: lookup(config.get("alpha_pattern"), to_file(m.name), config["lora_alpha"])
+              for m, _, _ in pairs}
+    ties = _ties(params, path_map)
+    uses = {re.escape(path_str(m.path)): LOOKUP_ONLY for m, _, _ in pairs if m.name in ties}
+    dtype = jnp.dtype(param_dtype or jnp.float32)
+    cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
+                       dropout=float(config.get("lora_dropout") or 0.0),
+                       use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}),
+                       **({"target_uses": uses} if uses else {}))
+    targets = find_targets(params, cfg)
+    for m, key_a, key_b in pairs:
+      want_a, want_b = torch_shapes(targets[m.path], m.kind)
+      check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", targets[m.path])
+      check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", targets[m.path])
+    _check_base_copies(weights_file, infos, copies, weights_path, params)
+    tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
+  lora: Lora = {}
+  for m, key_a, key_b in pairs:
+    a, b = from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
+    set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+  return lora, cfg
 
 
-def _drop_base_copies(tensors: Mapping[str, np.ndarray], path: str, mods: list[Module], params: Any
-                      ) -> dict[str, np.ndarray]:
-  """``tensors`` without the copies of base weights PEFT saves beside adapted embeddings
-  (``<m>.base_layer.weight``), each checked to equal the weight in ``params``."""
-  copies = {key: match["module"] for key in tensors if (match := _BASE_COPY.fullmatch(key))}
-  found, _ = by_name(mods, set(copies.values()))
-  for key, name in copies.items():
-    if name in found:
-      m = found[name]
-      current = pathmap.to_torch(np.asarray(get_path(params, m.path)), m.kind)
-      if not _same(tensors[key], current):
-        raise ValueError(f"{path}: {key} is a copy of the base weight {name} that differs from the one in "
-                         "params (the adapter was trained on resized or modified weights): put it in "
-                         "params first")
-  return {k: v for k, v in tensors.items() if copies.get(k) not in found}
+def _ties(params: Any, path_map: PathMap | None) -> dict[str, str]:
+  """``{embedding module name: head name}`` of the embeddings ``params`` tie to an output head."""
+  if path_map is None:
+    return {}
+  ties = path_map.tied_embeddings(path_str(p) for p, _ in leaves_with_paths(params))
+  return {embedding.removesuffix(".weight"): head for embedding, head in ties.items()}
+
+
+def _check_tied(targets: Mapping[Path, Target], names: Mapping[Path, Module], cfg: LoraConfig,
+                ties: Mapping[str, str]) -> None:
+  """A tied embedding must be adapted at its lookup only (what PEFT computes)."""
+  uses = getattr(cfg, "target_uses", None) or {}
+  for path in targets:
+    name = names[path].name
+    if name in ties and not any(re.fullmatch(k, path_str(path)) and tuple(v) == LOOKUP_ONLY
+                                for k, v in uses.items()):
+      raise ValueError(
+          f"LoRA target {path_str(path)} is the embedding {name}, which these params tie to the output head "
+          f"{ties[name]} (there is no separate head), and cfg adapts it at every use, the head included. "
+          "PEFT adapts a tied embedding at the token lookup only, so it would load this adapter wrongly: "
+          f"train it with target_uses={{{re.escape(path_str(path))!r}: ('lookup',)}} in the LoraConfig, "
+          "or leave the embedding out of the targets")
+
+
+PairKeys = tuple[Module, str, str]
+
+
+def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
+           ) -> tuple[list[PairKeys], dict[str, Module], Callable[[str], str]]:
+  """``([(module, key_A, key_B)], {base copy key: module}, to_file)`` from the header's keys
+  alone (``to_file`` as in `align_names`); unexpected, missing or non-float keys are errors
+  naming them."""
+  parts: dict[str, dict[str, str]] = {}
+  copy_names: dict[str, str] = {}
+  unexpected = []
+  for key in infos:
+    if match := _KEY.fullmatch(key):
+      parts.setdefault(match["module"], {})[match["part"]] = key
+    elif match := _BASE_COPY.fullmatch(key):
+      copy_names[key] = match["module"]
+    else:
+      unexpected.append(key)
+  aligned, to_file = align_names([*parts, *copy_names.values()], mods)
+  found, unknown = by_name(mods, {aligned[n] for n in parts})
+  copies = {key: found[aligned[n]] for key, n in copy_names.items() if aligned[n] in found}
+  unexpected += [key for key, n in copy_names.items() if aligned[n] not in found]
+  unexpected += [key for name, p in parts.items() if aligned[name] in unknown for key in p.values()]
+  missing, pairs = [], []
+  for name, p in parts.items():
+    if aligned[name] not in found:
+      continue
+    m = found[aligned[name]]
+    want = _keys(m, name)
+    unexpected += [key for key in p.values() if key not in want]
+    missing += [key for key in want if key not in p.values()]
+    pairs.append((m, *want))
+  if unexpected:
+    hint = f"; {layout_hint([aligned[n] for n in parts if aligned[n] in unknown], mods)}" if unknown else ""
+    raise ValueError(f"{path} has unexpected keys (no such LoRA module for these params): "
+                     f"{', '.join(sorted(unexpected))}{hint}")
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)}")
+  not_float = [f"{key} ({infos[key].dtype})" for _, *keys in pairs for key in keys
+               if infos[key].dtype not in FLOAT_DTYPES]
+  if not_float:
+    raise ValueError(f"{path}: LoRA factors must be floating point ({', '.join(FLOAT_DTYPES)}), not "
+                     f"{', '.join(not_float)}")
+  return pairs, copies, to_file
+
+
+def _check_base_copies(f: Any, infos: Mapping[str, TensorInfo], copies: Mapping[str, Module], path: str,
+                       params: Any) -> None:
+  """Each copy of a base weight PEFT saved beside an adapted embedding must equal the one in
+  ``params`` (shape checked from the header before its data is read)."""
+  for key, m in copies.items():
+    current = pathmap.to_torch(np.asarray(get_path(params, m.path)), m.kind)
+    same = (infos[key].shape == current.shape and infos[key].dtype in FLOAT_DTYPES
+            and _same(read_tensors(f, infos, [key])[key], current))
+    if not same:
+      raise ValueError(f"{path}: {key} is a copy of the base weight {m.name} that differs from the one in "
+                       "params (the adapter was trained on resized or modified weights): put it in "
+                       "params first")
 
 
 def _same(x: np.ndarray, y: np.ndarray) -> bool:
-  """Equal shapes and values, compared in the less precise of the two dtypes."""
-  if x.shape != y.shape:
-    return False
+  """Equal values, compared in the less precise of the two dtypes."""
   dtype = max(x.dtype, y.dtype, key=lambda d: ml_dtypes.finfo(d).eps)
   return bool(np.array_equal(x.astype(dtype), y.astype(dtype)))
 
 
-Pair = tuple[Module, tuple[str, np.ndarray], tuple[str, np.ndarray]]
-
-
-def _pairs(tensors: Mapping[str, np.ndarray], path: str, mods: list[Module]) -> list[Pair]:
-  """``(module, (key_A, A), (key_B, B))`` per adapted module; unexpected or missing keys are
-  errors naming them."""
-  parts: dict[str, dict[str, str]] = {}
-  unexpected = []
-  for key in tensors:
-    match = _KEY.fullmatch(key)
-    if match:
-      parts.setdefault(match["module"], {})[match["part"]] = key
-    else:
-      unexpected.append(key)
-  found, unknown = by_name(mods, parts)
-  unexpected += [key for name in unknown for key in parts[name].values()]
-  missing = []
-  for name, m in found.items():
-    want = _keys(m)
-    unexpected += [key for key in parts[name].values() if key not in want]
-    missing += [key for key in want if key not in parts[name].values()]
-  if unexpected:
-    raise ValueError(f"{path} has unexpected keys (no such LoRA module for these params): "
-                     f"{', '.join(sorted(unexpected))}")
-  if missing:
-    raise ValueError(f"{path} is missing keys {', '.join(missing)}")
-  return [(m, *((key, tensors[key]) for key in _keys(m))) for m in found.values()]
-
-
-def _keys(m: Module) -> tuple[str, str]:
+def _keys(m: Module, name: str | None = None) -> tuple[str, str]:
+  """The keys of ``m``'s factors, under the module name ``name`` of the file (default ``m.name``)."""
+  name = m.name if name is None else name
   if m.kind == "embedding":
-    return f"{PREFIX}{m.name}.lora_embedding_A", f"{PREFIX}{m.name}.lora_embedding_B"
-  return f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"
+    return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
+  return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
 def _peft_targets(config: Mapping[str, Any], name: str) -> bool:
@@ -236,25 +306,9 @@ def _peft_targets(config: Mapping[str, Any], name: str) -> bool:
   """
   targets = config.get("target_modules")
   if (targets is None or targets == "all-linear" or config.get("layers_to_transform") is not None
-      or _peft_matches(config.get("exclude_modules"), name)):
+      or matches(config.get("exclude_modules"), name)):
     return False
-  return _peft_matches(targets, name)
-
-
-def _peft_matches(patterns: str | list[str] | None, name: str) -> bool:
-  if not patterns:
-    return False
-  if isinstance(patterns, str):
-    return re.fullmatch(patterns, name) is not None
-  return name in patterns or any(name.endswith("." + p) for p in patterns)
-
-
-def _peft_lookup(pattern: Mapping[str, Any] | None, name: str, default: Any) -> Any:
-  """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching a ``.``-suffix of ``name``."""
-  for key, value in (pattern or {}).items():
-    if re.match(rf"(.*\.)?({key})$", name):
-      return value
-  return default
+  return matches(targets, name)
 
 
 def _number(x: float) -> int | float:

@@ -1,15 +1,113 @@
-"""Reading and writing one ``.safetensors`` file, strictly and without pickle."""
+"""Reading and writing ``.safetensors`` files, strictly, header first and without pickle.
+
+A safetensors file is ``[n: u64 little-endian][n bytes of JSON header][data]``; the header
+maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into
+the data section) plus an optional ``__metadata__`` of strings. `read_header` parses and
+checks the header alone (every name once, known dtypes, non-negative integer shapes whose
+byte size is the span of the offsets, spans that tile the data section exactly as the
+format requires, within the file); callers check names, dtypes and shapes against what they
+expect before `read_tensors` materialises anything.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
-from collections.abc import Callable, Mapping
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from typing import BinaryIO
 
+import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """One header entry: the tensor's safetensors dtype name, shape and byte span in the file."""
+
+  dtype: str
+  shape: tuple[int, ...]
+  start: int  # absolute file offset
+  end: int
+
+
+def read_header(f: BinaryIO, path: str) -> dict[str, TensorInfo]:
+  """The checked header of the open safetensors file ``f`` (named ``path`` in errors).
+
+  Raises:
+    ValueError: a truncated or corrupt file, a header naming a tensor twice, an unknown
+      dtype, a shape or offsets that do not agree with the dtype and the file (each named).
+  """
+  def bad(why: str) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+  size = os.fstat(f.fileno()).st_size
+  head = f.read(8)
+  if len(head) < 8:
+    raise bad(f"{size} bytes, shorter than the 8-byte header length")
+  (n,) = struct.unpack("<Q", head)
+  if n > min(MAX_HEADER_BYTES, size - 8):
+    raise bad(f"header length {n} exceeds the file ({size} bytes) or {MAX_HEADER_BYTES} bytes")
+  try:
+    header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+    raise bad(f"header is not valid JSON: {str(e)[:200]}") from None
+  if not isinstance(header, dict):
+    raise bad("header is not a JSON object")
+  header.pop("__metadata__", None)
+  infos, data_start = {}, 8 + n
+  for key, entry in header.items():
+    infos[key] = _entry(key, entry, data_start, bad)
+  spans = sorted((i.start, i.end) for i in infos.values())
+  expect = data_start
+  for start, end in spans:
+    if start != expect:
+      raise bad(f"tensor data spans overlap or leave a gap at byte {expect}")
+    expect = end
+  if expect != size:
+    raise bad(f"tensor data ends at byte {expect} but the file has {size} bytes")
+  return infos
+
+
+def read_tensors(f: BinaryIO, infos: Mapping[str, TensorInfo], keys: Iterable[str] | None = None
+                 ) -> dict[str, np.ndarray]:
+  """The tensors ``keys`` (default: all) of the open file ``f`` whose header is ``infos``."""
+  out = {}
+  for key in infos if keys is None else keys:
+    info = infos[key]
+    f.seek(info.start)
+    data = f.read(info.end - info.start)
+    out[key] = np.frombuffer(data, DTYPES[info.dtype]).reshape(info.shape).copy()
+  return out
+
+
+def open_safetensors(path: str) -> BinaryIO:
+  """``path`` open for `read_header` / `read_tensors`.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: a pickled checkpoint (refused, with how to convert it).
+  """
+  if path.endswith(PICKLE_SUFFIXES):
+    raise ValueError(pickle_refusal(path))
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no such file: {path}")
+  return open(path, "rb")
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -19,19 +117,13 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     FileNotFoundError: no such file.
     ValueError: a pickled checkpoint (refused), or a truncated or corrupt file (both name it).
   """
-  if path.endswith(PICKLE_SUFFIXES):
-    raise ValueError(pickle_refusal(path))
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no such file: {path}")
-  try:
-    return load_file(path)
-  except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+  with open_safetensors(path) as f:
+    return read_tensors(f, read_header(f, path))
 
 
 def safetensors_writer(tensors: Mapping[str, np.ndarray]) -> Callable[[str], None]:
-  """A ``write(path)`` for `lorax_jax.files.write_atomic` that saves ``tensors`` with the
-  ``format: pt`` metadata torch loaders expect."""
+  """A ``write(path)`` for `lorax_jax.files` that saves ``tensors`` with the ``format: pt``
+  metadata torch loaders expect."""
   arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   return lambda path: save_file(arrays, path, metadata={"format": "pt"})
 
@@ -44,3 +136,33 @@ def pickle_refusal(path: str) -> str:
       "PeftModel.from_pretrained(...)) and save it with safetensors "
       "(model.save_pretrained(dir, safe_serialization=True), or "
       "safetensors.torch.save_file(torch.load(path), 'adapter_model.safetensors')).")
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"the header names {key!r} twice")
+    out[key] = value
+  return out
+
+
+def _entry(key: str, entry: object, data_start: int, bad: Callable[[str], ValueError]) -> TensorInfo:
+  if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+    raise bad(f"{key}: entry {str(entry)[:100]} is not {{dtype, shape, data_offsets}}")
+  dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+  if dtype not in DTYPES:
+    raise bad(f"{key}: unknown dtype {dtype!r}")
+  if not (isinstance(shape, list) and all(_is_index(n) for n in shape)):
+    raise bad(f"{key}: shape {shape!r} is not a list of non-negative integers")
+  if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(n) for n in offsets)):
+    raise bad(f"{key}: data_offsets {offsets!r} is not [begin, end]")
+  nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+  if offsets[1] - offsets[0] != nbytes:
+    raise bad(f"{key}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, but a {dtype} "
+              f"tensor of shape {shape} has {nbytes}")
+  return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _is_index(n: object) -> bool:
+  return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**62

@@ -11,7 +11,11 @@ Embeddings are ``LayerNorm(word[ids] + position[0..T) + token_type[types])``; th
 ``tanh(Dense h[:, 0])``; `BertForSequenceClassification` is ``Dense(dropout(pooled))``.
 Module names mirror ``transformers``' ``BertForSequenceClassification``, so a Flax path
 ``params/bert/encoder/layer_3/attention/self/query/kernel`` is the tensor
-``bert.encoder.layer.3.attention.self.query.weight`` (`BERT_PATH_MAP`).
+``bert.encoder.layer.3.attention.self.query.weight`` (`BERT_PATH_MAP`). A bare ``BertModel``
+(sentence-transformers, all-MiniLM) names the same tensors without ``bert.``
+(``encoder.layer.3.attention.self.query.weight``, `BERT_MODEL_PATH_MAP`). Both layouts load
+into the same params tree; `lorax_jax.io.load_adapter` takes an adapter of either layout with
+either map, and `lorax_jax.io.save_adapter` writes the layout of the map it is given.
 """
 
 from __future__ import annotations
@@ -270,15 +274,15 @@ def sentence_embedding(config: BertConfig, params: Mapping[str, Any], input_ids:
   return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12) if normalize else e
 
 
-def _rules() -> tuple[tuple[str, str, str], ...]:
-  """Flax module path, HF module name, module type, expanded to one rule per tensor."""
-  layer = "params/bert/encoder/layer_{i}/", "bert.encoder.layer.{i}."
+def _rules(hf: str, classifier: bool) -> tuple[tuple[str, str, str], ...]:
+  """Flax module path, HF module name (the encoder's behind prefix ``hf``), module type,
+  expanded to one rule per tensor."""
+  layer = "params/bert/encoder/layer_{i}/", hf + "encoder.layer.{i}."
   modules = [
-      ("params/bert/embeddings/word_embeddings", "bert.embeddings.word_embeddings", "embed"),
-      ("params/bert/embeddings/position_embeddings", "bert.embeddings.position_embeddings", "embed"),
-      ("params/bert/embeddings/token_type_embeddings", "bert.embeddings.token_type_embeddings",
-       "embed"),
-      ("params/bert/embeddings/LayerNorm", "bert.embeddings.LayerNorm", "norm"),
+      ("params/bert/embeddings/word_embeddings", hf + "embeddings.word_embeddings", "embed"),
+      ("params/bert/embeddings/position_embeddings", hf + "embeddings.position_embeddings", "embed"),
+      ("params/bert/embeddings/token_type_embeddings", hf + "embeddings.token_type_embeddings", "embed"),
+      ("params/bert/embeddings/LayerNorm", hf + "embeddings.LayerNorm", "norm"),
       *((layer[0] + f, layer[1] + h, kind) for f, h, kind in [
           ("attention/self/query", "attention.self.query", "dense"),
           ("attention/self/key", "attention.self.key", "dense"),
@@ -288,8 +292,8 @@ def _rules() -> tuple[tuple[str, str, str], ...]:
           ("intermediate/dense", "intermediate.dense", "dense"),
           ("output/dense", "output.dense", "dense"),
           ("output/LayerNorm", "output.LayerNorm", "norm")]),
-      ("params/bert/pooler/dense", "bert.pooler.dense", "dense"),
-      ("params/classifier", "classifier", "dense"),
+      ("params/bert/pooler/dense", hf + "pooler.dense", "dense"),
+      *([("params/classifier", "classifier", "dense")] if classifier else []),
   ]
   leaves = {"embed": [("embedding", "weight", "embedding")],
             "dense": [("kernel", "weight", "linear"), ("bias", "bias", "param")],
@@ -298,7 +302,8 @@ def _rules() -> tuple[tuple[str, str, str], ...]:
                for f, h, module in modules for fl, hl, kind in leaves[module])
 
 
-BERT_PATH_MAP = PathMap(_rules())
+BERT_PATH_MAP = PathMap(_rules("bert.", classifier=True))  # BertForSequenceClassification
+BERT_MODEL_PATH_MAP = PathMap(_rules("", classifier=False))  # a bare BertModel
 
 
 def load_bert(directory: str, *, num_labels: int | None = None,
