@@ -6,16 +6,19 @@ then Hugging Face Llama and BERT with the reference Flax models.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from safetensors.numpy import load_file
 
 from lorax_jax import LoraConfig, find_targets, init_lora, lora_transform, merge
 from lorax_jax.init import factors
 from lorax_jax.io import load_adapter, save_adapter
-from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
+from lorax_jax.models.bert import BERT_MODEL_PATH_MAP, BERT_PATH_MAP, BertForSequenceClassification, BertModel, load_bert
 from lorax_jax.models.hf import params_from_tensors, tensors_from_params
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, save_llama
 from test_io import NET_MAP, Net, random_lora
@@ -275,3 +278,118 @@ def test_bert_classifier_adapter(tmp_path, direction):
     plain = base()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
   assert max_diff(got, want) < TOL
   assert max_diff(want, plain) > 1e-3  # the adapter changes the logits
+
+
+# ---- PEFT inits that change the base ---------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_changing_init_refused_with_working_recipe(tmp_path, net, init):
+  """Before: a PiSSA / OLoRA adapter loaded silently, logits 0.18 / 0.32 away from PEFT's. Now it
+  is refused with PEFT's conversion recipe, and the recipe's output loads with PEFT's outputs."""
+  _, weights, tokens, image = net
+  model = peft.get_peft_model(torch_net(weights), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+  model.peft_config["default"].init_lora_weights = True  # the recipe: keep the initial adapter
+  model.save_pretrained(str(tmp_path / "initial"))
+  model.peft_config["default"].init_lora_weights = init
+  randomize_lora(model)  # "training"
+  model.save_pretrained(str(tmp_path / "trained"))
+  params = params_from_tensors(weights, NET_MAP)  # the original base
+  with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' changes the base weights.*"
+                                       "path_initial_model_for_weight_conversion"):
+    load_adapter(str(tmp_path / "trained"), params, NET_MAP)
+  model.save_pretrained(str(tmp_path / "converted"),
+                        path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+  lora, cfg = load_adapter(str(tmp_path / "converted"), params, NET_MAP)
+  for got, want in zip(run_jax(params, lora, cfg, tokens, image), run_torch(model, tokens, image)):
+    assert max_diff(got, want) < TOL
+
+
+# ---- a bare BertModel (sentence-transformers layout) ------------------------------------------
+
+@pytest.mark.parametrize("direction", ["peft-to-jax", "jax-to-peft"])
+def test_bare_bert_model_adapter(tmp_path, direction):
+  """Before: BERT_PATH_MAP refused a bare BertModel's adapter (names without ``bert.``) with a
+  list of keys and no cause."""
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=40, max_position_embeddings=16,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  transformers.BertModel(config).save_pretrained(str(tmp_path / "base"))
+  base = lambda: transformers.BertModel.from_pretrained(str(tmp_path / "base")).eval()
+  bert_config, params = load_bert(str(tmp_path / "base"))
+  if direction == "peft-to-jax":
+    model = peft.get_peft_model(base(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
+                                                        rank_pattern={"intermediate.dense": 2}))
+    randomize_lora(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight" in \
+        load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    lora, cfg = load_adapter(str(tmp_path / "adapter"), params, BERT_PATH_MAP)
+    lora2, cfg2 = load_adapter(str(tmp_path / "adapter"), params, BERT_MODEL_PATH_MAP)
+    assert cfg2 == cfg and jax.tree.all(jax.tree.map(np.array_equal, lora, lora2))
+  else:
+    cfg = LoraConfig(r=4, alpha=8, targets=["query", "value"], rank_pattern={"layer_1/attention/self/value": 2})
+    lora = random_lora(params, cfg)
+    save_adapter(str(tmp_path / "adapter"), lora, cfg, params, BERT_MODEL_PATH_MAP)
+    model = peft.PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+  apply_fn = lambda p, ids, mask: BertModel(bert_config).apply({"params": p["params"]["bert"]}, ids, mask)
+  ids = np.random.default_rng(0).integers(0, 50, size=(2, 6))
+  mask = np.ones_like(ids)
+  got = lora_transform(apply_fn, params, cfg)(params, lora, jnp.asarray(ids), jnp.asarray(mask))
+  with torch.no_grad():
+    want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    plain = base()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+  assert max_diff(got[0], want.last_hidden_state.numpy()) < TOL
+  assert max_diff(got[1], want.pooler_output.numpy()) < TOL
+  assert max_diff(want.last_hidden_state.numpy(), plain.last_hidden_state.numpy()) > 1e-3
+
+
+# ---- tied embeddings (issue 8 item 6) -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                    rope_theta=500.0, tie_word_embeddings=True)
+  directory = str(tmp_path_factory.mktemp("tied_llama"))
+  transformers.LlamaForCausalLM(config).save_pretrained(directory)
+  return directory
+
+
+EMBED = "params/model/embed_tokens/embedding"
+
+
+def test_tied_embedding_peft_adapter_runs_here(tmp_path, tied_llama_dir):
+  """PEFT adapts a tied embedding at the token lookup only; load_adapter says so with
+  target_uses, and the logits are PEFT's. Before: 4.6 away (also applied at the head).
+  Needs the engine's LoraConfig.target_uses."""
+  model = peft.get_peft_model(torch_llama(tied_llama_dir), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+  randomize_lora(model)
+  model.save_pretrained(str(tmp_path))
+  _, flax_model, params = load_llama(tied_llama_dir)
+  assert "lm_head" not in params["params"]
+  lora, cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
+  assert {k: tuple(v) for k, v in cfg.target_uses.items()} == {re.escape(EMBED): ("lookup",)}
+  got = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
+  want = torch_logits(model, LLAMA_TOKENS)
+  assert max_diff(got, want) < TOL
+
+
+def test_tied_embedding_adapter_trained_here_runs_in_peft(tmp_path, tied_llama_dir):
+  """An adapter of a tied embedding at every use is refused (PEFT would load it wrongly: 28 away
+  before); limited to the lookup, PEFT gives its logits. Needs the engine's LoraConfig.target_uses."""
+  _, flax_model, params = load_llama(tied_llama_dir)
+  everywhere = LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"])
+  with pytest.raises(ValueError, match="embedding model.embed_tokens, which these params tie to the output head "
+                                       "lm_head.weight.*target_uses="):
+    save_adapter(str(tmp_path / "all"), random_lora(params, everywhere), everywhere, params, LLAMA_PATH_MAP)
+  assert not (tmp_path / "all").exists()
+  cfg = LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"], target_uses={EMBED: ("lookup",)})
+  lora = random_lora(params, cfg)
+  save_adapter(str(tmp_path / "adapter"), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  model = peft.PeftModel.from_pretrained(torch_llama(tied_llama_dir), str(tmp_path / "adapter")).eval()
+  got = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
+  assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL

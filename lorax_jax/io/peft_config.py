@@ -31,10 +31,11 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "la
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 CONVERSION_RECIPE = (
     "PEFT rebuilds a modified base from such an adapter when it loads it; lorax_jax applies adapters to "
-    "the base as it is. Convert it in PEFT to a plain LoRA of the original base: keep the adapter saved "
-    "right after get_peft_model (before training), then save the trained one with "
-    "peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=<that initial "
-    "adapter's directory>) and load out_dir")
+    "the base as it is. Convert it in PEFT to a plain LoRA of the original base: right after "
+    "get_peft_model (before training) set peft_model.peft_config['default'].init_lora_weights = True, "
+    "save_pretrained(initial_dir) and set it back; after training, save with "
+    "peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_dir) and load "
+    "out_dir here")
 
 
 def read_config(f: IO[bytes], path: str) -> dict[str, Any]:
