@@ -29,7 +29,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax.numpy as jnp
 import ml_dtypes
@@ -154,17 +154,9 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
 def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, param_dtype: Any,
           kernel_axes: Mapping[str, tuple[int, int]] | None) -> tuple[Lora, LoraConfig]:
   config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
-  try:
-    config_file = open_in(dir_fd, CONFIG_NAME)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory") from None
-  with config_file:
+  with _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory") as config_file:
     config = read_config(config_file, config_path)
-  try:
-    weights_file = open_in(dir_fd, WEIGHTS_NAME)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}") from None
-  with weights_file:
+  with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
     infos = read_header(weights_file, weights_path)
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
@@ -198,6 +190,13 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     a, b = from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
   return lora, cfg
+
+
+def _open(dir_fd: int, directory: str, name: str, why: str = "") -> BinaryIO:
+  try:
+    return open_in(dir_fd, name)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{directory} has no {name}{why}") from None
 
 
 def _ties(params: Any, path_map: PathMap | None) -> dict[str, str]:
