@@ -105,22 +105,28 @@ def test_sigkill_at_every_step_of_a_save(tmp_path, params):
 
 
 CONCURRENT = """
-import sys
+import os, sys, time
 import numpy as np
+import jax
 import jax.numpy as jnp
 from lorax_jax import LoraConfig, init_lora
 from lorax_jax.io import load_adapter, save_adapter
-import jax
 from test_io import Net, NET_MAP
 params = Net().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 6, 6, 3)))
-role, directory, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+role, directory, rounds, sync = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+open(os.path.join(sync, role), "w").close()
+while not {"writer1", "writer2", "reader"} - {role} <= set(os.listdir(sync)):  # start together
+  time.sleep(0.01)
 if role.startswith("writer"):
   i = int(role[-1])
   # Writer i: rank i, alpha i, every factor entry i: a mixed pair cannot pass the reader's check.
   cfg = LoraConfig(r=i, alpha=float(i), targets=["q_proj", "v_proj"])
   lora = jax.tree.map(lambda x: jnp.full(x.shape, float(i)), init_lora(params, cfg, jax.random.key(0)))
-  for _ in range(rounds):
+  n = 0
+  while n < rounds or not os.path.exists(os.path.join(sync, "reader.done")):
     save_adapter(directory, lora, cfg, params, NET_MAP)
+    n += 1
+  print("saves", n)
 else:
   seen = {}
   for _ in range(rounds):
@@ -128,25 +134,87 @@ else:
     values = {float(v) for leaf in jax.tree.leaves(lora) for v in np.unique(np.asarray(leaf))}
     assert values == {cfg.alpha} == {float(cfg.r)}, (values, cfg.alpha, cfg.r)
     seen[cfg.r] = seen.get(cfg.r, 0) + 1
-  print("seen", seen)
+  open(os.path.join(sync, "reader.done"), "w").close()
+  print("loads by writer", seen)
 """
 
 
+@pytest.mark.slow
 def test_two_writers_and_a_reader(tmp_path):
   """Before: two savers mixed the pair in a few percent of rounds, and a reader got a mismatched
-  alpha and factors in about one load in ten."""
+  alpha and factors in about one load in ten. Writers save until the reader has loaded 200 times."""
   directory = str(tmp_path / "adapter")
-  first = run_python(CONCURRENT, "writer1", directory, "1")
+  (tmp_path / "first").mkdir()  # one save first, alone: no one to wait for, nothing to outlast
+  for name in ("writer2", "reader", "reader.done"):
+    (tmp_path / "first" / name).touch()
+  first = run_python(CONCURRENT, "writer1", directory, "1", str(tmp_path / "first"))
   assert first.returncode == 0, first.stderr
+  (tmp_path / "sync").mkdir()
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CONCURRENT), role, directory, "200"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(CONCURRENT), role, directory, "200",
+                             str(tmp_path / "sync")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for role in ("writer1", "writer2", "reader")]
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  print(outs[2][0])
+  print(*(out for out, _ in outs))
   assert set(os.listdir(directory)) == {CONFIG, WEIGHTS}
+
+
+BETWEEN = """
+import os, sys
+import numpy as np
+import jax
+import jax.numpy as jnp
+from lorax_jax import LoraConfig, init_lora
+from lorax_jax.io import load_adapter, save_adapter
+from test_io import Net, NET_MAP
+params = Net().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 6, 6, 3)))
+directory = sys.argv[1]
+io_dir = os.path.join(os.path.dirname(os.path.abspath(sys.argv[2])), "")
+
+def adapter(i):  # rank i, alpha i, every factor entry i
+  cfg = LoraConfig(r=i, alpha=float(i), targets=["q_proj", "v_proj"])
+  return jax.tree.map(lambda x: jnp.full(x.shape, float(i)), init_lora(params, cfg, jax.random.key(0))), cfg
+
+first, second = adapter(1), adapter(2)
+state = {"at": None, "count": 0}
+
+def profile(frame, event, arg):
+  # The k-th call of a lorax_jax I/O function during load_adapter runs a whole save first.
+  if state["at"] is not None and event == "call" and frame.f_code.co_filename.startswith(io_dir):
+    if state["count"] == state["at"]:
+      state["at"] = None
+      save_adapter(directory, *second, params, NET_MAP)
+    state["count"] += 1
+
+k = 0
+while True:
+  save_adapter(directory, *first, params, NET_MAP)
+  state.update(at=k, count=0)
+  sys.setprofile(profile)
+  try:
+    lora, cfg = load_adapter(directory, params, NET_MAP)
+  finally:
+    sys.setprofile(None)
+  fired, state["at"] = state["at"] is None, None
+  values = {float(v) for leaf in jax.tree.leaves(lora) for v in np.unique(np.asarray(leaf))}
+  assert values == {cfg.alpha} == {float(cfg.r)}, (k, values, cfg.alpha, cfg.r)
+  if not fired:
+    break
+  k += 1
+print("calls", k)
+"""
+
+
+def test_a_save_between_any_two_steps_of_a_load(tmp_path):
+  """Deterministic reader/writer race: a whole save runs just before the k-th call of a lorax_jax
+  I/O function inside load_adapter, for every k. Before: the config was read by name, then the
+  weights by name, so a save in between paired the old config with the new factors."""
+  import lorax_jax.io
+  out = run_python(BETWEEN, str(tmp_path / "adapter"), lorax_jax.io.__file__)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert int(out.stdout.split("calls ")[1]) >= 10, out.stdout
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
