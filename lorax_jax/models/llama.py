@@ -10,6 +10,8 @@ Calling convention::
     logits = model.apply(params, tokens)                       # [B, L] -> [B, L, V]
     cache = model.init_cache(batch, length)
     logits, cache = model.apply(params, tokens, positions, mask, cache=cache)
+    h, _ = model.apply(params, tokens, method=Llama.hidden)       # final-norm states [B, L, D]
+    logits = model.apply(params, h, method=Llama.logits)        # the LM head alone
 
 The cache is an explicit pytree of fixed-size arrays (``k``/``v`` per layer
 ``[B, S, n_kv, head_dim]``, a ``[B, S]`` mask of filled, non-padding slots and the
@@ -235,7 +237,14 @@ class Llama(nn.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
                cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Cache]:
-    """Logits ``[B, L, V]`` for ``tokens [B, L]``.
+    """Logits ``[B, L, V]`` for ``tokens [B, L]``: ``logits(hidden(...))``; see `hidden` for the args."""
+    h, new_cache = self.hidden(tokens, positions, mask, cache)
+    logits = self.logits(h)
+    return logits if cache is None else (logits, new_cache)
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None, mask: jax.Array | None = None,
+             cache: Cache | None = None) -> tuple[jax.Array, Cache | None]:
+    """The final-norm hidden states ``[B, L, D]`` of ``tokens [B, L]`` and the new cache (None without one).
 
     Args:
       tokens: token ids.
@@ -250,10 +259,11 @@ class Llama(nn.Module):
     mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
     key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
     h, layers = self.model(tokens, positions, key_mask, index, cache)
-    logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
-    if cache is None:
-      return logits
-    return logits, {"index": index + l, "mask": key_mask, **layers}
+    return h, None if cache is None else {"index": index + l, "mask": key_mask, **layers}
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``; ``[..., D] -> [..., V]``."""
+    return self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
 
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty cache of ``length`` slots for ``batch`` sequences."""

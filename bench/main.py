@@ -1,0 +1,247 @@
+"""The main job's training step, lorax_jax against PEFT + torch: ``python -m bench.main``.
+
+The shape of ``make finetune``: SmolLM2-135M-Instruct in float32, batch 8 x 64 tokens of chat
+examples (one prompt, answers of 4 to 30 tokens, right padding), LoRA r=8, alpha 16 on
+q/k/v/o of all 30 layers, AdamW after clipping the gradient norm to 1, LoRA dropout 0.05 and 0.
+PEFT runs transformers' ``LlamaForCausalLM`` holding the same weights (and, for the check, the
+same LoRA factors) with ``torch.set_num_threads(cpu_count)``. One step = forward, backward,
+clipping and the optimizer update, on the same tokens and weights. The variants run
+interleaved round-robin (the order rotates every round); the table gives the median of
+``--reps`` rounds after ``--warmup`` rounds, and tokens/s = batch x 64 / median step.
+
+lorax_jax rows: "plain" does PEFT's work (logits at every position); "+prompt" runs the shared
+chat prompt once per batch (``prefix_len``), "+targets" the LM head only at trained positions
+(``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`. XLA's compiled FLOPs, bytes
+accessed and temp memory of each JAX step are printed too (deterministic, unlike the times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lorax_jax
+from bench.measure import compile_variant
+from bench.models import SMOLLM2_CHAT_PROMPT, smollm2
+from bench.variants import Variant, nonzero_lora
+from lorax_jax.files import write_text_atomic
+from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LR, CLIP = 2e-3, 1.0
+# The most answer tokens 8 rows of the fortunes data hold (configs/finetune.yaml's data): the
+# `max_targets` that `make finetune` compiles once for every batch.
+FINETUNE_MAX_TARGETS = 208
+
+
+@dataclasses.dataclass
+class Step:
+  """One timed variant: ``run()`` does a whole step and blocks until it is done."""
+
+  name: str
+  run: Callable[[], Any]
+  cost: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def chat_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+  """``(tokens [batch, seq + 1], weights, prefix_len)``: SmolLM2's chat prompt, then answers of 4 to
+  30 random tokens (weight 1), then padding (weight 0), as ``examples/finetune.py`` builds them."""
+  prefix = SMOLLM2_CHAT_PROMPT
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((batch, seq + 1), np.int32)
+  weights = np.zeros((batch, seq + 1), np.float32)
+  for b, n in enumerate(np.linspace(4, min(30, seq + 1 - len(prefix)), batch).astype(int)):
+    tokens[b, :len(prefix)] = prefix
+    tokens[b, len(prefix):len(prefix) + n] = rng.integers(100, vocab, n)
+    weights[b, len(prefix):len(prefix) + n] = 1.0
+  return tokens, weights, len(prefix) - 1
+
+
+def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray, dropout: float,
+             prefix_len: int, max_targets: int | None) -> tuple[Variant, Callable[..., Any]]:
+  """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check."""
+  cfg = lorax_jax.LoraConfig(r=8, alpha=16, dropout=dropout, targets=list(TARGETS))
+  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
+  opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=0.0))
+
+  def loss_fn(lo, params, tokens, weights, rng):
+    total, count = causal_lm_loss_sums(lora_apply, params, lo, tokens, weights, rng,
+                                       prefix_len=prefix_len, max_targets=max_targets)
+    return total / jnp.maximum(count, 1.0)
+
+  def step(lo, opt_state, params, tokens, weights, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(lo, params, tokens, weights, rng)
+    updates, opt_state = opt.update(grads, opt_state, lo)
+    return optax.apply_updates(lo, updates), opt_state, loss
+
+  args = (lora, opt.init(lora), params, jnp.asarray(tokens), jnp.asarray(weights), jax.random.key(1))
+  check = jax.jit(functools.partial(loss_fn, rng=None))
+  return Variant("", step, args), lambda lo: check(lo, params, args[3], args[4])
+
+
+def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,
+              dropout: float, device: str) -> tuple[Callable[[], Any], Callable[[], float]]:
+  """``(step, loss)`` of PEFT on transformers' Llama holding ``params`` and the factors ``lora``
+  (PEFT's ``lora_A = a``, ``lora_B = bᵀ``)."""
+  import peft
+  import torch
+  import transformers
+
+  from lorax_jax.models.hf import tensors_from_params
+  from lorax_jax.models.llama import LLAMA_PATH_MAP
+  from lorax_jax.targets import path_str
+
+  base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+  state = {k: torch.tensor(np.asarray(v)) for k, v in tensors_from_params(params, LLAMA_PATH_MAP).items()}
+  base.load_state_dict(state, strict=False)
+  model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                    target_modules=list(TARGETS))).to(device).train()
+  factors = {path_str(tuple(k.key for k in p)): np.asarray(x)
+             for p, x in jax.tree_util.tree_flatten_with_path(lora)[0]}
+  with torch.no_grad():
+    for name, module in model.named_modules():
+      if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        layer = name.split("layers.")[1].split(".")[0]
+        ours = f"params/model/layers_{layer}/self_attn/{name.rsplit('.', 1)[1]}/kernel"
+        module.lora_A["default"].weight.copy_(torch.tensor(factors[f"{ours}/a"]))
+        module.lora_B["default"].weight.copy_(torch.tensor(factors[f"{ours}/b"]).T)
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
+  ids = torch.as_tensor(tokens[:, :-1], device=device)
+  labels = torch.as_tensor(tokens[:, 1:], device=device).long()
+  w = torch.as_tensor(weights[:, 1:], device=device)
+
+  def loss():
+    logits = model(input_ids=ids).logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return (ce * w.flatten()).sum() / w.sum().clamp(min=1.0)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    value = loss()
+    value.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, CLIP)
+    opt.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return value
+
+  def eval_loss() -> float:
+    model.eval()
+    with torch.no_grad():
+      value = float(loss())
+    model.train()
+    return value
+
+  return step, eval_loss
+
+
+def time_steps(steps: list[Step], reps: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
+  """``(wall, cpu)`` seconds per step, round-robin with the order rotating every round."""
+  times: dict[str, list[tuple[float, float]]] = {s.name: [] for s in steps}
+  for rnd in range(warmup + reps):
+    for j in range(len(steps)):
+      s = steps[(j + rnd) % len(steps)]
+      t0, c0 = time.perf_counter(), time.process_time()
+      s.run()
+      if rnd >= warmup:
+        times[s.name].append((time.perf_counter() - t0, time.process_time() - c0))
+  return times
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed rounds after compilation")
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=64)
+  p.add_argument("--all", action="store_true", help="also each work-saving option alone")
+  p.add_argument("--no-peft", action="store_true", help="skip the PEFT + torch rows")
+  p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for main-<backend>.json")
+  args = p.parse_args(argv)
+  config, model, params, source = smollm2()
+  print(f"[main] {source}", flush=True)
+  tokens, weights, prefix_len = chat_batch(config.vocab_size, args.batch, args.seq)
+  max_targets = max(FINETUNE_MAX_TARGETS * args.batch // 8, max_targets_per_batch(weights, args.batch))
+  cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=list(TARGETS))
+  lora = nonzero_lora(lorax_jax.init_lora(params, cfg, jax.random.key(0)), jax.random.key(2))
+  options = {"plain": (0, None), "+prompt +targets": (prefix_len, max_targets)}
+  if args.all:
+    options |= {"+prompt": (prefix_len, None), "+targets": (0, max_targets)}
+  steps, losses = [], {}
+  for dropout in (0.05, 0.0):
+    for label, (pl, mt) in options.items():
+      name = f"lorax_jax {label}, dropout {dropout:g}"
+      variant, loss = jax_step(model, params, lora, tokens, weights, dropout, pl, mt)
+      variant.name = name
+      c = compile_variant(variant)
+      cost = {"flops": c.flops, "bytes_accessed": c.bytes_accessed, "temp_bytes": c.temp_bytes,
+              "compile_s": c.compile_s}
+      steps.append(Step(name, lambda c=c: jax.block_until_ready(c.run(*c.args)), cost))
+      losses.setdefault(label, float(loss(lora)))
+      print(f"[main] compiled {name}: {c.flops / 1e9:.1f} GFLOP, {c.bytes_accessed / 1e9:.2f} GB accessed, "
+            f"temp {c.temp_bytes / 2**20:.0f} MiB, {c.compile_s:.1f} s", flush=True)
+  device = "cpu"
+  if not args.no_peft:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+    for dropout in (0.05, 0.0):
+      step, loss = peft_step(config, params, lora, tokens, weights, dropout, device)
+      steps.append(Step(f"PEFT + torch, dropout {dropout:g}", step))
+      losses.setdefault("peft", loss())
+  reference = losses["plain"]
+  checks = {k: abs(v - reference) / abs(reference) for k, v in losses.items()}
+  print(f"[main] loss without dropout, relative to lorax_jax plain: {checks}", flush=True)
+  if max(checks.values()) > 1e-4:
+    raise RuntimeError(f"the variants do not compute the same loss: {losses}")
+  times = time_steps(steps, args.reps, args.warmup)
+  n_tokens = args.batch * args.seq
+  rows = {}
+  for s in steps:
+    wall = statistics.median(w for w, _ in times[s.name])
+    cpu = statistics.median(c for _, c in times[s.name])
+    rows[s.name] = {"median_s": wall, "cpu_median_s": cpu, "tokens_per_s": n_tokens / wall,
+                    "times_s": [w for w, _ in times[s.name]], **s.cost}
+  meta = {"jax": jax.__version__, "backend": jax.default_backend(), "torch_device": device,
+          "cpus": os.cpu_count(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "model": source,
+          "batch": args.batch, "seq": args.seq, "prefix_len": prefix_len, "max_targets": max_targets,
+          "targets_in_batch": int(np.count_nonzero(weights[:, 1:])), "reps": args.reps, "losses": losses}
+  print(table(meta, rows), flush=True)
+  os.makedirs(args.out, exist_ok=True)
+  write_text_atomic(os.path.join(args.out, f"main-{meta['backend']}.json"),
+                    json.dumps({"meta": meta, "rows": rows}, indent=1))
+  return {"meta": meta, "rows": rows}
+
+
+def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+  """The markdown table of one run; speed-ups against PEFT with the same dropout."""
+  lines = [f"Main job, batch {meta['batch']} x {meta['seq']} tokens ({meta['targets_in_batch']} trained), "
+           f"{meta['backend']} / torch on {meta['torch_device']}, {meta['cpus']} CPUs, median of {meta['reps']}:",
+           "", "| step | train tokens/s | wall s | CPU s | vs PEFT | GFLOP | GB accessed | temp MiB | compile s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, r in rows.items():
+    peft = rows.get(f"PEFT + torch, dropout {name.rsplit('dropout ', 1)[1]}")
+    ratio = f"{r['tokens_per_s'] / peft['tokens_per_s']:.2f}x" if peft else ""
+    cost = (f"{r['flops'] / 1e9:.0f} | {r['bytes_accessed'] / 1e9:.1f} | {r['temp_bytes'] / 2**20:.0f} | "
+            f"{r['compile_s']:.0f}" if "flops" in r else " | | | ")
+    lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['median_s']:.2f} | {r['cpu_median_s']:.2f} | "
+                 f"{ratio} | {cost} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  main()
