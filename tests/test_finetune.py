@@ -1,5 +1,6 @@
-"""``lorax-jax finetune`` (`lorax_jax.apps.finetune`) on a tiny random Llama with a byte-level tokenizer: training lowers the
-loss, resuming is exact, settings parse, and every bad input is a one-line error."""
+"""``lorax-jax finetune`` (`lorax_jax.apps.finetune`) on a tiny random Llama (conftest's
+`tiny_llama`): training lowers the loss, resuming is exact, settings parse, and every bad input is
+a one-line error."""
 
 from __future__ import annotations
 
@@ -12,57 +13,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from safetensors.numpy import save_file
-from tokenizers import decoders, models, pre_tokenizers
 
 from lorax_jax import cli, init_lora, load_adapter
 from lorax_jax.apps import finetune, settings
 from lorax_jax.models import gguf
-from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama
+from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import load_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "the sun is warm today."]
-
-
-def tiny_tokenizer() -> tokenizers.Tokenizer:
-  """Byte-level BPE with no merges: one token per byte, plus ChatML's special tokens."""
-  vocab = {t: i for i, t in enumerate(SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-  backend = tokenizers.Tokenizer(models.BPE(vocab, []))
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = decoders.ByteLevel()
-  backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  return backend
-
-
-def write_model(directory: str, hidden: int, seed: int) -> None:
-  """A random Llama checkpoint directory with the tiny tokenizer, as a user would bring one."""
-  config = LlamaConfig(vocab_size=len(SPECIALS) + 256, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=hidden // 4, tie_word_embeddings=True)
-  params = jax.jit(Llama(config).init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
-  save_llama(directory, params, config)
-  tiny_tokenizer().save(os.path.join(directory, "tokenizer.json"))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": SPECIALS[0], "eos_token": SPECIALS[2], "pad_token": SPECIALS[0],
-               "chat_template": CHATML}, f)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_llama):
   """``(model_dir, other_model_dir, text_file)``."""
-  root = tmp_path_factory.mktemp("tiny")
-  write_model(str(root / "model"), 32, 0)
-  write_model(str(root / "other"), 16, 1)
-  text = root / "text.txt"
-  text.write_text("\n\n".join(f"{i}: {SENTENCES[i % 3]}" for i in range(60)))
-  return str(root / "model"), str(root / "other"), str(text)
+  return tiny_llama
 
 
 def args(tiny, out_dir, *extra: str) -> list[str]:
