@@ -190,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise SettingsError(f"unknown command {command!r}: choose one of {', '.join(COMMANDS)}")
     MAINS[command](rest)
   except (ValueError, OSError, ImportError) as e:  # bad settings or files; a missing extra or model package
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    message = str(e)
+    if isinstance(e, ModuleNotFoundError) and "pip install" not in message:
+      message += f' (lorax-jax {command} needs the extras: pip install "lorax_jax[llm,examples]")'
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
     return 2
   return 0
