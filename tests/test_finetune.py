@@ -201,6 +201,15 @@ def test_bad_setting_values(capsys, argv, message):
   assert re.search(message, error_of(argv, capsys))
 
 
+def test_yaml_values_are_typed_like_flags(capsys, tmp_path):
+  path = tmp_path / "config.yaml"
+  path.write_text("steps: 2.5\n")
+  assert "setting steps must be an integer, got 2.5" in error_of(["--config", str(path)], capsys)
+  path.write_text("steps: '12'\nlr: 1\ntargets: q_proj\n")
+  s, _ = finetune.parse_args(["--config", str(path)])
+  assert (s.steps, s.lr, s.targets) == (12, 1.0, ("q_proj",)) and type(s.lr) is float
+
+
 @pytest.mark.parametrize("content, message", [
     (b"lr: [0.1\n", "is not valid YAML"),
     (b"- lr\n- 0.1\n", "must hold a mapping of settings"),

@@ -91,7 +91,7 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
       number = math.nan
     if math.isfinite(number):
       return number
-  elif kind is int and scalar:
+  elif kind is int and scalar and not isinstance(value, float):  # 2.5 is not an integer
     try:
       return int(value)
     except ValueError:
