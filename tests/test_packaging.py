@@ -24,7 +24,11 @@ import os, sys
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 import lorax_jax
 assert lorax_jax.__file__.startswith(sys.prefix), lorax_jax.__file__  # the installed copy
-model = nn.Sequential([nn.Dense(16, name="query"), nn.relu, nn.Dense(4, name="value")])
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(4, name="value")(nn.relu(nn.Dense(16, name="query")(x)))
+model = MLP()
 x = jnp.ones((3, 8))
 params = model.init(jax.random.key(0), x)
 cfg = lorax_jax.LoraConfig(r=2, alpha=4, targets=["query", "value"])
