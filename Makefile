@@ -6,13 +6,16 @@ export VENV
 .PHONY: setup finetune test bench bench-quick bench-main
 
 setup:
-	bash scripts/setup.sh
+	@bash scripts/setup.sh
 
+# The same entry a pip user has: `lorax-jax finetune`.
 finetune: setup
-	$(PY) examples/finetune.py $(ARGS)
+	$(VENV)/bin/lorax-jax finetune $(ARGS)
 
+# pytest exits 5 when it collected no tests: a broken checkout, not a pass.
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	@$(PY) -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (is tests/ there?)" >&2; fi; exit $$rc
 
 bench: setup
 	$(PY) -m bench.run $(ARGS)

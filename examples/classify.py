@@ -12,16 +12,14 @@ reports test accuracy and trainable parameters for
 
 on the same split, as the tables of the LoRA paper do.
 
-    python examples/classify.py                       # configs/classify.yaml
+    python examples/classify.py                       # lorax_jax/apps/configs/classify.yaml
     python examples/classify.py --epochs 2 --lora_targets all-linear
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,69 +29,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 import lorax_jax
+from lorax_jax.apps import settings
+from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.models.bert import (BertForSequenceClassification, load_bert, load_tokenizer,
                                    minilm_directory)
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import fortune_items  # noqa: E402  (examples/data.py)
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "classify.yaml")
 METHODS = ("head", "lora", "full")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Everything the run depends on; ``configs/classify.yaml`` sets it, flags override it."""
+  """Everything the run depends on; the packaged ``configs/classify.yaml`` documents and sets it."""
 
-  topics: tuple[str, ...] = ("computers", "men-women", "politics", "science", "work")
-  per_topic: int = 200           # items drawn from each topic (balanced classes)
-  test_fraction: float = 0.2     # of each topic's items held out
-  max_chars: int = 250           # items longer than this are skipped
-  max_len: int = 32              # tokens per item (truncated and padded to this)
-  pooling: str = "mean"          # "mean" (sentence-transformers) or "pooler" (HF's CLS head)
-  seed: int = 0
-  batch_size: int = 32
-  epochs: int = 3
-  head_epochs: int = 30          # head-only is cheap on cached features: let it converge
-  warmup_fraction: float = 0.1
-  head_lr: float = 1e-2
-  lora_lr: float = 2e-3
-  full_lr: float = 1e-4
-  lora_r: int = 8
-  lora_alpha: float = 16.0
-  lora_targets: Any = ("query", "value")  # a suffix list, a regex, or "all-linear"
-  methods: tuple[str, ...] = METHODS
+  topics: tuple[str, ...]
+  per_topic: int
+  test_fraction: float
+  max_chars: int
+  max_len: int
+  pooling: str
+  seed: int
+  batch_size: int
+  epochs: int
+  head_epochs: int
+  warmup_fraction: float
+  head_lr: float
+  lora_lr: float
+  full_lr: float
+  lora_r: int
+  lora_alpha: float
+  lora_targets: tuple[str, ...]
+  methods: tuple[str, ...]
 
   def __post_init__(self):
-    bad = [m for m in self.methods if m not in METHODS]
-    if bad:
-      raise ValueError(f"unknown methods {bad}: choose from {list(METHODS)}")
+    settings.check([
+        (not set(self.methods) - set(METHODS), f"setting methods must be drawn from {list(METHODS)}"),
+        (self.pooling in ("mean", "pooler"), "setting pooling must be mean or pooler"),
+        (min(self.head_lr, self.lora_lr, self.full_lr) > 0, "the learning rates must be positive"),
+        (min(self.batch_size, self.epochs, self.head_epochs, self.per_topic, self.max_len) > 0,
+         "settings batch_size, epochs, head_epochs, per_topic and max_len must be positive"),
+    ])
 
 
 def load_settings(argv: Sequence[str] | None = None) -> Settings:
-  """`Settings` from the YAML file named by ``--config``, then ``--field value`` flags
-  (values parsed as YAML, so ``--topics "[law, food]"`` gives a list)."""
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default=DEFAULT_CONFIG)
-  for f in dataclasses.fields(Settings):
-    parser.add_argument(f"--{f.name}", type=yaml.safe_load, default=None)
-  args = vars(parser.parse_args(argv))
-  values = {}
-  if os.path.isfile(args["config"]):
-    with open(args["config"]) as f:
-      values = yaml.safe_load(f) or {}
-  elif args["config"] != DEFAULT_CONFIG:
-    raise FileNotFoundError(f"config file {args['config']} does not exist")
-  fields = {f.name for f in dataclasses.fields(Settings)}
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ValueError(f"{args['config']}: unknown setting {', '.join(unknown)} "
-                     f"(known: {', '.join(sorted(fields))})")
-  values.update({k: v for k, v in args.items() if k in fields and v is not None})
-  return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+  """`Settings` from the packaged classify.yaml, ``--config FILE`` and ``--key value`` flags
+  (`lorax_jax.apps.settings.parse`: ``--topics "[law, food]"`` gives a list)."""
+  return settings.parse(Settings, "classify", argv, __doc__.split("\n")[0])[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,8 +149,7 @@ def method_setup(method: str, model: BertForSequenceClassification, params: dict
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  targets = list(s.lora_targets) if isinstance(s.lora_targets, (list, tuple)) else s.lora_targets
-  return lorax_jax.LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=targets)
+  return lorax_jax.LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=settings.lora_targets(s.lora_targets))
 
 
 def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation):
@@ -239,8 +220,7 @@ def train(method: str, model: BertForSequenceClassification, params: dict, s: Se
 def method_name(method: str, s: Settings) -> str:
   if method != "lora":
     return {"head": "head only", "full": "full fine-tuning"}[method]
-  targets = s.lora_targets if isinstance(s.lora_targets, str) else ",".join(s.lora_targets)
-  return f"LoRA r={s.lora_r} ({targets}) + head"
+  return f"LoRA r={s.lora_r} ({','.join(s.lora_targets)}) + head"
 
 
 def table(results: list[dict[str, Any]], total: int, s: Settings) -> str:
@@ -271,7 +251,12 @@ def prepare(s: Settings) -> tuple[BertForSequenceClassification, dict, tuple, tu
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  s = load_settings(argv)
+  """Run from the command line; bad settings are one ``error: ...`` line and exit status 2."""
+  try:
+    s = load_settings(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
   start = time.perf_counter()
   model, params, train_data, test_data = prepare(s)
   total = lorax_jax.count(params)

@@ -3,20 +3,73 @@
 The adapted kernel is ``W' = W + s · A ⊗ B`` with ``s = alpha / r`` (``alpha / sqrt(r)``
 with ``use_rslora``). Lorax's fields keep their names and defaults; PEFT's targeting
 options (``targets``, ``exclude``, ``rank_pattern``, ``alpha_pattern``) sit beside them.
+
+A config is an immutable, hashable value: lists become tuples, mappings become `FrozenDict`,
+numpy scalars become Python numbers, so equal configs hash equally and a config can be a
+static argument of `jax.jit`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Generic, Literal, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
 
 TargetFn = Callable[[tuple[str, ...], Any], bool]
 INIT_SCHEMES = ("kaiming", "gaussian")
+BRANCH_DTYPES = ("factors", "kernel")
+TARGET_USES = ("lookup", "matmul", "conv")
+MAX_RANK = 65536
+SEED_RANGE = (-2**63, 2**63)  # what `jax.random.key` accepts
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class FrozenDict(Mapping[K, V], Generic[K, V]):
+  """An immutable, hashable, ordered mapping.
+
+  Order is part of its value (a pattern mapping's first matching key wins), so two
+  FrozenDicts, or a FrozenDict and a dict, are equal when they hold the same items in the same
+  order.
+  """
+
+  __slots__ = ("_items", "_dict")
+
+  def __init__(self, items: Mapping[K, V] | Sequence[tuple[K, V]] = ()):
+    pairs = tuple(items.items()) if isinstance(items, Mapping) else tuple(items)
+    object.__setattr__(self, "_dict", dict(pairs))
+    object.__setattr__(self, "_items", tuple(self._dict.items()))
+
+  def __getitem__(self, key: K) -> V:
+    return self._dict[key]
+
+  def __iter__(self) -> Iterator[K]:
+    return iter(self._dict)
+
+  def __len__(self) -> int:
+    return len(self._items)
+
+  def __hash__(self) -> int:
+    return hash(self._items)
+
+  def __eq__(self, other: object) -> bool:
+    if not isinstance(other, Mapping):
+      return NotImplemented
+    return self._items == tuple(other.items())
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise AttributeError(f"FrozenDict is immutable: cannot set {name}")
+
+  def __repr__(self) -> str:
+    return f"FrozenDict({self._dict!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,12 +77,13 @@ class LoraConfig:
   """What to adapt and how.
 
   Attributes:
-    r: rank of the update (``r > 0``).
-    alpha: scale numerator; the update is scaled by ``alpha / r``.
+    r: rank of the update, an integer in ``[1, MAX_RANK]``.
+    alpha: scale numerator; the update is scaled by ``alpha / r``. Finite and representable
+      in ``param_dtype``.
     dropout: LoRA dropout rate on the branch input, in ``[0, 1)``.
     dropout_seed: seed of the default dropout key, used when a call passes no ``rng``
       while ``dropout > 0``. ``None`` means no dropout without an explicit key.
-    param_dtype: dtype of the factors ``a`` and ``b``.
+    param_dtype: float dtype of the factors ``a`` and ``b`` (stored as a ``numpy.dtype``).
     target_query, target_key, target_value: Lorax's switches; adapt the attention
       projections with the usual names (``query``, ``q_proj``, ``wq``, ``q`` inside an
       attention module, and the same for key and value).
@@ -37,16 +91,28 @@ class LoraConfig:
       it alone decides (``targets`` and the switches are ignored).
     targets: PEFT-style targets, used instead of the switches when given: a regex
       full-matched against the ``/``-joined path, a list of module-name suffixes
-      (``["q_proj", "attn/out"]``), or ``"all-linear"`` (every kernel but output heads).
+      (``["q_proj", "attn/out"]``, stored as a tuple), or ``"all-linear"`` (every kernel but
+      output heads).
     exclude: regex or suffix list of paths never adapted.
     rank_pattern, alpha_pattern: per-target ``r`` and ``alpha`` overrides, keyed by a
       regex or name suffix (first match wins).
-    kernel_axes: per-target ``(n_stack, n_in)`` overrides, keyed like ``rank_pattern``:
-      the kernel's first ``n_stack`` axes are stacked layers (``nn.scan``), the next
-      ``n_in`` are its input axes, the rest its output axes.
+    kernel_axes: per-target layout overrides, keyed like ``rank_pattern``. A value is either
+      ``(n_stack, n_in)``: the kernel's first ``n_stack >= 0`` axes are stacked layers
+      (``nn.scan``), the next ``n_in >= 1`` its input axes, the rest its output axes; or a
+      string with one letter per kernel axis from ``"sio"`` (stack, input, output), at least
+      one ``i`` and one ``o``.
+    target_uses: per-target uses that get the low-rank branch, keyed like ``rank_pattern``;
+      a value is a non-empty tuple drawn from ``("lookup", "matmul", "conv")``.
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
       ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
+    branch_dtype: the dtype the branch computes in: the factors' (``"factors"``, PEFT's
+      choice) or the kernel's (``"kernel"``).
+    shared_dropout: draw one dropout mask per input shared by the targets reading it, instead
+      of one per target.
+
+  Raises:
+    ValueError: naming the field, the bad value and what is expected, for every field.
   """
 
   r: int = 1
@@ -58,39 +124,46 @@ class LoraConfig:
   target_key: bool = True
   target_value: bool = True
   target_fn: TargetFn | None = None
-  targets: str | Sequence[str] | None = None
-  exclude: str | Sequence[str] | None = None
-  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  kernel_axes: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+  targets: str | tuple[str, ...] | None = None
+  exclude: str | tuple[str, ...] | None = None
+  rank_pattern: Mapping[str, int] = FrozenDict()
+  alpha_pattern: Mapping[str, float] = FrozenDict()
+  kernel_axes: Mapping[str, str | tuple[int, int]] = FrozenDict()
+  target_uses: Mapping[str, tuple[str, ...]] = FrozenDict()
   use_rslora: bool = False
   init: Literal["kaiming", "gaussian"] = "kaiming"
+  branch_dtype: Literal["factors", "kernel"] = "factors"
+  shared_dropout: bool = False
 
   def __post_init__(self):
-    _check_rank("r", self.r)
-    for key, r in self.rank_pattern.items():
-      _check_rank(f"rank_pattern[{key!r}]", r)
-    for key, alpha in {"alpha": self.alpha, **self.alpha_pattern}.items():
-      if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not np.isfinite(alpha):
-        raise ValueError(f"LoraConfig: {key} must be a finite number, got {alpha!r}")
-    if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}")
-    if self.dropout_seed is not None and not isinstance(self.dropout_seed, int):
-      raise ValueError(f"LoraConfig: dropout_seed must be an int or None, got {self.dropout_seed!r}")
-    if not jnp.issubdtype(jnp.dtype(self.param_dtype), jnp.floating):
-      raise ValueError(f"LoraConfig: param_dtype must be a float dtype, got {self.param_dtype!r}")
-    if self.init not in INIT_SCHEMES:
-      raise ValueError(f"LoraConfig: init must be one of {INIT_SCHEMES}, got {self.init!r}")
-    if self.target_fn is not None and not callable(self.target_fn):
-      raise ValueError("LoraConfig: target_fn must be callable(path, leaf) -> bool")
-    for name in ("targets", "exclude"):
-      _check_patterns(name, getattr(self, name))
-    for name in ("rank_pattern", "alpha_pattern", "kernel_axes"):
-      _check_patterns(name, list(getattr(self, name)))
-    for key, axes in self.kernel_axes.items():
-      if (not isinstance(axes, (tuple, list)) or len(axes) != 2
-          or not all(isinstance(n, int) and n >= 0 for n in axes) or axes[1] < 1):
-        raise ValueError(f"LoraConfig: kernel_axes[{key!r}] must be (n_stack >= 0, n_in >= 1), got {axes!r}")
+    dtype = _float_dtype(self.param_dtype)
+    alpha_limit = float(jnp.finfo(dtype).max)
+    normal = {
+        "r": _rank("r", self.r),
+        "alpha": _alpha("alpha", self.alpha, alpha_limit),
+        "dropout": _number("dropout", self.dropout),
+        "dropout_seed": None if self.dropout_seed is None else _integer("dropout_seed", self.dropout_seed),
+        "param_dtype": dtype,
+        "targets": _patterns("targets", self.targets),
+        "exclude": _patterns("exclude", self.exclude),
+        "rank_pattern": _mapping("rank_pattern", self.rank_pattern, _rank),
+        "alpha_pattern": _mapping("alpha_pattern", self.alpha_pattern,
+                                  lambda name, v: _alpha(name, v, alpha_limit)),
+        "kernel_axes": _mapping("kernel_axes", self.kernel_axes, _axes),
+        "target_uses": _mapping("target_uses", self.target_uses, _uses),
+    }
+    normal |= {name: _bool(name, getattr(self, name))
+               for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout")}
+    for name, value in normal.items():
+      object.__setattr__(self, name, value)
+    if not 0.0 <= self.dropout < 1.0:
+      _fail("dropout", self.dropout, "a rate in [0, 1)")
+    if self.dropout_seed is not None and not SEED_RANGE[0] <= self.dropout_seed < SEED_RANGE[1]:
+      _fail("dropout_seed", self.dropout_seed, "an int64 seed in [-2**63, 2**63), or None")
+    _choice("init", self.init, INIT_SCHEMES)
+    _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
+    if self.target_fn is not None:
+      _check_target_fn(self.target_fn)
     if (self.target_fn is None and self.targets is None
         and not (self.target_query or self.target_key or self.target_value)):
       raise ValueError("LoraConfig targets nothing: set target_query/key/value, targets or target_fn")
@@ -104,19 +177,112 @@ class LoraConfig:
     return float(alpha) / (float(np.sqrt(r)) if self.use_rslora else float(r))
 
 
-def _check_rank(name: str, r: Any) -> None:
-  if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r <= 0:
-    raise ValueError(f"LoraConfig: {name} must be a positive int, got {r!r}")
+def _fail(name: str, value: Any, expected: str) -> None:
+  raise ValueError(f"LoraConfig: {name} must be {expected}, got {value!r}")
 
 
-def _check_patterns(name: str, patterns: str | Sequence[str] | None) -> None:
-  if patterns is None:
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (numbers.Integral, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _integer(name: str, value: Any) -> int:
+  if not _is_int(value):
+    _fail(name, value, "an integer")
+  return int(value)
+
+
+def _number(name: str, value: Any) -> float:
+  if not (_is_int(value) or isinstance(value, (numbers.Real, np.floating))) or isinstance(value, (bool, np.bool_)):
+    _fail(name, value, "a number")
+  return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    _fail(name, value, "True or False")
+  return bool(value)
+
+
+def _rank(name: str, value: Any) -> int:
+  if not _is_int(value) or not 1 <= value <= MAX_RANK:
+    _fail(name, value, f"an integer rank in [1, {MAX_RANK}]")
+  return int(value)
+
+
+def _alpha(name: str, value: Any, limit: float) -> float:
+  alpha = _number(name, value)
+  if not math.isfinite(alpha) or abs(alpha) > limit:
+    _fail(name, value, f"a finite number within the factor dtype's range (|alpha| <= {limit:g})")
+  return alpha
+
+
+def _float_dtype(value: Any) -> np.dtype:
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    _fail("param_dtype", value, "a float dtype (float32, bfloat16, float16, ...)")
+  return dtype
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if not isinstance(value, str) or value not in choices:
+    _fail(name, value, f"one of {choices}")
+
+
+def _regex(name: str, pattern: Any) -> str:
+  if not isinstance(pattern, str) or not pattern:
+    _fail(name, pattern, "a non-empty regex or module-name string")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"LoraConfig: {name} has an invalid regex {pattern!r}: {e}") from None
+  return pattern
+
+
+def _patterns(name: str, value: Any) -> str | tuple[str, ...] | None:
+  """None, one regex, or a tuple of regexes / name suffixes."""
+  if value is None or isinstance(value, str):
+    return None if value is None else _regex(name, value)
+  if not isinstance(value, (Sequence, set, frozenset)) or isinstance(value, (bytes, bytearray)):
+    _fail(name, value, "a regex string or a list of module names")
+  return tuple(_regex(f"{name}[{i}]", p) for i, p in enumerate(value))
+
+
+def _mapping(name: str, value: Any, check: Callable[[str, Any], Any]) -> FrozenDict:
+  """``value`` as a FrozenDict of regex keys to values checked by ``check(field, value)``."""
+  if not isinstance(value, Mapping):
+    _fail(name, value, "a mapping {regex or module name: value} ({} for none)")
+  return FrozenDict({_regex(f"{name} key", k): check(f"{name}[{k!r}]", v) for k, v in value.items()})
+
+
+def _axes(name: str, value: Any) -> str | tuple[int, int]:
+  if isinstance(value, str):
+    if not value or set(value) - set("sio") or "i" not in value or "o" not in value:
+      _fail(name, value, "a string of the letters s, i, o with at least one i and one o")
+    return value
+  if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(_is_int, value))
+      or value[0] < 0 or value[1] < 1):
+    _fail(name, value, "(n_stack >= 0, n_in >= 1) or a string of the letters s, i, o")
+  return int(value[0]), int(value[1])
+
+
+def _uses(name: str, value: Any) -> tuple[str, ...]:
+  if (not isinstance(value, (tuple, list)) or not value or len(set(value)) != len(value)
+      or not all(isinstance(u, str) and u in TARGET_USES for u in value)):
+    _fail(name, value, f"a non-empty tuple of distinct uses from {TARGET_USES}")
+  return tuple(value)
+
+
+def _check_target_fn(fn: Any) -> None:
+  if not callable(fn):
+    _fail("target_fn", fn, "a callable target_fn(path, leaf) -> bool")
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # builtins without a signature: trust them
     return
-  items = [patterns] if isinstance(patterns, str) else patterns
-  if not isinstance(items, Sequence) or not all(isinstance(p, str) and p for p in items):
-    raise ValueError(f"LoraConfig: {name} must be a regex or a list of names, got {patterns!r}")
-  for p in items:
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"LoraConfig: {name} has an invalid regex {p!r}: {e}") from None
+  try:
+    signature.bind(("params", "kernel"), None)
+  except TypeError:
+    _fail("target_fn", fn, f"a callable of two arguments (path, leaf), not {signature}")

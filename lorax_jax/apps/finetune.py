@@ -1,9 +1,9 @@
 """Fine-tune an LLM with LoRA on a CPU: SmolLM2-135M-Instruct learns to tell fortunes.
 
-    python examples/finetune.py                              # configs/finetune.yaml
-    python examples/finetune.py --steps 300 --r 16 --targets all-linear
-    python examples/finetune.py --config configs/pydoc.yaml  # layered on top of finetune.yaml
-    python examples/finetune.py --resume                     # go on from out_dir's checkpoint
+    lorax-jax finetune                              # the packaged configs/finetune.yaml
+    lorax-jax finetune --steps 300 --r 16 --targets all-linear
+    lorax-jax finetune --config pydoc               # packaged configs/pydoc.yaml (or a path), on top
+    lorax-jax finetune --resume                     # go on from out_dir's checkpoint
 
 The base model is frozen; only the LoRA factors ``a``, ``b`` of the targeted projections
 train (``W' = W + (alpha / r) aᵀ b``, through `lorax_jax.lora_transform`, never forming
@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,19 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
-from safetensors.numpy import load_file, save_file
 
 import lorax_jax
+from lorax_jax.apps import settings
+from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import write_atomic, write_text_atomic
 from lorax_jax.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from data import fortune_items  # noqa: E402  (examples/data.py)
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune.yaml")
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHECKPOINT = "checkpoint.safetensors"
 # Settings that may differ between a checkpoint and the run resuming it.
@@ -87,125 +82,65 @@ class Settings:
   temperature: float
 
   def __post_init__(self):
-    checks = [
-        (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
-        (self.format in ("chat", "text"), "format must be chat or text"),
-        (len(self.data) > 0, "data names no source: give fortunes, pydoc or a text file"),
-        (0 < self.eval_fraction < 1, "eval_fraction must be in (0, 1)"),
-        (self.eval_examples > 0, "eval_examples must be positive"),
-        (self.lr > 0, "lr must be positive"),
-        (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-        (self.steps > 0, "steps must be positive"),
-        (0 <= self.warmup_steps < self.steps, "warmup_steps must be in [0, steps)"),
-        (0 <= self.stop_at <= self.steps, "stop_at must be in [0, steps]"),
-        (self.batch_size > 0, "batch_size must be positive"),
-        (self.seq_len >= 4, "seq_len must be at least 4"),
-        (self.save_every > 0, "save_every must be positive"),
-        (self.sample_tokens > 0, "sample_tokens must be positive"),
-        (self.max_chars >= 0, "max_chars must be >= 0"),
-        (self.clip_norm > 0, "clip_norm must be positive"),
-    ]
-    for ok, message in checks:
-      if not ok:
-        raise ValueError(message)
+    settings.check([
+        (self.dtype in ("float32", "bfloat16"), "setting dtype must be float32 or bfloat16"),
+        (self.format in ("chat", "text"), "setting format must be chat or text"),
+        (len(self.data) > 0, "setting data names no source: give fortunes, pydoc or a text file"),
+        (0 < self.eval_fraction < 1, "setting eval_fraction must be in (0, 1)"),
+        (self.eval_examples > 0, "setting eval_examples must be positive"),
+        (self.lr > 0, "setting lr must be positive"),
+        (0 <= self.min_lr_ratio <= 1, "setting min_lr_ratio must be in [0, 1]"),
+        (self.weight_decay >= 0, "setting weight_decay must be >= 0 (0 turns it off)"),
+        (self.steps > 0, "setting steps must be positive"),
+        (0 <= self.warmup_steps < self.steps, "setting warmup_steps must be in [0, steps)"),
+        (0 <= self.stop_at <= self.steps, "setting stop_at must be in [0, steps]"),
+        (self.batch_size > 0, "setting batch_size must be positive"),
+        (self.seq_len >= 4, "setting seq_len must be at least 4"),
+        (self.save_every > 0, "setting save_every must be positive"),
+        (self.sample_tokens > 0, "setting sample_tokens must be positive"),
+        (self.max_chars >= 0, "setting max_chars must be >= 0"),
+        (self.clip_norm > 0, "setting clip_norm must be positive"),
+        (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
+    ])
     lora_config(self)  # r, alpha, dropout and targets are LoraConfig's to check
 
 
-FIELDS: dict[str, Any] = typing.get_type_hints(Settings)
-
-
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-  """``value`` (parsed YAML) as the type of setting ``key``; ValueError naming the key otherwise."""
-  scalar = isinstance(value, (str, int, float)) and not isinstance(value, bool)
-  if kind == tuple[str, ...]:
-    items = [] if value is None else [value] if scalar else value
-    if isinstance(items, list) and all(isinstance(v, (str, int, float)) for v in items):
-      return tuple(str(v) for v in items)
-  elif kind is str and scalar:
-    return str(value)
-  elif kind is float and scalar:
-    try:
-      return float(value)  # also YAML 1.1's strings "3e-4" (it wants "3.0e-4")
-    except ValueError:
-      pass
-  elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-    return value
-  name = {float: "a number", int: "an integer", str: "a string"}.get(kind, "a list of strings")
-  raise ValueError(f"setting {key} must be {name}, got {value!r}")
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path} does not exist")
-  with open(path) as f:
-    values = yaml.safe_load(f) or {}
-  if not isinstance(values, dict):
-    raise ValueError(f"config file {path} must hold a mapping of settings")
-  unknown = sorted(set(values) - set(FIELDS))
-  if unknown:
-    raise ValueError(f"{path}: unknown setting {', '.join(unknown)} (valid: {', '.join(FIELDS)})")
-  return values
-
-
-def _from_flag(text: str, kind: Any) -> Any:
-  """A flag's value: strings as given (``--prompt "Q: why?"``), a YAML list or one string for
-  lists (``--targets "[q_proj, v_proj]"``), YAML otherwise."""
-  if kind is str:
-    return text
-  value = yaml.safe_load(text)
-  return value if kind != tuple[str, ...] or isinstance(value, list) else text
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str) -> typing.NoReturn:
-    raise ValueError(message)
+def _resume_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in out_dir")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
-  """``(settings, resume)``: configs/finetune.yaml, then ``--config FILE``, then ``--key value`` flags
-  (see `_from_flag`). An unknown key is a ValueError that lists the valid ones."""
-  parser = _Parser(description=__doc__.split("\n")[0], allow_abbrev=False)
-  parser.add_argument("--config", help="YAML file layered on top of configs/finetune.yaml")
-  parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in out_dir")
-  for key in FIELDS:
-    parser.add_argument(f"--{key}", default=None, metavar="VALUE")
-  args, unknown = parser.parse_known_args(argv)
-  if unknown:
-    raise ValueError(f"unknown setting {unknown[0]} (valid: --config, --resume, "
-                     f"{', '.join('--' + k for k in FIELDS)})")
-  values = _read_yaml(DEFAULT_CONFIG)
-  if args.config:
-    values.update(_read_yaml(args.config))
-  values.update({k: _from_flag(v, FIELDS[k]) for k, v in vars(args).items() if k in FIELDS and v is not None})
-  missing = [k for k in FIELDS if k not in values]
-  if missing:
-    raise ValueError(f"{DEFAULT_CONFIG} lacks setting {', '.join(missing)}")
-  return Settings(**{k: _coerce(k, values[k], FIELDS[k]) for k in FIELDS}), args.resume
+  """``(settings, resume)`` from the packaged finetune.yaml, ``--config`` and ``--key value`` flags
+  (`lorax_jax.apps.settings.parse`)."""
+  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _resume_flag)
+  return s, args.resume
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  targets = "all-linear" if s.targets == ("all-linear",) else list(s.targets)
-  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=targets)
+  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets))
 
 
 # ---------------------------------------------------------------------------------------
 # Model
 
 
-def load_model(s: Settings) -> tuple[Any, Any, Tokenizer]:
-  """``(model, params, tokenizer)`` for ``s.model``: "smollm2", a Hugging Face Llama directory or a GGUF file."""
+def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, Tokenizer]:
+  """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face Llama directory or a GGUF file."""
   from lorax_jax.models import gguf
 
-  dtype = jnp.dtype(s.dtype)
-  if s.model == "smollm2":
-    _, model, params, tokenizer = gguf.load_smollm2(dtype=dtype)
-  elif s.model.endswith(".gguf"):
-    _, model, params, tokenizer = gguf.load_gguf(s.model, dtype=dtype)
-  elif os.path.isdir(s.model):
-    _, model, params = load_llama(s.model, dtype)
-    tokenizer = load_tokenizer(s.model)
+  if name == "smollm2":
+    _, model, params, tokenizer = gguf.load_smollm2(dtype=jnp.dtype(dtype))
+  elif name.endswith(".gguf"):
+    _, model, params, tokenizer = gguf.load_gguf(name, dtype=jnp.dtype(dtype))
+  elif os.path.isdir(name):
+    try:
+      _, model, params = load_llama(name, jnp.dtype(dtype))
+      tokenizer = load_tokenizer(name)
+    except (ValueError, KeyError, TypeError) as e:  # a broken config.json, tokenizer or checkpoint
+      raise ValueError(f"model directory {name} is not a usable Hugging Face Llama checkpoint "
+                       f"({' '.join(str(e).split())}): fix or replace its files") from None
   else:
-    raise FileNotFoundError(f"model {s.model!r} is neither smollm2, a Hugging Face Llama directory "
+    raise FileNotFoundError(f"model {name!r} is neither smollm2, a Hugging Face Llama directory "
                             "nor a .gguf file")
   return model, params, tokenizer
 
@@ -230,8 +165,14 @@ def read_items(path: str) -> list[str]:
     return [item for f in files for item in read_items(f)]
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data {path!r} is neither fortunes, pydoc nor an existing file or directory")
-  with open(path, encoding="utf-8", errors="replace") as f:
-    text = f.read()
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                     "give a text file, or convert it with iconv") from None
+  if "\x00" in text:
+    raise ValueError(f"data file {path} holds NUL bytes, so it is not text: give a text file")
   separator = r"^%[ \t]*$" if re.search(r"^%[ \t]*$", text, re.MULTILINE) else r"\n[ \t]*\n"
   items = [s.strip() for s in re.split(separator, text, flags=re.MULTILINE) if s.strip()]
   if not items:
@@ -411,27 +352,52 @@ def _flat(tree: Any) -> dict[str, jax.Array]:
 def save_checkpoint(path: str, lora: Any, opt_state: Any, state: dict[str, Any]) -> None:
   """LoRA factors and optimizer state leaves (named by their tree paths) plus ``state`` as JSON,
   in one file written atomically."""
+  from safetensors.numpy import save_file
+
   tensors = {f"lora{k}": np.asarray(x) for k, x in _flat(lora).items()}
   tensors |= {f"opt{k}": np.asarray(x) for k, x in _flat(opt_state).items()}
   write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(state)}))
 
 
-def checkpoint_state(path: str) -> dict[str, Any]:
-  """The JSON state (step, settings, history, ...) of `save_checkpoint`'s file."""
+def _unusable(path: str, problem: str) -> ValueError:
+  return ValueError(f"checkpoint {path} {problem}: delete it to start over, or pick another out_dir")
+
+
+def read_checkpoint(path: str, s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """``(state, tensors)`` of `save_checkpoint`'s file, checked before anything is used: the file
+  reads whole, its state has a step and the settings, the step is within ``s.steps``, and the
+  settings other than those in RESUMABLE are ``s``'s."""
   from safetensors import safe_open
+  from safetensors.numpy import load_file
 
-  with safe_open(path, "np") as f:
-    state = json.loads((f.metadata() or {}).get("state", "null"))
-  if not isinstance(state, dict):
-    raise ValueError(f"{path} is not a finetune.py checkpoint; delete it or pick another out_dir")
-  return state
+  try:
+    with safe_open(path, "np") as f:
+      text = (f.metadata() or {}).get("state")
+    state = json.loads(text) if text is not None else None
+  except Exception as e:  # safetensors' SafetensorError, JSONDecodeError, OSError
+    raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+  if (not isinstance(state, dict) or not isinstance(state.get("settings"), dict)
+      or not isinstance(state.get("step"), int) or not isinstance(state.get("history"), list)):
+    raise _unusable(path, "is not a lorax-jax finetune checkpoint (it has no step, history and settings)")
+  if not 0 < state["step"] <= s.steps:
+    raise _unusable(path, f"is at step {state['step']}, outside this run's 1..steps={s.steps}")
+  for key, value in settings.as_dict(s).items():
+    if key not in RESUMABLE and state["settings"].get(key) != value:
+      raise ValueError(f"checkpoint {path} was made with {key}={state['settings'].get(key)!r}, not "
+                       f"{value!r}: resume with the same settings (only {', '.join(RESUMABLE)} may "
+                       "change), or pick another out_dir")
+  try:
+    tensors = load_file(path)
+  except Exception as e:
+    raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+  return state, tensors
 
 
-def load_checkpoint(path: str, lora: Any, opt_state: Any) -> tuple[Any, Any]:
-  """``(lora, opt_state)`` from `save_checkpoint`'s file; ``lora`` and ``opt_state`` are templates
+def restore(path: str, tensors: dict[str, np.ndarray], lora: Any, opt_state: Any) -> tuple[Any, Any]:
+  """``(lora, opt_state)`` from a checkpoint's ``tensors``; ``lora`` and ``opt_state`` are templates
   (fresh ones from ``init_lora`` and ``optimizer.init``) giving the trees' structure, and every
   leaf must match its template's shape and dtype."""
-  tensors = load_file(path)
+  tensors = dict(tensors)
   fix = "resume with the model and LoRA settings it was made with, or pick another out_dir"
 
   def rebuild(prefix: str, template: Any) -> Any:
@@ -452,16 +418,6 @@ def load_checkpoint(path: str, lora: Any, opt_state: Any) -> tuple[Any, Any]:
   if tensors:
     raise ValueError(f"checkpoint {path} has {', '.join(sorted(tensors))}, which this model lacks: {fix}")
   return lora, opt_state
-
-
-def _resume_state(s: Settings, state: dict[str, Any], path: str) -> None:
-  """ValueError naming the first setting (other than those in RESUMABLE) that differs from the checkpoint's."""
-  saved = state["settings"]
-  for key, value in json.loads(json.dumps(dataclasses.asdict(s))).items():
-    if key not in RESUMABLE and saved.get(key) != value:
-      raise ValueError(f"checkpoint {path} was made with {key}={saved.get(key)!r}, not {value!r}: "
-                       f"resume with the same settings (only {', '.join(RESUMABLE)} may change), "
-                       "or pick another out_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,12 +454,24 @@ def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 # The run
 
 
-def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *, resume: bool = False,
+def resume_point(s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """The checked ``(state, tensors)`` of ``s.out_dir``'s checkpoint (`read_checkpoint`)."""
+  path = os.path.join(s.out_dir, CHECKPOINT)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
+  return read_checkpoint(path, s)
+
+
+def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
+        checkpoint: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None,
         base_model_name: str | None = None) -> dict[str, Any]:
   """Fine-tune ``model``'s LoRA as ``s`` says; write everything into ``s.out_dir``.
 
-  Returns the metrics (as in ``metrics.json``) plus ``"lora"``, the trained factors.
+  ``checkpoint`` is `resume_point`'s, to go on from it. Returns the metrics (as in
+  ``metrics.json``) plus ``"lora"``, the trained factors.
   """
+  import yaml
+
   train, held_out = make_examples(s, tokenizer)
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
@@ -519,12 +487,9 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *, resume: b
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
 
-  if resume:
-    if not os.path.isfile(ckpt):
-      raise FileNotFoundError(f"no checkpoint to resume at {ckpt}: run without --resume first")
-    state = checkpoint_state(ckpt)
-    _resume_state(s, state, ckpt)
-    lora, opt_state = load_checkpoint(ckpt, lora, opt_state)
+  if checkpoint is not None:
+    state, tensors = checkpoint
+    lora, opt_state = restore(ckpt, tensors, lora, opt_state)
     print(f"resuming {ckpt} at step {state['step']}")
   else:
     if os.path.isfile(ckpt):
@@ -534,10 +499,9 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *, resume: b
              "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size),
              "samples_before": sample(model, params, tokenizer, s)}
     print(f"held-out loss before: {state['eval_before']:.4f} ({time.perf_counter() - t:.0f}s with compilation)")
-  state["settings"] = dataclasses.asdict(s)
+  state["settings"] = settings.as_dict(s)
   os.makedirs(s.out_dir, exist_ok=True)
-  write_text_atomic(os.path.join(s.out_dir, "settings.yaml"),
-                    yaml.safe_dump(json.loads(json.dumps(state["settings"])), sort_keys=False))
+  write_text_atomic(os.path.join(s.out_dir, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
 
   lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
   if state["step"] < s.steps:
@@ -599,20 +563,12 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
   return lora, opt_state, state
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Run from the command line; bad input is one ``error: ...`` line on stderr and exit status 2."""
-  try:
-    s, resume = parse_args(argv)
-    t = time.perf_counter()
-    model, params, tokenizer = load_model(s)
-    print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
-    run(s, model, params, tokenizer, resume=resume,
-        base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)
-  except (ValueError, OSError, ImportError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> None:
+  """``lorax-jax finetune``: settings, then the checkpoint (with ``--resume``), then the model, then the run."""
+  s, resume = parse_args(argv)
+  checkpoint = resume_point(s) if resume else None
+  t = time.perf_counter()
+  model, params, tokenizer = load_model(s.model, s.dtype)
+  print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
+  run(s, model, params, tokenizer, checkpoint=checkpoint,
+      base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)

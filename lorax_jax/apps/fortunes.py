@@ -1,4 +1,4 @@
-"""Offline text data for the examples: Debian's ``fortunes`` files.
+"""Offline text data for the applications and examples: Debian's ``fortunes`` files.
 
 Each file in ``/usr/share/games/fortunes`` is one topic; its items are separated by
 lines holding only ``%``.
