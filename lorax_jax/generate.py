@@ -87,7 +87,6 @@ class _Steps:
 
   prefill: Callable[..., Any]
   decode: Callable[..., Any]
-  keep_alive: Any  # the LoraConfig whose id is part of the key
 
 
 _COMPILED: collections.OrderedDict[tuple, _Steps] = collections.OrderedDict()
@@ -95,7 +94,7 @@ _COMPILED: collections.OrderedDict[tuple, _Steps] = collections.OrderedDict()
 
 def _steps(model: Any, params: Any, cfg: LoraConfig | None, sampling: Sampling) -> _Steps:
   """Jitted prefill/decode for this model, factored adapter config (or None) and sampling; reused across calls."""
-  key = (model, None if cfg is None else id(cfg), sampling)
+  key = (model, cfg, sampling)  # LoraConfig is an immutable, hashable value
   if key in _COMPILED:
     _COMPILED.move_to_end(key)
     return _COMPILED[key]
@@ -114,7 +113,7 @@ def _steps(model: Any, params: Any, cfg: LoraConfig | None, sampling: Sampling) 
     logits, cache = apply(params, lora, token[:, None], position[:, None], None, cache)
     return sample(logits[:, -1], key, sampling), cache
 
-  steps = _Steps(jax.jit(prefill), jax.jit(decode, donate_argnames="cache"), cfg)
+  steps = _Steps(jax.jit(prefill), jax.jit(decode, donate_argnames="cache"))
   _COMPILED[key] = steps
   while len(_COMPILED) > _MAX_COMPILED:
     _COMPILED.popitem(last=False)

@@ -356,7 +356,7 @@ def minilm_directory() -> str:
 def load_tokenizer(directory: str, max_length: int | None = None):
   """The ``tokenizers.Tokenizer`` of a checkpoint directory. It pads a batch to its longest
   item or, given ``max_length``, truncates and pads every item to ``max_length`` tokens."""
-  from tokenizers import Tokenizer  # an optional dependency (the "examples" extra)
+  from tokenizers import Tokenizer  # an optional dependency (the "llm" extra)
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{directory} has no tokenizer.json")
