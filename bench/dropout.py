@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     rows[name] = {"temp_mb": mem.temp_size_in_bytes / 2**20, "bytes_gb": cost["bytes accessed"] / 1e9,
                   "gflops": cost["flops"] / 1e9}
     losses[name] = float(c(*compiled[name][1])[2])
+    print(name, rows[name], file=sys.stderr, flush=True)
   times = {name: [] for name in compiled}
   for _ in range(args.reps):
     for name, (c, a) in compiled.items():
