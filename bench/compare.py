@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from types import ModuleType
 
@@ -33,6 +34,7 @@ def load_proposal(name: str) -> ModuleType:
   subprocess.run(["patch", "-s", target, os.path.join(root, "bench", "proposals", f"{name}.diff")], check=True)
   spec = importlib.util.spec_from_file_location(f"proposal_{name.replace('-', '_')}", target)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
   spec.loader.exec_module(module)
   return module
 
