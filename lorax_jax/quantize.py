@@ -330,3 +330,116 @@ def _unpack_ggml(data: jax.Array) -> jax.Array:
   """ggml's 4-bit blocks: byte ``j`` of a 32-block holds element ``j`` (low) and ``j + 16`` (high)."""
   d = data.reshape(*data.shape[:-1], -1, GGUF_BLOCK // 2)
   return jnp.concatenate([d & 15, d >> 4], -1).reshape(*data.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------
+# Dequantization at use
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+  """A `QArray` on its way to a use, with the layout-only equations (casts, transposes,
+  reshapes) applied to it so far, to be replayed on the dequantized kernel."""
+
+  q: QArray
+  ops: tuple[Any, ...] = ()
+
+  def tree_flatten(self):
+    return (self.q,), self.ops
+
+  @classmethod
+  def tree_unflatten(cls, ops: tuple[Any, ...], children: Sequence[Any]) -> _Pending:
+    return cls(children[0], ops)
+
+  def materialize(self) -> jax.Array:
+    w = self.q.dequantize()
+    for eqn in self.ops:
+      w = _bind(eqn, [w])[0]
+    return w
+
+
+_LAYOUT_OPS = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "broadcast_in_dim",
+                         "copy", "copy_p"})
+_INLINE_OPS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+_REMAT_OPS = frozenset({"remat2", "checkpoint"})
+
+
+def dequantize_at_use(fn: Callable[..., Any], *, remat: bool = True) -> Callable[..., Any]:
+  """``fn`` taking trees with `QArray` leaves, dequantizing each one where it is consumed.
+
+  ``fn`` is traced with the logical float shapes (`abstract`); each equation consuming a
+  quantized kernel (a ``dot_general``, a ``gather``, ...) runs as
+  ``jax.checkpoint(lambda x, Q: op(x, deq(Q)))``, so the forward pass keeps only the packed
+  ``Q`` and the backward pass recomputes ``deq(Q)`` when it needs it: the float kernel lives
+  for one use, never as a residual. Casts, transposes and reshapes of the kernel are replayed
+  on ``deq(Q)``; nested ``jit`` is inlined, ``checkpoint`` re-emitted with its policy; a kernel
+  entering ``scan``, ``while`` or ``cond`` is dequantized there whole. It composes with
+  `lorax_jax.lora_transform` (QLoRA, ``y = x·deq(Q) + s·(x·A)·B``)::
+
+      lora_apply = lora_transform(model.apply, abstract(qparams), cfg)
+      logits = dequantize_at_use(lora_apply)(qparams, lora, x)
+
+  Args:
+    fn: any function of pytrees of arrays; arguments may hold `QArray` leaves. Leaves that are
+      not arrays (Python numbers, strings) are static.
+    remat: False dequantizes at the use without the checkpoint (the float kernel is then a
+      residual of the backward pass; for measuring what the checkpoint saves).
+
+  Returns:
+    ``fn``'s outputs, as if called on `dequantize` of its arguments.
+  """
+  @functools.wraps(fn)
+  def run(*args: Any, **kwargs: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_quantized)
+    dynamic = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+               for x in leaves]
+
+    def traced(*dyn: Any) -> Any:
+      it = iter(dyn)
+      a, kw = jax.tree_util.tree_unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+      return fn(*a, **kw)
+
+    dyn = [x for x, d in zip(leaves, dynamic) if d]
+    closed, shape = jax.make_jaxpr(traced, return_shape=True)(*[x.aval() if is_quantized(x) else x for x in dyn])
+    invals = [_Pending(x) if is_quantized(x) else x for x in dyn]
+    outs = _eval_at_use(closed.jaxpr, closed.consts, invals, remat)
+    outs = [x.materialize() if isinstance(x, _Pending) else x for x in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+  return run
+
+
+def _eval_at_use(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], remat: bool) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if not any(isinstance(x, _Pending) for x in invals):
+      outvals = _bind(eqn, invals)
+    elif name in _LAYOUT_OPS and len(invals) == 1:
+      outvals = [dataclasses.replace(invals[0], ops=(*invals[0].ops, eqn))]
+    elif name in _INLINE_OPS:
+      inner = eqn.params["jaxpr"]
+      outvals = _eval_at_use(inner.jaxpr, inner.consts, invals, remat)
+    elif name in _REMAT_OPS:
+      inner = eqn.params["jaxpr"]
+      outvals = jax.checkpoint(lambda *a, inner=inner: _eval_at_use(inner, (), a, remat),
+                               prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])(*invals)
+    else:
+      def use(*vals, eqn=eqn):
+        return _bind(eqn, [x.materialize() if isinstance(x, _Pending) else x for x in vals])
+      outvals = (jax.checkpoint(use) if remat else use)(*invals)
+    env.update(zip(eqn.outvars, outvals))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+  return list(out) if eqn.primitive.multiple_results else [out]
