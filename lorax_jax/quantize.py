@@ -432,11 +432,78 @@ def _eval_at_use(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], remat: 
       outvals = jax.checkpoint(lambda *a, inner=inner: _eval_at_use(inner, (), a, remat),
                                prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])(*invals)
     else:
-      def use(*vals, eqn=eqn):
-        return _bind(eqn, [x.materialize() if isinstance(x, _Pending) else x for x in vals])
-      outvals = (jax.checkpoint(use) if remat else use)(*invals)
+      op = lambda *vals, eqn=eqn: _bind(eqn, vals)
+      outvals = call_dequantized(op, *invals) if remat else op(*_materialize(invals))
     env.update(zip(eqn.outvars, outvals))
   return [read(v) for v in jaxpr.outvars]
+
+
+def call_dequantized(op: Callable[..., Any], *args: Any) -> Any:
+  """``op(*args)`` with each quantized argument dequantized, never kept for the backward pass.
+
+  The arguments may be arrays, `QArray`\\ s or pending layouts of them (inside
+  `dequantize_at_use`). A custom VJP: the forward pass dequantizes after the other inputs are
+  ready (an optimization barrier ties them) and saves only the other inputs and the packed
+  data; the backward pass dequantizes again once the cotangent has arrived and pulls it back
+  through ``op`` to the other inputs. The quantized base is frozen: its cotangents are zero.
+  So at any time at most the kernels of the uses being computed exist in float.
+
+  Args:
+    op: a function of the arguments, with the quantized ones in float.
+    *args: its arguments.
+  """
+  quantized = tuple(i for i, x in enumerate(args) if is_quantized(x) or isinstance(x, _Pending))
+  rest = tuple(x for i, x in enumerate(args) if i not in quantized)
+  frozen = tuple(args[i] for i in quantized)
+
+  def full(rest, floats):
+    it_rest, it_float = iter(rest), iter(floats)
+    return op(*[next(it_float) if i in quantized else next(it_rest) for i in range(len(args))])
+
+  @jax.custom_vjp
+  def run(rest, frozen):
+    return full(rest, _materialize(frozen))
+
+  def fwd(rest, frozen):
+    tied_rest, tied_frozen = jax.lax.optimization_barrier((rest, frozen))
+    return full(tied_rest, _materialize(_after(tied_frozen, tied_rest))), (rest, frozen)
+
+  def bwd(res, g):
+    rest, frozen = res
+    g, frozen = jax.lax.optimization_barrier((g, frozen))
+    frozen = _after(frozen, g)
+    floats = _materialize(frozen)
+    _, pull = jax.vjp(lambda r: full(r, floats), rest)
+    return pull(g)[0], jax.tree_util.tree_map(_zero_cotangent, frozen)
+
+  run.defvjp(fwd, bwd)
+  return run(rest, frozen)
+
+
+def _after(frozen: Any, g: Any) -> Any:
+  """``frozen`` with its float leaves made data-dependent on ``g`` (``+ 0·g₀``), values unchanged.
+
+  XLA's CPU pipeline drops optimization barriers before common-subexpression elimination,
+  which would merge this dequantization with the forward pass's and keep the float kernel
+  alive in between; the dependency keeps them apart (and after ``g``) on every backend.
+  """
+  first = next((x for x in jax.tree_util.tree_leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)), None)
+  if first is None:
+    return frozen
+  zero = jnp.zeros((), jnp.float32) * first.reshape(-1)[0].astype(jnp.float32)
+  return jax.tree_util.tree_map(
+      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, frozen)
+
+
+def _materialize(values: Sequence[Any]) -> list[Any]:
+  return [x.materialize() if isinstance(x, _Pending) else x.dequantize() if is_quantized(x) else x
+          for x in values]
+
+
+def _zero_cotangent(x: Any) -> Any:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros(x.shape, x.dtype)
+  return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
