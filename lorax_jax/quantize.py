@@ -20,7 +20,8 @@ blocks of 256, with one float32 absmax per such block.
 
 `dequantize` is pure ``jnp`` and runs inside ``jit`` on any backend. `dequantize_at_use` runs
 a function on a tree holding `QArray`\\ s, dequantizing each at the operation that consumes it
-inside a ``jax.checkpoint``, so that the float kernel is never kept for the backward pass.
+(`call_dequantized`, a custom VJP that dequantizes again in the backward pass), so that the
+float kernel is never kept for the backward pass.
 """
 
 from __future__ import annotations
@@ -370,9 +371,9 @@ def dequantize_at_use(fn: Callable[..., Any], *, remat: bool = True) -> Callable
 
   ``fn`` is traced with the logical float shapes (`abstract`); each equation consuming a
   quantized kernel (a ``dot_general``, a ``gather``, ...) runs as
-  ``jax.checkpoint(lambda x, Q: op(x, deq(Q)))``, so the forward pass keeps only the packed
-  ``Q`` and the backward pass recomputes ``deq(Q)`` when it needs it: the float kernel lives
-  for one use, never as a residual. Casts, transposes and reshapes of the kernel are replayed
+  ``call_dequantized(op, x, Q)``, so the forward pass keeps only the packed ``Q`` and the
+  backward pass dequantizes again when it needs it: the float kernel lives for one use,
+  never as a residual. Casts, transposes and reshapes of the kernel are replayed
   on ``deq(Q)``; nested ``jit`` is inlined, ``checkpoint`` re-emitted with its policy; a kernel
   entering ``scan``, ``while`` or ``cond`` is dequantized there whole. It composes with
   `lorax_jax.lora_transform` (QLoRA, ``y = x·deq(Q) + s·(x·A)·B``)::
@@ -383,8 +384,8 @@ def dequantize_at_use(fn: Callable[..., Any], *, remat: bool = True) -> Callable
   Args:
     fn: any function of pytrees of arrays; arguments may hold `QArray` leaves. Leaves that are
       not arrays (Python numbers, strings) are static.
-    remat: False dequantizes at the use without the checkpoint (the float kernel is then a
-      residual of the backward pass; for measuring what the checkpoint saves).
+    remat: False dequantizes at the use without `call_dequantized` (the float kernel is then a
+      residual of the backward pass; for measuring what recomputing it saves).
 
   Returns:
     ``fn``'s outputs, as if called on `dequantize` of its arguments.
