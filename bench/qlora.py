@@ -71,7 +71,7 @@ def _lora_only(tree: Any) -> Any:
   if not isinstance(tree, dict):
     return None
   out = {k: v if "lora" in k else _lora_only(v) for k, v in tree.items()}
-  return {k: v for k, v in out.items() if v is not None and v != {}}
+  return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
 
 
 def _merge_trees(a: Any, b: Any) -> Any:
