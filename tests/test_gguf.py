@@ -149,3 +149,46 @@ def test_conversion_cache_is_written_whole(smollm2, tmp_path):
   np.testing.assert_array_equal(params2["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"],
                                 params["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"])
   assert tok.encode(TEXTS[3]) == smollm2[3].encode(TEXTS[3])
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2):
+  return G.load_smollm2(quantized=True)
+
+
+def test_quantized_load_keeps_the_files_q4_1_blocks(smollm2, smollm2_quantized):
+  """210 projection kernels as the file's Q4_1 blocks; dequantized, exactly the float32 load."""
+  import jax
+  from lorax_jax import quantize as Q
+  params, qparams = smollm2[2], smollm2_quantized[2]
+  quantized = [x for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x)]
+  assert len(quantized) == 210 and {q.fmt for q in quantized} == {"Q4_1"}
+  k = qparams["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"]
+  assert k.shape == (576, 192) and k.nbytes == 192 * 576 // 32 * 20  # the file's bytes, no more
+  assert not Q.is_quantized(qparams["params"]["model"]["embed_tokens"]["embedding"])
+  same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32)),
+                      params, Q.dequantize(qparams))
+  assert all(jax.tree.leaves(same))
+
+
+def test_quantized_smollm2_logits_at_use(smollm2, smollm2_quantized):
+  import jax
+  import jax.numpy as jnp
+  from lorax_jax import quantize as Q
+  _, model, params, tok = smollm2
+  ids = jnp.asarray([tok.encode("The capital of France is Paris, and")])
+  want = jax.jit(model.apply)(params, ids)
+  got = jax.jit(Q.dequantize_at_use(model.apply))(smollm2_quantized[2], ids)
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+
+
+def test_quantized_kernels_reject_other_quantized_types(monkeypatch):
+  config = G.config_from_gguf({"general.architecture": "llama", "llama.block_count": 1,
+                               "llama.embedding_length": 64, "llama.feed_forward_length": 64,
+                               "llama.attention.head_count": 1, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+                               "llama.vocab_size": 10}, ["token_embd.weight"])
+  monkeypatch.setattr(G, "read_gguf_blocks",
+                      lambda path: {"blk.0.ffn_up.weight": ("Q6_K", np.zeros((64, 210), np.uint8))})
+  with pytest.raises(ValueError, match="GGUF tensor type Q6_K is not supported"):
+    G.quantized_kernels("unused.gguf", config)

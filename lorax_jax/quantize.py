@@ -1,0 +1,513 @@
+"""Quantized frozen bases: `QArray` leaves, `quantize`, `dequantize`, dequantization at use.
+
+A `QArray` stands in a params tree for one float kernel ``W`` of logical shape ``S`` and dtype
+``D``. Its blocks run along one axis (``axis``, by default the kernel's input axis ``ndim - 2``
+of a Flax ``[..., in, out]`` kernel): the stored arrays hold ``V = moveaxis(W, axis, -1)`` of
+shape ``[..., n]`` cut into ``n / block_size`` blocks of the last axis, and
+
+    nf4:   W_i = NF4[q_i] · absmax_blk                 (QLoRA; bitsandbytes' codes and nibbles)
+    int4:  W_i = (q_i - 8) · scale_blk,  q_i - 8 ∈ [-7, 7],  scale = absmax / 7
+    int8:  W_i = q_i · scale_blk,        q_i ∈ [-127, 127],  scale = absmax / 127
+    Q4_0:  W_i = (q_i - 8) · d_blk                     (GGUF, 32-blocks, d float16)
+    Q4_1:  W_i = q_i · d_blk + m_blk                   (GGUF, 32-blocks, d and m float16)
+    Q8_0:  W_i = q_i · d_blk                           (GGUF, 32-blocks, int8 q, d float16)
+
+all computed in float32, then cast to ``D``. For a 2-D ``[in, out]`` kernel ``V = Wᵀ`` is the
+torch / ggml ``[out, in]`` weight, so the packed bytes are bitsandbytes' ``quantize_4bit``
+output and the GGUF file's blocks unchanged. NF4's double quantization (bitsandbytes'
+``compress_statistics``) stores the absmax as 8-bit dynamic-map codes of ``absmax - mean`` in
+blocks of 256, with one float32 absmax per such block.
+
+`dequantize` is pure ``jnp`` and runs inside ``jit`` on any backend. `dequantize_at_use` runs
+a function on a tree holding `QArray`\\ s, dequantizing each at the operation that consumes it
+(`call_dequantized`, a custom VJP that dequantizes again in the backward pass), so that the
+float kernel is never kept for the backward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.targets import leaves_with_paths, matches, path_str, tree_path
+
+QUANTIZE_FORMATS = ("nf4", "int4", "int8")
+GGUF_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
+FORMATS = QUANTIZE_FORMATS + GGUF_FORMATS
+GGUF_BLOCK = 32
+DOUBLE_QUANT_BLOCK = 256
+
+# bitsandbytes' NF4 table (``get_4bit_type("nf4")``), float32.
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+
+
+@functools.cache
+def dynamic_map() -> np.ndarray:
+  """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), sorted, float32.
+
+  Seven exponents ``10^(e-6)``, each with the ``2^e`` midpoints of ``linspace(0.1, 1, 2^e + 1)``,
+  both signs, plus 0 and 1. The ``linspace`` is torch's float32 one (``start + i·step`` in the
+  first half, ``end - (n-1-i)·step`` in the second, each rounded once), so the table is
+  bit-identical to bitsandbytes'.
+  """
+  data = [0.0, 1.0]
+  for e in range(7):
+    bounds = _torch_linspace(np.float32(0.1), np.float32(1.0), 2 ** e + 1)
+    means = (bounds[:-1] + bounds[1:]) / np.float32(2)
+    data += [*(np.float32(10.0 ** (e - 6)) * means), *(np.float32(-10.0 ** (e - 6)) * means)]
+  return np.sort(np.array(data + [0.0] * (256 - len(data)), np.float32))
+
+
+def _torch_linspace(start: np.float32, end: np.float32, n: int) -> np.ndarray:
+  step = np.float32((end - start) / np.float32(n - 1))
+  i = np.arange(n)
+  up = (np.float64(start) + np.float64(step) * i).astype(np.float32)
+  down = (np.float64(end) - np.float64(step) * (n - 1 - i)).astype(np.float32)
+  return np.where(i < n // 2, up, down)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class QArray:
+  """A quantized kernel: packed codes, block scales (zero points, double-quant statistics).
+
+  Children (arrays, over the stored layout ``[..., n]`` described in the module docstring):
+    data: ``uint8 [..., n/2]`` (4-bit formats, two codes a byte) or ``int8 [..., n]``.
+    scale: ``[..., n/block_size]``: float32 (``nf4``, ``int4``, ``int8``), float16 (GGUF), or
+      uint8 dynamic-map codes (``nf4`` with double quantization).
+    zero: ``Q4_1``'s float16 block minima ``m``, else None.
+    scale_absmax, scale_offset: double quantization's float32 absmax per 256 scale codes and
+      the subtracted mean, else None.
+
+  Static: ``fmt``, the logical ``shape`` and ``dtype``, ``block_size`` and the blocked ``axis``.
+  """
+
+  CHILDREN = ("data", "scale", "zero", "scale_absmax", "scale_offset")
+
+  def __init__(self, data: Any, scale: Any, zero: Any = None, scale_absmax: Any = None,
+               scale_offset: Any = None, *, fmt: str, shape: Sequence[int], dtype: Any,
+               block_size: int, axis: int):
+    self.data, self.scale, self.zero = data, scale, zero
+    self.scale_absmax, self.scale_offset = scale_absmax, scale_offset
+    self.fmt, self.shape, self.dtype = fmt, tuple(int(n) for n in shape), jnp.dtype(dtype)
+    self.block_size, self.axis = int(block_size), int(axis)
+
+  def tree_flatten_with_keys(self):
+    children = tuple((jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in self.CHILDREN)
+    return children, (self.fmt, self.shape, self.dtype, self.block_size, self.axis)
+
+  @classmethod
+  def tree_unflatten(cls, aux: tuple, children: Sequence[Any]) -> QArray:
+    fmt, shape, dtype, block_size, axis = aux
+    return cls(*children, fmt=fmt, shape=shape, dtype=dtype, block_size=block_size, axis=axis)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the stored arrays (what the quantized leaf costs in memory)."""
+    return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(self))
+
+  def aval(self) -> jax.ShapeDtypeStruct:
+    """The logical float array this stands for."""
+    return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+  def dequantize(self) -> jax.Array:
+    """The float kernel (pure ``jnp``; see the module docstring for the formulas)."""
+    n_blocks = self.scale.shape[-1]
+    lead = self.scale.shape[:-1]
+    if self.fmt == "nf4":
+      values = jnp.asarray(NF4)[_unpack_pairs(self.data)]
+      scale = self.scale
+      if self.scale_absmax is not None:  # bitsandbytes: dyn[code] · absmax2, then + offset
+        codes = scale.reshape(-1)
+        blocks = -(-codes.size // DOUBLE_QUANT_BLOCK)
+        pad = jnp.pad(jnp.asarray(dynamic_map())[codes], (0, blocks * DOUBLE_QUANT_BLOCK - codes.size))
+        scale = (pad.reshape(blocks, -1) * self.scale_absmax[:, None]).reshape(-1)[:codes.size]
+        scale = (scale + self.scale_offset).reshape(self.scale.shape)
+    elif self.fmt == "int4":
+      values, scale = _unpack_pairs(self.data).astype(jnp.float32) - 8.0, self.scale
+    elif self.fmt in ("int8", "Q8_0"):
+      values, scale = self.data.astype(jnp.float32), self.scale.astype(jnp.float32)
+    elif self.fmt == "Q4_0":
+      values, scale = _unpack_ggml(self.data).astype(jnp.float32) - 8.0, self.scale.astype(jnp.float32)
+    elif self.fmt == "Q4_1":
+      values, scale = _unpack_ggml(self.data).astype(jnp.float32), self.scale.astype(jnp.float32)
+    else:
+      raise ValueError(f"QArray: unknown format {self.fmt!r}; expected one of {FORMATS}")
+    out = values.reshape(*lead, n_blocks, -1) * scale[..., None]
+    if self.zero is not None:
+      out = out + self.zero.astype(jnp.float32)[..., None]
+    return jnp.moveaxis(out.reshape(*lead, -1).astype(self.dtype), -1, self.axis)
+
+  def __repr__(self) -> str:
+    return (f"QArray({self.fmt}, shape={self.shape}, dtype={self.dtype.name}, "
+            f"block_size={self.block_size}, axis={self.axis})")
+
+
+def is_quantized(x: Any) -> bool:
+  """Whether ``x`` is a `QArray`; use as ``is_leaf`` to treat quantized kernels as leaves."""
+  return isinstance(x, QArray)
+
+
+def abstract(tree: Any) -> Any:
+  """``tree`` with every `QArray` replaced by the ``jax.ShapeDtypeStruct`` of its float kernel."""
+  return jax.tree_util.tree_map(lambda x: x.aval() if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def dequantize(tree: Any) -> Any:
+  """``tree`` with every `QArray` replaced by its float kernel (`QArray.dequantize`)."""
+  return jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, tree,
+                                is_leaf=is_quantized)
+
+
+def quantize(params: Any, fmt: str, *, block_size: int | None = 64,
+             targets: str | Sequence[str] | None = None, double_quant: bool = False) -> Any:
+  """``params`` with the selected kernels replaced by `QArray`\\ s of format ``fmt``.
+
+  Blocks run along each kernel's axis ``ndim - 2`` (a Flax ``[..., in, out]`` kernel's input
+  axis, a conv ``HWIO`` kernel's ``I``). Quantization runs once, on the host (NumPy):
+
+    nf4:  absmax_blk = max |V|, q = the NF4 entry nearest V / absmax (bitsandbytes' midpoint
+          rule: the number of midpoints below the value)
+    int4: scale = absmax / 7, q = clip(round(V / scale), -7, 7) + 8, two codes a byte
+    int8: scale = absmax / 127, q = round(V / scale)
+
+  Args:
+    params: a params pytree (Flax ``{"params": ...}``, an NNX state, a dict of arrays, ...).
+    fmt: ``"nf4"``, ``"int4"`` or ``"int8"``. GGUF's formats come from a file unchanged
+      (`from_gguf`, ``load_gguf(..., quantized=True)``), never by re-quantizing.
+    block_size: values per block (bitsandbytes' ``blocksize``); None for one block per
+      output channel (the whole axis: ``int8`` per-channel).
+    targets: which leaves, as `LoraConfig.targets` (a regex full-matching the ``/``-joined
+      path, or a list of module-name suffixes). Default: every float leaf of rank >= 2 but
+      embeddings (a path entry containing ``embed``).
+    double_quant: quantize nf4's absmax again (bitsandbytes' ``compress_statistics``).
+
+  Raises:
+    ValueError: an unknown ``fmt``, ``double_quant`` with another format than nf4, a selected
+      leaf that is not a float array of rank >= 2, a ``block_size`` that does not divide the
+      blocked axis (or is odd for a 4-bit format), or ``targets`` selecting nothing.
+  """
+  if fmt in GGUF_FORMATS:
+    raise ValueError(f"quantize: {fmt} blocks come from a GGUF file as stored (from_gguf, "
+                     f"load_gguf(..., quantized=True)); quantize makes {QUANTIZE_FORMATS}")
+  if fmt not in QUANTIZE_FORMATS:
+    raise ValueError(f"quantize: unknown format {fmt!r}; expected one of {QUANTIZE_FORMATS}")
+  if double_quant and fmt != "nf4":
+    raise ValueError(f"quantize: double_quant is for nf4's absmax, not {fmt!r}")
+  if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
+    raise ValueError(f"quantize: block_size must be a positive int or None, got {block_size!r}")
+  chosen = {path for path, leaf in leaves_with_paths(params) if _selected(path, leaf, targets)}
+  if targets is not None and not chosen:
+    raise ValueError(f"quantize: targets {targets!r} select no leaf")
+
+  def one(kp, leaf):
+    path = tree_path(kp)
+    if path not in chosen:
+      return leaf
+    return _quantize_leaf(path_str(path), leaf, fmt, block_size, double_quant)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def _selected(path: tuple[str, ...], leaf: Any, targets: str | Sequence[str] | None) -> bool:
+  name = path_str(path)
+  if targets is not None:
+    if not matches(targets, name):
+      return False
+    if np.ndim(leaf) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f"quantize: {name} must be a float array of rank >= 2 to be quantized, got "
+                       f"shape {tuple(np.shape(leaf))} dtype {jnp.result_type(leaf)}")
+    return True
+  return (hasattr(leaf, "shape") and np.ndim(leaf) >= 2
+          and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+          and not any("embed" in p.lower() for p in path))
+
+
+def _quantize_leaf(name: str, leaf: Any, fmt: str, block_size: int | None, double_quant: bool) -> QArray:
+  dtype = jnp.result_type(leaf)
+  axis = np.ndim(leaf) - 2
+  v = np.moveaxis(np.asarray(leaf, np.float32), axis, -1)
+  n = v.shape[-1]
+  bs = n if block_size is None else block_size
+  if n % bs or (fmt != "int8" and bs % 2):
+    raise ValueError(f"quantize: block_size {bs} does not divide axis {axis} (size {n}) of {name} "
+                     f"shape {tuple(np.shape(leaf))}" + ("" if fmt == "int8" else " into even blocks")
+                     + "; pick a block size dividing it")
+  blocks = v.reshape(*v.shape[:-1], n // bs, bs)
+  absmax = np.abs(blocks).max(-1)
+  meta = dict(fmt=fmt, shape=np.shape(leaf), dtype=dtype, block_size=bs, axis=axis)
+  if fmt == "nf4":
+    scaled = np.clip(blocks * (np.float32(1) / np.maximum(absmax, np.float32(1e-38)))[..., None], -1, 1)
+    codes = np.searchsorted((NF4[:-1] + NF4[1:]) / np.float32(2), scaled, side="left").astype(np.uint8)
+    data = _pack_pairs(codes.reshape(v.shape))
+    if double_quant:
+      return QArray(jnp.asarray(data), *_double_quant(absmax), **meta)
+    return QArray(jnp.asarray(data), jnp.asarray(absmax), **meta)
+  levels = 7 if fmt == "int4" else 127
+  scale = absmax / np.float32(levels)
+  safe = np.where(scale == 0, np.float32(1), scale)[..., None]
+  q = np.clip(np.rint(blocks / safe), -levels, levels).reshape(v.shape)
+  data = _pack_pairs((q + 8).astype(np.uint8)) if fmt == "int4" else q.astype(np.int8)
+  return QArray(jnp.asarray(data), jnp.asarray(scale), **meta)
+
+
+def _double_quant(absmax: np.ndarray) -> tuple[jax.Array, None, jax.Array, jax.Array]:
+  """bitsandbytes' ``quantize_blockwise(absmax - mean, blocksize=256)`` with the dynamic map."""
+  flat = absmax.reshape(-1)
+  offset = flat.mean(dtype=np.float32)
+  centred = flat - offset
+  blocks = -(-flat.size // DOUBLE_QUANT_BLOCK)
+  padded = np.pad(centred, (0, blocks * DOUBLE_QUANT_BLOCK - flat.size)).reshape(blocks, -1)
+  absmax2 = np.abs(padded).max(-1)
+  scaled = np.clip(padded * (np.float32(1) / np.maximum(absmax2, np.float32(1e-38)))[:, None], -1, 1)
+  code = dynamic_map()
+  codes = np.searchsorted((code[:-1] + code[1:]) / np.float32(2), scaled, side="left").astype(np.uint8)
+  codes = codes.reshape(-1)[:flat.size].reshape(absmax.shape)
+  return jnp.asarray(codes), None, jnp.asarray(absmax2), jnp.asarray(offset)
+
+
+def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32) -> QArray:
+  """A GGUF tensor's blocks, as stored in the file, as the `QArray` of its Flax ``[in, out]`` kernel.
+
+  Args:
+    blocks: the tensor's bytes as ``uint8 [out, in / 32 · bytes_per_block]`` (``gguf``'s
+      ``ReaderTensor.data`` of a quantized 2-D tensor: one row per output, blocks along ``in``).
+    ggml_type: the tensor type's name, ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"``.
+    dtype: the logical dtype of the dequantized kernel.
+
+  Raises:
+    ValueError: another tensor type, or bytes that are not whole blocks of ``ggml_type``.
+  """
+  if ggml_type not in GGUF_FORMATS:
+    raise ValueError(f"GGUF tensor type {ggml_type} is not supported quantized; supported: {GGUF_FORMATS}")
+  scale_bytes = 4 if ggml_type == "Q4_1" else 2
+  q_bytes = GGUF_BLOCK if ggml_type == "Q8_0" else GGUF_BLOCK // 2
+  per_block = scale_bytes + q_bytes
+  blocks = np.asarray(blocks)
+  if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % per_block:
+    raise ValueError(f"{ggml_type} blocks must be uint8 [rows, k · {per_block}], got "
+                     f"{blocks.dtype} {blocks.shape}")
+  rows, n_blocks = blocks.shape[0], blocks.shape[1] // per_block
+  b = blocks.reshape(rows, n_blocks, per_block)
+  d = np.ascontiguousarray(b[..., :2]).view(np.float16)[..., 0]
+  zero = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0] if ggml_type == "Q4_1" else None
+  qs = np.ascontiguousarray(b[..., scale_bytes:]).reshape(rows, n_blocks * q_bytes)
+  if ggml_type == "Q8_0":
+    qs = qs.view(np.int8)
+  return QArray(jnp.asarray(qs), jnp.asarray(d), None if zero is None else jnp.asarray(zero),
+                fmt=ggml_type, shape=(n_blocks * GGUF_BLOCK, rows), dtype=dtype,
+                block_size=GGUF_BLOCK, axis=0)
+
+
+def _pack_pairs(codes: np.ndarray) -> np.ndarray:
+  """4-bit codes, consecutive pairs into one byte, the first in the high nibble (bitsandbytes)."""
+  return (codes[..., 0::2] << 4) | codes[..., 1::2]
+
+
+def _unpack_pairs(data: jax.Array) -> jax.Array:
+  return jnp.stack([data >> 4, data & 15], -1).reshape(*data.shape[:-1], -1)
+
+
+def _unpack_ggml(data: jax.Array) -> jax.Array:
+  """ggml's 4-bit blocks: byte ``j`` of a 32-block holds element ``j`` (low) and ``j + 16`` (high)."""
+  d = data.reshape(*data.shape[:-1], -1, GGUF_BLOCK // 2)
+  return jnp.concatenate([d & 15, d >> 4], -1).reshape(*data.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------
+# Dequantization at use
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+  """A `QArray` on its way to a use, with the layout-only equations (casts, transposes,
+  reshapes) applied to it so far, to be replayed on the dequantized kernel."""
+
+  q: QArray
+  ops: tuple[Any, ...] = ()
+
+  def tree_flatten(self):
+    return (self.q,), self.ops
+
+  @classmethod
+  def tree_unflatten(cls, ops: tuple[Any, ...], children: Sequence[Any]) -> _Pending:
+    return cls(children[0], ops)
+
+  def materialize(self) -> jax.Array:
+    w = self.q.dequantize()
+    for eqn in self.ops:
+      w = _bind(eqn, [w])[0]
+    return w
+
+
+_LAYOUT_OPS = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "broadcast_in_dim",
+                         "copy", "copy_p"})
+_INLINE_OPS = frozenset({"pjit", "jit", "closed_call", "core_call"})
+_REMAT_OPS = frozenset({"remat2", "checkpoint"})
+
+
+def dequantize_at_use(fn: Callable[..., Any], *, remat: bool = True) -> Callable[..., Any]:
+  """``fn`` taking trees with `QArray` leaves, dequantizing each one where it is consumed.
+
+  ``fn`` is traced with the logical float shapes (`abstract`); each equation consuming a
+  quantized kernel (a ``dot_general``, a ``gather``, ...) runs as
+  ``call_dequantized(op, x, Q)``, so the forward pass keeps only the packed ``Q`` and the
+  backward pass dequantizes again when it needs it: the float kernel lives for one use,
+  never as a residual. Casts, transposes and reshapes of the kernel are replayed
+  on ``deq(Q)``; nested ``jit`` is inlined, ``checkpoint`` re-emitted with its policy; a kernel
+  entering ``scan``, ``while`` or ``cond`` is dequantized there whole. It composes with
+  `lorax_jax.lora_transform` (QLoRA, ``y = x·deq(Q) + s·(x·A)·B``)::
+
+      lora_apply = lora_transform(model.apply, abstract(qparams), cfg)
+      logits = dequantize_at_use(lora_apply)(qparams, lora, x)
+
+  Args:
+    fn: any function of pytrees of arrays; arguments may hold `QArray` leaves. Leaves that are
+      not arrays (Python numbers, strings) are static.
+    remat: False dequantizes at the use without `call_dequantized` (the float kernel is then a
+      residual of the backward pass; for measuring what recomputing it saves).
+
+  Returns:
+    ``fn``'s outputs, as if called on `dequantize` of its arguments.
+  """
+  @functools.wraps(fn)
+  def run(*args: Any, **kwargs: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_quantized)
+    dynamic = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+               for x in leaves]
+
+    def traced(*dyn: Any) -> Any:
+      it = iter(dyn)
+      a, kw = jax.tree_util.tree_unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
+      return fn(*a, **kw)
+
+    dyn = [x for x, d in zip(leaves, dynamic) if d]
+    closed, shape = jax.make_jaxpr(traced, return_shape=True)(*[x.aval() if is_quantized(x) else x for x in dyn])
+    invals = [_Pending(x) if is_quantized(x) else x for x in dyn]
+    outs = _eval_at_use(closed.jaxpr, closed.consts, invals, remat)
+    outs = [x.materialize() if isinstance(x, _Pending) else x for x in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+  return run
+
+
+def _eval_at_use(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], remat: bool) -> list[Any]:
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if not any(isinstance(x, _Pending) for x in invals):
+      outvals = _bind(eqn, invals)
+    elif name in _LAYOUT_OPS and len(invals) == 1:
+      outvals = [dataclasses.replace(invals[0], ops=(*invals[0].ops, eqn))]
+    elif name in _INLINE_OPS:
+      inner = eqn.params["jaxpr"]
+      outvals = _eval_at_use(inner.jaxpr, inner.consts, invals, remat)
+    elif name in _REMAT_OPS:
+      inner = eqn.params["jaxpr"]
+      outvals = jax.checkpoint(lambda *a, inner=inner: _eval_at_use(inner, (), a, remat),
+                               prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])(*invals)
+    else:
+      op = lambda *vals, eqn=eqn: _bind(eqn, vals)
+      outvals = call_dequantized(op, *invals) if remat else op(*_materialize(invals))
+    env.update(zip(eqn.outvars, outvals))
+  return [read(v) for v in jaxpr.outvars]
+
+
+def call_dequantized(op: Callable[..., Any], *args: Any) -> Any:
+  """``op(*args)`` with each quantized argument dequantized, never kept for the backward pass.
+
+  The arguments may be arrays, `QArray`\\ s or pending layouts of them (inside
+  `dequantize_at_use`). A custom VJP: the forward pass dequantizes after the other inputs are
+  ready (an optimization barrier ties them) and saves only the other inputs and the packed
+  data; the backward pass dequantizes again once the cotangent has arrived and pulls it back
+  through ``op`` to the other inputs. The quantized base is frozen: its cotangents are zero.
+  So at any time at most the kernels of the uses being computed exist in float.
+
+  Args:
+    op: a function of the arguments, with the quantized ones in float.
+    *args: its arguments.
+  """
+  quantized = tuple(i for i, x in enumerate(args) if is_quantized(x) or isinstance(x, _Pending))
+  rest = tuple(x for i, x in enumerate(args) if i not in quantized)
+  frozen = tuple(args[i] for i in quantized)
+
+  def full(rest, floats):
+    it_rest, it_float = iter(rest), iter(floats)
+    return op(*[next(it_float) if i in quantized else next(it_rest) for i in range(len(args))])
+
+  @jax.custom_vjp
+  def run(rest, frozen):
+    return full(rest, _materialize(frozen))
+
+  def fwd(rest, frozen):
+    tied_rest, tied_frozen = jax.lax.optimization_barrier((rest, frozen))
+    return full(tied_rest, _materialize(_after(tied_frozen, tied_rest))), (rest, frozen)
+
+  def bwd(res, g):
+    rest, frozen = res
+    g, frozen = jax.lax.optimization_barrier((g, frozen))
+    frozen = _after(frozen, g)
+    floats = _materialize(frozen)
+    _, pull = jax.vjp(lambda r: full(r, floats), rest)
+    return pull(g)[0], jax.tree_util.tree_map(_zero_cotangent, frozen)
+
+  run.defvjp(fwd, bwd)
+  return run(rest, frozen)
+
+
+def _after(frozen: Any, g: Any) -> Any:
+  """``frozen`` with its float leaves made data-dependent on ``g`` (``+ 0·g₀``), values unchanged.
+
+  XLA's CPU pipeline drops optimization barriers before common-subexpression elimination,
+  which would merge this dequantization with the forward pass's and keep the float kernel
+  alive in between; the dependency keeps them apart (and after ``g``) on every backend.
+  """
+  first = next((x for x in jax.tree_util.tree_leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)), None)
+  if first is None:
+    return frozen
+  zero = jnp.zeros((), jnp.float32) * first.reshape(-1)[0].astype(jnp.float32)
+  return jax.tree_util.tree_map(
+      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, frozen)
+
+
+def _materialize(values: Sequence[Any]) -> list[Any]:
+  return [x.materialize() if isinstance(x, _Pending) else x.dequantize() if is_quantized(x) else x
+          for x in values]
+
+
+def _zero_cotangent(x: Any) -> Any:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros(x.shape, x.dtype)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+  return list(out) if eqn.primitive.multiple_results else [out]
