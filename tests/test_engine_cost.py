@@ -77,7 +77,8 @@ def test_smollm2_tied_embedding_at_all_uses():
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
   def compiled(targets):
-    cfg = lj.LoraConfig(r=4, alpha=8, targets=targets)
+    uses = {"embed_tokens": ("lookup", "matmul")} if "embed_tokens" in targets else {}
+    cfg = lj.LoraConfig(r=4, alpha=8, targets=targets, target_uses=uses)
     lora = lj.init_lora(params, cfg, jax.random.key(1))
     apply = lj.lora_transform(model.apply, params, cfg, strict=True)
     return _compiled(_lora_step(apply, xent), params, lora, OPT.init(lora), ids)

@@ -311,7 +311,7 @@ def cases() -> list[Case]:
                            kernel_axes={"strided": "iiio", "dilated": "iiio"}),
              {"strided": "iiio", "dilated": "iiio"}),
       _linen("linen_embed_attend_tied", LinenTiedLM(), jax.random.randint(ks[3], (2, 6), 0, 30),
-             dict(targets=["embed", "hidden"])),
+             dict(targets=["embed", "hidden"], target_uses={"embed": ("lookup", "matmul")})),
       _linen("linen_mha", LinenAttention(), jax.random.normal(ks[4], (2, 5, 12)),
              dict(targets=["query", "key", "value", "out"],
                            kernel_axes={r".*/(query|key|value)/kernel": "ioo", "out": "iio"}),
