@@ -41,9 +41,21 @@ class LoraConfig:
     exclude: regex or suffix list of paths never adapted.
     rank_pattern, alpha_pattern: per-target ``r`` and ``alpha`` overrides, keyed by a
       regex or name suffix (first match wins).
-    kernel_axes: per-target ``(n_stack, n_in)`` overrides, keyed like ``rank_pattern``:
-      the kernel's first ``n_stack`` axes are stacked layers (``nn.scan``), the next
-      ``n_in`` are its input axes, the rest its output axes.
+    kernel_axes: per-target layouts, keyed like ``rank_pattern``: a string with one letter
+      per kernel axis, ``"s"`` stacked (``nn.scan`` layers, experts), ``"i"`` input (``a``
+      side), ``"o"`` output (``b`` side), e.g. ``"oi"`` for an ``[out, in]`` weight, ``"sio"``
+      for an expert stack ``[E, in, out]``; or ``(n_stack, n_in)``: the first ``n_stack`` axes
+      stacked, the next ``n_in`` input, the rest output. `lorax_jax.axes_from_use` fills it
+      from the kernels' uses.
+    target_uses: per-target allowed uses, keyed like ``rank_pattern``: a tuple among
+      ``"lookup"`` (gather), ``"matmul"`` (``dot_general``, ``ragged_dot``) and ``"conv"``; the
+      target's other uses see the frozen ``W``. ``{"embed_tokens": ("lookup",)}`` is PEFT's
+      tied embedding (adapted at the token lookup, not at the tied head); `merge` refuses it.
+    branch_dtype: ``"factors"`` (PEFT's choice: the branch computes in the factors' dtype,
+      its result cast to the layer's output dtype) or ``"kernel"`` (in the kernel's dtype as
+      the model uses it: faster for a bf16 base on bf16 hardware, less precise).
+    shared_dropout: targets reading the same input tensor share one dropout mask (one key per
+      distinct input instead of one per target and use).
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
       ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
@@ -62,7 +74,10 @@ class LoraConfig:
   exclude: str | Sequence[str] | None = None
   rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
-  kernel_axes: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+  kernel_axes: Mapping[str, str | tuple[int, int]] = dataclasses.field(default_factory=dict)
+  target_uses: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  branch_dtype: Literal["factors", "kernel"] = "factors"
+  shared_dropout: bool = False
   use_rslora: bool = False
   init: Literal["kaiming", "gaussian"] = "kaiming"
 
@@ -85,12 +100,23 @@ class LoraConfig:
       raise ValueError("LoraConfig: target_fn must be callable(path, leaf) -> bool")
     for name in ("targets", "exclude"):
       _check_patterns(name, getattr(self, name))
-    for name in ("rank_pattern", "alpha_pattern", "kernel_axes"):
+    for name in ("rank_pattern", "alpha_pattern", "kernel_axes", "target_uses"):
       _check_patterns(name, list(getattr(self, name)))
     for key, axes in self.kernel_axes.items():
-      if (not isinstance(axes, (tuple, list)) or len(axes) != 2
-          or not all(isinstance(n, int) and n >= 0 for n in axes) or axes[1] < 1):
-        raise ValueError(f"LoraConfig: kernel_axes[{key!r}] must be (n_stack >= 0, n_in >= 1), got {axes!r}")
+      if isinstance(axes, str):
+        if not axes or set(axes) - set("sio") or "i" not in axes or "o" not in axes:
+          raise ValueError(f"LoraConfig: kernel_axes[{key!r}] must use the letters s/i/o with at "
+                           f"least one 'i' and one 'o', got {axes!r}")
+      elif (not isinstance(axes, (tuple, list)) or len(axes) != 2
+            or not all(isinstance(n, int) and n >= 0 for n in axes) or axes[1] < 1):
+        raise ValueError(f"LoraConfig: kernel_axes[{key!r}] must be a layout string like 'oi' or "
+                         f"(n_stack >= 0, n_in >= 1), got {axes!r}")
+    for key, uses in self.target_uses.items():
+      if isinstance(uses, str) or not uses or set(uses) - {"lookup", "matmul", "conv"}:
+        raise ValueError(f"LoraConfig: target_uses[{key!r}] must be a non-empty tuple among "
+                         f"'lookup', 'matmul', 'conv', got {uses!r}")
+    if self.branch_dtype not in ("factors", "kernel"):
+      raise ValueError(f"LoraConfig: branch_dtype must be 'factors' or 'kernel', got {self.branch_dtype!r}")
     if (self.target_fn is None and self.targets is None
         and not (self.target_query or self.target_key or self.target_value)):
       raise ValueError("LoraConfig targets nothing: set target_query/key/value, targets or target_fn")

@@ -28,6 +28,7 @@ target's index, its use and, inside loops, the iteration. ``rng=None`` uses
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import string
@@ -44,7 +45,7 @@ from jax import lax
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora, get_path
 from lorax_jax.merge import merge
-from lorax_jax.targets import Target, find_targets, leaves_with_paths
+from lorax_jax.targets import Target, find_targets, leaves_with_paths, path_str
 
 Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
 
@@ -55,7 +56,8 @@ class LoraKernel:
   """A targeted kernel in flight: ``w`` as the model sees it now, plus its factors.
 
   ``a`` has axes ``(stack..., r, a-axes...)`` and ``b`` ``(stack..., r, b-axes...)``; the
-  kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``.
+  kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``. Rules reach
+  the frozen weight only as ``w``; ``uses`` is the target's `LoraConfig.target_uses` (None: all).
   """
 
   w: jax.Array
@@ -64,6 +66,7 @@ class LoraKernel:
   labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
   index: int = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
+  uses: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def n_stack(self) -> int:
@@ -78,9 +81,10 @@ class LoraKernel:
     b = stack + "R" + "".join(where["b", i] for i in range(self.b.ndim - self.n_stack - 1))
     return a, b, kernel
 
-  def factors(self) -> tuple[jax.Array, jax.Array]:
-    """``a`` and ``b`` in the kernel's current dtype."""
-    return self.a.astype(self.w.dtype), self.b.astype(self.w.dtype)
+  def factor_axis(self, label: Label) -> int:
+    """The axis of ``a`` (for an ``"a"`` or ``"s"`` label) or ``b`` (``"b"``, ``"s"``) holding ``label``."""
+    side, i = label
+    return i if side == "s" else self.n_stack + 1 + i
 
   def merged(self) -> jax.Array:
     """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
@@ -101,19 +105,41 @@ class _Context:
   strict: bool
   names: tuple[str, ...]
   fallbacks: set[tuple[str, str]]
+  branch_dtype: str = "factors"
+  shared_dropout: bool = False
   uses: dict[int, int] = dataclasses.field(default_factory=dict)
+  inputs: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)
+  producers: dict[Any, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
 
   def fold(self, i: jax.Array) -> _Context:
     """The context for one iteration ``i`` of a loop: its own dropout keys."""
     rng = None if self.rng is None else jax.random.fold_in(self.rng, i)
-    return dataclasses.replace(self, rng=rng, uses={})
+    return dataclasses.replace(self, rng=rng, uses={}, inputs={})
+
+  def adapts(self, k: LoraKernel, use: str) -> bool:
+    """Whether ``k`` gets its branch at a ``use`` (``"lookup"``, ``"matmul"``, ``"conv"``)."""
+    return k.uses is None or use in k.uses
+
+  def dtype(self, k: LoraKernel) -> Any:
+    """The branch's compute dtype (`LoraConfig.branch_dtype`)."""
+    return k.a.dtype if self.branch_dtype == "factors" else k.w.dtype
 
   def dropout(self, x: jax.Array, k: LoraKernel) -> jax.Array:
+    """``x`` with LoRA dropout, the key folded from ``rng``, then the target and its use count
+    (or, with ``shared_dropout``, the order in which this input tensor first met a branch).
+
+    Under ``jax.vmap`` over per-example keys the masks differ per example; a key shared by the
+    whole batch gives every example the same mask.
+    """
     if self.rng is None or self.rate == 0.0:
       return x
-    use = self.uses.get(k.index, 0)
-    self.uses[k.index] = use + 1
-    key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
+    if self.shared_dropout:
+      _, n = self.inputs.setdefault(id(x), (x, len(self.inputs)))  # x kept alive: ids stay unique
+      key = jax.random.fold_in(jax.random.fold_in(self.rng, -1), n)
+    else:
+      use = self.uses.get(k.index, 0)
+      self.uses[k.index] = use + 1
+      key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
     keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
     return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
@@ -130,6 +156,9 @@ class _Context:
     return k.merged()
 
 
+CACHE_SIZE = 32  # compiled programs kept per `LoraApply` (least recently used evicted)
+
+
 class LoraApply:
   """``lora_apply(params, lora, *args, rng=None, **kwargs)``; see `lora_transform`."""
 
@@ -137,17 +166,28 @@ class LoraApply:
     self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
     self.targets = find_targets(params, cfg)
     self.fallbacks: set[tuple[str, str]] = set()
-    self._compiled: dict[Any, Callable[..., Any]] = {}
+    self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
+    self._treedef = jax.tree_util.tree_structure(params)
+    self._paths = [path for path, _ in leaves_with_paths(params)]
+    self._leaf_index = {path: self._paths.index(path) for path in self.targets}
+    self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
+                   for path, x in leaves_with_paths(params) if path in self.targets}
+    self._warned_no_key = False
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                **kwargs: Any) -> Any:
     check_lora(self.targets, lora)
+    self._check_params(params)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
+    if rng is None and self.cfg.dropout > 0 and not self._warned_no_key:
+      warnings.warn(f"lorax_jax: LoraConfig.dropout={self.cfg.dropout} but no key reaches the call "
+                    "(rng=None and no dropout_seed): running without LoRA dropout", stacklevel=2)
+      self._warned_no_key = True
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     dynamic = tuple(_is_array(x) for x in leaves)
     statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
-    key = (treedef, dynamic, statics)
+    key = (treedef, dynamic, tuple((type(x), x) for x in statics))
     try:
       run = self._compiled.get(key)
     except TypeError:  # an unhashable static argument: evaluate without the cache
@@ -156,36 +196,51 @@ class LoraApply:
       run = functools.partial(self._run, treedef, dynamic, statics)
       if key is not None:
         run = self._compiled[key] = jax.jit(run)
+        if len(self._compiled) > CACHE_SIZE:
+          self._compiled.popitem(last=False)
+    elif key is not None:
+      self._compiled.move_to_end(key)
     return run([x for x, d in zip(leaves, dynamic) if d], lora, rng)
+
+  def _check_params(self, params: Any) -> None:
+    """Raise a ValueError naming the path if ``params`` is not the tree the transform was built for."""
+    if jax.tree_util.tree_structure(params) != self._treedef:
+      paths = [path for path, _ in leaves_with_paths(params)]
+      missing = [path_str(p) for p in self._paths if p not in paths]
+      extra = [path_str(p) for p in paths if p not in self._paths]
+      raise ValueError(
+          "lora_apply: params differ in structure from the tree given to lora_transform"
+          + (f"; missing {', '.join(missing[:5])}" if missing else "")
+          + (f"; unexpected {', '.join(extra[:5])}" if extra else "")
+          + ". Build the transform with the params you call it with")
+    leaves = jax.tree_util.tree_leaves(params)
+    for path, i in self._leaf_index.items():
+      got = (tuple(np.shape(leaves[i])), jnp.result_type(leaves[i]))
+      if not _is_array(leaves[i]) or got != self._avals[path]:
+        raise ValueError(
+            f"lora_apply: target {path_str(path)} is {got[0]} {got[1]} (a {type(leaves[i]).__name__}), "
+            f"but lora_transform was built for {self._avals[path][0]} {self._avals[path][1]}")
 
   def _run(self, treedef: Any, dynamic: tuple[bool, ...], statics: tuple[Any, ...],
            dyn: list[Any], lora: Lora, rng: jax.Array | None) -> Any:
     """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches."""
-    params, args, kwargs = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn, statics))
-    n_params = len(jax.tree_util.tree_leaves(params))
-
     def fn(*dyn_leaves):
       p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
       return self.apply_fn(p, *a, **kw)
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*dyn)
-    kernels = self._kernels(params, lora)
-    invals = [kernels.get(i, x) if i < n_params else x for i, x in enumerate(dyn)]
+    # The jaxpr's inputs are the array leaves only: a target's position counts those before it.
+    dyn_index = np.cumsum(dynamic) - 1
+    invals = list(dyn)
+    for n, (path, t) in enumerate(self.targets.items()):
+      node = get_path(lora, path)
+      i = int(dyn_index[self._leaf_index[path]])
+      invals[i] = LoraKernel(jnp.asarray(invals[i]), node["a"], node["b"], _labels(t), n, t.scale,
+                             t.uses)
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
-                   self.fallbacks)
+                   self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
     outs = [_plain(x, ctx, "the output") for x in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
-
-  def _kernels(self, params: Any, lora: Lora) -> dict[int, LoraKernel]:
-    """The targeted leaves of ``params`` (by flat index) as `LoraKernel`s."""
-    index = {t.path: i for i, t in enumerate(self.targets.values())}
-    kernels = {}
-    for leaf_i, (path, w) in enumerate(leaves_with_paths(params)):
-      if path in index:
-        t, node = self.targets[path], get_path(lora, path)
-        kernels[leaf_i] = LoraKernel(jnp.asarray(w), node["a"], node["b"], _labels(t), index[path],
-                                     t.scale)
-    return kernels
 
 
 def _interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
@@ -227,9 +282,10 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
 
 
 def _labels(t: Target) -> tuple[Label, ...]:
-  n_out = len(t.out_shape)
-  return (tuple(("s", i) for i in range(t.n_stack)) + tuple(("a", i) for i in range(t.n_in))
-          + tuple(("b", i) for i in range(n_out)))
+  """The `LoraKernel` labels of a target's layout: its n-th ``s``/``i``/``o`` axis is
+  ``("s", n)`` / ``("a", n)`` / ``("b", n)``."""
+  side = {"s": "s", "i": "a", "o": "b"}
+  return tuple((side[c], t.axes[:j].count(c)) for j, c in enumerate(t.axes))
 
 
 def _is_array(x: Any) -> bool:
@@ -257,6 +313,8 @@ def _eval(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx
       outvals = rule(eqn, invals, ctx)
     else:
       outvals = _bind(eqn, invals)
+      if eqn.primitive.name == "broadcast_in_dim":
+        ctx.producers[eqn.outvars[0]] = (eqn.params["broadcast_dimensions"], invals[0])
     for v, x in zip(eqn.outvars, outvals):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]
@@ -273,15 +331,22 @@ def _plain(x: Any, ctx: _Context, what: str) -> Any:
   return ctx.fallback(x, what) if isinstance(x, LoraKernel) else x
 
 
-def _fallback_rule(eqn, invals, ctx):
-  return _bind(eqn, [_plain(x, ctx, eqn.primitive.name) for x in invals])
+def _fallback_rule(eqn, invals, ctx, what: str | None = None):
+  """``eqn`` on the merged kernels (reported as ``what``, by default the primitive's name)."""
+  return _bind(eqn, [_plain(x, ctx, what or eqn.primitive.name) for x in invals])
 
 
 # --- following the kernel: casts, transposes, reshapes ---------------------------------
 
 
 def _convert_rule(eqn, invals, ctx):
+  """A dtype cast: followed between float types of >= 16 bits; any other cast (to an integer or
+  8-bit float) would cast the factors too and is merged for that use instead."""
   (k,) = invals
+  new = eqn.params.get("new_dtype", k.w.dtype)
+  if not (jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(k.w.dtype, jnp.floating)
+          and jnp.finfo(new).bits >= 16):
+    return _fallback_rule(eqn, invals, ctx, f"a cast to {jnp.dtype(new).name}")
   return [k.with_w(_bind(eqn, [k.w])[0])]
 
 
@@ -383,15 +448,25 @@ def _slice_rule(eqn, invals, ctx):
 
 
 def _dot_general_rule(eqn, invals, ctx):
-  """``x·W + s · (dropout(x)·A)·B``, for the kernel on either side of the dot."""
+  """``x·W + s · (dropout(x)·F)·G``, for the kernel on either side of the dot.
+
+  ``F`` is the factor owning the kernel axes that ``x`` contracts (``a`` for ``x @ W``, ``b`` for
+  ``x @ W.T`` or a tied LM head), so the intermediate is ``x``'s free axes times ``r``; ``G`` is
+  the other factor. A dot contracting axes of both factors is merged for that use.
+  """
   lhs, rhs = invals
   if isinstance(lhs, LoraKernel) and isinstance(rhs, LoraKernel):
     lhs = ctx.fallback(lhs, "dot_general with two kernels")
   side = 1 if isinstance(rhs, LoraKernel) else 0
   k, x = (rhs, lhs) if side else (lhs, rhs)
-  base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   (xc, kc), (xb, kb) = ((lc, rc), (lb, rb)) if side else ((rc, lc), (rb, lb))
+  contracted = {k.labels[i][0] for i in kc} - {"s"}
+  if not ctx.adapts(k, "matmul"):
+    return _bind(eqn, [lhs, k.w] if side else [k.w, rhs])
+  if contracted == {"a", "b"}:
+    return _fallback_rule(eqn, invals, ctx, "dot_general contracting input and output axes")
+  base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
   a_sub, b_sub, k_sub = k.letters()
   x_sub = list(string.ascii_uppercase[:x.ndim].replace("R", "Z"))
   for xi, ki in (*zip(xc, kc), *zip(xb, kb)):
@@ -401,12 +476,61 @@ def _dot_general_rule(eqn, invals, ctx):
   x_free = "".join(c for i, c in enumerate(x_sub) if i not in xc and i not in xb)
   k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
   out_sub = batch + (x_free + k_free if side else k_free + x_free)
-  t_sub = "".join(dict.fromkeys(c for c in x_sub + a_sub if c in out_sub + b_sub))
-  a, b = k.factors()
-  precision = eqn.params.get("precision")
-  t = jnp.einsum(f"{x_sub},{a_sub}->{t_sub}", ctx.dropout(x, k), a, precision=precision)
-  branch = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(k.scale, t.dtype), b,
-                      precision=precision)
+  (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
+  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", ctx.dropout(x, k), f, g, k, ctx,
+                     precision=eqn.params.get("precision"),
+                     preferred_element_type=eqn.params.get("preferred_element_type"),
+                     out_sharding=eqn.params.get("out_sharding"))
+  return [base + branch.astype(base.dtype)]
+
+
+def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel, ctx: _Context,
+              **dot: Any) -> jax.Array:
+  """``scale · einsum(spec, x, f, g)`` as ``(x·f)·g`` in the branch dtype (`LoraConfig.branch_dtype`).
+
+  The intermediate keeps only the letters of ``x`` and ``f`` that the output or ``g`` needs.
+  ``dot`` holds the use's ``precision``, ``preferred_element_type`` (kept where it widens the
+  branch dtype) and ``out_sharding`` (for the second product, shaped like the output).
+  """
+  ins, out = spec.split("->")
+  x_sub, f_sub, g_sub = ins.split(",")
+  t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
+  dtype = ctx.dtype(k)
+  pet = dot.get("preferred_element_type")
+  pet = pet if pet is not None and jnp.finfo(pet).bits > jnp.finfo(dtype).bits else None
+  t = jnp.einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
+                 precision=dot.get("precision"), preferred_element_type=pet)
+  return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
+                    precision=dot.get("precision"), preferred_element_type=pet,
+                    out_sharding=dot.get("out_sharding"))
+
+
+def _ragged_dot_rule(eqn, invals, ctx):
+  """``ragged_dot(x, W, groups) + s · ragged_dot(ragged_dot(dropout(x), Fᵀ, groups), G, groups)``.
+
+  The canonical mixture-of-experts form: ``x [m, k]`` rows grouped by expert, ``W [E, k, n]``
+  with the expert axis stacked; ``F`` owns ``k`` (``a`` for ``"sio"``, ``b`` for ``"soi"``).
+  """
+  x, k, groups = invals
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  if (isinstance(x, LoraKernel) or isinstance(groups, LoraKernel) or not isinstance(k, LoraKernel)
+      or not ctx.adapts(k, "matmul")):
+    if isinstance(k, LoraKernel) and not ctx.adapts(k, "matmul"):
+      return _bind(eqn, [x, k.w, groups])
+    return _fallback_rule(eqn, invals, ctx)
+  canonical = (dn.dot_dimension_numbers == (((1,), (1,)), ((), ())) and tuple(dn.lhs_ragged_dimensions) == (0,)
+               and tuple(dn.rhs_group_dimensions) == (0,) and x.ndim == 2 and k.w.ndim == 3)
+  if not canonical or k.labels[0][0] != "s" or {k.labels[1][0], k.labels[2][0]} != {"a", "b"}:
+    return _fallback_rule(eqn, invals, ctx, "ragged_dot of a non-canonical expert kernel")
+  base = _bind(eqn, [x, k.w, groups])[0]
+  f, g = (k.a, k.b) if k.labels[1][0] == "a" else (k.b, k.a)
+  dtype = ctx.dtype(k)
+  pet = eqn.params.get("preferred_element_type")
+  pet = pet if pet is not None and jnp.finfo(pet).bits > jnp.finfo(dtype).bits else None
+  dot = dict(precision=eqn.params.get("precision"), preferred_element_type=pet,
+             group_offset=eqn.params.get("group_offset"))
+  t = lax.ragged_dot(ctx.dropout(x, k).astype(dtype), jnp.swapaxes(f, 1, 2).astype(dtype), groups, **dot)
+  branch = lax.ragged_dot(t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype), groups, **dot)
   return [base + branch.astype(base.dtype)]
 
 
@@ -415,41 +539,155 @@ def _conv_rule(eqn, invals, ctx):
   x, k = invals
   dn = eqn.params["dimension_numbers"]
   out_feature = dn.rhs_spec[0]
+  if isinstance(k, LoraKernel) and not isinstance(x, LoraKernel) and not ctx.adapts(k, "conv"):
+    return _bind(eqn, [x, k.w])
   if (isinstance(x, LoraKernel) or not isinstance(k, LoraKernel) or k.n_stack
       or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2
       or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
     return _fallback_rule(eqn, invals, ctx)
   base = _bind(eqn, [x, k.w])[0]
-  a, b = k.factors()
+  dtype = ctx.dtype(k)
   # `a` laid out as the kernel, with r in place of the output features.
   perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  t = _bind(eqn, [ctx.dropout(x, k), a.transpose(perm)])[0]
-  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ b
+  t = _bind(eqn, [ctx.dropout(x, k).astype(dtype), k.a.astype(dtype).transpose(perm)],
+            preferred_element_type=None)[0]
+  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ k.b.astype(t.dtype)
   return [base + jnp.moveaxis(t, -1, dn.out_spec[1]).astype(base.dtype)]
 
 
 def _gather_rule(eqn, invals, ctx):
-  """An embedding lookup: ``W[ids] + s · A[ids] · B``."""
+  """An embedding lookup: ``W[ids] + s · F[ids] · G``, ``F`` the factor owning the indexed axes.
+
+  ``F`` is ``a`` for a ``[vocab, features]`` table (``"io"``) and ``b`` for ``"oi"``.
+  """
   k, ids = invals
+  if isinstance(k, LoraKernel) and not isinstance(ids, LoraKernel) and not ctx.adapts(k, "lookup"):
+    return _bind(eqn, [k.w, ids])
   dn = eqn.params["dimension_numbers"]
   slice_sizes = tuple(eqn.params["slice_sizes"])
-  b_axes = [j for j, l in enumerate(k.labels) if l[0] == "b"]
-  a_axes = [j for j, l in enumerate(k.labels) if l[0] == "a"]
-  if (isinstance(ids, LoraKernel) or k.n_stack or len(b_axes) != 1
-      or getattr(dn, "operand_batching_dims", ())
-      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in a_axes)
-      or slice_sizes[b_axes[0]] != k.w.shape[b_axes[0]]):
+  sides = {l[0] for l in k.labels} if isinstance(k, LoraKernel) else set()
+  feature_axes = [j for j, n in enumerate(slice_sizes) if isinstance(k, LoraKernel) and n == k.w.shape[j] and n != 1]
+  if (isinstance(ids, LoraKernel) or sides != {"a", "b"} or len(feature_axes) != 1
+      or getattr(dn, "operand_batching_dims", ())):
     return _fallback_rule(eqn, invals, ctx)
-  (feature,) = b_axes
+  (feature,) = feature_axes
+  g_side = k.labels[feature][0]
+  rows = [j for j in range(k.w.ndim) if j != feature]
+  if (sum(1 for l in k.labels if l[0] == g_side) != 1
+      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in rows)):
+    return _fallback_rule(eqn, invals, ctx)
   base = _bind(eqn, [k.w, ids])[0]
-  a, b = k.factors()
-  # `a` laid out as the kernel, with r in place of the features; gather its rows.
+  f, g = (k.a, k.b) if g_side == "b" else (k.b, k.a)
+  dtype = ctx.dtype(k)
+  # `f` laid out as the kernel, with r in place of the features; gather its rows.
   perm = [0 if j == feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  sizes = tuple(a.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
-  rows = _bind(eqn, [a.transpose(perm), ids], slice_sizes=sizes)[0]
+  sizes = tuple(f.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
+  picked = _bind(eqn, [f.astype(dtype).transpose(perm), ids], slice_sizes=sizes)[0]
   out_axis = dn.offset_dims[0]
-  rows = jnp.moveaxis(rows * jnp.asarray(k.scale, rows.dtype), out_axis, -1) @ b
-  return [base + jnp.moveaxis(rows, -1, out_axis).astype(base.dtype)]
+  picked = jnp.moveaxis(picked * jnp.asarray(k.scale, dtype), out_axis, -1) @ g.astype(dtype)
+  return [base + jnp.moveaxis(picked, -1, out_axis).astype(base.dtype)]
+
+
+# --- kernels combined with others: split, concatenate, scaling ---------------------------
+
+
+def _split_rule(eqn, invals, ctx):
+  """``jnp.split`` of a fused kernel (QKV, gate-up): each piece carries its slice of the factor
+  owning the split axis (both factors for a stack axis)."""
+  (k,) = invals
+  axis = eqn.params["axis"]
+  pieces = _bind(eqn, [k.w])
+  start, out = 0, []
+  for w in pieces:
+    n = w.shape[axis]
+    cut = lambda x: lax.slice_in_dim(x, start, start + n, axis=k.factor_axis(k.labels[axis]))
+    side = k.labels[axis][0]
+    out.append(dataclasses.replace(k, w=w, a=cut(k.a) if side in "sa" else k.a,
+                                   b=cut(k.b) if side in "sb" else k.b))
+    start += n
+  return out
+
+
+def _concatenate_rule(eqn, invals, ctx):
+  """Kernels concatenated along an axis (``nn.OptimizedLSTMCell``'s gates): one kernel whose
+  factors are block-diagonal over the rank.
+
+  Along an ``a`` (``b``) axis: ``a`` (``b``) is the pieces' factors concatenated along that axis
+  and zero-padded over the others' rank blocks, the other factor the pieces' concatenated along
+  the rank; each piece's scale is folded into its ``b``. Exact; the rank is the sum of the ranks.
+  """
+  axis = eqn.params["dimension"]
+  ks = [x for x in invals if isinstance(x, LoraKernel)]
+  if (len(ks) != len(invals) or any(x.labels != ks[0].labels or x.a.dtype != ks[0].a.dtype for x in ks)
+      or ks[0].labels[axis][0] == "s"):
+    return _fallback_rule(eqn, invals, ctx)
+  k0 = ks[0]
+  cat_side = k0.labels[axis][0]
+  r_axis = k0.n_stack
+  ranks = [x.a.shape[r_axis] for x in ks]
+  a = [x.a for x in ks]
+  b = [x.b * jnp.asarray(x.scale, x.b.dtype) for x in ks]
+  blocks = a if cat_side == "a" else b
+  padded = []
+  for n, x in enumerate(blocks):
+    pad = [(0, 0, 0)] * x.ndim
+    pad[r_axis] = (sum(ranks[:n]), sum(ranks[n + 1:]), 0)
+    padded.append(lax.pad(x, jnp.zeros((), x.dtype), pad))
+  along = jnp.concatenate(padded, axis=k0.factor_axis(k0.labels[axis]))
+  stacked = jnp.concatenate(b if cat_side == "a" else a, axis=r_axis)
+  a, b = (along, stacked) if cat_side == "a" else (stacked, along)
+  w = _bind(eqn, [x.w for x in ks])[0]
+  return [dataclasses.replace(k0, w=w, a=a, b=b, scale=1.0)]
+
+
+def _neg_rule(eqn, invals, ctx):
+  """``-W``: ``-W - s · a ⊗ b`` (the scale negated)."""
+  (k,) = invals
+  return [dataclasses.replace(k, w=_bind(eqn, [k.w])[0], scale=-k.scale)]
+
+
+def _scale_rule(eqn, invals, ctx):
+  """``W * c`` / ``W / c`` with ``c`` a scalar or varying along one side's axes only (muP,
+  per-channel scales): that side's factor is multiplied (divided) by ``c``, as `merge` would."""
+  k, c = invals
+  c_var = eqn.invars[1]
+  if eqn.primitive.name == "mul" and not isinstance(k, LoraKernel):
+    (c, k), c_var = invals, eqn.invars[0]
+  if isinstance(c, LoraKernel) or not isinstance(k, LoraKernel):
+    return _fallback_rule(eqn, invals, ctx)
+  compact = _compact(c, c_var, ctx)
+  varying = {k.labels[j] for j, n in enumerate(np.shape(compact)) if n != 1}
+  sides = {side for side, _ in varying} - {"s"}
+  if len(sides) > 1:
+    return _fallback_rule(eqn, invals, ctx, f"{eqn.primitive.name} by an array varying along input and output axes")
+  side = sides.pop() if sides else "b"
+  factor = k.a if side == "a" else k.b
+  if np.ndim(compact) == 0:
+    m = jnp.asarray(compact)
+  else:  # c's axes in the factor's order (the other side's, all of size 1, dropped), the rank as size 1
+    kept = [j for j, l in enumerate(k.labels) if l[0] in ("s", side)]
+    m = jnp.reshape(jnp.asarray(compact), [np.shape(compact)[j] for j in kept])
+    order = sorted((k.factor_axis(k.labels[j]), n) for n, j in enumerate(kept))
+    m = jnp.expand_dims(jnp.transpose(m, [n for _, n in order]), k.n_stack)
+  op = jnp.multiply if eqn.primitive.name == "mul" else jnp.divide
+  scaled = op(factor, m.astype(factor.dtype))
+  w = _bind(eqn, [k.w, c])[0]
+  k = dataclasses.replace(k, a=scaled) if side == "a" else dataclasses.replace(k, b=scaled)
+  return [k.with_w(w)]
+
+
+def _compact(c: Any, var: Any, ctx: _Context) -> Any:
+  """``c``, or, when it was broadcast from a smaller array, that array with size-1 axes where the
+  broadcast added them (so its non-1 axes are those along which ``c`` varies)."""
+  if np.ndim(c) == 0:
+    return c
+  if isinstance(var, jex.core.Literal) or var not in ctx.producers:
+    return c
+  dims, src = ctx.producers[var]
+  shape = [1] * np.ndim(c)
+  for d, n in zip(dims, np.shape(src)):
+    shape[d] = n
+  return jnp.reshape(src, shape)
 
 
 # --- following the kernel into nested computations --------------------------------------
@@ -553,6 +791,12 @@ _RULES: dict[str, Callable[..., list[Any]]] = {
     "slice": _slice_rule,
     "dynamic_slice": _slice_rule,
     "dot_general": _dot_general_rule,
+    "ragged_dot_general": _ragged_dot_rule,
+    "split": _split_rule,
+    "concatenate": _concatenate_rule,
+    "neg": _neg_rule,
+    "mul": _scale_rule,
+    "div": _scale_rule,
     "conv_general_dilated": _conv_rule,
     "gather": _gather_rule,
     "pjit": _jit_rule,
