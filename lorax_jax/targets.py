@@ -124,8 +124,10 @@ def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
   return [(tree_path(kp), leaf) for kp, leaf in flat]
 
 
-def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
+def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> dict[Path, Target]:
   """The targets of ``cfg`` in ``params``, keyed by path, in tree order.
+
+  ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
 
   Raises:
     ValueError: nothing matched (the message lists a sample of the available paths),
@@ -155,7 +157,7 @@ def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
                None if uses is None else tuple(uses))
-    if rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
+    if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
       raise ValueError(
           f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "
           f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}); lower r or "

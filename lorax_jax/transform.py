@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import re
 import string
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,7 +46,7 @@ from jax import lax
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora, get_path
 from lorax_jax.merge import merge
-from lorax_jax.targets import Target, find_targets, leaves_with_paths, path_str
+from lorax_jax.targets import Target, find_targets, leaves_with_paths, matches, path_str
 
 Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
 
@@ -809,3 +810,151 @@ _RULES: dict[str, Callable[..., list[Any]]] = {
     "cond": _cond_rule,
     "while": _while_rule,
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Axes from use
+
+
+AxisMap = tuple[frozenset[int], ...]  # for each axis of a value: the target kernel's axes it spans
+_ROLE_LETTER = {"stack": "s", "input": "i", "output": "o"}
+
+
+def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *args: Any,
+                  **kwargs: Any) -> LoraConfig:
+  """``cfg`` with ``kernel_axes`` filled for every target from how ``apply_fn`` uses it.
+
+  Traces ``apply_fn(params, *args, **kwargs)`` abstractly (shapes only, no FLOPs) and follows each
+  target through casts, transposes, reshapes, slices, splits, scalings, nested ``jit``/``remat``,
+  ``scan`` (the scanned axis is stacked), ``cond`` and ``while`` to its uses, where each kernel
+  axis gets a role: at ``dot_general`` contracted axes are input (``"i"``), batch axes stacked
+  (``"s"``), free axes output (``"o"``); at ``ragged_dot`` the expert axis is stacked, the
+  contracted input, the rest output; at a conv the output-feature axis is output, the others
+  input; at an embedding ``gather`` the indexed axes are input, the gathered features output.
+  Where a lookup and a matmul disagree (a tied embedding and its LM head) the lookup decides,
+  as in PEFT. Axes of a target with no use seen keep their name-based default.
+
+  Args:
+    apply_fn, params: as for `lora_transform`.
+    cfg: the config; its explicit ``kernel_axes`` entries win over what the uses say.
+    *args, **kwargs: example inputs (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    ``cfg`` with one ``kernel_axes`` entry per target, keyed by ``re.escape`` of its path.
+
+  Raises:
+    ValueError: two uses of a kernel give an axis different roles (the message names the kernel
+      and the uses); set its ``kernel_axes`` explicitly.
+  """
+  targets = find_targets(params, cfg, check_rank=False)
+  leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+  dynamic = [_is_array(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
+  statics = [x for x, d in zip(leaves, dynamic) if not d]
+  dyn = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x.dtype)) for x, d in zip(leaves, dynamic) if d]
+
+  def fn(*dyn_leaves):
+    p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
+    return apply_fn(p, *a, **kw)
+  closed = jax.make_jaxpr(fn)(*dyn)
+  dyn_index = np.cumsum(dynamic) - 1
+  paths = [path for path, _ in leaves_with_paths(params)]
+  env: list[Any] = [None] * len(dyn)
+  for n, path in enumerate(targets):
+    env[int(dyn_index[paths.index(path)])] = (n, tuple(frozenset([j]) for j in range(len(targets[path].shape))))
+  roles: dict[int, dict[int, dict[str, str]]] = {n: {} for n in range(len(targets))}
+  _walk(closed.jaxpr, env, roles)
+  explicit = {re.escape(t.name): axes for t in targets.values()
+              for pattern, axes in cfg.kernel_axes.items() if matches(pattern, t.name)}
+  found = {}
+  for n, t in enumerate(targets.values()):
+    letters = list(t.axes)
+    for j, by_use in roles[n].items():
+      kinds = set(by_use.values())
+      lookup = {r for u, r in by_use.items() if u.startswith("gather")}
+      if len(kinds) > 1 and len(lookup) == 1 and "stack" not in kinds:
+        kinds = lookup
+      if len(kinds) > 1:
+        uses = "; ".join(f"{u}: {r}" for u, r in by_use.items())
+        raise ValueError(f"axes_from_use: the uses of kernel {t.name} disagree on its axis {j} "
+                         f"({uses}); set LoraConfig.kernel_axes for it")
+      letters[j] = _ROLE_LETTER[kinds.pop()]
+    found[re.escape(t.name)] = "".join(letters)
+  filled = cfg.replace(kernel_axes={**found, **explicit, **cfg.kernel_axes})
+  find_targets(params, filled)  # the rank check, now that the layouts are known
+  return filled
+
+
+def _walk(jaxpr: jex.core.Jaxpr, args: Sequence[Any], roles: dict[int, dict[int, dict[str, str]]]) -> list[Any]:
+  """Follow ``(target, AxisMap)`` values through ``jaxpr``, recording axis roles at each use."""
+  env: dict[Any, Any] = dict(zip(jaxpr.invars, args))
+  read = lambda v: None if isinstance(v, jex.core.Literal) else env.get(v)
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    if not any(x is not None for x in ins):
+      continue
+    name, p = eqn.primitive.name, eqn.params
+    outs: list[Any] = [None] * len(eqn.outvars)
+    tracked = [(i, x) for i, x in enumerate(ins) if x is not None]
+    i, (n, axes) = tracked[0]
+
+    def note(role_of: Callable[[int], str | None], use: str) -> None:
+      for pos, originals in enumerate(axes):
+        role = role_of(pos)
+        for j in originals if role else ():
+          roles[n].setdefault(j, {})[f"{use} #{len(roles[n].get(j, {}))}"] = role
+    if name in ("convert_element_type", "copy", "copy_p", "neg", "slice", "dynamic_slice",
+                "split", "mul", "div", "concatenate"):
+      outs = [(n, axes)] * len(eqn.outvars)
+    elif name == "transpose":
+      outs = [(n, tuple(axes[q] for q in p["permutation"]))]
+    elif name in ("reshape", "squeeze", "broadcast_in_dim"):
+      outs = [(n, _reshape_axes(axes, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape))]
+    elif name == "dot_general":
+      (lc, rc), (lb, rb) = p["dimension_numbers"]
+      c, b = (lc, lb) if i == 0 else (rc, rb)
+      note(lambda q: "input" if q in c else "stack" if q in b else "output", "dot_general")
+    elif name == "ragged_dot_general" and i == 1:
+      dn = p["ragged_dot_dimension_numbers"]
+      (_, rc), (_, rb) = dn.dot_dimension_numbers
+      note(lambda q: "stack" if q in (*rb, *dn.rhs_group_dimensions) else "input" if q in rc else "output",
+           "ragged_dot")
+    elif name == "conv_general_dilated" and i == 1:
+      out_feature = p["dimension_numbers"].rhs_spec[0]
+      note(lambda q: "output" if q == out_feature else "input", "conv")
+    elif name == "gather" and i == 0:
+      sizes = p["slice_sizes"]
+      shape = eqn.invars[0].aval.shape
+      note(lambda q: "output" if sizes[q] == shape[q] and shape[q] != 1 else "input", "gather")
+    elif name in ("pjit", "jit", "closed_call", "core_call"):
+      outs = _walk(p["jaxpr"].jaxpr, ins, roles)
+    elif name in ("remat2", "checkpoint"):
+      outs = _walk(p["jaxpr"], ins, roles)
+    elif name == "scan":
+      k = p["num_consts"] + p["num_carry"]
+      body = [x if q < k or x is None else (x[0], x[1][1:]) for q, x in enumerate(ins)]
+      for q, x in enumerate(ins[k:]):
+        if x is not None:
+          for j in x[1][0]:
+            roles[x[0]].setdefault(j, {})["scan"] = "stack"
+      _walk(p["jaxpr"].jaxpr, body, roles)
+    elif name == "cond":
+      for branch in p["branches"]:
+        _walk(branch.jaxpr, ins[1:], roles)
+    elif name == "while":
+      nc = p["cond_nconsts"]
+      _walk(p["body_jaxpr"].jaxpr, ins[nc:], roles)
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _reshape_axes(axes: AxisMap, old: Sequence[int], new: Sequence[int]) -> AxisMap:
+  """The `AxisMap` after a row-major reshape from ``old`` to ``new`` (size-1 axes span nothing)."""
+  old_keep = [j for j, s in enumerate(old) if s != 1]
+  new_keep = [j for j, s in enumerate(new) if s != 1]
+  out = [frozenset()] * len(new)
+  for gi, gj in _reshape_groups([old[j] for j in old_keep], [new[j] for j in new_keep]):
+    spanned = frozenset().union(*(axes[old_keep[x]] for x in gi))
+    for x in gj:
+      out[new_keep[x]] = spanned
+  return tuple(out)
