@@ -8,22 +8,47 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    (Python scalars among the arguments are static).
 2. Evaluate the jaxpr equation by equation. A targeted kernel enters as a `LoraKernel`:
    the frozen ``w`` with its factors ``a``, ``b`` and a record of which of the kernel's
-   current axes belong to ``a``, to ``b`` or to both (stacked layers).
-3. Dtype casts, transposes and reshapes of the kernel are applied to ``w`` and followed
-   on the factors (lazily: a transpose only relabels axes).
-4. Where the kernel is consumed, the low-rank branch is added:
-   ``dot_general(x, W) + s · (dropout(x) · A) · B``; for ``conv_general_dilated`` ``A`` is a
-   conv with the layer's window into ``r`` channels and ``B`` a 1×1 conv; for an
-   embedding ``gather`` the rows of ``A`` are gathered, then multiplied by ``B``.
+   current axes belong to ``a`` (input), to ``b`` (output) or to both (stacked layers, experts);
+   the layout is the target's ``kernel_axes`` (`axes_from_use` reads it off the uses).
+   The jaxpr's inputs are the array leaves only; call-time params must have the tree, shapes and
+   dtypes the transform was built for.
+3. Followed on the factors (lazily where possible): float casts of >= 16 bits (any other cast is
+   merged for that use), transposes, reshapes, ``slice``/``dynamic_slice``, ``split`` (a fused
+   QKV or gate-up kernel: each piece carries its slice of the factor owning the split axis),
+   ``concatenate`` of kernels (``nn.OptimizedLSTMCell``: one kernel with factors block-diagonal
+   over the summed rank), ``neg`` (the scale negated), ``mul``/``div`` by a scalar or an array
+   varying along one side's axes (muP, per-channel gains: that side's factor scaled, as
+   `merge` would).
+4. Where the kernel is consumed, the low-rank branch is added, in the factors' dtype by default
+   (``LoraConfig.branch_dtype``), honouring the use's ``precision``, ``preferred_element_type``
+   and ``out_sharding``:
+   ``dot_general(x, W) + s · (dropout(x) · F) · G`` where ``F`` is the factor owning the kernel
+   axes ``x`` contracts (``a`` for ``x @ W``, ``b`` for a tied LM head ``h @ E.T`` or ``x @ W.T``
+   with ``W`` stored ``[out, in]``), so no intermediate is larger than ``x``'s free axes times
+   ``r``; a dot contracting axes of both factors is merged for that use. ``ragged_dot`` with an
+   expert stack ``[E, in, out]``: two ragged dots with the same group sizes. For
+   ``conv_general_dilated`` ``A`` is a conv with the layer's window into ``r`` channels and
+   ``B`` a 1×1 conv; for an embedding ``gather`` the rows of the factor owning the indexed
+   axes are gathered, then multiplied by the other. A target limited by
+   ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
 5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
    kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
 
+The compiled programs are cached per argument structure and the type and value of each static
+(non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
+
 Dropout is applied to the branch input ``x`` with a key folded from ``rng``, the
-target's index, its use and, inside loops, the iteration. ``rng=None`` uses
-``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout.
+target's index, its use and, inside loops, the iteration (with ``shared_dropout``: one key per
+distinct input tensor, shared by the targets reading it). ``rng=None`` uses
+``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout (with a
+one-time warning when ``cfg.dropout > 0``). Under ``jax.vmap`` a key shared by the batch gives
+every example the same mask; to draw one mask per example, vmap over per-example keys
+(``jax.vmap(lambda x, k: apply(params, lora, x, rng=k))(xs, jax.random.split(key, n))``).
+
+`axes_from_use` traces a model abstractly and fills ``kernel_axes`` from each target's uses.
 """
 
 from __future__ import annotations
@@ -439,7 +464,7 @@ def _slice_rule(eqn, invals, ctx):
       cut = lambda x, axis: lax.slice_in_dim(x, start, limit, stride, axis)
     else:
       cut = lambda x, axis: lax.dynamic_slice_in_dim(x, starts[j], w.shape[j], axis)
-    axis = i if side == "s" else k.n_stack + 1 + i
+    axis = k.factor_axis((side, i))
     a = cut(a, axis) if side in "sa" else a
     b = cut(b, axis) if side in "sb" else b
   return [dataclasses.replace(k, w=w, a=a, b=b)]
@@ -497,13 +522,17 @@ def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel
   x_sub, f_sub, g_sub = ins.split(",")
   t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
   dtype = ctx.dtype(k)
-  pet = dot.get("preferred_element_type")
-  pet = pet if pet is not None and jnp.finfo(pet).bits > jnp.finfo(dtype).bits else None
+  pet = _widening(dot.get("preferred_element_type"), dtype)
   t = jnp.einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
                  precision=dot.get("precision"), preferred_element_type=pet)
   return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
                     precision=dot.get("precision"), preferred_element_type=pet,
                     out_sharding=dot.get("out_sharding"))
+
+
+def _widening(preferred: Any, dtype: Any) -> Any:
+  """The use's ``preferred_element_type`` where it is wider than the branch dtype, else None."""
+  return preferred if preferred is not None and jnp.finfo(preferred).bits > jnp.finfo(dtype).bits else None
 
 
 def _ragged_dot_rule(eqn, invals, ctx):
@@ -526,8 +555,7 @@ def _ragged_dot_rule(eqn, invals, ctx):
   base = _bind(eqn, [x, k.w, groups])[0]
   f, g = (k.a, k.b) if k.labels[1][0] == "a" else (k.b, k.a)
   dtype = ctx.dtype(k)
-  pet = eqn.params.get("preferred_element_type")
-  pet = pet if pet is not None and jnp.finfo(pet).bits > jnp.finfo(dtype).bits else None
+  pet = _widening(eqn.params.get("preferred_element_type"), dtype)
   dot = dict(precision=eqn.params.get("precision"), preferred_element_type=pet,
              group_offset=eqn.params.get("group_offset"))
   t = lax.ragged_dot(ctx.dropout(x, k).astype(dtype), jnp.swapaxes(f, 1, 2).astype(dtype), groups, **dot)
@@ -736,7 +764,7 @@ def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, A
   (``b``), and the other factor is closed over.
   """
   side, i = k.labels[0]
-  axis = i if side == "s" else k.n_stack + 1 + i
+  axis = k.factor_axis((side, i))
   leaves = {"w": k.w,
             "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
             "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None}

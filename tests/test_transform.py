@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -138,8 +139,8 @@ def test_float_casts_are_followed_exactly():
 def test_narrow_casts_are_merged_and_reported(dtype):
   """A cast to int8 or an 8-bit float would cast the factors too: merged for that use instead."""
   def apply_fn(p, x):
-    return x @ (p["w"] * 8).astype(dtype).astype(jnp.float32)
-  params = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
+    return x @ p["w"].astype(dtype).astype(jnp.float32)
+  params = {"w": 8 * jax.random.normal(jax.random.key(0), (6, 4))}
   cfg = lj.LoraConfig(r=2, alpha=2, targets=["w"])
   lora = jax.tree.map(lambda a: a + 0.3, lj.init_lora(params, cfg, jax.random.key(1)))
   x = jax.random.normal(jax.random.key(2), (3, 6))
@@ -270,6 +271,30 @@ def test_tied_embedding_lookup_only():
     lj.merge(params, lora, cfg)
   merged = lj.merge(params, lora, cfg, all_uses=True)["embed"]
   np.testing.assert_allclose(merged, adapted, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["scan_remat_transformer", "torch_style_mlp", "moe_ragged_dot", "embed_lm",
+                                  "cnn", "einsum_attention"])
+def test_axes_from_use_recovers_the_layouts(name):
+  """Without ``kernel_axes``, the uses give the zoo's layouts (``a`` always on the input side)."""
+  case = CASES[IDS.index(name)]
+  found = lj.axes_from_use(case.apply_fn, case.params, case.cfg.replace(kernel_axes={}), *case.inputs)
+  want = {t.name: t.axes for t in lj.find_targets(case.params, case.cfg).values()}
+  assert {t.name: t.axes for t in lj.find_targets(case.params, found).values()} == want
+  assert {re.escape(n) for n in want} == set(found.kernel_axes)
+
+
+def test_axes_from_use_reports_disagreeing_uses_and_keeps_explicit_axes():
+  params = {"w": jnp.zeros((6, 4))}
+  tied = lambda p, x: jnp.tanh(x @ p["w"]) @ p["w"].T  # tied autoencoder: 6 is input, then output
+  cfg = lj.LoraConfig(r=2, targets=["w"])
+  x = jax.ShapeDtypeStruct((3, 6), jnp.float32)
+  with pytest.raises(ValueError, match=r"kernel w disagree on its axis 0 \(dot_general #0: input; dot_general #1: output\)"):
+    lj.axes_from_use(tied, params, cfg, x)
+  explicit = lj.axes_from_use(tied, params, cfg.replace(kernel_axes={"w": "io"}), x)
+  assert lj.find_targets(params, explicit)[("w",)].axes == "io"
+  torch_like = lj.axes_from_use(lambda p, x: x @ p["w"].T, params, cfg, jax.ShapeDtypeStruct((3, 4), jnp.float32))
+  assert dict(torch_like.kernel_axes) == {"w": "oi"}
 
 
 def test_kernel_used_on_its_output_side_stays_cheap():
