@@ -896,7 +896,7 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
   found = {}
   for n, t in enumerate(targets.values()):
     letters = list(t.axes)
-    for j, by_use in roles[n].items():
+    for j, by_use in ({} if re.escape(t.name) in explicit else roles[n]).items():
       kinds = set(by_use.values())
       lookup = {r for u, r in by_use.items() if u.startswith("gather")}
       if len(kinds) > 1 and len(lookup) == 1 and "stack" not in kinds:
