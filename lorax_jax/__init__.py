@@ -14,12 +14,12 @@ from lorax_jax.params import (count, filter_params, join_params, lora_count, siz
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import Target, find_targets, summary
-from lorax_jax.transform import lora_transform
+from lorax_jax.transform import axes_from_use, lora_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PathMap", "Target", "check_lora", "count", "delta", "filter_params",
+    "LoraConfig", "PathMap", "Target", "axes_from_use", "check_lora", "count", "delta", "filter_params",
     "find_targets", "init_lora", "join_params", "load_adapter", "load_kohya", "lora_count",
     "lora_transform", "merge", "save_adapter", "size", "split_params", "summary", "trainable_mask",
     "unmerge",

@@ -96,20 +96,24 @@ class LoraConfig:
     exclude: regex or suffix list of paths never adapted.
     rank_pattern, alpha_pattern: per-target ``r`` and ``alpha`` overrides, keyed by a
       regex or name suffix (first match wins).
-    kernel_axes: per-target layout overrides, keyed like ``rank_pattern``. A value is either
-      ``(n_stack, n_in)``: the kernel's first ``n_stack >= 0`` axes are stacked layers
-      (``nn.scan``), the next ``n_in >= 1`` its input axes, the rest its output axes; or a
-      string with one letter per kernel axis from ``"sio"`` (stack, input, output), at least
-      one ``i`` and one ``o``.
-    target_uses: per-target uses that get the low-rank branch, keyed like ``rank_pattern``;
-      a value is a non-empty tuple drawn from ``("lookup", "matmul", "conv")``.
+    kernel_axes: per-target layouts, keyed like ``rank_pattern``: a string with one letter
+      per kernel axis, ``"s"`` stacked (``nn.scan`` layers, experts), ``"i"`` input (``a``
+      side), ``"o"`` output (``b`` side), e.g. ``"oi"`` for an ``[out, in]`` weight, ``"sio"``
+      for an expert stack ``[E, in, out]``; or ``(n_stack, n_in)``: the first ``n_stack`` axes
+      stacked, the next ``n_in`` input, the rest output. `lorax_jax.axes_from_use` fills it
+      from the kernels' uses.
+    target_uses: per-target allowed uses, keyed like ``rank_pattern``: a tuple among
+      ``"lookup"`` (gather), ``"matmul"`` (``dot_general``, ``ragged_dot``) and ``"conv"``; the
+      target's other uses see the frozen ``W``. ``{"embed_tokens": ("lookup",)}`` is PEFT's
+      tied embedding (adapted at the token lookup, not at the tied head); `merge` refuses it.
+    branch_dtype: ``"factors"`` (PEFT's choice: the branch computes in the factors' dtype,
+      its result cast to the layer's output dtype) or ``"kernel"`` (in the kernel's dtype as
+      the model uses it: faster for a bf16 base on bf16 hardware, less precise).
+    shared_dropout: targets reading the same input tensor share one dropout mask (one key per
+      distinct input instead of one per target and use).
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
       ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
-    branch_dtype: the dtype the branch computes in: the factors' (``"factors"``, PEFT's
-      choice) or the kernel's (``"kernel"``).
-    shared_dropout: draw one dropout mask per input shared by the targets reading it, instead
-      of one per target.
 
   Raises:
     ValueError: naming the field, the bad value and what is expected, for every field.

@@ -21,8 +21,24 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   return {t.path: t.delta(a, b) for t, a, b in factors(find_targets(params, cfg), lora)}
 
 
-def merge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
-  """``params`` with every targeted kernel replaced by ``W + s · A ⊗ B`` (in W's dtype)."""
+def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -> Any:
+  """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype).
+
+  Args:
+    all_uses: merge targets limited to some uses (`LoraConfig.target_uses`) too. ``W'`` then
+      reaches *every* use of the weight: for a tied embedding with a lookup-only adapter the
+      tied head sees the update as well, which is not the adapter's model.
+
+  Raises:
+    ValueError: a target has ``target_uses`` (a tied weight cannot carry a lookup-only update)
+      and ``all_uses`` is False; or a merged float16/bfloat16 kernel overflows to inf.
+  """
+  limited = [t.name for t in find_targets(params, cfg).values() if t.uses is not None]
+  if limited and not all_uses:
+    raise ValueError(
+        f"merge: targets {', '.join(limited)} are limited to some uses (LoraConfig.target_uses); a "
+        "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
+        "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
   return _apply(params, delta(params, lora, cfg), 1.0)
 
 
@@ -36,5 +52,17 @@ def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float) -> Any:
     d = deltas.get(tree_path(kp))
     if d is None:
       return w
-    return (jnp.asarray(w, jnp.float32) + sign * d).astype(jnp.result_type(w))
+    out = (jnp.asarray(w, jnp.float32) + sign * d).astype(jnp.result_type(w))
+    _check_finite(out, w, tree_path(kp))
+    return out
   return jax.tree_util.tree_map_with_path(update, params)
+
+
+def _check_finite(out: jax.Array, w: Any, path: Path) -> None:
+  """Raise if merging made a finite kernel overflow its dtype (checked when values are concrete)."""
+  if isinstance(out, jax.core.Tracer) or isinstance(w, jax.core.Tracer):
+    return
+  if not bool(jnp.all(jnp.isfinite(out))) and bool(jnp.all(jnp.isfinite(w))):
+    raise ValueError(
+        f"merge: kernel {'/'.join(path)} overflows {jnp.result_type(w)} once merged (|W + s·A⊗B| "
+        f"exceeds {float(jnp.finfo(jnp.result_type(w)).max):g}); merge into a float32 copy of the params")

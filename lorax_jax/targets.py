@@ -1,9 +1,12 @@
 """Which leaves of a params pytree are adapted, with what rank, alpha and axes.
 
-A kernel ``W`` of shape ``S + I + O`` (stacked-layer axes ``S``, input axes ``I``,
-output axes ``O``) gets two factors, both with the rank axis right after the stack:
+A kernel ``W`` has one letter per axis (its *layout*, ``Target.axes``): ``"s"`` stacked
+(``nn.scan`` layers, experts), ``"i"`` input (the ``a`` side), ``"o"`` output (the ``b`` side),
+in any order (``"io"`` a Dense kernel, ``"oi"`` an ``[out, in]`` torch/Equinox weight, ``"sio"``
+a scanned stack or an expert stack ``[E, in, out]``, ``"ioo"`` DenseGeneral q/k/v, ``"iiio"`` a conv
+HWIO). With ``S``, ``I``, ``O`` the sizes of those axes in kernel order, the two factors are
 
-    a: S + (r,) + I        b: S + (r,) + O        delta = s · einsum("...ri,...ro->...io", a, b)
+    a: S + (r,) + I        b: S + (r,) + O        delta[k] = s · Σ_r a[S, r, I] · b[S, r, O]
 
 so a Flax ``Dense`` kernel ``[in, out]`` gets ``a: [r, in]`` (PEFT's ``lora_A.weight``)
 and ``b: [r, out]`` (PEFT's ``lora_B.weight`` transposed). Both layouts put the small
@@ -45,20 +48,31 @@ class Target:
   rank: int
   alpha: float
   scale: float
-  n_stack: int
-  n_in: int
+  axes: str
+  uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
+
+  def _sizes(self, letter: str) -> tuple[int, ...]:
+    return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
+
+  @property
+  def n_stack(self) -> int:
+    return self.axes.count("s")
+
+  @property
+  def n_in(self) -> int:
+    return self.axes.count("i")
 
   @property
   def stack_shape(self) -> tuple[int, ...]:
-    return self.shape[: self.n_stack]
+    return self._sizes("s")
 
   @property
   def in_shape(self) -> tuple[int, ...]:
-    return self.shape[self.n_stack : self.n_stack + self.n_in]
+    return self._sizes("i")
 
   @property
   def out_shape(self) -> tuple[int, ...]:
-    return self.shape[self.n_stack + self.n_in :]
+    return self._sizes("o")
 
   @property
   def a_shape(self) -> tuple[int, ...]:
@@ -72,12 +86,17 @@ class Target:
   def name(self) -> str:
     return path_str(self.path)
 
+  def subscripts(self) -> tuple[str, str, str]:
+    """einsum subscripts of ``a``, ``b`` and the kernel (the rank is ``"R"``)."""
+    kernel = "".join(chr(ord("a") + j) for j in range(len(self.shape)))
+    side = lambda c: "".join(k for k, x in zip(kernel, self.axes) if x == c)
+    return side("s") + "R" + side("i"), side("s") + "R" + side("o"), kernel
+
   def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
-    """``s · A ⊗ B`` as a kernel-shaped array (float32 accumulation)."""
-    a2 = a.reshape(*self.stack_shape, self.rank, math.prod(self.in_shape))
-    b2 = b.reshape(*self.stack_shape, self.rank, math.prod(self.out_shape))
-    d = jnp.einsum("...ri,...ro->...io", a2, b2, preferred_element_type=jnp.float32)
-    return (self.scale * d).reshape(self.shape)
+    """``s · Σ_r a ⊗ b`` as a kernel-shaped array (float32 accumulation)."""
+    a_sub, b_sub, k_sub = self.subscripts()
+    d = jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", a, b, preferred_element_type=jnp.float32)
+    return self.scale * d
 
 
 def path_str(path: Path) -> str:
@@ -105,12 +124,15 @@ def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
   return [(tree_path(kp), leaf) for kp, leaf in flat]
 
 
-def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
+def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> dict[Path, Target]:
   """The targets of ``cfg`` in ``params``, keyed by path, in tree order.
+
+  ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
 
   Raises:
     ValueError: nothing matched (the message lists a sample of the available paths),
-      or a matched leaf is not a float array of rank >= 2.
+      a matched leaf is not a float array of rank >= 2, its ``kernel_axes`` do not fit its
+      shape, or its rank ``r`` exceeds its input or output size.
   """
   found: dict[Path, Target] = {}
   all_paths = []
@@ -127,12 +149,20 @@ def find_targets(params: Any, cfg: LoraConfig) -> dict[Path, Target]:
     name = path_str(path)
     rank = int(_lookup(cfg.rank_pattern, name, cfg.r))
     alpha = float(_lookup(cfg.alpha_pattern, name, cfg.alpha))
-    n_stack, n_in = _lookup(cfg.kernel_axes, name, None) or _default_axes(path, shape)
-    if n_stack + n_in >= len(shape):
+    axes = layout(_lookup(cfg.kernel_axes, name, None) or _default_axes(path, shape), len(shape))
+    if len(axes) != len(shape) or "i" not in axes or "o" not in axes:
       raise ValueError(
-          f"LoRA target {name}: kernel_axes ({n_stack}, {n_in}) leave no output axis in "
-          f"shape {shape}")
-    found[path] = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), n_stack, n_in)
+          f"LoRA target {name}: kernel_axes {axes!r} must give one of s/i/o per axis of shape "
+          f"{shape}, with at least one 'i' and one 'o'")
+    uses = _lookup(cfg.target_uses, name, None)
+    t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
+               None if uses is None else tuple(uses))
+    if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
+      raise ValueError(
+          f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "
+          f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}); lower r or "
+          "rank_pattern for it")
+    found[path] = t
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
@@ -195,7 +225,9 @@ def _is_target(path: Path, leaf: Any, cfg: LoraConfig) -> bool:
   if cfg.target_fn is not None:
     return bool(cfg.target_fn(path, leaf))
   if cfg.targets == "all-linear":
-    return (path[-1] == "kernel" and np.ndim(leaf) >= 2 and _module_name(path) not in HEAD_NAMES)
+    linear = ((path[-1] in ("kernel", "w") and np.ndim(leaf) >= 2)
+              or (path[-1] == "weight" and np.ndim(leaf) == 2))
+    return linear and _module_name(path) not in HEAD_NAMES
   if cfg.targets is not None:
     return matches(cfg.targets, name)
   if np.ndim(leaf) < 2:
@@ -207,17 +239,27 @@ def _is_target(path: Path, leaf: Any, cfg: LoraConfig) -> bool:
   return any(module in names and (module not in SHORT_NAMES or in_attention) for names in wanted)
 
 
-def _default_axes(path: Path, shape: tuple[int, ...]) -> tuple[int, int]:
-  """``(n_stack, n_in)`` guessed from the names; ``kernel_axes`` overrides it.
+def layout(axes: str | tuple[int, int], ndim: int) -> str:
+  """A ``kernel_axes`` value as a layout string: ``(n_stack, n_in)`` is ``"s"*n_stack + "i"*n_in``
+  followed by ``"o"`` for the remaining axes of an ``ndim``-axis kernel."""
+  if isinstance(axes, str):
+    return axes
+  n_stack, n_in = axes
+  return "s" * n_stack + "i" * n_in + "o" * (ndim - n_stack - n_in)
 
-  Two-axis kernels and embeddings are ``[in, out]``; a multi-axis attention
-  projection (Flax ``DenseGeneral``) is ``[d, heads, head_dim]`` for q/k/v and
-  ``[heads, head_dim, d]`` for the output; anything else (a conv ``HWIO``) has one
-  output axis. Stacked (``nn.scan``) kernels need ``kernel_axes``.
+
+def _default_axes(path: Path, shape: tuple[int, ...]) -> str:
+  """The layout guessed from the names; ``kernel_axes`` or `axes_from_use` override it.
+
+  A two-axis leaf named ``weight`` is ``[out, in]`` (``"oi"``: PyTorch, Equinox ``Linear``);
+  other two-axis kernels (Flax ``kernel``, Haiku ``w``) and embeddings are ``[in, out]``; a
+  multi-axis attention projection (Flax ``DenseGeneral``) is ``[d, heads, head_dim]`` for q/k/v
+  and ``[heads, head_dim, d]`` for the output; anything else (a conv ``HWIO``) has one output
+  axis. Stacked (``nn.scan``) kernels need ``kernel_axes`` or `axes_from_use`.
   """
   module = _module_name(path)
-  if len(shape) == 2 or path[-1] == "embedding":
-    return 0, 1
-  if module in QUERY_NAMES + KEY_NAMES + VALUE_NAMES:
-    return 0, 1
-  return 0, len(shape) - 1
+  if len(shape) == 2 and path[-1] == "weight":
+    return "oi"
+  if len(shape) == 2 or path[-1] == "embedding" or module in QUERY_NAMES + KEY_NAMES + VALUE_NAMES:
+    return "i" + "o" * (len(shape) - 1)
+  return "i" * (len(shape) - 1) + "o"

@@ -8,28 +8,55 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    (Python scalars among the arguments are static).
 2. Evaluate the jaxpr equation by equation. A targeted kernel enters as a `LoraKernel`:
    the frozen ``w`` with its factors ``a``, ``b`` and a record of which of the kernel's
-   current axes belong to ``a``, to ``b`` or to both (stacked layers).
-3. Dtype casts, transposes and reshapes of the kernel are applied to ``w`` and followed
-   on the factors (lazily: a transpose only relabels axes).
-4. Where the kernel is consumed, the low-rank branch is added:
-   ``dot_general(x, W) + s · (dropout(x) · A) · B``; for ``conv_general_dilated`` ``A`` is a
-   conv with the layer's window into ``r`` channels and ``B`` a 1×1 conv; for an
-   embedding ``gather`` the rows of ``A`` are gathered, then multiplied by ``B``.
+   current axes belong to ``a`` (input), to ``b`` (output) or to both (stacked layers, experts);
+   the layout is the target's ``kernel_axes`` (`axes_from_use` reads it off the uses).
+   The jaxpr's inputs are the array leaves only; call-time params must have the tree, shapes and
+   dtypes the transform was built for.
+3. Followed on the factors (lazily where possible): float casts of >= 16 bits (any other cast is
+   merged for that use), transposes, reshapes, ``slice``/``dynamic_slice``, ``split`` (a fused
+   QKV or gate-up kernel: each piece carries its slice of the factor owning the split axis),
+   ``concatenate`` of kernels (``nn.OptimizedLSTMCell``: one kernel with factors block-diagonal
+   over the summed rank), ``neg`` (the scale negated), ``mul``/``div`` by a scalar or an array
+   varying along one side's axes (muP, per-channel gains: that side's factor scaled, as
+   `merge` would).
+4. Where the kernel is consumed, the low-rank branch is added, in the factors' dtype by default
+   (``LoraConfig.branch_dtype``), honouring the use's ``precision``, ``preferred_element_type``
+   and ``out_sharding``:
+   ``dot_general(x, W) + s · (dropout(x) · F) · G`` where ``F`` is the factor owning the kernel
+   axes ``x`` contracts (``a`` for ``x @ W``, ``b`` for a tied LM head ``h @ E.T`` or ``x @ W.T``
+   with ``W`` stored ``[out, in]``), so no intermediate is larger than ``x``'s free axes times
+   ``r``; a dot contracting axes of both factors is merged for that use. ``ragged_dot`` with an
+   expert stack ``[E, in, out]``: two ragged dots with the same group sizes. For
+   ``conv_general_dilated`` ``A`` is a conv with the layer's window into ``r`` channels and
+   ``B`` a 1×1 conv; for an embedding ``gather`` the rows of the factor owning the indexed
+   axes are gathered, then multiplied by the other. A target limited by
+   ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
 5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
    kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
 
+The compiled programs are cached per argument structure and the type and value of each static
+(non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
+
 Dropout is applied to the branch input ``x`` with a key folded from ``rng``, the
-target's index, its use and, inside loops, the iteration. ``rng=None`` uses
-``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout.
+target's index, its use and, inside loops, the iteration (with ``shared_dropout``: one key per
+distinct input tensor, shared by the targets reading it). ``rng=None`` uses
+``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout (with a
+one-time warning when ``cfg.dropout > 0``). Under ``jax.vmap`` a key shared by the batch gives
+every example the same mask; to draw one mask per example, vmap over per-example keys
+(``jax.vmap(lambda x, k: apply(params, lora, x, rng=k))(xs, jax.random.split(key, n))``).
+
+`axes_from_use` traces a model abstractly and fills ``kernel_axes`` from each target's uses.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import re
 import string
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,7 +71,7 @@ from jax import lax
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora, get_path
 from lorax_jax.merge import merge
-from lorax_jax.targets import Target, find_targets, leaves_with_paths
+from lorax_jax.targets import Target, find_targets, leaves_with_paths, matches, path_str
 
 Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
 
@@ -55,7 +82,8 @@ class LoraKernel:
   """A targeted kernel in flight: ``w`` as the model sees it now, plus its factors.
 
   ``a`` has axes ``(stack..., r, a-axes...)`` and ``b`` ``(stack..., r, b-axes...)``; the
-  kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``.
+  kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``. Rules reach
+  the frozen weight only as ``w``; ``uses`` is the target's `LoraConfig.target_uses` (None: all).
   """
 
   w: jax.Array
@@ -64,6 +92,7 @@ class LoraKernel:
   labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
   index: int = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
+  uses: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def n_stack(self) -> int:
@@ -78,9 +107,10 @@ class LoraKernel:
     b = stack + "R" + "".join(where["b", i] for i in range(self.b.ndim - self.n_stack - 1))
     return a, b, kernel
 
-  def factors(self) -> tuple[jax.Array, jax.Array]:
-    """``a`` and ``b`` in the kernel's current dtype."""
-    return self.a.astype(self.w.dtype), self.b.astype(self.w.dtype)
+  def factor_axis(self, label: Label) -> int:
+    """The axis of ``a`` (for an ``"a"`` or ``"s"`` label) or ``b`` (``"b"``, ``"s"``) holding ``label``."""
+    side, i = label
+    return i if side == "s" else self.n_stack + 1 + i
 
   def merged(self) -> jax.Array:
     """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
@@ -101,19 +131,41 @@ class _Context:
   strict: bool
   names: tuple[str, ...]
   fallbacks: set[tuple[str, str]]
+  branch_dtype: str = "factors"
+  shared_dropout: bool = False
   uses: dict[int, int] = dataclasses.field(default_factory=dict)
+  inputs: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)
+  producers: dict[Any, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
 
   def fold(self, i: jax.Array) -> _Context:
     """The context for one iteration ``i`` of a loop: its own dropout keys."""
     rng = None if self.rng is None else jax.random.fold_in(self.rng, i)
-    return dataclasses.replace(self, rng=rng, uses={})
+    return dataclasses.replace(self, rng=rng, uses={}, inputs={})
+
+  def adapts(self, k: LoraKernel, use: str) -> bool:
+    """Whether ``k`` gets its branch at a ``use`` (``"lookup"``, ``"matmul"``, ``"conv"``)."""
+    return k.uses is None or use in k.uses
+
+  def dtype(self, k: LoraKernel) -> Any:
+    """The branch's compute dtype (`LoraConfig.branch_dtype`)."""
+    return k.a.dtype if self.branch_dtype == "factors" else k.w.dtype
 
   def dropout(self, x: jax.Array, k: LoraKernel) -> jax.Array:
+    """``x`` with LoRA dropout, the key folded from ``rng``, then the target and its use count
+    (or, with ``shared_dropout``, the order in which this input tensor first met a branch).
+
+    Under ``jax.vmap`` over per-example keys the masks differ per example; a key shared by the
+    whole batch gives every example the same mask.
+    """
     if self.rng is None or self.rate == 0.0:
       return x
-    use = self.uses.get(k.index, 0)
-    self.uses[k.index] = use + 1
-    key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
+    if self.shared_dropout:
+      _, n = self.inputs.setdefault(id(x), (x, len(self.inputs)))  # x kept alive: ids stay unique
+      key = jax.random.fold_in(jax.random.fold_in(self.rng, -1), n)
+    else:
+      use = self.uses.get(k.index, 0)
+      self.uses[k.index] = use + 1
+      key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
     keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
     return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
@@ -130,6 +182,9 @@ class _Context:
     return k.merged()
 
 
+CACHE_SIZE = 32  # compiled programs kept per `LoraApply` (least recently used evicted)
+
+
 class LoraApply:
   """``lora_apply(params, lora, *args, rng=None, **kwargs)``; see `lora_transform`."""
 
@@ -137,17 +192,28 @@ class LoraApply:
     self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
     self.targets = find_targets(params, cfg)
     self.fallbacks: set[tuple[str, str]] = set()
-    self._compiled: dict[Any, Callable[..., Any]] = {}
+    self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
+    self._treedef = jax.tree_util.tree_structure(params)
+    self._paths = [path for path, _ in leaves_with_paths(params)]
+    self._leaf_index = {path: self._paths.index(path) for path in self.targets}
+    self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
+                   for path, x in leaves_with_paths(params) if path in self.targets}
+    self._warned_no_key = False
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                **kwargs: Any) -> Any:
     check_lora(self.targets, lora)
+    self._check_params(params)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
+    if rng is None and self.cfg.dropout > 0 and not self._warned_no_key:
+      warnings.warn(f"lorax_jax: LoraConfig.dropout={self.cfg.dropout} but no key reaches the call "
+                    "(rng=None and no dropout_seed): running without LoRA dropout", stacklevel=2)
+      self._warned_no_key = True
     leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
     dynamic = tuple(_is_array(x) for x in leaves)
     statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
-    key = (treedef, dynamic, statics)
+    key = (treedef, dynamic, tuple((type(x), x) for x in statics))
     try:
       run = self._compiled.get(key)
     except TypeError:  # an unhashable static argument: evaluate without the cache
@@ -156,36 +222,51 @@ class LoraApply:
       run = functools.partial(self._run, treedef, dynamic, statics)
       if key is not None:
         run = self._compiled[key] = jax.jit(run)
+        if len(self._compiled) > CACHE_SIZE:
+          self._compiled.popitem(last=False)
+    elif key is not None:
+      self._compiled.move_to_end(key)
     return run([x for x, d in zip(leaves, dynamic) if d], lora, rng)
+
+  def _check_params(self, params: Any) -> None:
+    """Raise a ValueError naming the path if ``params`` is not the tree the transform was built for."""
+    if jax.tree_util.tree_structure(params) != self._treedef:
+      paths = [path for path, _ in leaves_with_paths(params)]
+      missing = [path_str(p) for p in self._paths if p not in paths]
+      extra = [path_str(p) for p in paths if p not in self._paths]
+      raise ValueError(
+          "lora_apply: params differ in structure from the tree given to lora_transform"
+          + (f"; missing {', '.join(missing[:5])}" if missing else "")
+          + (f"; unexpected {', '.join(extra[:5])}" if extra else "")
+          + ". Build the transform with the params you call it with")
+    leaves = jax.tree_util.tree_leaves(params)
+    for path, i in self._leaf_index.items():
+      got = (tuple(np.shape(leaves[i])), jnp.result_type(leaves[i]))
+      if not _is_array(leaves[i]) or got != self._avals[path]:
+        raise ValueError(
+            f"lora_apply: target {path_str(path)} is {got[0]} {got[1]} (a {type(leaves[i]).__name__}), "
+            f"but lora_transform was built for {self._avals[path][0]} {self._avals[path][1]}")
 
   def _run(self, treedef: Any, dynamic: tuple[bool, ...], statics: tuple[Any, ...],
            dyn: list[Any], lora: Lora, rng: jax.Array | None) -> Any:
     """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches."""
-    params, args, kwargs = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn, statics))
-    n_params = len(jax.tree_util.tree_leaves(params))
-
     def fn(*dyn_leaves):
       p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
       return self.apply_fn(p, *a, **kw)
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(*dyn)
-    kernels = self._kernels(params, lora)
-    invals = [kernels.get(i, x) if i < n_params else x for i, x in enumerate(dyn)]
+    # The jaxpr's inputs are the array leaves only: a target's position counts those before it.
+    dyn_index = np.cumsum(dynamic) - 1
+    invals = list(dyn)
+    for n, (path, t) in enumerate(self.targets.items()):
+      node = get_path(lora, path)
+      i = int(dyn_index[self._leaf_index[path]])
+      invals[i] = LoraKernel(jnp.asarray(invals[i]), node["a"], node["b"], _labels(t), n, t.scale,
+                             t.uses)
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
-                   self.fallbacks)
+                   self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
     outs = [_plain(x, ctx, "the output") for x in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
-
-  def _kernels(self, params: Any, lora: Lora) -> dict[int, LoraKernel]:
-    """The targeted leaves of ``params`` (by flat index) as `LoraKernel`s."""
-    index = {t.path: i for i, t in enumerate(self.targets.values())}
-    kernels = {}
-    for leaf_i, (path, w) in enumerate(leaves_with_paths(params)):
-      if path in index:
-        t, node = self.targets[path], get_path(lora, path)
-        kernels[leaf_i] = LoraKernel(jnp.asarray(w), node["a"], node["b"], _labels(t), index[path],
-                                     t.scale)
-    return kernels
 
 
 def _interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
@@ -227,9 +308,10 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
 
 
 def _labels(t: Target) -> tuple[Label, ...]:
-  n_out = len(t.out_shape)
-  return (tuple(("s", i) for i in range(t.n_stack)) + tuple(("a", i) for i in range(t.n_in))
-          + tuple(("b", i) for i in range(n_out)))
+  """The `LoraKernel` labels of a target's layout: its n-th ``s``/``i``/``o`` axis is
+  ``("s", n)`` / ``("a", n)`` / ``("b", n)``."""
+  side = {"s": "s", "i": "a", "o": "b"}
+  return tuple((side[c], t.axes[:j].count(c)) for j, c in enumerate(t.axes))
 
 
 def _is_array(x: Any) -> bool:
@@ -257,6 +339,8 @@ def _eval(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx
       outvals = rule(eqn, invals, ctx)
     else:
       outvals = _bind(eqn, invals)
+      if eqn.primitive.name == "broadcast_in_dim":
+        ctx.producers[eqn.outvars[0]] = (eqn.params["broadcast_dimensions"], invals[0])
     for v, x in zip(eqn.outvars, outvals):
       env[v] = x
   return [read(v) for v in jaxpr.outvars]
@@ -273,15 +357,22 @@ def _plain(x: Any, ctx: _Context, what: str) -> Any:
   return ctx.fallback(x, what) if isinstance(x, LoraKernel) else x
 
 
-def _fallback_rule(eqn, invals, ctx):
-  return _bind(eqn, [_plain(x, ctx, eqn.primitive.name) for x in invals])
+def _fallback_rule(eqn, invals, ctx, what: str | None = None):
+  """``eqn`` on the merged kernels (reported as ``what``, by default the primitive's name)."""
+  return _bind(eqn, [_plain(x, ctx, what or eqn.primitive.name) for x in invals])
 
 
 # --- following the kernel: casts, transposes, reshapes ---------------------------------
 
 
 def _convert_rule(eqn, invals, ctx):
+  """A dtype cast: followed between float types of >= 16 bits; any other cast (to an integer or
+  8-bit float) would cast the factors too and is merged for that use instead."""
   (k,) = invals
+  new = eqn.params.get("new_dtype", k.w.dtype)
+  if not (jnp.issubdtype(new, jnp.floating) and jnp.issubdtype(k.w.dtype, jnp.floating)
+          and jnp.finfo(new).bits >= 16):
+    return _fallback_rule(eqn, invals, ctx, f"a cast to {jnp.dtype(new).name}")
   return [k.with_w(_bind(eqn, [k.w])[0])]
 
 
@@ -373,7 +464,7 @@ def _slice_rule(eqn, invals, ctx):
       cut = lambda x, axis: lax.slice_in_dim(x, start, limit, stride, axis)
     else:
       cut = lambda x, axis: lax.dynamic_slice_in_dim(x, starts[j], w.shape[j], axis)
-    axis = i if side == "s" else k.n_stack + 1 + i
+    axis = k.factor_axis((side, i))
     a = cut(a, axis) if side in "sa" else a
     b = cut(b, axis) if side in "sb" else b
   return [dataclasses.replace(k, w=w, a=a, b=b)]
@@ -383,15 +474,25 @@ def _slice_rule(eqn, invals, ctx):
 
 
 def _dot_general_rule(eqn, invals, ctx):
-  """``x·W + s · (dropout(x)·A)·B``, for the kernel on either side of the dot."""
+  """``x·W + s · (dropout(x)·F)·G``, for the kernel on either side of the dot.
+
+  ``F`` is the factor owning the kernel axes that ``x`` contracts (``a`` for ``x @ W``, ``b`` for
+  ``x @ W.T`` or a tied LM head), so the intermediate is ``x``'s free axes times ``r``; ``G`` is
+  the other factor. A dot contracting axes of both factors is merged for that use.
+  """
   lhs, rhs = invals
   if isinstance(lhs, LoraKernel) and isinstance(rhs, LoraKernel):
     lhs = ctx.fallback(lhs, "dot_general with two kernels")
   side = 1 if isinstance(rhs, LoraKernel) else 0
   k, x = (rhs, lhs) if side else (lhs, rhs)
-  base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   (xc, kc), (xb, kb) = ((lc, rc), (lb, rb)) if side else ((rc, lc), (rb, lb))
+  contracted = {k.labels[i][0] for i in kc} - {"s"}
+  if not ctx.adapts(k, "matmul"):
+    return _bind(eqn, [lhs, k.w] if side else [k.w, rhs])
+  if contracted == {"a", "b"}:
+    return _fallback_rule(eqn, invals, ctx, "dot_general contracting input and output axes")
+  base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
   a_sub, b_sub, k_sub = k.letters()
   x_sub = list(string.ascii_uppercase[:x.ndim].replace("R", "Z"))
   for xi, ki in (*zip(xc, kc), *zip(xb, kb)):
@@ -401,12 +502,64 @@ def _dot_general_rule(eqn, invals, ctx):
   x_free = "".join(c for i, c in enumerate(x_sub) if i not in xc and i not in xb)
   k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
   out_sub = batch + (x_free + k_free if side else k_free + x_free)
-  t_sub = "".join(dict.fromkeys(c for c in x_sub + a_sub if c in out_sub + b_sub))
-  a, b = k.factors()
-  precision = eqn.params.get("precision")
-  t = jnp.einsum(f"{x_sub},{a_sub}->{t_sub}", ctx.dropout(x, k), a, precision=precision)
-  branch = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(k.scale, t.dtype), b,
-                      precision=precision)
+  (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
+  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", ctx.dropout(x, k), f, g, k, ctx,
+                     precision=eqn.params.get("precision"),
+                     preferred_element_type=eqn.params.get("preferred_element_type"),
+                     out_sharding=eqn.params.get("out_sharding"))
+  return [base + branch.astype(base.dtype)]
+
+
+def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel, ctx: _Context,
+              **dot: Any) -> jax.Array:
+  """``scale · einsum(spec, x, f, g)`` as ``(x·f)·g`` in the branch dtype (`LoraConfig.branch_dtype`).
+
+  The intermediate keeps only the letters of ``x`` and ``f`` that the output or ``g`` needs.
+  ``dot`` holds the use's ``precision``, ``preferred_element_type`` (kept where it widens the
+  branch dtype) and ``out_sharding`` (for the second product, shaped like the output).
+  """
+  ins, out = spec.split("->")
+  x_sub, f_sub, g_sub = ins.split(",")
+  t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
+  dtype = ctx.dtype(k)
+  pet = _widening(dot.get("preferred_element_type"), dtype)
+  t = jnp.einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
+                 precision=dot.get("precision"), preferred_element_type=pet)
+  return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
+                    precision=dot.get("precision"), preferred_element_type=pet,
+                    out_sharding=dot.get("out_sharding"))
+
+
+def _widening(preferred: Any, dtype: Any) -> Any:
+  """The use's ``preferred_element_type`` where it is wider than the branch dtype, else None."""
+  return preferred if preferred is not None and jnp.finfo(preferred).bits > jnp.finfo(dtype).bits else None
+
+
+def _ragged_dot_rule(eqn, invals, ctx):
+  """``ragged_dot(x, W, groups) + s · ragged_dot(ragged_dot(dropout(x), Fᵀ, groups), G, groups)``.
+
+  The canonical mixture-of-experts form: ``x [m, k]`` rows grouped by expert, ``W [E, k, n]``
+  with the expert axis stacked; ``F`` owns ``k`` (``a`` for ``"sio"``, ``b`` for ``"soi"``).
+  """
+  x, k, groups = invals
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  if (isinstance(x, LoraKernel) or isinstance(groups, LoraKernel) or not isinstance(k, LoraKernel)
+      or not ctx.adapts(k, "matmul")):
+    if isinstance(k, LoraKernel) and not ctx.adapts(k, "matmul"):
+      return _bind(eqn, [x, k.w, groups])
+    return _fallback_rule(eqn, invals, ctx)
+  canonical = (dn.dot_dimension_numbers == (((1,), (1,)), ((), ())) and tuple(dn.lhs_ragged_dimensions) == (0,)
+               and tuple(dn.rhs_group_dimensions) == (0,) and x.ndim == 2 and k.w.ndim == 3)
+  if not canonical or k.labels[0][0] != "s" or {k.labels[1][0], k.labels[2][0]} != {"a", "b"}:
+    return _fallback_rule(eqn, invals, ctx, "ragged_dot of a non-canonical expert kernel")
+  base = _bind(eqn, [x, k.w, groups])[0]
+  f, g = (k.a, k.b) if k.labels[1][0] == "a" else (k.b, k.a)
+  dtype = ctx.dtype(k)
+  pet = _widening(eqn.params.get("preferred_element_type"), dtype)
+  dot = dict(precision=eqn.params.get("precision"), preferred_element_type=pet,
+             group_offset=eqn.params.get("group_offset"))
+  t = lax.ragged_dot(ctx.dropout(x, k).astype(dtype), jnp.swapaxes(f, 1, 2).astype(dtype), groups, **dot)
+  branch = lax.ragged_dot(t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype), groups, **dot)
   return [base + branch.astype(base.dtype)]
 
 
@@ -415,41 +568,155 @@ def _conv_rule(eqn, invals, ctx):
   x, k = invals
   dn = eqn.params["dimension_numbers"]
   out_feature = dn.rhs_spec[0]
+  if isinstance(k, LoraKernel) and not isinstance(x, LoraKernel) and not ctx.adapts(k, "conv"):
+    return _bind(eqn, [x, k.w])
   if (isinstance(x, LoraKernel) or not isinstance(k, LoraKernel) or k.n_stack
       or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2
       or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
     return _fallback_rule(eqn, invals, ctx)
   base = _bind(eqn, [x, k.w])[0]
-  a, b = k.factors()
+  dtype = ctx.dtype(k)
   # `a` laid out as the kernel, with r in place of the output features.
   perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  t = _bind(eqn, [ctx.dropout(x, k), a.transpose(perm)])[0]
-  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ b
+  t = _bind(eqn, [ctx.dropout(x, k).astype(dtype), k.a.astype(dtype).transpose(perm)],
+            preferred_element_type=None)[0]
+  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ k.b.astype(t.dtype)
   return [base + jnp.moveaxis(t, -1, dn.out_spec[1]).astype(base.dtype)]
 
 
 def _gather_rule(eqn, invals, ctx):
-  """An embedding lookup: ``W[ids] + s · A[ids] · B``."""
+  """An embedding lookup: ``W[ids] + s · F[ids] · G``, ``F`` the factor owning the indexed axes.
+
+  ``F`` is ``a`` for a ``[vocab, features]`` table (``"io"``) and ``b`` for ``"oi"``.
+  """
   k, ids = invals
+  if isinstance(k, LoraKernel) and not isinstance(ids, LoraKernel) and not ctx.adapts(k, "lookup"):
+    return _bind(eqn, [k.w, ids])
   dn = eqn.params["dimension_numbers"]
   slice_sizes = tuple(eqn.params["slice_sizes"])
-  b_axes = [j for j, l in enumerate(k.labels) if l[0] == "b"]
-  a_axes = [j for j, l in enumerate(k.labels) if l[0] == "a"]
-  if (isinstance(ids, LoraKernel) or k.n_stack or len(b_axes) != 1
-      or getattr(dn, "operand_batching_dims", ())
-      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in a_axes)
-      or slice_sizes[b_axes[0]] != k.w.shape[b_axes[0]]):
+  sides = {l[0] for l in k.labels} if isinstance(k, LoraKernel) else set()
+  feature_axes = [j for j, n in enumerate(slice_sizes) if isinstance(k, LoraKernel) and n == k.w.shape[j] and n != 1]
+  if (isinstance(ids, LoraKernel) or sides != {"a", "b"} or len(feature_axes) != 1
+      or getattr(dn, "operand_batching_dims", ())):
     return _fallback_rule(eqn, invals, ctx)
-  (feature,) = b_axes
+  (feature,) = feature_axes
+  g_side = k.labels[feature][0]
+  rows = [j for j in range(k.w.ndim) if j != feature]
+  if (sum(1 for l in k.labels if l[0] == g_side) != 1
+      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in rows)):
+    return _fallback_rule(eqn, invals, ctx)
   base = _bind(eqn, [k.w, ids])[0]
-  a, b = k.factors()
-  # `a` laid out as the kernel, with r in place of the features; gather its rows.
+  f, g = (k.a, k.b) if g_side == "b" else (k.b, k.a)
+  dtype = ctx.dtype(k)
+  # `f` laid out as the kernel, with r in place of the features; gather its rows.
   perm = [0 if j == feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  sizes = tuple(a.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
-  rows = _bind(eqn, [a.transpose(perm), ids], slice_sizes=sizes)[0]
+  sizes = tuple(f.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
+  picked = _bind(eqn, [f.astype(dtype).transpose(perm), ids], slice_sizes=sizes)[0]
   out_axis = dn.offset_dims[0]
-  rows = jnp.moveaxis(rows * jnp.asarray(k.scale, rows.dtype), out_axis, -1) @ b
-  return [base + jnp.moveaxis(rows, -1, out_axis).astype(base.dtype)]
+  picked = jnp.moveaxis(picked * jnp.asarray(k.scale, dtype), out_axis, -1) @ g.astype(dtype)
+  return [base + jnp.moveaxis(picked, -1, out_axis).astype(base.dtype)]
+
+
+# --- kernels combined with others: split, concatenate, scaling ---------------------------
+
+
+def _split_rule(eqn, invals, ctx):
+  """``jnp.split`` of a fused kernel (QKV, gate-up): each piece carries its slice of the factor
+  owning the split axis (both factors for a stack axis)."""
+  (k,) = invals
+  axis = eqn.params["axis"]
+  pieces = _bind(eqn, [k.w])
+  start, out = 0, []
+  for w in pieces:
+    n = w.shape[axis]
+    cut = lambda x: lax.slice_in_dim(x, start, start + n, axis=k.factor_axis(k.labels[axis]))
+    side = k.labels[axis][0]
+    out.append(dataclasses.replace(k, w=w, a=cut(k.a) if side in "sa" else k.a,
+                                   b=cut(k.b) if side in "sb" else k.b))
+    start += n
+  return out
+
+
+def _concatenate_rule(eqn, invals, ctx):
+  """Kernels concatenated along an axis (``nn.OptimizedLSTMCell``'s gates): one kernel whose
+  factors are block-diagonal over the rank.
+
+  Along an ``a`` (``b``) axis: ``a`` (``b``) is the pieces' factors concatenated along that axis
+  and zero-padded over the others' rank blocks, the other factor the pieces' concatenated along
+  the rank; each piece's scale is folded into its ``b``. Exact; the rank is the sum of the ranks.
+  """
+  axis = eqn.params["dimension"]
+  ks = [x for x in invals if isinstance(x, LoraKernel)]
+  if (len(ks) != len(invals) or any(x.labels != ks[0].labels or x.a.dtype != ks[0].a.dtype for x in ks)
+      or ks[0].labels[axis][0] == "s"):
+    return _fallback_rule(eqn, invals, ctx)
+  k0 = ks[0]
+  cat_side = k0.labels[axis][0]
+  r_axis = k0.n_stack
+  ranks = [x.a.shape[r_axis] for x in ks]
+  a = [x.a for x in ks]
+  b = [x.b * jnp.asarray(x.scale, x.b.dtype) for x in ks]
+  blocks = a if cat_side == "a" else b
+  padded = []
+  for n, x in enumerate(blocks):
+    pad = [(0, 0, 0)] * x.ndim
+    pad[r_axis] = (sum(ranks[:n]), sum(ranks[n + 1:]), 0)
+    padded.append(lax.pad(x, jnp.zeros((), x.dtype), pad))
+  along = jnp.concatenate(padded, axis=k0.factor_axis(k0.labels[axis]))
+  stacked = jnp.concatenate(b if cat_side == "a" else a, axis=r_axis)
+  a, b = (along, stacked) if cat_side == "a" else (stacked, along)
+  w = _bind(eqn, [x.w for x in ks])[0]
+  return [dataclasses.replace(k0, w=w, a=a, b=b, scale=1.0)]
+
+
+def _neg_rule(eqn, invals, ctx):
+  """``-W``: ``-W - s · a ⊗ b`` (the scale negated)."""
+  (k,) = invals
+  return [dataclasses.replace(k, w=_bind(eqn, [k.w])[0], scale=-k.scale)]
+
+
+def _scale_rule(eqn, invals, ctx):
+  """``W * c`` / ``W / c`` with ``c`` a scalar or varying along one side's axes only (muP,
+  per-channel scales): that side's factor is multiplied (divided) by ``c``, as `merge` would."""
+  k, c = invals
+  c_var = eqn.invars[1]
+  if eqn.primitive.name == "mul" and not isinstance(k, LoraKernel):
+    (c, k), c_var = invals, eqn.invars[0]
+  if isinstance(c, LoraKernel) or not isinstance(k, LoraKernel):
+    return _fallback_rule(eqn, invals, ctx)
+  compact = _compact(c, c_var, ctx)
+  varying = {k.labels[j] for j, n in enumerate(np.shape(compact)) if n != 1}
+  sides = {side for side, _ in varying} - {"s"}
+  if len(sides) > 1:
+    return _fallback_rule(eqn, invals, ctx, f"{eqn.primitive.name} by an array varying along input and output axes")
+  side = sides.pop() if sides else "b"
+  factor = k.a if side == "a" else k.b
+  if np.ndim(compact) == 0:
+    m = jnp.asarray(compact)
+  else:  # c's axes in the factor's order (the other side's, all of size 1, dropped), the rank as size 1
+    kept = [j for j, l in enumerate(k.labels) if l[0] in ("s", side)]
+    m = jnp.reshape(jnp.asarray(compact), [np.shape(compact)[j] for j in kept])
+    order = sorted((k.factor_axis(k.labels[j]), n) for n, j in enumerate(kept))
+    m = jnp.expand_dims(jnp.transpose(m, [n for _, n in order]), k.n_stack)
+  op = jnp.multiply if eqn.primitive.name == "mul" else jnp.divide
+  scaled = op(factor, m.astype(factor.dtype))
+  w = _bind(eqn, [k.w, c])[0]
+  k = dataclasses.replace(k, a=scaled) if side == "a" else dataclasses.replace(k, b=scaled)
+  return [k.with_w(w)]
+
+
+def _compact(c: Any, var: Any, ctx: _Context) -> Any:
+  """``c``, or, when it was broadcast from a smaller array, that array with size-1 axes where the
+  broadcast added them (so its non-1 axes are those along which ``c`` varies)."""
+  if np.ndim(c) == 0:
+    return c
+  if isinstance(var, jex.core.Literal) or var not in ctx.producers:
+    return c
+  dims, src = ctx.producers[var]
+  shape = [1] * np.ndim(c)
+  for d, n in zip(dims, np.shape(src)):
+    shape[d] = n
+  return jnp.reshape(src, shape)
 
 
 # --- following the kernel into nested computations --------------------------------------
@@ -497,7 +764,7 @@ def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, A
   (``b``), and the other factor is closed over.
   """
   side, i = k.labels[0]
-  axis = i if side == "s" else k.n_stack + 1 + i
+  axis = k.factor_axis((side, i))
   leaves = {"w": k.w,
             "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
             "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None}
@@ -553,6 +820,12 @@ _RULES: dict[str, Callable[..., list[Any]]] = {
     "slice": _slice_rule,
     "dynamic_slice": _slice_rule,
     "dot_general": _dot_general_rule,
+    "ragged_dot_general": _ragged_dot_rule,
+    "split": _split_rule,
+    "concatenate": _concatenate_rule,
+    "neg": _neg_rule,
+    "mul": _scale_rule,
+    "div": _scale_rule,
     "conv_general_dilated": _conv_rule,
     "gather": _gather_rule,
     "pjit": _jit_rule,
@@ -565,3 +838,151 @@ _RULES: dict[str, Callable[..., list[Any]]] = {
     "cond": _cond_rule,
     "while": _while_rule,
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Axes from use
+
+
+AxisMap = tuple[frozenset[int], ...]  # for each axis of a value: the target kernel's axes it spans
+_ROLE_LETTER = {"stack": "s", "input": "i", "output": "o"}
+
+
+def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *args: Any,
+                  **kwargs: Any) -> LoraConfig:
+  """``cfg`` with ``kernel_axes`` filled for every target from how ``apply_fn`` uses it.
+
+  Traces ``apply_fn(params, *args, **kwargs)`` abstractly (shapes only, no FLOPs) and follows each
+  target through casts, transposes, reshapes, slices, splits, scalings, nested ``jit``/``remat``,
+  ``scan`` (the scanned axis is stacked), ``cond`` and ``while`` to its uses, where each kernel
+  axis gets a role: at ``dot_general`` contracted axes are input (``"i"``), batch axes stacked
+  (``"s"``), free axes output (``"o"``); at ``ragged_dot`` the expert axis is stacked, the
+  contracted input, the rest output; at a conv the output-feature axis is output, the others
+  input; at an embedding ``gather`` the indexed axes are input, the gathered features output.
+  Where a lookup and a matmul disagree (a tied embedding and its LM head) the lookup decides,
+  as in PEFT. Axes of a target with no use seen keep their name-based default.
+
+  Args:
+    apply_fn, params: as for `lora_transform`.
+    cfg: the config; its explicit ``kernel_axes`` entries win over what the uses say.
+    *args, **kwargs: example inputs (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    ``cfg`` with one ``kernel_axes`` entry per target, keyed by ``re.escape`` of its path.
+
+  Raises:
+    ValueError: two uses of a kernel give an axis different roles (the message names the kernel
+      and the uses); set its ``kernel_axes`` explicitly.
+  """
+  targets = find_targets(params, cfg, check_rank=False)
+  leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+  dynamic = [_is_array(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
+  statics = [x for x, d in zip(leaves, dynamic) if not d]
+  dyn = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x.dtype)) for x, d in zip(leaves, dynamic) if d]
+
+  def fn(*dyn_leaves):
+    p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
+    return apply_fn(p, *a, **kw)
+  closed = jax.make_jaxpr(fn)(*dyn)
+  dyn_index = np.cumsum(dynamic) - 1
+  paths = [path for path, _ in leaves_with_paths(params)]
+  env: list[Any] = [None] * len(dyn)
+  for n, path in enumerate(targets):
+    env[int(dyn_index[paths.index(path)])] = (n, tuple(frozenset([j]) for j in range(len(targets[path].shape))))
+  roles: dict[int, dict[int, dict[str, str]]] = {n: {} for n in range(len(targets))}
+  _walk(closed.jaxpr, env, roles)
+  explicit = {re.escape(t.name): axes for t in targets.values()
+              for pattern, axes in cfg.kernel_axes.items() if matches(pattern, t.name)}
+  found = {}
+  for n, t in enumerate(targets.values()):
+    letters = list(t.axes)
+    for j, by_use in ({} if re.escape(t.name) in explicit else roles[n]).items():
+      kinds = set(by_use.values())
+      lookup = {r for u, r in by_use.items() if u.startswith("gather")}
+      if len(kinds) > 1 and len(lookup) == 1 and "stack" not in kinds:
+        kinds = lookup
+      if len(kinds) > 1:
+        uses = "; ".join(f"{u}: {r}" for u, r in by_use.items())
+        raise ValueError(f"axes_from_use: the uses of kernel {t.name} disagree on its axis {j} "
+                         f"({uses}); set LoraConfig.kernel_axes for it")
+      letters[j] = _ROLE_LETTER[kinds.pop()]
+    found[re.escape(t.name)] = "".join(letters)
+  filled = cfg.replace(kernel_axes={**found, **explicit, **cfg.kernel_axes})
+  find_targets(params, filled)  # the rank check, now that the layouts are known
+  return filled
+
+
+def _walk(jaxpr: jex.core.Jaxpr, args: Sequence[Any], roles: dict[int, dict[int, dict[str, str]]]) -> list[Any]:
+  """Follow ``(target, AxisMap)`` values through ``jaxpr``, recording axis roles at each use."""
+  env: dict[Any, Any] = dict(zip(jaxpr.invars, args))
+  read = lambda v: None if isinstance(v, jex.core.Literal) else env.get(v)
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    if not any(x is not None for x in ins):
+      continue
+    name, p = eqn.primitive.name, eqn.params
+    outs: list[Any] = [None] * len(eqn.outvars)
+    tracked = [(i, x) for i, x in enumerate(ins) if x is not None]
+    i, (n, axes) = tracked[0]
+
+    def note(role_of: Callable[[int], str | None], use: str) -> None:
+      for pos, originals in enumerate(axes):
+        role = role_of(pos)
+        for j in originals if role else ():
+          roles[n].setdefault(j, {})[f"{use} #{len(roles[n].get(j, {}))}"] = role
+    if name in ("convert_element_type", "copy", "copy_p", "neg", "slice", "dynamic_slice",
+                "split", "mul", "div", "concatenate"):
+      outs = [(n, axes)] * len(eqn.outvars)
+    elif name == "transpose":
+      outs = [(n, tuple(axes[q] for q in p["permutation"]))]
+    elif name in ("reshape", "squeeze", "broadcast_in_dim"):
+      outs = [(n, _reshape_axes(axes, eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape))]
+    elif name == "dot_general":
+      (lc, rc), (lb, rb) = p["dimension_numbers"]
+      c, b = (lc, lb) if i == 0 else (rc, rb)
+      note(lambda q: "input" if q in c else "stack" if q in b else "output", "dot_general")
+    elif name == "ragged_dot_general" and i == 1:
+      dn = p["ragged_dot_dimension_numbers"]
+      (_, rc), (_, rb) = dn.dot_dimension_numbers
+      note(lambda q: "stack" if q in (*rb, *dn.rhs_group_dimensions) else "input" if q in rc else "output",
+           "ragged_dot")
+    elif name == "conv_general_dilated" and i == 1:
+      out_feature = p["dimension_numbers"].rhs_spec[0]
+      note(lambda q: "output" if q == out_feature else "input", "conv")
+    elif name == "gather" and i == 0:
+      sizes = p["slice_sizes"]
+      shape = eqn.invars[0].aval.shape
+      note(lambda q: "output" if sizes[q] == shape[q] and shape[q] != 1 else "input", "gather")
+    elif name in ("pjit", "jit", "closed_call", "core_call"):
+      outs = _walk(p["jaxpr"].jaxpr, ins, roles)
+    elif name in ("remat2", "checkpoint"):
+      outs = _walk(p["jaxpr"], ins, roles)
+    elif name == "scan":
+      k = p["num_consts"] + p["num_carry"]
+      body = [x if q < k or x is None else (x[0], x[1][1:]) for q, x in enumerate(ins)]
+      for q, x in enumerate(ins[k:]):
+        if x is not None:
+          for j in x[1][0]:
+            roles[x[0]].setdefault(j, {})["scan"] = "stack"
+      _walk(p["jaxpr"].jaxpr, body, roles)
+    elif name == "cond":
+      for branch in p["branches"]:
+        _walk(branch.jaxpr, ins[1:], roles)
+    elif name == "while":
+      nc = p["cond_nconsts"]
+      _walk(p["body_jaxpr"].jaxpr, ins[nc:], roles)
+    for v, x in zip(eqn.outvars, outs):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _reshape_axes(axes: AxisMap, old: Sequence[int], new: Sequence[int]) -> AxisMap:
+  """The `AxisMap` after a row-major reshape from ``old`` to ``new`` (size-1 axes span nothing)."""
+  old_keep = [j for j, s in enumerate(old) if s != 1]
+  new_keep = [j for j, s in enumerate(new) if s != 1]
+  out = [frozenset()] * len(new)
+  for gi, gj in _reshape_groups([old[j] for j in old_keep], [new[j] for j in new_keep]):
+    spanned = frozenset().union(*(axes[old_keep[x]] for x in gi))
+    for x in gj:
+      out[new_keep[x]] = spanned
+  return tuple(out)

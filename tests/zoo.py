@@ -135,6 +135,52 @@ class NNXModel(nnx.Module):
     return self.out(jax.nn.tanh(self.q_proj(x)) * self.v_proj(x))
 
 
+def torch_style_mlp(params: dict, x: jax.Array) -> jax.Array:
+  """Kernels stored ``[out, in]`` (PyTorch-ported weights) and used as ``x @ W.T``."""
+  h = jnp.tanh(x @ params["fc1"]["weight"].T + params["fc1"]["bias"])
+  return h @ params["fc2"]["weight"].T
+
+
+def fused_qkv_attention(params: dict, x: jax.Array) -> jax.Array:
+  """One fused ``[d, 3d]`` QKV kernel cut with `jnp.split`, and a gate-up MLP kernel cut the same way."""
+  wq, wk, wv = jnp.split(params["qkv"]["kernel"], 3, axis=1)
+  q, k, v = x @ wq, x @ wk, x @ wv
+  att = jax.nn.softmax(jnp.einsum("bqd,bkd->bqk", q, k) / jnp.sqrt(q.shape[-1]), -1)
+  h = x + jnp.einsum("bqk,bkd->bqd", att, v) @ params["out"]["kernel"]
+  gate, up = jnp.split(params["gate_up"]["kernel"], 2, axis=1)
+  return h + (jax.nn.silu(h @ gate) * (h @ up)) @ params["down"]["kernel"]
+
+
+def mup_scaled(params: dict, x: jax.Array) -> jax.Array:
+  """muP-style scaling: kernels multiplied by a scalar, by a per-output vector, divided by a
+  per-input vector, and negated before their use."""
+  d_in = params["fc1"]["kernel"].shape[0]
+  w1 = params["fc1"]["kernel"] * (1.0 / jnp.sqrt(d_in)) * params["fc1"]["gain"]
+  h = jnp.tanh(x @ w1)
+  w2 = -(params["fc2"]["kernel"] / params["fc2"]["norm"][:, None])
+  return h @ w2
+
+
+def moe_layer(params: dict, x: jax.Array) -> jax.Array:
+  """A top-1 mixture of experts: tokens sorted by expert, experts ``[E, in, out]`` via `lax.ragged_dot`."""
+  n_experts = params["experts"]["w_in"].shape[0]
+  expert = jnp.argmax(x @ params["router"], axis=-1)
+  order = jnp.argsort(expert)
+  groups = jnp.bincount(expert, length=n_experts).astype(jnp.int32)
+  xs = x[order]
+  h = jax.nn.gelu(jax.lax.ragged_dot(xs, params["experts"]["w_in"], groups))
+  y = jax.lax.ragged_dot(h, params["experts"]["w_out"], groups)
+  return jnp.zeros_like(y).at[order].set(y)
+
+
+class LSTM(nn.Module):
+  """`nn.OptimizedLSTMCell` (its gate kernels concatenated before one dot) under `nn.RNN`."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="head")(nn.RNN(nn.OptimizedLSTMCell(8), name="rnn")(x)[:, -1])
+
+
 def _linen(name: str, model: nn.Module, x: Any, cfg: lj.LoraConfig) -> Case:
   params = model.init(jax.random.key(0), x)
   return Case(name, model.apply, params, (x,), cfg)
@@ -160,6 +206,31 @@ def cases() -> list[Case]:
   raw["wo"] = jax.random.normal(ks[3], (h, k, d)) / 4
   zoo.append(Case("einsum_attention", einsum_attention, raw, (jax.random.normal(key, (2, 6, d)),),
                   lj.LoraConfig(r=2, alpha=2, targets=["wq", "wk", "wv", "wo"])))
+  ks = jax.random.split(key, 12)
+  torch_params = {"fc1": {"weight": jax.random.normal(ks[0], (24, 10)) / 3, "bias": jnp.zeros(24)},
+                  "fc2": {"weight": jax.random.normal(ks[1], (6, 24)) / 5}}
+  zoo.append(Case("torch_style_mlp", torch_style_mlp, torch_params, (jax.random.normal(key, (4, 10)),),
+                  lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
+  d = 16
+  fused = {"qkv": {"kernel": jax.random.normal(ks[2], (d, 3 * d)) / 4},
+           "out": {"kernel": jax.random.normal(ks[3], (d, d)) / 4},
+           "gate_up": {"kernel": jax.random.normal(ks[4], (d, 4 * d)) / 4},
+           "down": {"kernel": jax.random.normal(ks[5], (2 * d, d)) / 6}}
+  zoo.append(Case("fused_qkv_attention", fused_qkv_attention, fused, (jax.random.normal(key, (2, 5, d)),),
+                  lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
+  mup = {"fc1": {"kernel": jax.random.normal(ks[6], (12, 20)), "gain": 1 + jax.random.uniform(ks[7], (20,))},
+         "fc2": {"kernel": jax.random.normal(ks[8], (20, 4)) / 3, "norm": 1 + jax.random.uniform(ks[9], (20,))}}
+  zoo.append(Case("mup_scaled", mup_scaled, mup, (jax.random.normal(key, (3, 12)),),
+                  lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
+  e, f = 4, 24
+  moe = {"router": jax.random.normal(ks[10], (d, e)),
+         "experts": {"w_in": jax.random.normal(ks[11], (e, d, f)) / 4,
+                     "w_out": jax.random.normal(ks[0], (e, f, d)) / 5}}
+  zoo.append(Case("moe_ragged_dot", moe_layer, moe, (jax.random.normal(key, (20, d)),),
+                  lj.LoraConfig(r=2, alpha=4, targets=["experts/w_in", "experts/w_out"],
+                                kernel_axes={"experts/.*": "sio"})))
+  zoo.append(_linen("optimized_lstm", LSTM(), jax.random.normal(key, (2, 5, 4)),
+                    lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
   graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
   zoo.append(Case("nnx", lambda s, x: nnx.merge(graphdef, s)(x), state,
                   (jax.random.normal(key, (5, 12)),), lj.LoraConfig(r=2, alpha=4)))
