@@ -69,6 +69,7 @@ import numpy as np
 from jax import lax
 
 from lorax_jax.config import LoraConfig
+from lorax_jax.dropout import dropout_bilinear, dropout_einsum
 from lorax_jax.init import Lora, check_lora, get_path
 from lorax_jax.merge import merge
 from lorax_jax.targets import Target, find_targets, leaves_with_paths, matches, path_str
@@ -150,24 +151,22 @@ class _Context:
     """The branch's compute dtype (`LoraConfig.branch_dtype`)."""
     return k.a.dtype if self.branch_dtype == "factors" else k.w.dtype
 
-  def dropout(self, x: jax.Array, k: LoraKernel) -> jax.Array:
-    """``x`` with LoRA dropout, the key folded from ``rng``, then the target and its use count
-    (or, with ``shared_dropout``, the order in which this input tensor first met a branch).
+  def dropout_key(self, x: jax.Array, k: LoraKernel) -> jax.Array | None:
+    """The dropout key of this use of ``k`` on input ``x`` (None: no dropout): ``rng`` folded
+    with the target and its use count (or, with ``shared_dropout``, the order in which this
+    input tensor first met a branch). The mask itself is `lorax_jax.dropout`'s counter hash.
 
     Under ``jax.vmap`` over per-example keys the masks differ per example; a key shared by the
     whole batch gives every example the same mask.
     """
     if self.rng is None or self.rate == 0.0:
-      return x
+      return None
     if self.shared_dropout:
       _, n = self.inputs.setdefault(id(x), (x, len(self.inputs)))  # x kept alive: ids stay unique
-      key = jax.random.fold_in(jax.random.fold_in(self.rng, -1), n)
-    else:
-      use = self.uses.get(k.index, 0)
-      self.uses[k.index] = use + 1
-      key = jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
-    keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+      return jax.random.fold_in(jax.random.fold_in(self.rng, -1), n)
+    use = self.uses.get(k.index, 0)
+    self.uses[k.index] = use + 1
+    return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
 
   def fallback(self, k: LoraKernel, what: str) -> jax.Array:
     """Merge ``k`` for one use by ``what``, and report it (or raise if strict)."""
@@ -503,7 +502,7 @@ def _dot_general_rule(eqn, invals, ctx):
   k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
   out_sub = batch + (x_free + k_free if side else k_free + x_free)
   (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
-  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", ctx.dropout(x, k), f, g, k, ctx,
+  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", x, f, g, k, ctx,
                      precision=eqn.params.get("precision"),
                      preferred_element_type=eqn.params.get("preferred_element_type"),
                      out_sharding=eqn.params.get("out_sharding"))
@@ -512,7 +511,7 @@ def _dot_general_rule(eqn, invals, ctx):
 
 def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel, ctx: _Context,
               **dot: Any) -> jax.Array:
-  """``scale · einsum(spec, x, f, g)`` as ``(x·f)·g`` in the branch dtype (`LoraConfig.branch_dtype`).
+  """``scale · einsum(spec, dropout(x), f, g)`` as ``(dropout(x)·f)·g`` in the branch dtype.
 
   The intermediate keeps only the letters of ``x`` and ``f`` that the output or ``g`` needs.
   ``dot`` holds the use's ``precision``, ``preferred_element_type`` (kept where it widens the
@@ -523,8 +522,9 @@ def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel
   t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
   dtype = ctx.dtype(k)
   pet = _widening(dot.get("preferred_element_type"), dtype)
-  t = jnp.einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
-                 precision=dot.get("precision"), preferred_element_type=pet)
+  t = dropout_einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
+                     ctx.dropout_key(x, k), ctx.rate, precision=dot.get("precision"),
+                     preferred_element_type=pet)
   return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
                     precision=dot.get("precision"), preferred_element_type=pet,
                     out_sharding=dot.get("out_sharding"))
@@ -558,7 +558,8 @@ def _ragged_dot_rule(eqn, invals, ctx):
   pet = _widening(eqn.params.get("preferred_element_type"), dtype)
   dot = dict(precision=eqn.params.get("precision"), preferred_element_type=pet,
              group_offset=eqn.params.get("group_offset"))
-  t = lax.ragged_dot(ctx.dropout(x, k).astype(dtype), jnp.swapaxes(f, 1, 2).astype(dtype), groups, **dot)
+  t = dropout_bilinear(lambda u, v: lax.ragged_dot(u, v, groups, **dot), x.astype(dtype),
+                       jnp.swapaxes(f, 1, 2).astype(dtype), ctx.dropout_key(x, k), ctx.rate)
   branch = lax.ragged_dot(t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype), groups, **dot)
   return [base + branch.astype(base.dtype)]
 
@@ -578,8 +579,8 @@ def _conv_rule(eqn, invals, ctx):
   dtype = ctx.dtype(k)
   # `a` laid out as the kernel, with r in place of the output features.
   perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  t = _bind(eqn, [ctx.dropout(x, k).astype(dtype), k.a.astype(dtype).transpose(perm)],
-            preferred_element_type=None)[0]
+  t = dropout_bilinear(lambda u, v: _bind(eqn, [u, v], preferred_element_type=None)[0],
+                       x.astype(dtype), k.a.astype(dtype).transpose(perm), ctx.dropout_key(x, k), ctx.rate)
   t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ k.b.astype(t.dtype)
   return [base + jnp.moveaxis(t, -1, dn.out_spec[1]).astype(base.dtype)]
 

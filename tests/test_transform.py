@@ -17,6 +17,7 @@ import pytest
 
 import lorax_jax as lj
 from lorax_jax import transform
+from lorax_jax.dropout import keep_mask
 import zoo
 
 CASES = zoo.cases()
@@ -363,13 +364,13 @@ def test_dropout_keys():
 
 
 def test_dropout_matches_hand_written_branch():
-  """One Dense layer: ``x W + s · (mask ⊙ x / (1-p)) Aᵀ B`` with the mask drawn independently."""
+  """One Dense layer: ``x W + s · (mask ⊙ x / (1-p)) Aᵀ B``, the mask `keep_mask` of the use's key."""
   params = {"v_proj": {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}}
   cfg = lj.LoraConfig(r=2, alpha=3, dropout=0.25, targets=["v_proj"])
   lora = jax.tree.map(lambda a: a + 0.2, lj.init_lora(params, cfg, jax.random.key(1)))
   x = jax.random.normal(jax.random.key(2), (5, 6))
   out = lj.lora_transform(lambda p, x: x @ p["v_proj"]["kernel"], params, cfg)(params, lora, x, rng=jax.random.key(9))
-  keep = np.asarray(jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(jax.random.key(9), 0), 0), 0.75, x.shape))
+  keep = np.asarray(keep_mask(jax.random.fold_in(jax.random.fold_in(jax.random.key(9), 0), 0), x.shape, 0.25))
   a, b = np.asarray(lora["v_proj"]["kernel"]["a"]), np.asarray(lora["v_proj"]["kernel"]["b"])
   x_np = np.asarray(x)
   want = x_np @ np.asarray(params["v_proj"]["kernel"]) + 1.5 * (np.where(keep, x_np / 0.75, 0) @ a.T) @ b
