@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import lorax_jax
-from lorax_jax.targets import path_str
+from lorax_jax.targets import get_path, path_str
 
 TRAIN = ("lower_bound", "factored", "factored_dropout", "reference", "full", "nnx_lora", "qwix_lora",
          "qwix_lora_dropout")
@@ -186,7 +186,7 @@ def qwix_model(setup: Setup, dropout: float = 0.0) -> tuple[nn.Module, Any, Any]
   qmodel = qwix.apply_lora_to_model(setup.model, provider)
   lora = {}
   for t in targets.values():
-    node = lorax_jax.init.get_path(setup.lora, t.path)
+    node = get_path(setup.lora, t.path)
     module = "/".join(t.path[1:-1])
     lora[f"{module}/kernel_lora_a"] = node["a"].T
     lora[f"{module}/kernel_lora_b"] = node["b"]

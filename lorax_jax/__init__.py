@@ -10,10 +10,10 @@ from lorax_jax.config import LoraConfig
 from lorax_jax.init import check_lora, init_lora
 from lorax_jax.io import load_adapter, load_kohya, save_adapter
 from lorax_jax.merge import delta, merge, unmerge
-from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params,
+from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params, summary,
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Target, find_targets, summary
+from lorax_jax.targets import Target, find_targets
 from lorax_jax.transform import axes_from_use, lora_transform
 
 __version__ = "0.1.0"

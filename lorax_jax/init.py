@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.targets import Path, Target, find_targets, path_str
+from lorax_jax.targets import Path, Target, find_targets, get_path, path_str, set_path
 
 Lora = dict[str, Any]
 
@@ -48,7 +48,7 @@ def _init_factors(key: jax.Array, t: Target, cfg: LoraConfig) -> tuple[jax.Array
   return a, jnp.zeros(t.b_shape, dtype)
 
 
-def factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
+def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
   """``(target, a, b)`` for every target, after `check_lora`."""
   check_lora(targets, lora)
   for path, t in targets.items():
@@ -84,15 +84,3 @@ def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
       yield from _lora_nodes(v, (*prefix, str(k)))
   else:
     yield prefix, tree
-
-
-def get_path(tree: Any, path: Path) -> Any:
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def set_path(tree: dict, path: Path, value: Any) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value

@@ -12,13 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, factors
+from lorax_jax.init import Lora, target_factors
 from lorax_jax.targets import Path, find_targets, tree_path
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   """``s · A ⊗ B`` for every target, kernel-shaped (float32), keyed by path."""
-  return {t.path: t.delta(a, b) for t, a, b in factors(find_targets(params, cfg), lora)}
+  return {t.path: t.delta(a, b) for t, a, b in target_factors(find_targets(params, cfg), lora)}
 
 
 def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -> Any:

@@ -1,4 +1,4 @@
-"""Frozen and trainable parts of a params tree: split, join, mask, count, size.
+"""Frozen and trainable parts of a params tree: split, join, mask, count, size, summary.
 
 Lorax's ``Params.filter`` and ``Params.size``. A *combined* tree is the params tree with
 the factors stored in their module under ``"lora"``, keyed by the leaf they adapt:
@@ -16,7 +16,7 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora
-from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str
+from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, set_path
 
 LORA_KEY = "lora"
 
@@ -85,10 +85,7 @@ def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
   out: dict = {}
   for path, leaf in leaves_with_paths(tree):
     if where(path, leaf):
-      node = out
-      for key in path[:-1]:
-        node = node.setdefault(key, {})
-      node[path[-1]] = leaf
+      set_path(out, path, leaf)
   return out
 
 
@@ -98,4 +95,17 @@ def lora_count(params: Any, cfg: LoraConfig) -> int:
              for t in find_targets(params, cfg).values())
 
 
+def summary(params: Any, cfg: LoraConfig) -> str:
+  """The matched paths with their ranks, and trainable / total parameter counts.
 
+  What PEFT users know as ``print_trainable_parameters``.
+  """
+  found = find_targets(params, cfg)
+  total = count(params)
+  trainable = lora_count(params, cfg)
+  width = max(len(t.name) for t in found.values())
+  lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
+  lines.append(
+      f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
+      f"trainable%: {100 * trainable / (total + trainable):.4f}")
+  return "\n".join(lines)

@@ -94,13 +94,32 @@ class Target:
 
   def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """``s · Σ_r a ⊗ b`` as a kernel-shaped array (float32 accumulation)."""
-    a_sub, b_sub, k_sub = self.subscripts()
-    d = jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", a, b, preferred_element_type=jnp.float32)
-    return self.scale * d
+    return low_rank_update(self.subscripts(), a, b, self.scale)
+
+
+def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``scale · Σ_r a ⊗ b`` in float32, with ``subscripts`` the einsum subscripts of ``a``, ``b`` and
+  the result (the kernel)."""
+  a_sub, b_sub, k_sub = subscripts
+  return scale * jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", a, b, preferred_element_type=jnp.float32)
 
 
 def path_str(path: Path) -> str:
   return "/".join(path)
+
+
+def get_path(tree: Any, path: Path) -> Any:
+  """The node of nested ``tree`` at ``path``."""
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def set_path(tree: dict, path: Path, value: Any) -> None:
+  """Put ``value`` at ``path`` in nested dicts ``tree``, creating the dicts on the way."""
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
 def key_str(key: Any) -> str:
@@ -167,22 +186,6 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
   return found
-
-
-def summary(params: Any, cfg: LoraConfig) -> str:
-  """The matched paths with their ranks, and trainable / total parameter counts.
-
-  What PEFT users know as ``print_trainable_parameters``.
-  """
-  found = find_targets(params, cfg)
-  total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
-  trainable = sum(math.prod(t.a_shape) + math.prod(t.b_shape) for t in found.values())
-  width = max(len(t.name) for t in found.values())
-  lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
-  lines.append(
-      f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
-      f"trainable%: {100 * trainable / (total + trainable):.4f}")
-  return "\n".join(lines)
 
 
 def matches(patterns: str | Sequence[str], name: str) -> bool:

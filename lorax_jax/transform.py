@@ -70,11 +70,15 @@ from jax import lax
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import dropout_bilinear, dropout_einsum
-from lorax_jax.init import Lora, check_lora, get_path
+from lorax_jax.init import Lora, check_lora
 from lorax_jax.merge import merge
-from lorax_jax.targets import Target, find_targets, leaves_with_paths, matches, path_str
+from lorax_jax.targets import Target, find_targets, get_path, leaves_with_paths, low_rank_update, matches, path_str
 
-Label = tuple[str, int]  # ("s", i): stack axis i of a and b; ("a", i) / ("b", i): axis i of a's / b's own axes
+# Each axis of a kernel in flight is labelled ``(side, i)`` by where the factors hold it:
+#   ("s", i): stack axis i, shared by a and b (axis i of both);
+#   ("a", i): a's own axis i after the rank (an input axis: "i" in `Target.axes`);
+#   ("b", i): b's own axis i after the rank (an output axis: "o" in `Target.axes`).
+Label = tuple[str, int]
 
 
 @jax.tree_util.register_dataclass
@@ -99,7 +103,7 @@ class LoraKernel:
   def n_stack(self) -> int:
     return sum(1 for side, _ in self.labels if side == "s")
 
-  def letters(self) -> tuple[str, str, str]:
+  def subscripts(self) -> tuple[str, str, str]:
     """einsum subscripts of ``a``, ``b`` and the kernel (``r`` is ``"R"``)."""
     kernel = string.ascii_lowercase[: len(self.labels)]
     where = {label: kernel[j] for j, label in enumerate(self.labels)}
@@ -115,9 +119,8 @@ class LoraKernel:
 
   def merged(self) -> jax.Array:
     """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
-    a_sub, b_sub, k_sub = self.letters()
-    d = jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", self.a, self.b, preferred_element_type=jnp.float32)
-    return (self.w.astype(jnp.float32) + self.scale * d).astype(self.w.dtype)
+    d = low_rank_update(self.subscripts(), self.a, self.b, self.scale)
+    return (self.w.astype(jnp.float32) + d).astype(self.w.dtype)
 
   def with_w(self, w: jax.Array, labels: tuple[Label, ...] | None = None) -> LoraKernel:
     return dataclasses.replace(self, w=w, labels=self.labels if labels is None else labels)
@@ -264,7 +267,7 @@ class LoraApply:
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
                    self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
-    outs = [_plain(x, ctx, "the output") for x in outs]
+    outs = [_as_array(x, ctx, "the output") for x in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
 
 
@@ -352,13 +355,14 @@ def _bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any], **params: Any) -> list[
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _plain(x: Any, ctx: _Context, what: str) -> Any:
+def _as_array(x: Any, ctx: _Context, what: str) -> Any:
+  """``x`` as a plain array: a `LoraKernel` merged for this use (reported as ``what``), anything else as is."""
   return ctx.fallback(x, what) if isinstance(x, LoraKernel) else x
 
 
 def _fallback_rule(eqn, invals, ctx, what: str | None = None):
   """``eqn`` on the merged kernels (reported as ``what``, by default the primitive's name)."""
-  return _bind(eqn, [_plain(x, ctx, what or eqn.primitive.name) for x in invals])
+  return _bind(eqn, [_as_array(x, ctx, what or eqn.primitive.name) for x in invals])
 
 
 # --- following the kernel: casts, transposes, reshapes ---------------------------------
@@ -452,7 +456,7 @@ def _reshape_groups(old: list[int], new: list[int]) -> list[tuple[list[int], lis
 def _slice_rule(eqn, invals, ctx):
   """``slice`` / ``dynamic_slice``: each factor is sliced along the kernel axes it owns."""
   k, *starts = invals
-  w = _bind(eqn, [k.w, *[_plain(x, ctx, "a slice index") for x in starts]])[0]
+  w = _bind(eqn, [k.w, *[_as_array(x, ctx, "a slice index") for x in starts]])[0]
   a, b = k.a, k.b
   for j, (side, i) in enumerate(k.labels):
     if w.shape[j] == k.w.shape[j]:
@@ -492,7 +496,7 @@ def _dot_general_rule(eqn, invals, ctx):
   if contracted == {"a", "b"}:
     return _fallback_rule(eqn, invals, ctx, "dot_general contracting input and output axes")
   base = _bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
-  a_sub, b_sub, k_sub = k.letters()
+  a_sub, b_sub, k_sub = k.subscripts()
   x_sub = list(string.ascii_uppercase[:x.ndim].replace("R", "Z"))
   for xi, ki in (*zip(xc, kc), *zip(xb, kb)):
     x_sub[xi] = k_sub[ki]
@@ -742,7 +746,7 @@ def _scan_rule(eqn, invals, ctx):
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
-  init = [_plain(x, ctx, "a scan carry") for x in init]
+  init = [_as_array(x, ctx, "a scan carry") for x in init]
   sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else (x, None) for x in xs]
   closed = p["jaxpr"]
 
@@ -750,7 +754,7 @@ def _scan_rule(eqn, invals, ctx):
     i, x_leaves = step
     xs_now = [rebuild(x) if rebuild else x for x, (_, rebuild) in zip(x_leaves, sliced)]
     outs = _eval(closed.jaxpr, closed.consts, [*consts, *carry, *xs_now], ctx.fold(i))
-    outs = [_plain(x, ctx, "a scan output") for x in outs]
+    outs = [_as_array(x, ctx, "a scan output") for x in outs]
     return outs[:n_carry], outs[n_carry:]
 
   steps = (jnp.arange(p["length"]), [x for x, _ in sliced])
@@ -781,12 +785,12 @@ def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, A
 def _cond_rule(eqn, invals, ctx):
   """``lax.switch`` re-emitted; a kernel leaving a branch is merged."""
   index, *ops = invals
-  index = _plain(index, ctx, "a cond index")
+  index = _as_array(index, ctx, "a cond index")
 
   def branch(closed):
     def run(*args):
       outs = _eval(closed.jaxpr, closed.consts, args, ctx)
-      return [_plain(x, ctx, "a cond output") for x in outs]
+      return [_as_array(x, ctx, "a cond output") for x in outs]
     return run
   return list(lax.switch(index, [branch(c) for c in eqn.params["branches"]], *ops))
 
@@ -796,7 +800,7 @@ def _while_rule(eqn, invals, ctx):
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
-  init = [_plain(x, ctx, "a while carry") for x in init]
+  init = [_as_array(x, ctx, "a while carry") for x in init]
   cond, body = p["cond_jaxpr"], p["body_jaxpr"]
 
   def cond_fn(state):
@@ -806,7 +810,7 @@ def _while_rule(eqn, invals, ctx):
   def body_fn(state):
     i, carry = state
     outs = _eval(body.jaxpr, body.consts, [*body_consts, *carry], ctx.fold(i))
-    return i + 1, [_plain(x, ctx, "a while carry") for x in outs]
+    return i + 1, [_as_array(x, ctx, "a while carry") for x in outs]
   return lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), init))[1]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from lorax_jax.models.bert import (BERT_PATH_MAP, BertConfig, BertForSequenceClassification,
                                    load_bert, load_tokenizer, minilm_directory, sentence_embedding)
-from lorax_jax.models.hf import save_checkpoint
+from lorax_jax.models.hf import save_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,10 +68,10 @@ def test_padding_does_not_change_unpadded_logits(tmp_path):
   np.testing.assert_allclose(np.asarray(padded[1:2]), np.asarray(alone), atol=1e-5)
 
 
-def test_save_checkpoint_round_trips_through_transformers(tmp_path):
+def test_save_hf_checkpoint_round_trips_through_transformers(tmp_path):
   model = _torch_classifier(str(tmp_path / "a"))
   config, params = load_bert(str(tmp_path / "a"))
-  save_checkpoint(str(tmp_path / "b"), params, config.to_hf(), BERT_PATH_MAP)
+  save_hf_checkpoint(str(tmp_path / "b"), params, config.to_hf(), BERT_PATH_MAP)
   reloaded = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "b")).eval()
   ids, mask, _ = _batch(SMALL["vocab_size"], seed=1)
   args = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))

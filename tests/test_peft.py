@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from lorax_jax import LoraConfig, find_targets, init_lora, lora_transform, merge
-from lorax_jax.init import factors
+from lorax_jax.init import target_factors
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models.bert import BERT_MODEL_PATH_MAP, BERT_PATH_MAP, BertForSequenceClassification, BertModel, load_bert
 from lorax_jax.models.hf import params_from_tensors, tensors_from_params
@@ -138,7 +138,7 @@ def train(loss, lora, params, cfg, steps=3):
   opt_state = opt.init(lora)
   for _ in range(steps):
     lora, opt_state = step(lora, opt_state)
-  assert all(float(jnp.abs(b).max()) > 0 for _, _, b in factors(find_targets(params, cfg), lora))
+  assert all(float(jnp.abs(b).max()) > 0 for _, _, b in target_factors(find_targets(params, cfg), lora))
   return lora
 
 

@@ -31,7 +31,7 @@ def torch_shapes(t: Target, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]
   return (*t.stack_shape, r, n_in), (*t.stack_shape, n_out, r)
 
 
-def to_torch(a: np.ndarray, b: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def factors_to_torch(a: np.ndarray, b: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
   """``(A, B)`` in torch's layout from lorax_jax's ``(a, b)``."""
   a, b = np.asarray(a), np.asarray(b)
   shape_a, shape_b = torch_shapes(t, kind)
@@ -40,7 +40,7 @@ def to_torch(a: np.ndarray, b: np.ndarray, t: Target, kind: str) -> tuple[np.nda
   return a.reshape(shape_a), np.swapaxes(b.reshape(*t.stack_shape, t.rank, -1), -1, -2)
 
 
-def from_torch(A: np.ndarray, B: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def factors_from_torch(A: np.ndarray, B: np.ndarray, t: Target, kind: str) -> tuple[np.ndarray, np.ndarray]:
   """lorax_jax's ``(a, b)`` from torch-layout ``(A, B)`` of the shapes `torch_shapes` gives."""
   if kind == "conv":
     return np.moveaxis(A, 1, -1), B.reshape(B.shape[:2]).T

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, set_path
-from lorax_jax.io.factors import fit, from_torch, torch_shapes
-from lorax_jax.io.modules import Module, by_name, exact_config, modules
+from lorax_jax.init import Lora
+from lorax_jax.io.factors import factors_from_torch, fit, torch_shapes
+from lorax_jax.io.modules import Module, by_name, exact_config, modules, parts_by_module
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, open_safetensors, read_header, read_tensors
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Path, find_targets
+from lorax_jax.targets import Path, find_targets, set_path
 
 # Kohya prefix -> the prefix of the Hugging Face module names it stands for.
 DEFAULT_PREFIXES = {"lora_unet_": "", "lora_te_": "", "lora_te1_": "", "lora_te2_": ""}
@@ -70,14 +70,8 @@ def _load(f: BinaryIO, tensors: Mapping[str, TensorInfo], path: str, params: Any
              for m in modules(params, path_map) if m.kind != "embedding"
              for kohya, hf in prefixes.items() if hf is not None and m.name.startswith(hf)]
   skipped = tuple(k for k, hf in prefixes.items() if hf is None)
-  parts: dict[str, dict[str, str]] = collections.defaultdict(dict)
-  unexpected = []
-  for key in tensors:
-    match = _KEY.fullmatch(key)
-    if match is None:
-      unexpected.append(key)
-    elif not (skipped and match["module"].startswith(skipped)):
-      parts[match["module"]][match["part"]] = key
+  parts, unexpected = parts_by_module(tensors, _KEY)
+  parts = {name: p for name, p in parts.items() if not (skipped and name.startswith(skipped))}
   found, unknown = by_name(aliases, parts)
   unexpected += [key for name in unknown for key in parts[name].values()]
   if unexpected:
@@ -117,8 +111,9 @@ def _load(f: BinaryIO, tensors: Mapping[str, TensorInfo], path: str, params: Any
     t = targets[m.path]
     want_down, want_up = torch_shapes(t, m.kind)
     down, up = (values[parts[name][p]] for p in ("lora_down.weight", "lora_up.weight"))
-    a, b = from_torch(fit(down, want_down, f"{path}: {name}.lora_down.weight", t, unit_axes=True),
-                      fit(up, want_up, f"{path}: {name}.lora_up.weight", t, unit_axes=True), t, m.kind)
+    down = fit(down, want_down, f"{path}: {name}.lora_down.weight", t, unit_axes=True)
+    up = fit(up, want_up, f"{path}: {name}.lora_up.weight", t, unit_axes=True)
+    a, b = factors_from_torch(down, up, t, m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, param_dtype), "b": jnp.asarray(b, param_dtype)})
   return lora, cfg
 

@@ -84,6 +84,19 @@ def by_name(mods: Iterable[Module], names: Iterable[str]) -> tuple[dict[str, Mod
   return found, unknown
 
 
+def parts_by_module(keys: Iterable[str], key_pattern: re.Pattern[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+  """``({module name: {part: key}}, other keys)``: the tensor keys ``key_pattern`` full-matches,
+  grouped by its ``module`` group and named by its ``part`` group, and the keys it does not match."""
+  parts: dict[str, dict[str, str]] = {}
+  others = []
+  for key in keys:
+    if match := key_pattern.fullmatch(key):
+      parts.setdefault(match["module"], {})[match["part"]] = key
+    else:
+      others.append(key)
+  return parts, others
+
+
 def align_names(names: Iterable[str], mods: Iterable[Module]) -> tuple[dict[str, str], Callable[[str], str]]:
   """``({adapter module name: module name of mods}, to_file)``, ``to_file`` mapping a module
   name of ``mods`` to the adapter's layout.

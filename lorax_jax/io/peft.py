@@ -38,13 +38,14 @@ import numpy as np
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
-from lorax_jax.init import Lora, factors, get_path, set_path
-from lorax_jax.io.factors import check_shape, from_torch, to_torch, torch_shapes
-from lorax_jax.io.modules import Module, align_names, by_name, by_path, exact_config, layout_hint, modules
+from lorax_jax.init import Lora, target_factors
+from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
+from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, layout_hint, modules,
+                                  parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Path, Target, find_targets, leaves_with_paths, path_str
+from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_paths, path_str, set_path
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -87,9 +88,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
                        "save the adapter to a directory of its own")
   tensors = {}
-  for t, a, b in factors(targets, lora):
+  for t, a, b in target_factors(targets, lora):
     key_a, key_b = _keys(names[t.path])
-    tensors[key_a], tensors[key_b] = to_torch(a, b, t, names[t.path].kind)
+    tensors[key_a], tensors[key_b] = factors_to_torch(a, b, t, names[t.path].kind)
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
@@ -187,7 +188,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
   lora: Lora = {}
   for m, key_a, key_b in pairs:
-    a, b = from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
+    a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
   return lora, cfg
 
@@ -231,13 +232,11 @@ def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
   """``([(module, key_A, key_B)], {base copy key: module}, to_file)`` from the header's keys
   alone (``to_file`` as in `align_names`); unexpected, missing or non-float keys are errors
   naming them."""
-  parts: dict[str, dict[str, str]] = {}
+  parts, others = parts_by_module(infos, _KEY)
   copy_names: dict[str, str] = {}
   unexpected = []
-  for key in infos:
-    if match := _KEY.fullmatch(key):
-      parts.setdefault(match["module"], {})[match["part"]] = key
-    elif match := _BASE_COPY.fullmatch(key):
+  for key in others:
+    if match := _BASE_COPY.fullmatch(key):
       copy_names[key] = match["module"]
     else:
       unexpected.append(key)

@@ -12,7 +12,7 @@ import numpy as np
 from lorax_jax.files import write_atomic, write_text_atomic
 from lorax_jax.io.tensors import PICKLE_SUFFIXES, pickle_refusal, read_safetensors, safetensors_writer
 from lorax_jax.pathmap import PathMap, from_torch, to_torch
-from lorax_jax.targets import leaves_with_paths, path_str
+from lorax_jax.targets import leaves_with_paths, path_str, set_path
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -49,11 +49,7 @@ def params_from_tensors(tensors: Mapping[str, np.ndarray], path_map: PathMap,
         continue
       raise ValueError(f"checkpoint tensor {name!r} has no Flax path in the path map")
     path, kind = mapped
-    node = params
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = from_torch(x, kind)
+    set_path(params, tuple(path.split("/")), from_torch(x, kind))
   return params
 
 
@@ -69,7 +65,7 @@ def tensors_from_params(params: Any, path_map: PathMap) -> dict[str, np.ndarray]
   return out
 
 
-def save_checkpoint(directory: str, params: Any, config: Mapping[str, Any], path_map: PathMap) -> None:
+def save_hf_checkpoint(directory: str, params: Any, config: Mapping[str, Any], path_map: PathMap) -> None:
   """Write ``model.safetensors`` + ``config.json`` that transformers loads."""
   tensors = tensors_from_params(params, path_map)
   write_atomic(os.path.join(directory, "model.safetensors"), safetensors_writer(tensors))

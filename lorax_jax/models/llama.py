@@ -344,4 +344,4 @@ def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, L
 
 def save_llama(directory: str, params: Any, config: LlamaConfig) -> None:
   """Write params (merge a LoRA first) as a checkpoint that ``LlamaForCausalLM.from_pretrained`` loads."""
-  hf.save_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP)
+  hf.save_hf_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP)
