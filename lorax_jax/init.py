@@ -26,7 +26,13 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   ``a`` follows ``cfg.init`` (PEFT's kaiming-uniform ``U(±1/sqrt(fan_in))`` or a
   gaussian of std ``1/r``), ``b`` is zero; embeddings follow PEFT instead (``a = 0``,
   ``b ~ N(0, 1)``). Either way ``A ⊗ B = 0`` at step 0.
+
+  Raises:
+    TypeError: ``rng`` is not a single PRNG key.
+    ValueError: from `find_targets` (nothing matched, a bad target).
   """
+  if not _is_key(rng):
+    raise TypeError(f"init_lora: rng must be one PRNG key such as jax.random.key(0), got {rng!r}")
   targets = find_targets(params, cfg)
   keys = jax.random.split(rng, len(targets))
   lora: Lora = {}
@@ -34,6 +40,16 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
     a, b = _init_factors(key, t, cfg)
     set_path(lora, t.path, {"a": a, "b": b})
   return lora
+
+
+def _is_key(rng: Any) -> bool:
+  """A typed key (``jax.random.key``) or a raw ``uint32[2]`` one (``jax.random.PRNGKey``)."""
+  dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+  if dtype is None or shape is None:
+    return False
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return shape == ()
+  return dtype == jnp.uint32 and shape == (2,)
 
 
 def _init_factors(key: jax.Array, t: Target, cfg: LoraConfig) -> tuple[jax.Array, jax.Array]:
@@ -57,7 +73,12 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
 
 
 def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
-  """Raise a ValueError naming the path unless ``lora`` holds exactly the targets' factors."""
+  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors.
+
+  Raises:
+    ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
+    TypeError: a factor that is not an array (a Python list, say).
+  """
   seen = set()
   for path, node in _lora_nodes(lora, ()):
     name = path_str(path)
@@ -69,7 +90,13 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
       got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
       raise ValueError(f"LoRA entry {name} must be {{'a', 'b'}}, got {got}")
     for k, want in (("a", t.a_shape), ("b", t.b_shape)):
-      got = tuple(jnp.shape(node[k]))
+      x = node[k]
+      if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "
+                        "wrap it with jnp.asarray")
+      if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"LoRA factor {name}/{k} must be a float array, got dtype {x.dtype}")
+      got = tuple(jnp.shape(x))
       if got != want:
         raise ValueError(f"LoRA factor {name}/{k} has shape {got}, expected {want} for kernel {t.shape}")
   missing = [path_str(p) for p in targets if p not in seen]

@@ -393,3 +393,29 @@ def test_tied_embedding_adapter_trained_here_runs_in_peft(tmp_path, tied_llama_d
   model = peft.PeftModel.from_pretrained(torch_llama(tied_llama_dir), str(tmp_path / "adapter")).eval()
   got = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
   assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL
+
+
+def test_bf16_base_with_float32_factors_as_close_to_truth_as_peft(tmp_path, llama_dir):
+  """Branch precision: a bf16 base with float32 factors is no further from the float32 truth than
+  PEFT on the same weights (×1.2): the branch computes in the factors' dtype, as PEFT's does."""
+  model = peft.get_peft_model(torch_llama(llama_dir), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+  randomize_lora(model, seed=3)
+  model.save_pretrained(str(tmp_path))
+  truth = torch_logits(model, LLAMA_TOKENS)
+  bf16_base = transformers.LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).eval()
+  peft_bf16 = peft.PeftModel.from_pretrained(bf16_base, str(tmp_path)).eval()
+  assert all(p.dtype == torch.float32 for n, p in peft_bf16.named_parameters() if "lora_" in n)
+  with torch.no_grad():
+    peft_err = max_diff(peft_bf16(torch.from_numpy(LLAMA_TOKENS)).logits.float().numpy(), truth)
+  _, flax_model, params = load_llama(llama_dir, dtype=jnp.bfloat16)
+  params = jax.tree.map(lambda w: w.astype(jnp.bfloat16), params)
+  lora, cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
+  assert cfg.branch_dtype == "factors" and all(x.dtype == jnp.float32 for x in jax.tree.leaves(lora))
+  ours = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
+  our_err = max_diff(np.asarray(ours, np.float32), truth)
+  assert our_err <= 1.2 * peft_err, (our_err, peft_err)
+  # The branch in the bf16 kernel's dtype (the old behaviour, now branch_dtype="kernel") misses it.
+  in_kernel_dtype = lora_transform(flax_model.apply, params, cfg.replace(branch_dtype="kernel"))
+  kernel_err = max_diff(np.asarray(in_kernel_dtype(params, lora, jnp.asarray(LLAMA_TOKENS)), np.float32), truth)
+  assert kernel_err > 1.2 * peft_err, (kernel_err, peft_err)
