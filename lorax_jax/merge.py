@@ -13,11 +13,11 @@ import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, target_factors
-from lorax_jax.targets import Path, find_targets, tree_path
+from lorax_jax.targets import Path, accumulation_dtype, find_targets, tree_path
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
-  """``s · A ⊗ B`` for every target, kernel-shaped (float32), keyed by path."""
+  """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path."""
   return {t.path: t.delta(a, b) for t, a, b in target_factors(find_targets(params, cfg), lora)}
 
 
@@ -52,7 +52,7 @@ def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float) -> Any:
     d = deltas.get(tree_path(kp))
     if d is None:
       return w
-    out = (jnp.asarray(w, jnp.float32) + sign * d).astype(jnp.result_type(w))
+    out = (jnp.asarray(w, accumulation_dtype(w, d)) + sign * d).astype(jnp.result_type(w))
     _check_finite(out, w, tree_path(kp))
     return out
   return jax.tree_util.tree_map_with_path(update, params)

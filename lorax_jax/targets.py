@@ -98,10 +98,15 @@ class Target:
 
 
 def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-  """``scale · Σ_r a ⊗ b`` in float32, with ``subscripts`` the einsum subscripts of ``a``, ``b`` and
-  the result (the kernel)."""
+  """``scale · Σ_r a ⊗ b`` accumulated in at least float32 (float64 factors stay float64), with
+  ``subscripts`` the einsum subscripts of ``a``, ``b`` and the result (the kernel)."""
   a_sub, b_sub, k_sub = subscripts
-  return scale * jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", a, b, preferred_element_type=jnp.float32)
+  return scale * jnp.einsum(f"{a_sub},{b_sub}->{k_sub}", a, b, preferred_element_type=accumulation_dtype(a, b))
+
+
+def accumulation_dtype(*xs: Any) -> Any:
+  """The dtype a merge accumulates in: float32, or wider when an input is wider."""
+  return jnp.promote_types(jnp.float32, jnp.result_type(*xs))
 
 
 def path_str(path: Path) -> str:

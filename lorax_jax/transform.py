@@ -72,7 +72,8 @@ from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import dropout_bilinear, dropout_einsum
 from lorax_jax.init import Lora, check_lora
 from lorax_jax.merge import merge
-from lorax_jax.targets import Target, find_targets, get_path, leaves_with_paths, low_rank_update, matches, path_str
+from lorax_jax.targets import (Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
+                               low_rank_update, matches, path_str)
 
 # Each axis of a kernel in flight is labelled ``(side, i)`` by where the factors hold it:
 #   ("s", i): stack axis i, shared by a and b (axis i of both);
@@ -120,7 +121,7 @@ class LoraKernel:
   def merged(self) -> jax.Array:
     """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
     d = low_rank_update(self.subscripts(), self.a, self.b, self.scale)
-    return (self.w.astype(jnp.float32) + d).astype(self.w.dtype)
+    return (self.w.astype(accumulation_dtype(self.w, d)) + d).astype(self.w.dtype)
 
   def with_w(self, w: jax.Array, labels: tuple[Label, ...] | None = None) -> LoraKernel:
     return dataclasses.replace(self, w=w, labels=self.labels if labels is None else labels)
@@ -649,15 +650,23 @@ def _concatenate_rule(eqn, invals, ctx):
   Along an ``a`` (``b``) axis: ``a`` (``b``) is the pieces' factors concatenated along that axis
   and zero-padded over the others' rank blocks, the other factor the pieces' concatenated along
   the rank; each piece's scale is folded into its ``b``. Exact; the rank is the sum of the ranks.
+  Along a stacked axis (layers or experts of equal rank) both factors are concatenated there.
   """
   axis = eqn.params["dimension"]
   ks = [x for x in invals if isinstance(x, LoraKernel)]
-  if (len(ks) != len(invals) or any(x.labels != ks[0].labels or x.a.dtype != ks[0].a.dtype for x in ks)
-      or ks[0].labels[axis][0] == "s"):
+  if len(ks) != len(invals) or any(x.labels != ks[0].labels or x.a.dtype != ks[0].a.dtype for x in ks):
     return _fallback_rule(eqn, invals, ctx)
   k0 = ks[0]
   cat_side = k0.labels[axis][0]
   r_axis = k0.n_stack
+  w = _bind(eqn, [x.w for x in ks])[0]
+  if cat_side == "s":
+    if any(x.a.shape[r_axis] != k0.a.shape[r_axis] for x in ks):
+      return _fallback_rule(eqn, invals, ctx, "concatenate of stacked kernels of different ranks")
+    stack = k0.factor_axis(k0.labels[axis])
+    a = jnp.concatenate([x.a for x in ks], axis=stack)
+    b = jnp.concatenate([x.b * jnp.asarray(x.scale, x.b.dtype) for x in ks], axis=stack)
+    return [dataclasses.replace(k0, w=w, a=a, b=b, scale=1.0)]
   ranks = [x.a.shape[r_axis] for x in ks]
   a = [x.a for x in ks]
   b = [x.b * jnp.asarray(x.scale, x.b.dtype) for x in ks]
@@ -670,7 +679,6 @@ def _concatenate_rule(eqn, invals, ctx):
   along = jnp.concatenate(padded, axis=k0.factor_axis(k0.labels[axis]))
   stacked = jnp.concatenate(b if cat_side == "a" else a, axis=r_axis)
   a, b = (along, stacked) if cat_side == "a" else (stacked, along)
-  w = _bind(eqn, [x.w for x in ks])[0]
   return [dataclasses.replace(k0, w=w, a=a, b=b, scale=1.0)]
 
 

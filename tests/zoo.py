@@ -212,10 +212,10 @@ def cases() -> list[Case]:
   zoo.append(Case("torch_style_mlp", torch_style_mlp, torch_params, (jax.random.normal(key, (4, 10)),),
                   lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
   d = 16
-  fused = {"qkv": {"kernel": jax.random.normal(ks[2], (d, 3 * d)) / 4},
-           "out": {"kernel": jax.random.normal(ks[3], (d, d)) / 4},
-           "gate_up": {"kernel": jax.random.normal(ks[4], (d, 4 * d)) / 4},
-           "down": {"kernel": jax.random.normal(ks[5], (2 * d, d)) / 6}}
+  fused = {"qkv": {"kernel": jax.random.normal(ks[2], (d, 3 * d)) / 8},  # activations of order 1
+           "out": {"kernel": jax.random.normal(ks[3], (d, d)) / 8},
+           "gate_up": {"kernel": jax.random.normal(ks[4], (d, 4 * d)) / 8},
+           "down": {"kernel": jax.random.normal(ks[5], (2 * d, d)) / 8}}
   zoo.append(Case("fused_qkv_attention", fused_qkv_attention, fused, (jax.random.normal(key, (2, 5, d)),),
                   lj.LoraConfig(r=2, alpha=4, targets="all-linear")))
   mup = {"fc1": {"kernel": jax.random.normal(ks[6], (12, 20)), "gain": 1 + jax.random.uniform(ks[7], (20,))},
