@@ -146,7 +146,8 @@ def uses(draw: st.DrawFn) -> Use:
   x_dims = (x_contract, x_batch)
   lhs, rhs = (k_dims, x_dims) if kernel_lhs else (x_dims, k_dims)
   dn = ((lhs[0], rhs[0]), (lhs[1], rhs[1]))
-  return Use(axes, shape, draw(st.integers(1, R_MAX)), reshape, piece, concat_axis, perm, scalar,
+  r = draw(st.integers(1, min(R_MAX, min(shape) - 1)))  # low rank: r below every kernel axis (LoRA's regime)
+  return Use(axes, shape, r, reshape, piece, concat_axis, perm, scalar,
              tuple(labels), x_shape, kernel_lhs, dn)
 
 
