@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import lorax_jax as lj
+import zoo
 import zoo_frameworks as zf
 
 CASES = zf.cases()
@@ -65,7 +66,7 @@ def test_factor_layout(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_factored_matches_hand_merged(case):
-  _check_against_hand_merge(case, case.cfg, zf.random_lora(case.params, case.cfg))
+  _check_against_hand_merge(case, case.cfg, zoo.random_factors(case.params, case.cfg))
 
 
 def test_all_linear_finds_equinox_and_haiku_leaves():
@@ -127,5 +128,5 @@ def test_axes_from_use_makes_a_the_input_side(case, a_shapes):
   lora = lj.init_lora(case.params, cfg, jax.random.key(0))
   got = {"/".join(p): zf.lora_node(lora, p)["a"].shape for p, _ in zf.adapted_paths(case, lora)}
   assert got == a_shapes
-  _check_against_hand_merge(case, cfg, zf.random_lora(case.params, cfg))
+  _check_against_hand_merge(case, cfg, zoo.random_factors(case.params, cfg))
 

@@ -239,7 +239,12 @@ def cases() -> list[Case]:
 
 def random_lora(case: Case, seed: int = 1, scale: float = 0.3) -> Any:
   """Factors with random non-zero ``a`` and ``b``."""
-  lora = lj.init_lora(case.params, case.cfg, jax.random.key(seed))
+  return random_factors(case.params, case.cfg, seed, scale)
+
+
+def random_factors(params: Any, cfg: lj.LoraConfig, seed: int = 1, scale: float = 0.3) -> Any:
+  """Factors with random non-zero ``a`` and ``b``, in the layout `init_lora` returns."""
+  lora = lj.init_lora(params, cfg, jax.random.key(seed))
   leaves, tree = jax.tree_util.tree_flatten(lora)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree_util.tree_unflatten(

@@ -120,15 +120,6 @@ def adapted_paths(case: Case, lora: Any) -> list[tuple[tuple[str, ...], tuple[in
   return [(path_names(k), np.shape(w)) for k, w in flat if lora_node(lora, path_names(k)) is not None]
 
 
-def random_lora(params: Any, cfg: lj.LoraConfig, seed: int = 1, scale: float = 0.3) -> Any:
-  """Factors with random non-zero ``a`` and ``b``, in the layout `init_lora` returns."""
-  lora = lj.init_lora(params, cfg, jax.random.key(seed))
-  leaves, tree = jax.tree_util.tree_flatten(lora)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
 # --- flax linen ----------------------------------------------------------------------------
 
 
