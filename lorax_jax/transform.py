@@ -167,7 +167,7 @@ class _Context:
       return None
     if self.shared_dropout:
       _, n = self.inputs.setdefault(id(x), (x, len(self.inputs)))  # x kept alive: ids stay unique
-      return jax.random.fold_in(jax.random.fold_in(self.rng, -1), n)
+      return jax.random.fold_in(jax.random.fold_in(self.rng, SHARED_KEY), n)
     use = self.uses.get(k.index, 0)
     self.uses[k.index] = use + 1
     return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
@@ -186,6 +186,7 @@ class _Context:
 
 
 CACHE_SIZE = 32  # compiled programs kept per `LoraApply` (least recently used evicted)
+SHARED_KEY = 2**32 - 1  # folded into `rng` for `shared_dropout` keys; no target index reaches it
 
 
 class LoraApply:

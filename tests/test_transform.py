@@ -377,6 +377,39 @@ def test_dropout_matches_hand_written_branch():
   np.testing.assert_allclose(out, want, atol=1e-5)
 
 
+def test_shared_dropout_one_mask_per_input_tensor():
+  """q, k, v read ``x``; o reads ``h``. With ``shared_dropout`` the three branches of ``x`` see one
+  mask and ``h`` another; without it every use draws its own. Identical kernels and factors make
+  equal outputs mean equal masks; each output also equals the hand-written branch of its mask."""
+  w = np.asarray(jax.random.normal(jax.random.key(0), (6, 6)))
+  params = {n: {"kernel": w} for n in ("q", "k", "v", "o")}
+  x = np.asarray(jax.random.normal(jax.random.key(2), (5, 6)))
+  h = np.tanh(x)
+
+  def f(p, x):
+    return [x @ p[n]["kernel"] for n in "qkv"] + [jnp.tanh(x) @ p["o"]["kernel"]]
+
+  cfg = lj.LoraConfig(r=2, alpha=2, dropout=0.5, targets=["q", "k", "v", "o"])
+  one = jax.tree.map(lambda t: t + 0.3, lj.init_lora({"q": params["q"]}, cfg, jax.random.key(1)))["q"]
+  lora = {n: one for n in params}
+  a, b = np.asarray(one["kernel"]["a"]), np.asarray(one["kernel"]["b"])
+  rng = jax.random.key(9)
+
+  def hand(inp, key):
+    keep = np.asarray(keep_mask(key, inp.shape, 0.5))
+    return inp @ w + (np.where(keep, inp / 0.5, 0) @ a.T) @ b
+
+  shared = lj.lora_transform(f, params, cfg.replace(shared_dropout=True), strict=True)(params, lora, x, rng=rng)
+  per_input = [jax.random.fold_in(jax.random.fold_in(rng, 2**32 - 1), i) for i in range(2)]
+  for out, (inp, key) in zip(shared, [(x, per_input[0])] * 3 + [(h, per_input[1])]):
+    np.testing.assert_allclose(out, hand(inp, key), atol=1e-5)
+  own = lj.lora_transform(f, params, cfg, strict=True)(params, lora, x, rng=rng)
+  index = {path[0]: i for i, path in enumerate(lj.find_targets(params, cfg))}  # the engine's target order
+  for name, out, inp in zip("qkvo", own, [x, x, x, h]):
+    np.testing.assert_allclose(out, hand(inp, jax.random.fold_in(jax.random.fold_in(rng, index[name]), 0)), atol=1e-5)
+  assert not np.allclose(own[0], own[1]) and not np.allclose(shared[0], shared[3] - (h - x) @ w)
+
+
 def test_compiled_flops_near_lower_bound():
   """No materialisation: a LoRA train step costs at most 1.03x the frozen lower bound."""
   model = zoo.ScanTransformer(d=256, heads=4, depth=4, vocab=8192)
@@ -467,6 +500,27 @@ SHARDED = textwrap.dedent("""
   grads = jax.jit(jax.grad(lambda l: apply(params, l, ids).sum()))(lora)
   want = jax.grad(lambda l: apply(case.params, l, *case.inputs).sum())(lora)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads, want)
+
+  # Explicit sharding: the branch takes the use's `out_sharding`, so the adapted output has the
+  # sharding the model asked for (data-sharded input, output asked replicated over "data").
+  from jax.sharding import AxisType
+  emesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  def f(params, x):
+    h = jnp.einsum("bi,io->bo", x, params["w1"], out_sharding=P("data", None))
+    return jnp.einsum("bi,io->bo", jnp.tanh(h), params["w2"], out_sharding=P(None, "model"))
+  rng = np.random.default_rng(0)
+  fp = {{"w1": rng.normal(size=(16, 32)).astype(np.float32), "w2": rng.normal(size=(32, 8)).astype(np.float32)}}
+  cfg = lj.LoraConfig(r=2, targets=["w1", "w2"])
+  flora = jax.tree.map(lambda t: t + 0.1, lj.init_lora(fp, cfg, jax.random.key(0)))
+  fapply = lj.lora_transform(f, fp, cfg, strict=True)
+  with jax.set_mesh(emesh):
+    fp = {{"w1": jax.device_put(fp["w1"], NamedSharding(emesh, P("model", None))),
+          "w2": jax.device_put(fp["w2"], NamedSharding(emesh, P(None, "model")))}}
+    x = jax.device_put(rng.normal(size=(4, 16)).astype(np.float32), NamedSharding(emesh, P("data", None)))
+    want = jax.jit(f)(lj.merge(fp, flora, cfg), x)
+    out = jax.jit(fapply)(fp, flora, x)
+    assert out.sharding.spec == want.sharding.spec == P(None, "model"), (out.sharding, want.sharding)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
   print("SHARDED OK")
 """)
 
