@@ -16,7 +16,7 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_lora
-from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, set_path
+from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, saved_leaves, set_path
 
 LORA_KEY = "lora"
 
@@ -90,9 +90,10 @@ def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
 
 
 def lora_count(params: Any, cfg: LoraConfig) -> int:
-  """Trainable scalars ``cfg`` adds to ``params``, without allocating them."""
-  return sum(math.prod(t.a_shape) + math.prod(t.b_shape)
-             for t in find_targets(params, cfg).values())
+  """Trainable scalars ``cfg`` adds to ``params``, without allocating them (the factors, and a
+  copy of each ``modules_to_save`` leaf)."""
+  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) for t in find_targets(params, cfg).values())
+          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
 
 
 def summary(params: Any, cfg: LoraConfig) -> str:
