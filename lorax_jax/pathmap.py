@@ -87,6 +87,15 @@ def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
   return x
 
 
+def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  """The shape `to_torch` gives an array of Flax shape ``shape``."""
+  if kind == "linear":
+    return (shape[-1], int(np.prod(shape[:-1])))
+  if kind == "conv":
+    return tuple(shape[i] for i in (3, 2, 0, 1))
+  return tuple(shape)
+
+
 def from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
   """A torch-layout array in Flax's layout, reshaped to ``shape`` if given (inverse of `to_torch`)."""
   x = np.asarray(x)

@@ -138,7 +138,7 @@ def exact_config(ranks: Mapping[Path, int], alphas: Mapping[Path, float], r: int
   ``targets`` is one regex of the escaped paths; every rank other than ``r`` and alpha
   other than ``alpha`` goes to ``rank_pattern`` / ``alpha_pattern`` (one regex per value).
   """
-  return LoraConfig(r=int(r), alpha=float(alpha), targets=_exact_regex(ranks),
+  return LoraConfig(r=int(r), alpha=float(alpha), targets=exact_regex(ranks),
                     rank_pattern=_pattern(ranks, r, int), alpha_pattern=_pattern(alphas, alpha, float),
                     **fields)
 
@@ -148,10 +148,10 @@ def _pattern(values: Mapping[Path, Any], default: Any, cast: type) -> dict[str, 
   for path, v in values.items():
     if v != default:
       groups.setdefault(cast(v), []).append(path)
-  return {_exact_regex(paths): v for v, paths in groups.items()}
+  return {exact_regex(paths): v for v, paths in groups.items()}
 
 
-def _exact_regex(paths: Iterable[Path]) -> str:
+def exact_regex(paths: Iterable[Path]) -> str:
   """A regex full-matching exactly these ``/``-joined paths (never a suffix of another)."""
   return "(?:" + "|".join(re.escape(path_str(p)) for p in paths) + ")"
 

@@ -38,11 +38,12 @@ import numpy as np
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
-from lorax_jax.init import Lora, target_factors
+from lorax_jax.init import SAVED_KEY, Lora, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
-from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, layout_hint, modules,
-                                  parts_by_module)
+from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, exact_regex, layout_hint,
+                                  modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
+from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
 from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_paths, path_str, set_path
@@ -51,7 +52,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
 REPLACED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what a save may replace
-PREFIX = "base_model.model."
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
@@ -87,7 +87,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
     if others:
       raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
                        "save the adapter to a directory of its own")
-  tensors = {}
+  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
   for t, a, b in target_factors(targets, lora):
     key_a, key_b = _keys(names[t.path])
     tensors[key_a], tensors[key_b] = factors_to_torch(a, b, t, names[t.path].kind)
@@ -98,7 +98,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(names[t.path].name): t.rank for t in targets.values() if t.rank != cfg.r},
       "alpha_pattern": {re.escape(names[t.path].name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
@@ -158,7 +158,9 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   with _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory") as config_file:
     config = read_config(config_file, config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
-    infos = read_header(weights_file, weights_path)
+    all_infos = read_header(weights_file, weights_path)
+    saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
+    infos = {k: v for k, v in all_infos.items() if k not in saved}
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
     if not pairs:
@@ -178,7 +180,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}),
-                       **({"target_uses": uses} if uses else {}))
+                       **({"target_uses": uses} if uses else {}),
+                       **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
     targets = find_targets(params, cfg)
     for m, key_a, key_b in pairs:
       want_a, want_b = torch_shapes(targets[m.path], m.kind)
@@ -186,7 +189,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", targets[m.path])
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
-  lora: Lora = {}
+    saved_values = read_tensors(weights_file, all_infos, list(saved))
+  lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
