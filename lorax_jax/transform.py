@@ -892,7 +892,8 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
     ValueError: two uses of a kernel give an axis different roles (the message names the kernel
       and the uses); set its ``kernel_axes`` explicitly.
   """
-  targets = find_targets(params, cfg, check_rank=False)
+  # Every candidate's axes, whatever its layer: the stack axes decide which layers a kernel holds.
+  targets = find_targets(params, cfg.replace(layers_to_transform=None, layers_pattern=None), check_rank=False)
   leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
   dynamic = [_is_array(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
   statics = [x for x, d in zip(leaves, dynamic) if not d]
