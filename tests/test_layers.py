@@ -20,7 +20,8 @@ from lorax_jax import LoraConfig, axes_from_use, find_targets, init_lora, lora_t
 from lorax_jax.init import SAVED_KEY
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
-from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
+from lorax_jax.models.llama import LLAMA_PATH_MAP, DecoderLayer, RMSNorm, load_llama
+from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import path_str
 from test_io import random_lora
 from test_peft import LLAMA_TOKENS, TOL, llama_dir, max_diff, randomize_lora, torch_llama, torch_logits  # noqa: F401
@@ -229,3 +230,70 @@ def test_modules_to_save_errors(bert_dir):
   # A saved module is never a LoRA target (as in PEFT).
   assert not any("classifier" in path_str(p) for p in find_targets(
       params, LoraConfig(targets="params/.*/kernel", modules_to_save=["classifier"])))
+
+
+# ---- a scanned Llama: stacked kernels in per-layer PEFT files ----------------------------------
+
+SCANNED_MAP = PathMap(tuple((f.replace("layers_{i}", "layers"), h, k) for f, h, k in LLAMA_PATH_MAP.rules))
+
+
+@pytest.fixture(scope="module")
+def scanned_llama(llama_dir):
+  """The tiny Llama's params with the layers stacked (``params/model/layers/...: [L, ...]``) and a
+  forward pass that scans over them; logits equal the unrolled model's."""
+  config, flax_model, params = load_llama(llama_dir)
+  model = params["params"]["model"]
+  n = config.num_hidden_layers
+  layers = jax.tree.map(lambda *xs: jnp.stack(xs), *[model[f"layers_{i}"] for i in range(n)])
+  stacked = {"params": {"lm_head": params["params"]["lm_head"],
+                        "model": {"embed_tokens": model["embed_tokens"], "norm": model["norm"], "layers": layers}}}
+  layer, norm = DecoderLayer(config), RMSNorm(config.rms_norm_eps)
+
+  def apply(p, tokens):
+    m = p["params"]["model"]
+    b, l = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(l), (b, l))
+    step = lambda x, lp: (layer.apply({"params": lp}, x, positions, jnp.ones((b, l), bool), 0, None)[0], None)
+    x, _ = jax.lax.scan(step, m["embed_tokens"]["embedding"][tokens], m["layers"])
+    return norm.apply({"params": m["norm"]}, x) @ p["params"]["lm_head"]["kernel"]
+
+  tokens = jnp.asarray(LLAMA_TOKENS)
+  assert max_diff(apply(stacked, tokens), flax_model.apply(params, tokens)) < 1e-5
+  return stacked, apply
+
+
+def test_scanned_llama_loads_a_peft_layers_adapter(tmp_path, llama_dir, scanned_llama):
+  """PEFT's per-layer modules fill their slices; the other layers' factors are zero."""
+  model = peft.get_peft_model(torch_llama(llama_dir), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+      layers_to_transform=[1], layers_pattern="layers"))
+  randomize_lora(model)
+  model.save_pretrained(str(tmp_path))
+  params, apply = scanned_llama
+  lora, cfg = load_adapter(str(tmp_path), params, SCANNED_MAP)
+  assert cfg.layers_to_transform == (1,)
+  targets = find_targets(params, cfg)
+  assert {t.name for t in targets.values()} == {f"params/model/layers/{m}/kernel" for m in
+                                                ("self_attn/q_proj", "self_attn/v_proj", "mlp/down_proj")}
+  for t in targets.values():
+    node = lorax_jax.targets.get_path(lora, t.path)
+    assert t.axes == "sio" and not np.asarray(node["a"][0]).any() and np.asarray(node["b"][1]).any()
+  got = lora_transform(apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
+  assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL
+
+
+def test_scanned_llama_adapter_lists_only_its_layers_and_runs_in_peft(tmp_path, llama_dir, scanned_llama):
+  params, apply = scanned_llama
+  tokens = jnp.asarray(LLAMA_TOKENS)
+  cfg = axes_from_use(apply, params, LoraConfig(r=4, alpha=8, targets=["q_proj", "up_proj"],
+                                                layers_to_transform=[0]), tokens)
+  lora = random_lora(params, cfg)  # random in every slice: layer 1's values are masked out
+  save_adapter(str(tmp_path), lora, cfg, params, SCANNED_MAP, task_type="CAUSAL_LM")
+  keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+  assert sorted(keys) == sorted(f"base_model.model.model.layers.0.{m}.lora_{x}.weight"
+                                for m in ("self_attn.q_proj", "mlp.up_proj") for x in "AB")
+  model = peft.PeftModel.from_pretrained(torch_llama(llama_dir), str(tmp_path)).eval()
+  got = lora_transform(apply, params, cfg)(params, lora, tokens)
+  assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL
+  loaded, cfg2 = load_adapter(str(tmp_path), params, SCANNED_MAP)
+  assert max_diff(lora_transform(apply, params, cfg2)(params, loaded, tokens), got) < 1e-5

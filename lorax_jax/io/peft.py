@@ -40,10 +40,11 @@ from lorax_jax.config import LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
 from lorax_jax.init import SAVED_KEY, Lora, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
-from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, exact_regex, layout_hint,
+from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
+from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
 from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_paths, path_str, set_path
@@ -80,7 +81,8 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
   targets = find_targets(params, cfg)
-  names = by_path(modules(params, path_map), targets)
+  mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
+  names = {path: ms[0] for path, ms in mods.items()}
   _check_tied(targets, names, cfg, _ties(params, path_map))
   if os.path.isdir(directory):
     others = sorted(set(os.listdir(directory)) - set(REPLACED_FILES))
@@ -89,15 +91,17 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                        "save the adapter to a directory of its own")
   tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
   for t, a, b in target_factors(targets, lora):
-    key_a, key_b = _keys(names[t.path])
-    tensors[key_a], tensors[key_b] = factors_to_torch(a, b, t, names[t.path].kind)
+    for m in mods[t.path]:
+      t_m, a_m, b_m = module_factors(t, a, b, m)
+      key_a, key_b = _keys(m)
+      tensors[key_a], tensors[key_b] = factors_to_torch(a_m, b_m, t_m, m.kind)
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
-      "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for m in names.values()),
-      "rank_pattern": {re.escape(names[t.path].name): t.rank for t in targets.values() if t.rank != cfg.r},
-      "alpha_pattern": {re.escape(names[t.path].name): _number(t.alpha)
-                        for t in targets.values() if t.alpha != cfg.alpha},
+      "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for ms in mods.values() for m in ms),
+      "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
+      "alpha_pattern": {re.escape(m.name): _number(t.alpha)
+                        for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
       "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
@@ -171,29 +175,41 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       raise ValueError(f"{weights_path} is missing the factors of {', '.join(sorted(missing))} "
                        f"(target_modules {config['target_modules']!r} selects them)")
     # Patterns name modules in the file's layout.
-    ranks = {m.path: lookup(config.get("rank_pattern"), to_file(m.name), config["r"]) for m, _, _ in pairs}
-    alphas = {m.path: lookup(config.get("alpha_pattern"), to_file(m.name), config["lora_alpha"])
-              for m, _, _ in pairs}
+    ranks, alphas = {}, {}
+    for m, _, _ in pairs:
+      r = lookup(config.get("rank_pattern"), to_file(m.name), config["r"])
+      alpha = lookup(config.get("alpha_pattern"), to_file(m.name), config["lora_alpha"])
+      if ranks.setdefault(m.path, r) != r or alphas.setdefault(m.path, alpha) != alpha:
+        raise ValueError(f"{weights_path}: the layers of the stacked kernel {path_str(m.path)} differ in rank or "
+                         "alpha; its factors hold one rank and alpha for every layer")
+    stacked = stacked_fields(pairs, {p: np.shape(x) for p, x in leaves_with_paths(params)},
+                             dict(kernel_axes or {}), weights_path)
     ties = _ties(params, path_map)
     uses = {re.escape(path_str(m.path)): LOOKUP_ONLY for m, _, _ in pairs if m.name in ties}
     dtype = jnp.dtype(param_dtype or jnp.float32)
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
-                       use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}),
+                       use_rslora=bool(config.get("use_rslora")),
+                       **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
     targets = find_targets(params, cfg)
     for m, key_a, key_b in pairs:
-      want_a, want_b = torch_shapes(targets[m.path], m.kind)
-      check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", targets[m.path])
-      check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", targets[m.path])
+      t_m = module_target(targets[m.path], m)
+      want_a, want_b = torch_shapes(t_m, m.kind)
+      check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", t_m)
+      check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", t_m)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
     saved_values = read_tensors(weights_file, all_infos, list(saved))
   lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
+  layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
   for m, key_a, key_b in pairs:
-    a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
-    set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+    a, b = factors_from_torch(tensors[key_a], tensors[key_b], module_target(targets[m.path], m), m.kind)
+    layers.setdefault(m.path, []).append((m, a, b))
+  for path, parts in layers.items():  # a stacked kernel: its layers' factors, zeros elsewhere
+    a, b = fill_layers(targets[path], parts, dtype) if parts[0][0].layer is not None else parts[0][1:]
+    set_path(lora, path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
   return lora, cfg
 
 
