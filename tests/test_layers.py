@@ -297,3 +297,13 @@ def test_scanned_llama_adapter_lists_only_its_layers_and_runs_in_peft(tmp_path, 
   assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL
   loaded, cfg2 = load_adapter(str(tmp_path), params, SCANNED_MAP)
   assert max_diff(lora_transform(apply, params, cfg2)(params, loaded, tokens), got) < 1e-5
+
+
+def test_modules_to_save_in_combined_trees_and_summary(bert_dir):
+  _, params = load_bert(bert_dir)
+  cfg = LoraConfig(r=2, targets=["query"], modules_to_save=["classifier"])
+  lora = random_lora(params, cfg)
+  combined = lorax_jax.join_params(params, lora)
+  frozen, back = lorax_jax.split_params(combined, cfg)
+  jax.tree.map(np.testing.assert_array_equal, (frozen, back), (params, lora))
+  assert "params/classifier/kernel  (modules_to_save)  (32, 3)" in lorax_jax.summary(params, cfg)

@@ -18,6 +18,9 @@ An adapter directory is one unit: `save_adapter` replaces it whole and atomicall
 (`lorax_jax.files.write_dir_atomic`), `load_adapter` reads both files through one handle on
 the directory, so it sees one complete version even while other processes save.
 
+``modules_to_save`` copies (`lorax_jax.io.saved`) are saved under their own tensor names, and a
+stacked kernel's layers as one module each (`lorax_jax.io.stacked`).
+
 A PEFT adapter of an embedding that the model ties to its output head
 (``tie_word_embeddings``) adapts the token lookup only; `load_adapter` limits such a target
 to that use (``target_uses``) and `save_adapter` refuses one adapted at all uses.
@@ -68,7 +71,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   and ``rank_pattern`` / ``alpha_pattern`` hold every per-target rank and alpha that differs
   from ``cfg.r`` / ``cfg.alpha`` (keys are escaped full names), so PEFT and `load_adapter`
   rebuild exactly the same targets. ``task_type`` (``"CAUSAL_LM"``, ...) picks the
-  ``PeftModel`` class PEFT loads it into.
+  ``PeftModel`` class PEFT loads it into. ``modules_to_save`` copies in ``lora`` are written as
+  PEFT writes them; a kernel of a stacked path-map rule is written as one module per adapted layer
+  (``layers_to_transform``), so the file names only those layers.
 
   The save is atomic for the pair: both files are written and fsynced in a fresh sibling
   directory that then takes ``directory``'s place in one step, so a crash, a signal, a
@@ -121,7 +126,11 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   ``use_rslora``; factors are cast to ``param_dtype`` (float32 by default). Pass the
   ``kernel_axes`` the adapter was trained with if it used any. An adapted embedding that
   ``path_map`` says the params tie to the output head gets ``target_uses`` ``("lookup",)``,
-  as in PEFT. Module names saved for the model without (or with) its task wrapper's prefix
+  as in PEFT. Tensors of the config's ``modules_to_save`` modules become the lora tree's
+  ``"modules_to_save"`` copies (and ``cfg.modules_to_save``). Per-layer modules of a stacked
+  path-map rule fill their slices of the stacked factors (zeros elsewhere; ``cfg`` gets
+  ``layers_to_transform`` and, unless given, ``kernel_axes`` with the layers first).
+  Module names saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
@@ -134,7 +143,8 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
       ``peft_type`` other than ``LORA``, an ``init_lora_weights`` that changes the base or an
       option lorax_jax cannot honour (each named); a missing, unexpected, non-float or
-      mis-shaped key (each named).
+      mis-shaped key (each named); stacked kernels adapted at different layers, or at layers
+      and outside them, or with different ranks per layer.
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
