@@ -258,7 +258,7 @@ def _layer_index(path: Path, patterns: str | tuple[str, ...] | None) -> tuple[in
   """
   names = (patterns,) if isinstance(patterns, str) else patterns
   ok = lambda name: names is None or any(re.fullmatch(p, name) for p in names)
-  for j, part in enumerate(path):
+  for j, part in enumerate(path[:-1]):  # the leaf's own name is no layer
     if part.isdigit() and j > 0 and ok(path[j - 1]):
       return int(part), True
     m = _INDEXED.fullmatch(part)

@@ -208,7 +208,7 @@ class LoraApply:
                **kwargs: Any) -> Any:
     check_lora(self.targets, lora)
     self._check_params(params)
-    if self.saved:
+    if self.saved or SAVED_KEY in lora:
       check_saved(params, self.cfg, lora)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
