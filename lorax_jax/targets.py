@@ -100,8 +100,8 @@ class Target:
   def masked(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(a, b)`` with the slices of the first stack axis outside ``layers`` set to zero.
 
-    ``m · a`` with a 0/1 mask ``m`` of static layers: the unselected slices add nothing to
-    ``A ⊗ B`` and their gradients are exactly zero, whatever values the tree holds there.
+    A select with a static mask of the layers: the unselected slices add nothing to ``A ⊗ B``
+    and their gradients are exactly zero, whatever values the tree holds there.
     """
     if self.layers is None:
       return a, b
@@ -270,8 +270,7 @@ def _layer_index(path: Path, patterns: str | tuple[str, ...] | None) -> tuple[in
 def _select_layers(t: Target, layer: tuple[int | None, bool], cfg: LoraConfig) -> Target | None:
   """``t`` if its layer is selected, ``t`` limited to the selected stack slices if it is a stacked
   kernel without a layer index (its first stack axis is the layers), else None (not a target)."""
-  wanted = cfg.layers_to_transform
-  wanted = (wanted,) if isinstance(wanted, int) else wanted
+  wanted = _wanted_layers(cfg)
   index, named = layer
   if index is not None:
     return t if index in wanted else None
@@ -284,6 +283,12 @@ def _select_layers(t: Target, layer: tuple[int | None, bool], cfg: LoraConfig) -
   return dataclasses.replace(t, layers=tuple(sorted(wanted)))
 
 
+def _wanted_layers(cfg: LoraConfig) -> tuple[int, ...]:
+  """``cfg.layers_to_transform`` as a tuple."""
+  layers = cfg.layers_to_transform
+  return (layers,) if isinstance(layers, int) else layers
+
+
 def _check_layers(found: Mapping[Path, Target], layer_of: Mapping[Path, tuple[int | None, bool]],
                   cfg: LoraConfig) -> None:
   """``layers_pattern`` must name a component of some path, and every selected layer index must
@@ -291,8 +296,7 @@ def _check_layers(found: Mapping[Path, Target], layer_of: Mapping[Path, tuple[in
   if cfg.layers_pattern is not None and not any(named for _, named in layer_of.values()):
     raise ValueError(f"LoraConfig.layers_pattern {cfg.layers_pattern!r} matches no component of any path "
                      "(it names the layer list, e.g. 'layers' for params/model/layers_3/...)")
-  wanted = cfg.layers_to_transform
-  wanted = (wanted,) if isinstance(wanted, int) else wanted
+  wanted = _wanted_layers(cfg)
   present = {i for i, _ in layer_of.values() if i is not None}
   stacked = any(t.layers is not None for t in found.values())
   missing = sorted(set(wanted) - present)

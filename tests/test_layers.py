@@ -307,3 +307,16 @@ def test_modules_to_save_in_combined_trees_and_summary(bert_dir):
   frozen, back = lorax_jax.split_params(combined, cfg)
   jax.tree.map(np.testing.assert_array_equal, (frozen, back), (params, lora))
   assert "params/classifier/kernel  (modules_to_save)  (32, 3)" in lorax_jax.summary(params, cfg)
+
+
+def test_stacked_path_map_rules():
+  rule = ("params/blocks/q/kernel", "model.layers.{i}.q_proj.weight", "linear")
+  pm = PathMap((rule, ("params/head/kernel", "lm_head.weight", "linear")))
+  assert pm.layer_names("params/blocks/q/kernel", 3) == (
+      [f"model.layers.{i}.q_proj.weight" for i in range(3)], "linear")
+  assert pm.to_hf("params/blocks/q/kernel") is None and pm.to_flax("model.layers.1.q_proj.weight") is None
+  assert pm.layer_names("params/head/kernel", 3) is None and pm.to_hf("params/head/kernel") == ("lm_head.weight", "linear")
+  for bad in [("params/layers_{i}/k", "model.layers.{j}.k.weight", "linear"),
+              ("params/k", "model.{i}.layers.{j}.k.weight", "linear")]:
+    with pytest.raises(ValueError, match="at most one on the Hugging Face side only"):
+      PathMap((bad,))
