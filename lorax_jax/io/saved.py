@@ -23,7 +23,7 @@ import numpy as np
 
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import SAVED_KEY, Lora, check_saved
+from lorax_jax.init import Lora, check_saved
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo
 from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import Path, get_path, leaves_with_paths, path_str, set_path
