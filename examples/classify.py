@@ -7,19 +7,25 @@ reports test accuracy and trainable parameters for
 - head-only: the encoder frozen, only the classifier trained (on the encoder's features,
   computed once: the same thing, as the frozen encoder has no dropout here);
 - LoRA: the encoder frozen, low-rank factors on its projections plus the classifier trained
-  (PEFT's ``modules_to_save``), through `lorax_jax.lora_transform`;
+  (``LoraConfig.modules_to_save``, PEFT's), through `lorax_jax.lora_transform`; with
+  ``--adapter_dir DIR`` (and ``--pooling pooler``, Hugging Face's head) the run writes
+  ``DIR/base`` (the Hugging Face checkpoint it started from) and ``DIR/adapter`` (the PEFT
+  adapter, classifier included) that ``PeftModel.from_pretrained`` loads into
+  ``BertForSequenceClassification``;
 - full fine-tuning: every parameter trained;
 
 on the same split, as the tables of the LoRA paper do.
 
     python examples/classify.py                       # lorax_jax/apps/configs/classify.yaml
     python examples/classify.py --epochs 2 --lora_targets all-linear
+    python examples/classify.py --methods [lora] --pooling pooler --adapter_dir /tmp/fortunes-lora
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,10 +37,12 @@ import numpy as np
 import optax
 
 import lorax_jax
+import lorax_jax.io
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
-from lorax_jax.models.bert import (BertForSequenceClassification, load_bert, load_tokenizer,
+from lorax_jax.models.bert import (BERT_PATH_MAP, BertForSequenceClassification, load_bert, load_tokenizer,
                                    minilm_directory)
+from lorax_jax.models.hf import save_hf_checkpoint
 
 METHODS = ("head", "lora", "full")
 
@@ -61,11 +69,15 @@ class Settings:
   lora_alpha: float
   lora_targets: tuple[str, ...]
   methods: tuple[str, ...]
+  adapter_dir: str
 
   def __post_init__(self):
     settings.check([
         (not set(self.methods) - set(METHODS), f"setting methods must be drawn from {list(METHODS)}"),
         (self.pooling in ("mean", "pooler"), "setting pooling must be mean or pooler"),
+        (not self.adapter_dir or self.pooling == "pooler",
+         "setting adapter_dir needs pooling: pooler (Hugging Face's BertForSequenceClassification "
+         "classifies the pooled CLS state, not the mean)"),
         (min(self.head_lr, self.lora_lr, self.full_lr) > 0, "the learning rates must be positive"),
         (min(self.batch_size, self.epochs, self.head_epochs, self.per_topic, self.max_len) > 0,
          "settings batch_size, epochs, head_epochs, per_topic and max_len must be positive"),
@@ -126,16 +138,11 @@ def tokenize(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 LogitsFn = Callable[..., jax.Array]  # logits_fn(trainable, frozen, *inputs)
 
 
-def with_head(encoder: Any, head: Any) -> dict:
-  """The model's params from the encoder (``bert``) and classifier subtrees."""
-  return {"params": {"bert": encoder, "classifier": head}}
-
-
 def method_setup(method: str, model: BertForSequenceClassification, params: dict, s: Settings,
                  rng: jax.Array) -> tuple[Any, Any, LogitsFn]:
   """``(trainable, frozen, logits_fn)``: ``logits_fn(trainable, frozen, ids, mask)``, and for
   ``"head"`` ``logits_fn(head, None, features)`` on the frozen encoder's `features`."""
-  encoder, head = params["params"]["bert"], params["params"]["classifier"]
+  head = params["params"]["classifier"]
   if method == "head":
     return head, None, lambda t, f, x: model.apply({"params": {"classifier": t}}, x,
                                                     method=lambda m, x: m.classifier(x))
@@ -143,13 +150,23 @@ def method_setup(method: str, model: BertForSequenceClassification, params: dict
     return params, {}, lambda t, f, ids, mask: model.apply(t, ids, mask)
   cfg = lora_config(s)
   lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
-  trainable = {"lora": lorax_jax.init_lora(params, cfg, rng), "head": head}
-  return trainable, encoder, lambda t, f, ids, mask: lora_apply(with_head(f, t["head"]), t["lora"],
-                                                                ids, mask)
+  return lorax_jax.init_lora(params, cfg, rng), params, lambda t, f, ids, mask: lora_apply(f, t, ids, mask)
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  return lorax_jax.LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=settings.lora_targets(s.lora_targets))
+  """The LoRA method's config: factors on ``s.lora_targets``, the classifier trained in full."""
+  return lorax_jax.LoraConfig(r=s.lora_r, alpha=s.lora_alpha, targets=settings.lora_targets(s.lora_targets),
+                              modules_to_save=("classifier",))
+
+
+def save_lora(directory: str, model: BertForSequenceClassification, params: dict, lora: dict,
+              s: Settings) -> None:
+  """Write ``directory/base`` (``params`` as a Hugging Face checkpoint) and ``directory/adapter``
+  (``lora``, classifier included, as a PEFT ``SEQ_CLS`` adapter of that base)."""
+  base = os.path.join(directory, "base")
+  save_hf_checkpoint(base, params, model.config.to_hf(), BERT_PATH_MAP)
+  lorax_jax.io.save_adapter(os.path.join(directory, "adapter"), lora, lora_config(s), params, BERT_PATH_MAP,
+                            base_model_name_or_path=base, task_type="SEQ_CLS")
 
 
 def make_train_step(logits_fn: LogitsFn, optimizer: optax.GradientTransformation):
@@ -213,6 +230,9 @@ def train(method: str, model: BertForSequenceClassification, params: dict, s: Se
   *test_inputs, test_labels = test_data
   predict = jax.jit(lambda *x: jnp.argmax(logits_fn(trainable, frozen, *x), axis=-1))
   acc = float(np.mean(batched(predict, test_inputs, s.batch_size) == test_labels))
+  if method == "lora" and s.adapter_dir:
+    save_lora(s.adapter_dir, model, params, trainable, s)
+    print(f"  wrote {s.adapter_dir}/base (Hugging Face checkpoint) and {s.adapter_dir}/adapter (PEFT adapter)")
   return {"method": method, "accuracy": acc, "trainable": lorax_jax.count(trainable),
           "seconds": time.perf_counter() - start}
 

@@ -114,6 +114,18 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
       ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
+    layers_to_transform: PEFT's layer filter, one layer index or a tuple of them (``None``: all
+      layers). A target's layer is the index in its path after the layer-list module
+      (``layers_3`` or ``layers/3``); a stacked (``nn.scan``) kernel without one has its layers
+      on its first stack axis, and only the selected slices are adapted (the others' factors
+      are held at zero). Targets without a layer are dropped, as in PEFT.
+    layers_pattern: the name (a regex full-matching one path component) of the layer-list
+      module, e.g. ``"layers"`` or ``"h"``; ``None``: the first indexed component. Only with
+      ``layers_to_transform``.
+    modules_to_save: PEFT's ``modules_to_save``: module-name suffixes or regexes (as in
+      ``targets``) of modules trained in full, e.g. ``("classifier",)``. Every leaf under a
+      matching module is copied into the LoRA tree (`lorax_jax.init.SAVED_KEY`) and used in
+      place of the frozen one; such leaves are never LoRA targets.
 
   Raises:
     ValueError: naming the field, the bad value and what is expected, for every field.
@@ -138,6 +150,9 @@ class LoraConfig:
   init: Literal["kaiming", "gaussian"] = "kaiming"
   branch_dtype: Literal["factors", "kernel"] = "factors"
   shared_dropout: bool = False
+  layers_to_transform: int | tuple[int, ...] | None = None
+  layers_pattern: str | tuple[str, ...] | None = None
+  modules_to_save: tuple[str, ...] | None = None
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -155,6 +170,9 @@ class LoraConfig:
                                   lambda name, v: _alpha(name, v, alpha_limit)),
         "kernel_axes": _mapping("kernel_axes", self.kernel_axes, _axes),
         "target_uses": _mapping("target_uses", self.target_uses, _uses),
+        "layers_to_transform": _layers(self.layers_to_transform),
+        "layers_pattern": _patterns("layers_pattern", self.layers_pattern),
+        "modules_to_save": _patterns("modules_to_save", self.modules_to_save),
     }
     normal |= {name: _bool(name, getattr(self, name))
                for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout")}
@@ -168,6 +186,10 @@ class LoraConfig:
     _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
     if self.target_fn is not None:
       _check_target_fn(self.target_fn)
+    if self.layers_pattern is not None and self.layers_to_transform is None:
+      _fail("layers_pattern", self.layers_pattern, "None unless layers_to_transform is set (as in PEFT)")
+    if isinstance(self.modules_to_save, str):
+      object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
     if (self.target_fn is None and self.targets is None
         and not (self.target_query or self.target_key or self.target_value)):
       raise ValueError("LoraConfig targets nothing: set target_query/key/value, targets or target_fn")
@@ -259,6 +281,18 @@ def _mapping(name: str, value: Any, check: Callable[[str, Any], Any]) -> FrozenD
   if not isinstance(value, Mapping):
     _fail(name, value, "a mapping {regex or module name: value} ({} for none)")
   return FrozenDict({_regex(f"{name} key", k): check(f"{name}[{k!r}]", v) for k, v in value.items()})
+
+
+def _layers(value: Any) -> int | tuple[int, ...] | None:
+  """None, one layer index, or a tuple of distinct indices (a list becomes a tuple)."""
+  if value is None or _is_int(value):
+    if value is not None and value < 0:
+      _fail("layers_to_transform", value, "a layer index >= 0, a list of them, or None")
+    return None if value is None else int(value)
+  if (not isinstance(value, (Sequence, set, frozenset)) or isinstance(value, (str, bytes)) or not value
+      or not all(_is_int(v) and v >= 0 for v in value) or len(set(value)) != len(value)):
+    _fail("layers_to_transform", value, "a layer index >= 0, a non-empty list of distinct ones, or None")
+  return tuple(int(v) for v in value)
 
 
 def _axes(name: str, value: Any) -> str | tuple[int, int]:

@@ -3,6 +3,11 @@
 The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding
 only the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in
 `lorax_jax.targets`). ``b`` starts at zero, so the adapted model equals the base model.
+
+With ``LoraConfig.modules_to_save`` the tree also holds, under the top-level key `SAVED_KEY`
+(``"modules_to_save"``), a nested dict mirroring ``params`` with a trainable copy of every
+saved leaf (PEFT's ``modules_to_save``: a classification head, an embedding); the model runs
+with those copies in place of the frozen leaves.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.targets import Path, Target, find_targets, get_path, path_str, set_path
+from lorax_jax.targets import (Path, Target, find_targets, get_path, leaves_with_paths, path_str, saved_leaves,
+                               set_path)
 
 Lora = dict[str, Any]
+SAVED_KEY = "modules_to_save"
 
 
 def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
@@ -37,8 +44,10 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   keys = jax.random.split(rng, len(targets))
   lora: Lora = {}
   for key, t in zip(keys, targets.values()):
-    a, b = _init_factors(key, t, cfg)
+    a, b = t.masked(*_init_factors(key, t, cfg))
     set_path(lora, t.path, {"a": a, "b": b})
+  for path, leaf in saved_leaves(params, cfg).items():
+    set_path(lora.setdefault(SAVED_KEY, {}), path, jnp.array(leaf))
   return lora
 
 
@@ -69,7 +78,7 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
   check_lora(targets, lora)
   for path, t in targets.items():
     node = get_path(lora, path)
-    yield t, node["a"], node["b"]
+    yield t, *t.masked(node["a"], node["b"])
 
 
 def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
@@ -104,10 +113,40 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
     raise ValueError(f"LoRA tree is missing the factors of {', '.join(missing)}")
 
 
+def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
+  """The saved leaves' paths mapped to their trained copies in ``lora[SAVED_KEY]``.
+
+  Raises:
+    ValueError: a missing, unexpected or mis-shaped copy (naming its path), or params with a
+      top-level key `SAVED_KEY` (it would be ambiguous).
+  """
+  saved = saved_leaves(params, cfg)
+  if saved and isinstance(params, Mapping) and SAVED_KEY in params:
+    raise ValueError(f"params have a top-level key {SAVED_KEY!r}, which LoRA trees reserve for modules_to_save")
+  tree = lora.get(SAVED_KEY, {}) if isinstance(lora, Mapping) else {}
+  copies = dict(leaves_with_paths(tree))
+  extra = [path_str(p) for p in copies if p not in saved]
+  missing = [path_str(p) for p in saved if p not in copies]
+  if extra or missing:
+    raise ValueError(f"LoRA tree's {SAVED_KEY} does not match modules_to_save: "
+                     + (f"missing {', '.join(missing[:5])}" if missing else "")
+                     + ("; " if extra and missing else "") + (f"unexpected {', '.join(extra[:5])}" if extra else ""))
+  for path, leaf in saved.items():
+    got = (tuple(jnp.shape(copies[path])), jnp.result_type(copies[path]))
+    want = (tuple(jnp.shape(leaf)), jnp.result_type(leaf))
+    if got != want:
+      raise ValueError(f"LoRA tree's {SAVED_KEY} copy of {path_str(path)} is {got[0]} {got[1]}, expected "
+                       f"{want[0]} {want[1]} (the frozen leaf's shape and dtype)")
+  return copies
+
+
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
-  """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place)."""
+  """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place); the
+  saved leaves (`SAVED_KEY`, checked by `check_saved`) are skipped."""
   if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
     for k, v in tree.items():
+      if not prefix and k == SAVED_KEY:
+        continue
       yield from _lora_nodes(v, (*prefix, str(k)))
   else:
     yield prefix, tree

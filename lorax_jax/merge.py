@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, target_factors
+from lorax_jax.init import Lora, check_saved, target_factors
 from lorax_jax.targets import Path, accumulation_dtype, find_targets, tree_path
 
 
@@ -22,7 +22,8 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
 
 
 def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -> Any:
-  """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype).
+  """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype),
+  and every ``modules_to_save`` leaf by its trained copy in ``lora``.
 
   Args:
     all_uses: merge targets limited to some uses (`LoraConfig.target_uses`) too. ``W'`` then
@@ -39,11 +40,16 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -
         f"merge: targets {', '.join(limited)} are limited to some uses (LoraConfig.target_uses); a "
         "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
         "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
-  return _apply(params, delta(params, lora, cfg), 1.0)
+  copies = check_saved(params, cfg, lora)
+  merged = _apply(params, delta(params, lora, cfg), 1.0)
+  if not copies:
+    return merged
+  return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged)
 
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
-  """The inverse of `merge`: ``W' - s · A ⊗ B``, exact up to float rounding."""
+  """The inverse of `merge` on the targets: ``W' - s · A ⊗ B``, exact up to float rounding
+  (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``)."""
   return _apply(params, delta(params, lora, cfg), -1.0)
 
 

@@ -15,21 +15,30 @@ import jax
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, check_lora
-from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, set_path
+from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
+from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, saved_leaves, set_path
 
 LORA_KEY = "lora"
 
 
 def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
-  """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`."""
+  """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`; the
+  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree."""
+  tree = dict(tree)
+  saved = tree.pop(SAVED_KEY, None)
   frozen, lora = _split(tree, ())
+  if saved is not None:
+    lora[SAVED_KEY] = saved
   check_lora(find_targets(frozen, cfg), lora)
+  check_saved(frozen, cfg, lora)
   return frozen, lora
 
 
 def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
-  """The inverse of `split_params`: put each factor pair beside its kernel."""
+  """The inverse of `split_params`: put each factor pair beside its kernel (and the
+  ``modules_to_save`` copies at the top level, under `SAVED_KEY`)."""
+  if SAVED_KEY in lora:
+    return {**join_params(params, {k: v for k, v in lora.items() if k != SAVED_KEY}), SAVED_KEY: lora[SAVED_KEY]}
   def join(node: Any, sub: Any) -> Any:
     if not isinstance(sub, Mapping):
       return node
@@ -90,9 +99,10 @@ def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
 
 
 def lora_count(params: Any, cfg: LoraConfig) -> int:
-  """Trainable scalars ``cfg`` adds to ``params``, without allocating them."""
-  return sum(math.prod(t.a_shape) + math.prod(t.b_shape)
-             for t in find_targets(params, cfg).values())
+  """Trainable scalars ``cfg`` adds to ``params``, without allocating them (the factors, and a
+  copy of each ``modules_to_save`` leaf)."""
+  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) for t in find_targets(params, cfg).values())
+          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
 
 
 def summary(params: Any, cfg: LoraConfig) -> str:
@@ -105,6 +115,7 @@ def summary(params: Any, cfg: LoraConfig) -> str:
   trainable = lora_count(params, cfg)
   width = max(len(t.name) for t in found.values())
   lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
+  lines += [f"{path_str(p)}  (modules_to_save)  {np.shape(x)}" for p, x in saved_leaves(params, cfg).items()]
   lines.append(
       f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
       f"trainable%: {100 * trainable / (total + trainable):.4f}")

@@ -16,6 +16,14 @@ A map for your own model is a list of such rules, for example::
 
 A LoRA adapter names a target by its module, the tensor name without ``.weight``.
 
+A *stacked* rule has one ``{field}`` on the Hugging Face side only: the Flax leaf stacks the
+layers on its first axis (``nn.scan``), layer ``i`` being the tensor named with that ``i``::
+
+    ("params/blocks/query/kernel", "model.layers.{i}.self_attn.q_proj.weight", "linear")
+
+Such a leaf has no single Hugging Face name (`to_hf` and `to_flax` skip the rule);
+`layer_names` gives one per layer, and an adapter names the layers' modules one by one.
+
 ``ties`` lists ``(head, embedding)`` Hugging Face names of an output head that transformers
 ties to an input embedding (``tie_word_embeddings``); by default the causal-LM convention
 ``lm_head.weight`` / ``model.embed_tokens.weight``. A tie holds for a params tree that has
@@ -47,8 +55,10 @@ class PathMap:
     for rule in self.rules:
       if len(rule) != 3 or rule[2] not in KINDS:
         raise ValueError(f"PathMap rule {rule!r} must be (flax_pattern, hf_pattern, kind in {KINDS})")
-      if set(_fields(rule[0])) != set(_fields(rule[1])):
-        raise ValueError(f"PathMap rule {rule!r}: both sides must use the same {{fields}}")
+      flax, hf = set(_fields(rule[0])), set(_fields(rule[1]))
+      if not flax <= hf or len(hf - flax) > 1:
+        raise ValueError(f"PathMap rule {rule!r}: both sides must use the same {{fields}}, but for at most one "
+                         "on the Hugging Face side only (the layer of a stacked leaf)")
 
   def to_hf(self, flax_path: str) -> tuple[str, str] | None:
     """``(hf tensor name, kind)`` for a ``/``-joined Flax path, or None if no rule maps it."""
@@ -69,8 +79,21 @@ class PathMap:
         out[embedding] = head
     return out
 
+  def layer_names(self, flax_path: str, n_layers: int) -> tuple[list[str], str] | None:
+    """``([hf name of layer 0, ..., of layer n_layers - 1], kind)`` for a leaf of a stacked
+    rule (see the module docstring), or None."""
+    for rule in self.rules:
+      extra = set(_fields(rule[1])) - set(_fields(rule[0]))
+      m = re.fullmatch(_regex(rule[0]), flax_path) if extra else None
+      if m:
+        (field,) = extra
+        return [rule[1].format(**m.groupdict(), **{field: i}) for i in range(n_layers)], rule[2]
+    return None
+
   def _convert(self, name: str, src: int, dst: int) -> tuple[str, str] | None:
     for rule in self.rules:
+      if set(_fields(rule[0])) != set(_fields(rule[1])):
+        continue  # a stacked rule: `layer_names`
       m = re.fullmatch(_regex(rule[src]), name)
       if m:
         return rule[dst].format(**m.groupdict()), rule[2]
@@ -85,6 +108,15 @@ def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
   if kind == "conv":
     return x.transpose(3, 2, 0, 1)
   return x
+
+
+def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  """The shape `to_torch` gives an array of Flax shape ``shape``."""
+  if kind == "linear":
+    return (shape[-1], int(np.prod(shape[:-1])))
+  if kind == "conv":
+    return tuple(shape[i] for i in (3, 2, 0, 1))
+  return tuple(shape)
 
 
 def from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -> np.ndarray:

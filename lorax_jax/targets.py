@@ -50,6 +50,7 @@ class Target:
   scale: float
   axes: str
   uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
+  layers: tuple[int, ...] | None = None  # adapted slices of the first stack axis; None: all
 
   def _sizes(self, letter: str) -> tuple[int, ...]:
     return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
@@ -94,7 +95,20 @@ class Target:
 
   def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """``s · Σ_r a ⊗ b`` as a kernel-shaped array (float32 accumulation)."""
-    return low_rank_update(self.subscripts(), a, b, self.scale)
+    return low_rank_update(self.subscripts(), *self.masked(a, b), self.scale)
+
+  def masked(self, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(a, b)`` with the slices of the first stack axis outside ``layers`` set to zero.
+
+    A select with a static mask of the layers: the unselected slices add nothing to ``A ⊗ B``
+    and their gradients are exactly zero, whatever values the tree holds there.
+    """
+    if self.layers is None:
+      return a, b
+    mask = np.zeros(self.stack_shape[0], bool)
+    mask[list(self.layers)] = True
+    mask = mask.reshape(-1, *(1,) * (len(self.a_shape) - 1))
+    return jnp.where(mask, a, jnp.zeros((), a.dtype)), jnp.where(mask, b, jnp.zeros((), b.dtype))
 
 
 def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -160,10 +174,13 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   """
   found: dict[Path, Target] = {}
   all_paths = []
+  saved = saved_leaves(params, cfg)
+  layered = cfg.layers_to_transform is not None
+  layer_of = {path: _layer_index(path, cfg.layers_pattern) for path, _ in leaves_with_paths(params)} if layered else {}
   for path, leaf in leaves_with_paths(params):
     if np.ndim(leaf) >= 2:
       all_paths.append(path_str(path))
-    if not _is_target(path, leaf, cfg):
+    if path in saved or not _is_target(path, leaf, cfg):
       continue
     shape = tuple(np.shape(leaf))
     if len(shape) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
@@ -181,16 +198,111 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
                None if uses is None else tuple(uses))
+    if layered:
+      t = _select_layers(t, layer_of[path], cfg)
+      if t is None:
+        continue
     if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
       raise ValueError(
           f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "
           f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}); lower r or "
           "rank_pattern for it")
     found[path] = t
+  if layered:
+    _check_layers(found, layer_of, cfg)
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
   return found
+
+
+def saved_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
+  """The leaves of ``params`` under a module named by ``cfg.modules_to_save``, keyed by path in
+  tree order (a module matches as in `matches`: a regex full-matching its ``/``-joined path, or a
+  name suffix of it; the leaf itself counts as a module).
+
+  Raises:
+    ValueError: a name that matches no module (the message lists the top-level modules), or a
+      matched leaf that is not a float array.
+  """
+  if not cfg.modules_to_save:
+    return {}
+  found, used = {}, set()
+  for path, leaf in leaves_with_paths(params):
+    names = [n for n in cfg.modules_to_save if any(matches((n,), path_str(path[:k])) for k in range(1, len(path) + 1))]
+    if not names:
+      continue
+    if not hasattr(leaf, "shape") or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ValueError(f"modules_to_save: leaf {path_str(path)} is not a float array "
+                       f"({type(leaf).__name__}); it cannot be trained")
+    used.update(names)
+    found[path] = leaf
+  unused = [n for n in cfg.modules_to_save if n not in used]
+  if unused:
+    modules = sorted({path_str(p[:2]) for p, _ in leaves_with_paths(params)})
+    raise ValueError(f"LoraConfig.modules_to_save {unused[0]!r} matches no module; modules: "
+                     f"{', '.join(modules[:12])}{', ...' if len(modules) > 12 else ''}")
+  return found
+
+
+_INDEXED = re.compile(r"(?P<name>.+)_(?P<index>\d+)")
+
+
+def _layer_index(path: Path, patterns: str | tuple[str, ...] | None) -> tuple[int | None, bool]:
+  """``(index, named)``: the layer index in ``path`` (PEFT's ``_get_layer_index`` on ``/`` paths),
+  and whether a component names the layer list (``layers_pattern`` full-matches it).
+
+  A layer is a component ``NAME_i`` (Flax's ``layers_3``) or ``NAME`` followed by ``i`` (an NNX
+  list); ``NAME`` must full-match a pattern when there are patterns. The first one found counts
+  (a layer's index, not an expert's inside it).
+  """
+  names = (patterns,) if isinstance(patterns, str) else patterns
+  ok = lambda name: names is None or any(re.fullmatch(p, name) for p in names)
+  for j, part in enumerate(path[:-1]):  # the leaf's own name is no layer
+    if part.isdigit() and j > 0 and ok(path[j - 1]):
+      return int(part), True
+    m = _INDEXED.fullmatch(part)
+    if m and ok(m["name"]):
+      return int(m["index"]), True
+  return None, names is not None and any(ok(part) for part in path)
+
+
+def _select_layers(t: Target, layer: tuple[int | None, bool], cfg: LoraConfig) -> Target | None:
+  """``t`` if its layer is selected, ``t`` limited to the selected stack slices if it is a stacked
+  kernel without a layer index (its first stack axis is the layers), else None (not a target)."""
+  wanted = _wanted_layers(cfg)
+  index, named = layer
+  if index is not None:
+    return t if index in wanted else None
+  if not t.n_stack or (cfg.layers_pattern is not None and not named):
+    return None
+  n = t.stack_shape[0]
+  if max(wanted) >= n:
+    raise ValueError(f"LoRA target {t.name} stacks {n} layers on its first stack axis (shape {t.shape}, axes "
+                     f"{t.axes!r}); layers_to_transform {list(wanted)} asks for layer {max(wanted)}")
+  return dataclasses.replace(t, layers=tuple(sorted(wanted)))
+
+
+def _wanted_layers(cfg: LoraConfig) -> tuple[int, ...]:
+  """``cfg.layers_to_transform`` as a tuple."""
+  layers = cfg.layers_to_transform
+  return (layers,) if isinstance(layers, int) else layers
+
+
+def _check_layers(found: Mapping[Path, Target], layer_of: Mapping[Path, tuple[int | None, bool]],
+                  cfg: LoraConfig) -> None:
+  """``layers_pattern`` must name a component of some path, and every selected layer index must
+  exist among the paths' layers (the stacked ones are checked in `_select_layers`)."""
+  if cfg.layers_pattern is not None and not any(named for _, named in layer_of.values()):
+    raise ValueError(f"LoraConfig.layers_pattern {cfg.layers_pattern!r} matches no component of any path "
+                     "(it names the layer list, e.g. 'layers' for params/model/layers_3/...)")
+  wanted = _wanted_layers(cfg)
+  present = {i for i, _ in layer_of.values() if i is not None}
+  stacked = any(t.layers is not None for t in found.values())
+  missing = sorted(set(wanted) - present)
+  if missing and not stacked:
+    raise ValueError(f"LoraConfig.layers_to_transform: layer {missing[0]} is out of range; the params' layers "
+                     f"(layers_pattern {cfg.layers_pattern!r}) are {sorted(present)}")
 
 
 def matches(patterns: str | Sequence[str], name: str) -> bool:

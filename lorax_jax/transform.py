@@ -70,10 +70,10 @@ from jax import lax
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import dropout_bilinear, dropout_einsum
-from lorax_jax.init import Lora, check_lora
+from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
 from lorax_jax.merge import merge
 from lorax_jax.targets import (Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
-                               low_rank_update, matches, path_str)
+                               low_rank_update, matches, path_str, saved_leaves)
 
 # Each axis of a kernel in flight is labelled ``(side, i)`` by where the factors hold it:
 #   ("s", i): stack axis i, shared by a and b (axis i of both);
@@ -195,19 +195,22 @@ class LoraApply:
   def __init__(self, apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, strict: bool):
     self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
     self.targets = find_targets(params, cfg)
+    self.saved = list(saved_leaves(params, cfg))
     self.fallbacks: set[tuple[str, str]] = set()
     self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
     self._treedef = jax.tree_util.tree_structure(params)
     self._paths = [path for path, _ in leaves_with_paths(params)]
-    self._leaf_index = {path: self._paths.index(path) for path in self.targets}
+    self._leaf_index = {path: self._paths.index(path) for path in [*self.targets, *self.saved]}
     self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
-                   for path, x in leaves_with_paths(params) if path in self.targets}
+                   for path, x in leaves_with_paths(params) if path in self._leaf_index}
     self._warned_no_key = False
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                **kwargs: Any) -> Any:
     check_lora(self.targets, lora)
     self._check_params(params)
+    if self.saved or SAVED_KEY in lora:
+      check_saved(params, self.cfg, lora)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
     if rng is None and self.cfg.dropout > 0 and not self._warned_no_key:
@@ -264,8 +267,10 @@ class LoraApply:
     for n, (path, t) in enumerate(self.targets.items()):
       node = get_path(lora, path)
       i = int(dyn_index[self._leaf_index[path]])
-      invals[i] = LoraKernel(jnp.asarray(invals[i]), node["a"], node["b"], _labels(t), n, t.scale,
-                             t.uses)
+      a, b = t.masked(node["a"], node["b"])
+      invals[i] = LoraKernel(jnp.asarray(invals[i]), a, b, _labels(t), n, t.scale, t.uses)
+    for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
+      invals[int(dyn_index[self._leaf_index[path]])] = get_path(lora[SAVED_KEY], path)
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
                    self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
@@ -888,7 +893,8 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
     ValueError: two uses of a kernel give an axis different roles (the message names the kernel
       and the uses); set its ``kernel_axes`` explicitly.
   """
-  targets = find_targets(params, cfg, check_rank=False)
+  # Every candidate's axes, whatever its layer: the stack axes decide which layers a kernel holds.
+  targets = find_targets(params, cfg.replace(layers_to_transform=None, layers_pattern=None), check_rank=False)
   leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
   dynamic = [_is_array(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
   statics = [x for x, d in zip(leaves, dynamic) if not d]

@@ -18,6 +18,7 @@ import classify  # noqa: E402
 
 import lorax_jax  # noqa: E402
 from lorax_jax.apps import fortunes  # noqa: E402
+from lorax_jax.init import SAVED_KEY  # noqa: E402
 from lorax_jax.models.bert import BertConfig, BertForSequenceClassification  # noqa: E402
 
 TOPICS = ("computers", "politics", "science")
@@ -94,35 +95,71 @@ def test_bad_settings_exit_2_with_one_line(capsys):
   assert e.value.code == 2 and capsys.readouterr().err == "error: setting epochs must be an integer, got 'two'\n"
 
 
-@pytest.mark.parametrize("pooling", ["mean", "pooler"])
-def test_lora_step_trains_only_lora_and_head(pooling):
-  """One LoRA step on a tiny random BERT: the encoder stays bit-identical, LoRA and head move,
-  and the loss equals the merged model's."""
+def tiny_bert(pooling):
+  """A tiny random BERT classifier, its params and a batch ``(ids, mask, labels)``."""
   config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=24, max_position_embeddings=16, num_labels=3,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   model = BertForSequenceClassification(config, pooling=pooling)
   ids = jax.random.randint(jax.random.key(1), (4, 9), 1, 50)
   mask = (jnp.arange(9)[None] < jnp.array([9, 5, 3, 7])[:, None]).astype(jnp.int32)
-  labels = jnp.array([0, 1, 2, 1])
   params = jax.tree_util.tree_map(np.asarray, model.init(jax.random.key(0), ids, mask))
-  s = dataclasses.replace(classify.load_settings([]), lora_r=2, lora_alpha=4.0, lora_targets=("all-linear",))
+  return model, params, (ids, mask, jnp.array([0, 1, 2, 1]))
+
+
+def lora_step(model, params, batch, **changes):
+  """``(settings, trainable before, trainable after one SGD step, frozen, loss, logits_fn)``."""
+  s = dataclasses.replace(classify.load_settings([]), lora_r=2, lora_alpha=4.0, lora_targets=("all-linear",),
+                          **changes)
   trainable, frozen, logits_fn = classify.method_setup("lora", model, params, s, jax.random.key(2))
-  assert set(trainable) == {"lora", "head"} and "classifier" not in trainable["lora"]["params"]
-  before = jax.tree_util.tree_map(np.array, (trainable, frozen))
-
+  before = jax.tree_util.tree_map(np.array, trainable)
   step = classify.make_train_step(logits_fn, optax.sgd(0.5))
-  new, _, loss = step(trainable, optax.sgd(0.5).init(trainable), frozen, ids, mask, labels)
+  new, _, loss = step(trainable, optax.sgd(0.5).init(trainable), frozen, *batch)
+  return s, before, new, frozen, loss, logits_fn
 
-  merged = lorax_jax.merge(classify.with_head(params["params"]["bert"], trainable["head"]),
-                           trainable["lora"], classify.lora_config(s))
+
+@pytest.mark.parametrize("pooling", ["mean", "pooler"])
+def test_lora_step_trains_only_lora_and_head(pooling):
+  """One LoRA step on a tiny random BERT: the encoder stays bit-identical, LoRA and the head (a
+  ``modules_to_save`` copy) move, and the loss equals the merged model's."""
+  model, params, (ids, mask, labels) = tiny_bert(pooling)
+  frozen_before = jax.tree_util.tree_map(np.array, params)
+  s, before, new, frozen, loss, _ = lora_step(model, params, (ids, mask, labels))
+  assert set(before) == {"params", SAVED_KEY} and "classifier" not in before["params"]
+
+  merged = lorax_jax.merge(params, before, classify.lora_config(s))
   ref = optax.softmax_cross_entropy_with_integer_labels(model.apply(merged, ids, mask), labels).mean()
   np.testing.assert_allclose(loss, ref, rtol=1e-5)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, before[1])  # encoder untouched
-  for path, b in jax.tree_util.tree_leaves_with_path(before[0]["lora"]):
+  jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, frozen_before)  # encoder untouched
+  for path, b in jax.tree_util.tree_leaves_with_path(before["params"]):
     if jax.tree_util.keystr(path).endswith("['b']"):  # b starts at zero; every b gets a gradient
-      assert not np.array_equal(_get(new["lora"], path), b), jax.tree_util.keystr(path)
-  assert not np.array_equal(new["head"]["kernel"], before[0]["head"]["kernel"])
+      assert not np.array_equal(_get(new["params"], path), b), jax.tree_util.keystr(path)
+  head = lambda t: t[SAVED_KEY]["params"]["classifier"]["kernel"]
+  assert not np.array_equal(head(new), head(before))
+
+
+def test_written_adapter_loads_in_peft_with_the_same_logits(tmp_path):
+  """classify.save_lora writes the base checkpoint and a SEQ_CLS adapter (head in modules_to_save);
+  PEFT's BertForSequenceClassification gives the trained model's logits."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  transformers = pytest.importorskip("transformers")
+  model, params, batch = tiny_bert("pooler")
+  s, _, new, frozen, _, logits_fn = lora_step(model, params, batch, pooling="pooler", adapter_dir=str(tmp_path))
+  classify.save_lora(s.adapter_dir, model, params, new, s)
+  base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+  peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+  ids, mask, _ = (np.array(x) for x in batch)
+  with torch.no_grad():
+    want = peft_model(input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits
+  got = logits_fn(new, frozen, *batch[:2])
+  assert np.max(np.abs(np.asarray(got) - want.numpy())) < 1e-4
+  assert np.max(np.abs(np.asarray(got) - np.asarray(model.apply(params, *batch[:2])))) > 1e-3  # it trained
+
+
+def test_adapter_dir_needs_the_pooler_head():
+  with pytest.raises(ValueError, match="adapter_dir needs pooling: pooler"):
+    classify.load_settings(["--adapter_dir", "/tmp/x", "--pooling", "mean"])
 
 
 def _get(tree, path):

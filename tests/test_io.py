@@ -265,7 +265,7 @@ def test_module_missing_from_file(saved, params):
     ({"use_dora": True}, "cannot honour: use_dora=True"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out=True"),
     ({"bias": "all"}, "field 'bias' is 'all'"),
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"modules_to_save": "lm_head"}, "field 'modules_to_save' is 'lm_head'; it must be a list of module names"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"rank_pattern": {"q_proj": 4, "conv_in": 3}}, r"q_proj.lora_A.weight has shape \(2, 8\), expected \(4, 8\)"),
 ])

@@ -259,7 +259,7 @@ def test_bert_classifier_adapter(tmp_path, direction):
   bert_config, params = load_bert(str(tmp_path / "base"))
   apply_fn = BertForSequenceClassification(bert_config).apply
   if direction == "peft-to-jax":
-    # No task_type: SEQ_CLS would add the classifier to modules_to_save, which lorax_jax refuses.
+    # No task_type: LoRA alone (SEQ_CLS adds the classifier to modules_to_save: test_layers.py).
     model = peft.get_peft_model(base(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"],
                                                         rank_pattern={"intermediate.dense": 2}))
     randomize_lora(model)

@@ -9,6 +9,9 @@ Names are looked up in a table built from every kernel of ``params``, never pars
 containing ``_`` round-trip; two paths with the same name (keys containing ``.``) are an
 error naming both.
 
+A leaf of a stacked path-map rule (`lorax_jax.pathmap`, ``nn.scan`` layers on its first axis) is
+one module per layer (``Module.layer``); an adapter holds the modules of the adapted layers.
+
 Each module has a *kind*, which fixes the torch layout of its factors: the path map's kind,
 or without a map ``"embedding"`` for an ``embedding`` leaf, ``"conv"`` for a 4-axis
 ``kernel`` (Flax ``nn.Conv``, ``HWIO``), ``"linear"`` for any other kernel.
@@ -38,6 +41,7 @@ class Module:
   name: str
   path: Path
   kind: str
+  layer: int | None = None  # the slice of a stacked leaf's first axis
 
 
 def modules(params: Any, path_map: PathMap | None = None) -> list[Module]:
@@ -49,10 +53,32 @@ def modules(params: Any, path_map: PathMap | None = None) -> list[Module]:
     if path_map is None:
       found.append(Module(_flax_name(path), path, _flax_kind(path, np.ndim(leaf))))
       continue
+    layers = path_map.layer_names(path_str(path), np.shape(leaf)[0])
+    if layers is not None and layers[1] in ADAPTABLE_KINDS:
+      found += [Module(name.removesuffix(".weight"), path, layers[1], i) for i, name in enumerate(layers[0])]
+      continue
     mapped = path_map.to_hf(path_str(path))
     if mapped is not None and mapped[1] in ADAPTABLE_KINDS and mapped[0].endswith(".weight"):
       found.append(Module(mapped[0].removesuffix(".weight"), path, mapped[1]))
   return found
+
+
+def by_target(mods: Iterable[Module], targets: Mapping[Path, Any]) -> dict[Path, list[Module]]:
+  """The modules of each target (`lorax_jax.targets.Target`): its one module, or for a stacked
+  leaf one per adapted layer (``Target.layers``, all by default); errors as in `by_path`."""
+  mods = list(mods)
+  single = by_path([m for m in mods if m.layer is None], [p for p in targets if not _stacked(mods, p)])
+  out = {}
+  for path, t in targets.items():
+    if path in single:
+      out[path] = [single[path]]
+    else:
+      out[path] = [m for m in mods if m.path == path and (t.layers is None or m.layer in t.layers)]
+  return out
+
+
+def _stacked(mods: list[Module], path: Path) -> bool:
+  return any(m.path == path and m.layer is not None for m in mods)
 
 
 def by_path(mods: Iterable[Module], paths: Iterable[Path]) -> dict[Path, Module]:
@@ -138,7 +164,7 @@ def exact_config(ranks: Mapping[Path, int], alphas: Mapping[Path, float], r: int
   ``targets`` is one regex of the escaped paths; every rank other than ``r`` and alpha
   other than ``alpha`` goes to ``rank_pattern`` / ``alpha_pattern`` (one regex per value).
   """
-  return LoraConfig(r=int(r), alpha=float(alpha), targets=_exact_regex(ranks),
+  return LoraConfig(r=int(r), alpha=float(alpha), targets=exact_regex(ranks),
                     rank_pattern=_pattern(ranks, r, int), alpha_pattern=_pattern(alphas, alpha, float),
                     **fields)
 
@@ -148,10 +174,10 @@ def _pattern(values: Mapping[Path, Any], default: Any, cast: type) -> dict[str, 
   for path, v in values.items():
     if v != default:
       groups.setdefault(cast(v), []).append(path)
-  return {_exact_regex(paths): v for v, paths in groups.items()}
+  return {exact_regex(paths): v for v, paths in groups.items()}
 
 
-def _exact_regex(paths: Iterable[Path]) -> str:
+def exact_regex(paths: Iterable[Path]) -> str:
   """A regex full-matching exactly these ``/``-joined paths (never a suffix of another)."""
   return "(?:" + "|".join(re.escape(path_str(p)) for p in paths) + ")"
 

@@ -18,6 +18,9 @@ An adapter directory is one unit: `save_adapter` replaces it whole and atomicall
 (`lorax_jax.files.write_dir_atomic`), `load_adapter` reads both files through one handle on
 the directory, so it sees one complete version even while other processes save.
 
+``modules_to_save`` copies (`lorax_jax.io.saved`) are saved under their own tensor names, and a
+stacked kernel's layers as one module each (`lorax_jax.io.stacked`).
+
 A PEFT adapter of an embedding that the model ties to its output head
 (``tie_word_embeddings``) adapts the token lookup only; `load_adapter` limits such a target
 to that use (``target_uses``) and `save_adapter` refuses one adapted at all uses.
@@ -38,11 +41,13 @@ import numpy as np
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
-from lorax_jax.init import Lora, target_factors
+from lorax_jax.init import SAVED_KEY, Lora, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
-from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, layout_hint, modules,
-                                  parts_by_module)
+from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
+                                  modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
+from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
+from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
 from lorax_jax.pathmap import PathMap
 from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_paths, path_str, set_path
@@ -51,7 +56,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
 REPLACED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what a save may replace
-PREFIX = "base_model.model."
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
@@ -67,7 +71,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   and ``rank_pattern`` / ``alpha_pattern`` hold every per-target rank and alpha that differs
   from ``cfg.r`` / ``cfg.alpha`` (keys are escaped full names), so PEFT and `load_adapter`
   rebuild exactly the same targets. ``task_type`` (``"CAUSAL_LM"``, ...) picks the
-  ``PeftModel`` class PEFT loads it into.
+  ``PeftModel`` class PEFT loads it into. ``modules_to_save`` copies in ``lora`` are written as
+  PEFT writes them; a kernel of a stacked path-map rule is written as one module per adapted layer
+  (``layers_to_transform``), so the file names only those layers.
 
   The save is atomic for the pair: both files are written and fsynced in a fresh sibling
   directory that then takes ``directory``'s place in one step, so a crash, a signal, a
@@ -80,25 +86,28 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
   targets = find_targets(params, cfg)
-  names = by_path(modules(params, path_map), targets)
+  mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
+  names = {path: ms[0] for path, ms in mods.items()}
   _check_tied(targets, names, cfg, _ties(params, path_map))
   if os.path.isdir(directory):
     others = sorted(set(os.listdir(directory)) - set(REPLACED_FILES))
     if others:
       raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
                        "save the adapter to a directory of its own")
-  tensors = {}
+  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
   for t, a, b in target_factors(targets, lora):
-    key_a, key_b = _keys(names[t.path])
-    tensors[key_a], tensors[key_b] = factors_to_torch(a, b, t, names[t.path].kind)
+    for m in mods[t.path]:
+      t_m, a_m, b_m = module_factors(t, a, b, m)
+      key_a, key_b = _keys(m)
+      tensors[key_a], tensors[key_b] = factors_to_torch(a_m, b_m, t_m, m.kind)
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
-      "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for m in names.values()),
-      "rank_pattern": {re.escape(names[t.path].name): t.rank for t in targets.values() if t.rank != cfg.r},
-      "alpha_pattern": {re.escape(names[t.path].name): _number(t.alpha)
-                        for t in targets.values() if t.alpha != cfg.alpha},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+      "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for ms in mods.values() for m in ms),
+      "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
+      "alpha_pattern": {re.escape(m.name): _number(t.alpha)
+                        for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
+      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
@@ -117,7 +126,11 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   ``use_rslora``; factors are cast to ``param_dtype`` (float32 by default). Pass the
   ``kernel_axes`` the adapter was trained with if it used any. An adapted embedding that
   ``path_map`` says the params tie to the output head gets ``target_uses`` ``("lookup",)``,
-  as in PEFT. Module names saved for the model without (or with) its task wrapper's prefix
+  as in PEFT. Tensors of the config's ``modules_to_save`` modules become the lora tree's
+  ``"modules_to_save"`` copies (and ``cfg.modules_to_save``). Per-layer modules of a stacked
+  path-map rule fill their slices of the stacked factors (zeros elsewhere; ``cfg`` gets
+  ``layers_to_transform`` and, unless given, ``kernel_axes`` with the layers first).
+  Module names saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
@@ -130,7 +143,8 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
       ``peft_type`` other than ``LORA``, an ``init_lora_weights`` that changes the base or an
       option lorax_jax cannot honour (each named); a missing, unexpected, non-float or
-      mis-shaped key (each named).
+      mis-shaped key (each named); stacked kernels adapted at different layers, or at layers
+      and outside them, or with different ranks per layer.
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
@@ -158,7 +172,9 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   with _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory") as config_file:
     config = read_config(config_file, config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
-    infos = read_header(weights_file, weights_path)
+    all_infos = read_header(weights_file, weights_path)
+    saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
+    infos = {k: v for k, v in all_infos.items() if k not in saved}
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
     if not pairs:
@@ -169,27 +185,41 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       raise ValueError(f"{weights_path} is missing the factors of {', '.join(sorted(missing))} "
                        f"(target_modules {config['target_modules']!r} selects them)")
     # Patterns name modules in the file's layout.
-    ranks = {m.path: lookup(config.get("rank_pattern"), to_file(m.name), config["r"]) for m, _, _ in pairs}
-    alphas = {m.path: lookup(config.get("alpha_pattern"), to_file(m.name), config["lora_alpha"])
-              for m, _, _ in pairs}
+    ranks, alphas = {}, {}
+    for m, _, _ in pairs:
+      r = lookup(config.get("rank_pattern"), to_file(m.name), config["r"])
+      alpha = lookup(config.get("alpha_pattern"), to_file(m.name), config["lora_alpha"])
+      if ranks.setdefault(m.path, r) != r or alphas.setdefault(m.path, alpha) != alpha:
+        raise ValueError(f"{weights_path}: the layers of the stacked kernel {path_str(m.path)} differ in rank or "
+                         "alpha; its factors hold one rank and alpha for every layer")
+    stacked = stacked_fields(pairs, {p: np.shape(x) for p, x in leaves_with_paths(params)},
+                             dict(kernel_axes or {}), weights_path)
     ties = _ties(params, path_map)
     uses = {re.escape(path_str(m.path)): LOOKUP_ONLY for m, _, _ in pairs if m.name in ties}
     dtype = jnp.dtype(param_dtype or jnp.float32)
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
-                       use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}),
-                       **({"target_uses": uses} if uses else {}))
+                       use_rslora=bool(config.get("use_rslora")),
+                       **{"kernel_axes": dict(kernel_axes or {}), **stacked},
+                       **({"target_uses": uses} if uses else {}),
+                       **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
     targets = find_targets(params, cfg)
     for m, key_a, key_b in pairs:
-      want_a, want_b = torch_shapes(targets[m.path], m.kind)
-      check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", targets[m.path])
-      check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", targets[m.path])
+      t_m = module_target(targets[m.path], m)
+      want_a, want_b = torch_shapes(t_m, m.kind)
+      check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", t_m)
+      check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", t_m)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
-  lora: Lora = {}
+    saved_values = read_tensors(weights_file, all_infos, list(saved))
+  lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
+  layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
   for m, key_a, key_b in pairs:
-    a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
-    set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+    a, b = factors_from_torch(tensors[key_a], tensors[key_b], module_target(targets[m.path], m), m.kind)
+    layers.setdefault(m.path, []).append((m, a, b))
+  for path, parts in layers.items():  # a stacked kernel: its layers' factors, zeros elsewhere
+    a, b = fill_layers(targets[path], parts, dtype) if parts[0][0].layer is not None else parts[0][1:]
+    set_path(lora, path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
   return lora, cfg
 
 

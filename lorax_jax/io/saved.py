@@ -1,0 +1,108 @@
+"""PEFT's ``modules_to_save`` on disk: whole trained copies of some frozen modules.
+
+PEFT trains a ``modules_to_save`` module (a classification head, an embedding) in full and
+saves each of its tensors under the module's own name, in torch's layout:
+
+    base_model.model.<tensor name>        e.g. base_model.model.classifier.weight  [labels, d]
+                                               base_model.model.classifier.bias    [labels]
+
+(in memory PEFT calls them ``<module>.modules_to_save.default.<leaf>``) and lists the modules in
+``adapter_config.json``'s ``modules_to_save``; loading matches a module by
+``module_name.endswith(entry)``. Here those copies are the LoRA tree's `SAVED_KEY` subtree
+(`lorax_jax.init`); a tensor name is the path map's name of the leaf (without a map: the Flax
+path joined with ``.``, layout unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax import pathmap
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import Lora, check_saved
+from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo
+from lorax_jax.pathmap import PathMap
+from lorax_jax.targets import Path, get_path, leaves_with_paths, path_str, set_path
+
+PREFIX = "base_model.model."
+
+
+def leaf_names(params: Any, path_map: PathMap | None) -> dict[str, tuple[Path, str]]:
+  """``{tensor name: (path, kind)}`` for every leaf of ``params`` the map names (every leaf
+  without a map)."""
+  out = {}
+  for path, _ in leaves_with_paths(params):
+    mapped = (".".join(path), "param") if path_map is None else path_map.to_hf(path_str(path))
+    if mapped is not None:
+      out[mapped[0]] = (path, mapped[1])
+  return out
+
+
+def saved_tensors(lora: Lora, cfg: LoraConfig, params: Any, path_map: PathMap | None
+                  ) -> tuple[dict[str, np.ndarray], list[str] | None]:
+  """``(tensors, modules)``: the trained copies in ``lora`` as PEFT saves them, and the module
+  names for ``adapter_config.json``'s ``modules_to_save`` (None without any).
+
+  Raises:
+    ValueError: a saved leaf the path map does not name, or a `check_saved` error.
+  """
+  copies = check_saved(params, cfg, lora)
+  if not copies:
+    return {}, None
+  names = {path: (name, kind) for name, (path, kind) in leaf_names(params, path_map).items()}
+  tensors, modules = {}, set()
+  for path, x in copies.items():
+    if path not in names:
+      raise ValueError(f"modules_to_save leaf {path_str(path)} has no Hugging Face name in the path map; "
+                       "add a rule for it")
+    name, kind = names[path]
+    tensors[PREFIX + name] = np.ascontiguousarray(pathmap.to_torch(np.asarray(x), kind))
+    modules.add(name.rpartition(".")[0] or name)
+  return tensors, sorted(modules)
+
+
+def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], params: Any,
+               path_map: PathMap | None, where: str) -> dict[str, tuple[Path, str]]:
+  """``{key: (path, kind)}`` of the file's ``modules_to_save`` tensors: keys ``PREFIX + name``
+  with ``name`` a leaf of ``params`` whose module ends with an entry of the config's
+  ``modules_to_save`` (PEFT's test). Each is checked against its leaf before anything is read.
+
+  Raises:
+    ValueError: a non-float tensor, or one whose shape is not the leaf's in torch's layout.
+  """
+  entries = config.get("modules_to_save") or []
+  if not entries:
+    return {}
+  table = leaf_names(params, path_map)
+  shapes = {path: np.shape(x) for path, x in leaves_with_paths(params)}
+  found = {}
+  for key, info in infos.items():
+    name = key.removeprefix(PREFIX)
+    if not key.startswith(PREFIX) or name not in table:
+      continue
+    module = name.rpartition(".")[0] or name
+    if not any(module.endswith(e) for e in entries):
+      continue
+    path, kind = table[name]
+    want = pathmap.torch_shape(shapes[path], kind)
+    if info.dtype not in FLOAT_DTYPES or info.shape != want:
+      raise ValueError(f"{where}: {key} is {info.dtype} {info.shape}; modules_to_save leaf {path_str(path)} "
+                       f"needs a float tensor of shape {want}")
+    found[key] = (path, kind)
+  return found
+
+
+def saved_tree(tensors: Mapping[str, np.ndarray], keys: Mapping[str, tuple[Path, str]], params: Any
+               ) -> dict[str, Any]:
+  """The LoRA tree's `SAVED_KEY` subtree from the file's tensors, each in its leaf's layout and
+  dtype."""
+  tree: dict[str, Any] = {}
+  for key, (path, kind) in keys.items():
+    leaf = get_path(params, path)
+    x = pathmap.from_torch(tensors[key], kind, np.shape(leaf)).astype(np.dtype(leaf.dtype))
+    set_path(tree, path, jnp.asarray(x))
+  return tree
