@@ -395,6 +395,26 @@ def test_tied_embedding_adapter_trained_here_runs_in_peft(tmp_path, tied_llama_d
   assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL
 
 
+def test_tied_embedding_in_modules_to_save_is_refused_both_ways(tmp_path, tied_llama_dir):
+  """PEFT's modules_to_save copy of a tied embedding feeds the lookup only (the head keeps the
+  original table); here the copy would replace the leaf at both uses, so both ways are refused."""
+  model = peft.get_peft_model(torch_llama(tied_llama_dir), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "modules_to_save" in name:
+        p.add_(0.1)
+  model.save_pretrained(str(tmp_path / "peft"))
+  _, _, params = load_llama(tied_llama_dir)
+  with pytest.raises(ValueError, match="modules_to_save holds model.embed_tokens, an embedding these params tie"):
+    load_adapter(str(tmp_path / "peft"), params, LLAMA_PATH_MAP)
+  cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["embed_tokens"])
+  lora = init_lora(params, cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="modules_to_save holds model.embed_tokens"):
+    save_adapter(str(tmp_path / "ours"), lora, cfg, params, LLAMA_PATH_MAP)
+  assert not (tmp_path / "ours").exists()
+
+
 def test_bf16_base_with_float32_factors_as_close_to_truth_as_peft(tmp_path, llama_dir):
   """Branch precision: a bf16 base with float32 factors is no further from the float32 truth than
   PEFT on the same weights (×1.2): the branch computes in the factors' dtype, as PEFT's does."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
 import jax.numpy as jnp
@@ -95,6 +95,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
                        "save the adapter to a directory of its own")
   tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
+  _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
       t_m, a_m, b_m = module_factors(t, a, b, m)
@@ -174,6 +175,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
     all_infos = read_header(weights_file, weights_path)
     saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
+    _check_tied_saved({k.removeprefix(PREFIX).rpartition(".")[0] for k in saved}, _ties(params, path_map),
+                      weights_path)
     infos = {k: v for k, v in all_infos.items() if k not in saved}
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
@@ -252,6 +255,21 @@ def _check_tied(targets: Mapping[Path, Target], names: Mapping[Path, Module], cf
           "PEFT adapts a tied embedding at the token lookup only, so it would load this adapter wrongly: "
           f"train it with target_uses={{{re.escape(path_str(path))!r}: ('lookup',)}} in the LoraConfig, "
           "or leave the embedding out of the targets")
+
+
+def _check_tied_saved(saved_modules: Iterable[str], ties: Mapping[str, str], where: str) -> None:
+  """A ``modules_to_save`` copy of a tied embedding is refused: PEFT feeds its copy to the token
+  lookup only (the head keeps the original table), while a copy here replaces the leaf at every use.
+
+  Raises:
+    ValueError: a saved module the params tie to the output head.
+  """
+  for name in sorted(set(saved_modules) & set(ties)):
+    raise ValueError(
+        f"{where}: modules_to_save holds {name}, an embedding these params tie to the output head "
+        f"{ties[name]}. PEFT trains its copy at the token lookup only and keeps the original at the head; "
+        "lorax_jax would use the copy at both, so the logits would differ. Untie the head (give the params "
+        "their own head leaf) or adapt the embedding with LoRA (target_uses lookup) instead")
 
 
 PairKeys = tuple[Module, str, str]
