@@ -31,14 +31,15 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from lorax_jax import pathmap
-from lorax_jax.config import LoraConfig
+from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
-from lorax_jax.init import Lora, target_factors
+from lorax_jax.init import Lora, init_lora_and_base, on_original_base, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, layout_hint, modules,
                                   parts_by_module)
@@ -60,7 +61,7 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weigh
 
 def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                  path_map: PathMap | None = None, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> None:
+                 task_type: str | None = None, initial: Lora | None = None) -> None:
   """Write ``lora`` as a PEFT adapter: ``directory`` becomes exactly its two files.
 
   Factors keep their dtype. ``target_modules`` lists every adapted module by its full name,
@@ -74,11 +75,20 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   concurrent save or a concurrent `load_adapter` sees the old adapter or the new one, never
   a mix. Files get ``open``'s permissions under the umask.
 
+  ``init_lora_weights`` is ``cfg.init`` in PEFT's spelling (``true`` for ``"kaiming"``). A PiSSA
+  or OLoRA adapter applies to the residual base: saved as it is, PEFT re-derives that base from
+  the original one when it loads it (as `load_adapter` does). With ``initial`` (the factors
+  `init_lora_and_base` returned, ``params`` the *original* base) it is saved converted instead,
+  as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
+  the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
+
   Raises:
     ValueError: a target without a module name; ``directory`` holding files other than an
       adapter's (it would be replaced whole); an embedding the params tie to the output head,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
+  if initial is not None:
+    lora, cfg = on_original_base(params, lora, initial, cfg)
   targets = find_targets(params, cfg)
   names = by_path(modules(params, path_map), targets)
   _check_tied(targets, names, cfg, _ties(params, path_map))
@@ -100,7 +110,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                         for t in targets.values() if t.alpha != cfg.alpha},
       "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
-      "init_lora_weights": True, "inference_mode": True, "revision": None,
+      "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
   write_dir_atomic(directory, {WEIGHTS_NAME: safetensors_writer(tensors),
                                CONFIG_NAME: text_writer(json.dumps(config, indent=2))})
@@ -117,7 +127,12 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   ``use_rslora``; factors are cast to ``param_dtype`` (float32 by default). Pass the
   ``kernel_axes`` the adapter was trained with if it used any. An adapted embedding that
   ``path_map`` says the params tie to the output head gets ``target_uses`` ``("lookup",)``,
-  as in PEFT. Module names saved for the model without (or with) its task wrapper's prefix
+  as in PEFT. An adapter PEFT saved unconverted with ``init_lora_weights`` ``"pissa"`` or
+  ``"olora"`` applies to a residual base, which PEFT re-derives from the base it loads it on;
+  here the same initial factors ``A₀, B₀`` are re-derived from ``params`` (the original base)
+  and the adapter is returned converted, a plain LoRA of rank ``2r`` on ``params`` itself
+  (`lorax_jax.init.on_original_base`: ``W + s·(A⊗B - A₀⊗B₀)``, PEFT's model). Module names
+  saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
@@ -128,9 +143,9 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   Raises:
     FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
-      ``peft_type`` other than ``LORA``, an ``init_lora_weights`` that changes the base or an
-      option lorax_jax cannot honour (each named); a missing, unexpected, non-float or
-      mis-shaped key (each named).
+      ``peft_type`` other than ``LORA``, an ``init_lora_weights`` whose base change cannot be
+      re-derived (CorDA, LoftQ, ...) or an option lorax_jax cannot honour (each named); a
+      missing, unexpected, non-float or mis-shaped key (each named).
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
@@ -190,6 +205,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
     set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+  init = config.get("init_lora_weights", True)
+  if init in BASE_CHANGING_INITS:
+    initial = init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0]
+    return on_original_base(params, lora, initial, cfg)
   return lora, cfg
 
 
