@@ -32,8 +32,8 @@ UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "modules_to_save", "la
 # "pissa_niter_K" with torch's unseeded sketch; MiCA is a variant).
 LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva", "pissa", "olora")
 CONVERSION_RECIPE = (
-    "PEFT rebuilds a modified base from such an adapter when it loads it; lorax_jax applies adapters to "
-    "the base as it is. Convert it in PEFT to a plain LoRA of the original base: right after "
+    "PEFT rebuilds a modified base from such an adapter when it loads it, from data, quantisation or "
+    "randomness that lorax_jax cannot re-derive (it re-derives PiSSA's and OLoRA's only). Convert it in PEFT to a plain LoRA of the original base: right after "
     "get_peft_model (before training) set peft_model.peft_config['default'].init_lora_weights = True, "
     "save_pretrained(initial_dir) and set it back; after training, save with "
     "peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_dir) and load "
