@@ -101,6 +101,19 @@ def test_stacked_and_transposed_kernels_per_slice():
       assert max_diff(base_t["w"].T, base_i["w"]) < 1e-5
 
 
+def test_pissa_niter_adapter_is_saved_converted_only(tmp_path):
+  """PEFT re-derives a ``pissa_niter_K`` base with an unseeded sketch, so it must be saved converted."""
+  params = {"attn": {"query": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(8, 6)), jnp.float32)}}}
+  cfg = LoraConfig(r=2, alpha=4, init="pissa_niter_2")
+  lora0, _ = init_lora_and_base(params, cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match="initial="):
+    save_adapter(str(tmp_path / "a"), lora0, cfg, params)
+  save_adapter(str(tmp_path / "a"), lora0, cfg, params, initial=lora0)
+  lora, loaded = load_adapter(str(tmp_path / "a"), params)
+  assert loaded.r == 4 and max_diff(merge(params, lora, loaded)["attn"]["query"]["kernel"],
+                                    params["attn"]["query"]["kernel"]) < 1e-6  # A⊗B - A₀⊗B₀ = 0
+
+
 def test_pissa_niter_is_torch_svd_lowrank():
   """``svd_lowrank`` on torch's gaussian sketch equals ``torch.svd_lowrank`` (wide and tall)."""
   w = np.random.default_rng(0).normal(size=(24, 10)).astype(np.float32)

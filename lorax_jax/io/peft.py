@@ -84,11 +84,15 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
 
   Raises:
     ValueError: a target without a module name; ``directory`` holding files other than an
-      adapter's (it would be replaced whole); an embedding the params tie to the output head,
+      adapter's (it would be replaced whole); a ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
   if initial is not None:
     lora, cfg = on_original_base(params, lora, initial, cfg)
+  elif cfg.changes_base and cfg.init not in BASE_CHANGING_INITS:
+    raise ValueError(f"save_adapter: init={cfg.init!r} draws a random sketch that no loader can re-derive, so "
+                     "the adapter must be saved converted for the original base: pass initial=<the factors "
+                     "init_lora_and_base returned>")
   targets = find_targets(params, cfg)
   names = by_path(modules(params, path_map), targets)
   _check_tied(targets, names, cfg, _ties(params, path_map))
