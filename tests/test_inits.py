@@ -27,6 +27,7 @@ from test_peft import LLAMA_TOKENS, llama_dir, max_diff, randomize_lora, state, 
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square, wide ([16, 32]) and tall ([32, 48]) weights
@@ -82,6 +83,19 @@ def test_pissa_olora_init_equals_peft(tmp_path, llama_dir, init, use_rslora):
   rebuilt = lora_transform(flax_model.apply, base, cfg)(base, lora0, jnp.asarray(LLAMA_TOKENS))
   assert max_diff(rebuilt, original) < 1e-5
   assert jax.tree.all(jax.tree.map(lambda x, y: max_diff(x, y) < 1e-5, merge(base, lora0, cfg), params))
+
+
+def test_pissa_residual_of_a_bf16_base_equals_peft(llama_dir):
+  """PEFT's dtype handling: the SVD and ``W - s·B A`` in float32, the residual cast back to bfloat16."""
+  bf16 = transformers.LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16)
+  model = peft.get_peft_model(bf16, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa"))
+  want = {k: v.float().numpy() for k, v in model.unload().state_dict().items()}
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), load_llama(llama_dir)[2])
+  _, base = init_lora_and_base(params, LoraConfig(r=4, alpha=8, targets=TARGETS, init="pissa"), jax.random.key(0))
+  assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
+  for k, v in tensors_from_params(base, LLAMA_PATH_MAP).items():
+    ulp = np.abs(want[k]) * 2.0 ** -7 + 1e-30  # one bfloat16 step (8 significant bits)
+    assert np.mean(np.asarray(v, np.float32) != want[k]) < 0.01 and np.all(np.abs(np.asarray(v, np.float32) - want[k]) <= ulp), k
 
 
 def test_stacked_and_transposed_kernels_per_slice():
