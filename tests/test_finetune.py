@@ -194,6 +194,8 @@ def test_unknown_setting(capsys, tmp_path):
     (["--format", "csv"], "setting format must be chat or text"),
     (["--r", "0"], "LoraConfig: r must be an integer rank"),
     (["--dropout", "1"], r"LoraConfig: dropout must be a rate in \[0, 1\)"),
+    (["--init", "corda"], "LoraConfig: init must be one of .*got 'corda'"),
+    (["--loraplus_ratio", "-1"], "setting loraplus_ratio must be >= 0"),
     (["--targets", "[q_proj, v_proj"], "is not a YAML list such as"),
     (["--config", "/no/such.yaml"], r"config file /no/such.yaml does not exist \(packaged configs: classify, finetune, pydoc\)"),
 ])
