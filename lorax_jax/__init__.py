@@ -7,9 +7,10 @@
 """
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import check_lora, init_lora
+from lorax_jax.init import check_lora, init_lora, init_lora_and_base, on_original_base
 from lorax_jax.io import load_adapter, load_kohya, save_adapter
 from lorax_jax.merge import delta, merge, unmerge
+from lorax_jax.optim import loraplus
 from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params, summary,
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "PathMap", "Target", "axes_from_use", "check_lora", "count", "delta", "filter_params",
-    "find_targets", "init_lora", "join_params", "load_adapter", "load_kohya", "lora_count",
-    "lora_transform", "merge", "save_adapter", "size", "split_params", "summary", "trainable_mask",
-    "unmerge",
+    "find_targets", "init_lora", "init_lora_and_base", "join_params", "load_adapter", "load_kohya",
+    "lora_count", "lora_transform", "loraplus", "merge", "on_original_base", "save_adapter", "size",
+    "split_params", "summary", "trainable_mask", "unmerge",
 ]

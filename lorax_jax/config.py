@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 TargetFn = Callable[[tuple[str, ...], Any], bool]
-INIT_SCHEMES = ("kaiming", "gaussian")
+INIT_SCHEMES = ("kaiming", "gaussian", "orthogonal", "pissa", "olora")  # and "pissa_niter_<K>"
+BASE_CHANGING_INITS = ("pissa", "olora")  # and "pissa_niter_<K>": their factors carry part of W
+PISSA_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]+)")
 BRANCH_DTYPES = ("factors", "kernel")
 TARGET_USES = ("lookup", "matmul", "conv")
 MAX_RANK = 65536
@@ -112,8 +114,12 @@ class LoraConfig:
     shared_dropout: targets reading the same input tensor share one dropout mask (one key per
       distinct input instead of one per target and use).
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
-    init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
-      ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
+    init: PEFT's ``init_lora_weights`` (``True`` is ``"kaiming"``): ``"kaiming"`` (PEFT's default:
+      ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``), ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``),
+      ``"orthogonal"`` (even ``r``; ``A ⊗ B = 0`` from orthogonal halves), or the inits whose
+      factors carry part of ``W`` and that need the residual base (`init_lora_and_base`):
+      ``"pissa"`` (top-``r`` SVD), ``"pissa_niter_K"`` (randomized SVD, ``K`` power
+      iterations) and ``"olora"`` (QR). The math is in `lorax_jax.init`.
     layers_to_transform: PEFT's layer filter, one layer index or a tuple of them (``None``: all
       layers). A target's layer is the index in its path after the layer-list module
       (``layers_3`` or ``layers/3``); a stacked (``nn.scan``) kernel without one has its layers
@@ -147,7 +153,7 @@ class LoraConfig:
   kernel_axes: Mapping[str, str | tuple[int, int]] = FrozenDict()
   target_uses: Mapping[str, tuple[str, ...]] = FrozenDict()
   use_rslora: bool = False
-  init: Literal["kaiming", "gaussian"] = "kaiming"
+  init: str = "kaiming"
   branch_dtype: Literal["factors", "kernel"] = "factors"
   shared_dropout: bool = False
   layers_to_transform: int | tuple[int, ...] | None = None
@@ -182,7 +188,8 @@ class LoraConfig:
       _fail("dropout", self.dropout, "a rate in [0, 1)")
     if self.dropout_seed is not None and not SEED_RANGE[0] <= self.dropout_seed < SEED_RANGE[1]:
       _fail("dropout_seed", self.dropout_seed, "an int64 seed in [-2**63, 2**63), or None")
-    _choice("init", self.init, INIT_SCHEMES)
+    if not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
+      _choice("init", self.init, (*INIT_SCHEMES, "pissa_niter_<K>"))
     _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
     if self.target_fn is not None:
       _check_target_fn(self.target_fn)
@@ -197,6 +204,12 @@ class LoraConfig:
   def replace(self, **changes: Any) -> LoraConfig:
     """A copy with ``changes`` applied (and validated)."""
     return dataclasses.replace(self, **changes)
+
+  @property
+  def changes_base(self) -> bool:
+    """Whether ``init`` is PiSSA or OLoRA: the initial factors hold part of ``W``, so the model
+    trains on the residual base ``W - s · A₀ ⊗ B₀`` (`lorax_jax.init_lora_and_base`)."""
+    return self.init in BASE_CHANGING_INITS or PISSA_NITER.fullmatch(self.init) is not None
 
   def scale(self, r: int, alpha: float) -> float:
     """The factor ``s`` multiplying ``A ⊗ B`` for a target of rank ``r``."""

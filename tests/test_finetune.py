@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from safetensors.numpy import save_file
 
-from lorax_jax import cli, init_lora, load_adapter
+from lorax_jax import cli, init_lora, init_lora_and_base, load_adapter, lora_transform
 from lorax_jax.apps import finetune, settings
 from lorax_jax.models import gguf
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
@@ -194,6 +194,8 @@ def test_unknown_setting(capsys, tmp_path):
     (["--format", "csv"], "setting format must be chat or text"),
     (["--r", "0"], "LoraConfig: r must be an integer rank"),
     (["--dropout", "1"], r"LoraConfig: dropout must be a rate in \[0, 1\)"),
+    (["--init", "corda"], "LoraConfig: init must be one of .*got 'corda'"),
+    (["--loraplus_ratio", "-1"], "setting loraplus_ratio must be >= 0"),
     (["--targets", "[q_proj, v_proj"], "is not a YAML list such as"),
     (["--config", "/no/such.yaml"], r"config file /no/such.yaml does not exist \(packaged configs: classify, finetune, pydoc\)"),
 ])
@@ -305,3 +307,23 @@ def test_checkpoint_of_another_model(tiny, stopped):
   tensors = load_file(str(stopped[0] / finetune.CHECKPOINT))
   with pytest.raises(ValueError, match="was made for another model: lora.*this model needs"):
     finetune.restore(str(stopped[0] / finetune.CHECKPOINT), tensors, lora, opt_state)
+
+
+@pytest.mark.parametrize("extra", [("--init", "pissa"), ("--init", "olora", "--loraplus_ratio", "16")])
+def test_base_changing_init_and_loraplus_runs_save_an_adapter_for_the_original_base(tiny, straight, tmp_path, extra):
+  """``--init pissa`` trains on the residual base (the model starts as the original: plain LoRA's
+  held-out loss before training) and saves a rank-2r adapter of the original base whose logits
+  are the trained model's; ``--loraplus_ratio`` trains with LoRA+."""
+  result = run(tiny, tmp_path, *extra)
+  assert abs(result["eval_before"] - straight[1]["eval_before"]) < 1e-4
+  assert result["eval_after"] < result["eval_before"] - 0.1
+  s, _ = finetune.parse_args(args(tiny, tmp_path, *extra))
+  model, params, _ = finetune.load_model(s.model, s.dtype)
+  lora, cfg = load_adapter(str(tmp_path / "adapter"), params, LLAMA_PATH_MAP)
+  assert cfg.r == 2 * s.r
+  cfg0 = finetune.lora_config(s)
+  _, residual = init_lora_and_base(params, cfg0, jax.random.key(0))
+  tokens = jnp.asarray(np.arange(12).reshape(2, 6))
+  trained = lora_transform(model.apply, residual, cfg0)(residual, result["lora"], tokens)
+  converted = lora_transform(model.apply, params, cfg)(params, lora, tokens)
+  assert float(jnp.max(jnp.abs(trained - converted))) < 1e-4

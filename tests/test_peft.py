@@ -6,6 +6,7 @@ then Hugging Face Llama and BERT with the reference Flax models.
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -282,11 +283,12 @@ def test_bert_classifier_adapter(tmp_path, direction):
 
 # ---- PEFT inits that change the base ---------------------------------------------------------
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_base_changing_init_refused_with_working_recipe(tmp_path, net, init):
-  """Before: a PiSSA / OLoRA adapter loaded silently, logits 0.18 / 0.32 away from PEFT's. Now it
-  is refused with PEFT's conversion recipe, and the recipe's output loads with PEFT's outputs."""
+def test_non_rederivable_init_refused_with_working_recipe(tmp_path, net):
+  """PiSSA with PEFT's randomized SVD (``pissa_niter_K``, torch's unseeded sketch) cannot be
+  re-derived at load time (PiSSA and OLoRA are: tests/test_inits.py): it is refused with PEFT's
+  conversion recipe, and the recipe's output loads with PEFT's outputs."""
   _, weights, tokens, image = net
+  init = "pissa_niter_2"
   model = peft.get_peft_model(torch_net(weights), peft.LoraConfig(
       r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
   model.peft_config["default"].init_lora_weights = True  # the recipe: keep the initial adapter
@@ -303,6 +305,19 @@ def test_base_changing_init_refused_with_working_recipe(tmp_path, net, init):
   lora, cfg = load_adapter(str(tmp_path / "converted"), params, NET_MAP)
   for got, want in zip(run_jax(params, lora, cfg, tokens, image), run_torch(model, tokens, image)):
     assert max_diff(got, want) < TOL
+
+
+@pytest.mark.parametrize("init", ["corda", "loftq", "lora_ga", "mica"])
+def test_data_dependent_inits_refused(tmp_path, net, init):
+  """CorDA, LoftQ, LoRA-GA and MiCA change the base from data or quantisation lorax_jax cannot
+  re-derive: refused with the recipe."""
+  _, weights, _, _ = net
+  model = peft.get_peft_model(torch_net(weights), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+  model.save_pretrained(str(tmp_path))
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": init}))
+  with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' changes the base weights"):
+    load_adapter(str(tmp_path), params_from_tensors(weights, NET_MAP), NET_MAP)
 
 
 # ---- a bare BertModel (sentence-transformers layout) ------------------------------------------

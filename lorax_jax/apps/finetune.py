@@ -65,7 +65,9 @@ class Settings:
   alpha: float
   dropout: float
   targets: tuple[str, ...]
+  init: str
   lr: float
+  loraplus_ratio: float
   warmup_steps: int
   min_lr_ratio: float
   weight_decay: float
@@ -89,6 +91,7 @@ class Settings:
         (0 < self.eval_fraction < 1, "setting eval_fraction must be in (0, 1)"),
         (self.eval_examples > 0, "setting eval_examples must be positive"),
         (self.lr > 0, "setting lr must be positive"),
+        (self.loraplus_ratio >= 0, "setting loraplus_ratio must be >= 0 (0: plain AdamW, 16: LoRA+'s usual)"),
         (0 <= self.min_lr_ratio <= 1, "setting min_lr_ratio must be in [0, 1]"),
         (self.weight_decay >= 0, "setting weight_decay must be >= 0 (0 turns it off)"),
         (self.steps > 0, "setting steps must be positive"),
@@ -102,7 +105,7 @@ class Settings:
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
     ])
-    lora_config(self)  # r, alpha, dropout and targets are LoraConfig's to check
+    lora_config(self)  # r, alpha, dropout, targets and init are LoraConfig's to check
 
 
 def _resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +120,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets))
+  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets),
+                              init=s.init)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,10 +297,12 @@ def loss_sums(lora_apply: Callable[..., Any], params: Any, lora: Any, tokens: ja
 
 def make_optimizer(s: Settings) -> optax.GradientTransformation:
   """AdamW on a linear warmup to ``lr`` then a cosine decay to ``lr * min_lr_ratio`` at ``steps``,
-  after clipping the gradient's global norm to ``clip_norm``."""
+  after clipping the gradient's global norm to ``clip_norm``; with ``loraplus_ratio > 0``, LoRA+
+  (`lorax_jax.loraplus`: ``b``'s schedule ``loraplus_ratio ×`` ``a``'s)."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup_steps, s.steps, s.lr * s.min_lr_ratio)
-  return optax.chain(optax.clip_by_global_norm(s.clip_norm),
-                     optax.adamw(schedule, weight_decay=s.weight_decay))
+  adamw = (lorax_jax.loraplus(optax.adamw, schedule, s.loraplus_ratio, weight_decay=s.weight_decay)
+           if s.loraplus_ratio else optax.adamw(schedule, weight_decay=s.weight_decay))
+  return optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
 
 
 def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation):
@@ -468,7 +474,9 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   """Fine-tune ``model``'s LoRA as ``s`` says; write everything into ``s.out_dir``.
 
   ``checkpoint`` is `resume_point`'s, to go on from it. Returns the metrics (as in
-  ``metrics.json``) plus ``"lora"``, the trained factors.
+  ``metrics.json``) plus ``"lora"``, the trained factors. With a PiSSA/OLoRA ``init`` the factors
+  train on the residual base (`lorax_jax.init_lora_and_base`, re-derived on resume) and the
+  adapter is saved converted for the original base (``save_adapter(..., initial=...)``).
   """
   import yaml
 
@@ -476,7 +484,9 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
-  lora = lorax_jax.init_lora(params, cfg, key_init)
+  original = params
+  lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
+  initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
   lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
@@ -497,7 +507,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
              "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size),
-             "samples_before": sample(model, params, tokenizer, s)}
+             "samples_before": sample(model, original, tokenizer, s)}
     print(f"held-out loss before: {state['eval_before']:.4f} ({time.perf_counter() - t:.0f}s with compilation)")
   state["settings"] = settings.as_dict(s)
   os.makedirs(s.out_dir, exist_ok=True)
@@ -512,8 +522,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size)
   samples_after = sample(model, params, tokenizer, s, lora, cfg)
   print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
-  lorax_jax.save_adapter(os.path.join(s.out_dir, "adapter"), lora, cfg, params, LLAMA_PATH_MAP,
-                         base_model_name_or_path=base_model_name, task_type="CAUSAL_LM")
+  lorax_jax.save_adapter(os.path.join(s.out_dir, "adapter"), lora, cfg, original, LLAMA_PATH_MAP,
+                         base_model_name_or_path=base_model_name, task_type="CAUSAL_LM", initial=initial)
   plot_losses(os.path.join(s.out_dir, "loss.png"), state["history"],
               [(0, state["eval_before"]), (s.steps, eval_after)])
   text = samples_text(s.sample_prompts, state["samples_before"], samples_after)

@@ -34,14 +34,15 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, BinaryIO
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from lorax_jax import pathmap
-from lorax_jax.config import LoraConfig
+from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
-from lorax_jax.init import SAVED_KEY, Lora, target_factors
+from lorax_jax.init import SAVED_KEY, Lora, init_lora_and_base, on_original_base, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
@@ -64,7 +65,7 @@ _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weigh
 
 def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                  path_map: PathMap | None = None, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> None:
+                 task_type: str | None = None, initial: Lora | None = None) -> None:
   """Write ``lora`` as a PEFT adapter: ``directory`` becomes exactly its two files.
 
   Factors keep their dtype. ``target_modules`` lists every adapted module by its full name,
@@ -80,11 +81,24 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   concurrent save or a concurrent `load_adapter` sees the old adapter or the new one, never
   a mix. Files get ``open``'s permissions under the umask.
 
+  ``init_lora_weights`` is ``cfg.init`` in PEFT's spelling (``true`` for ``"kaiming"``). A PiSSA
+  or OLoRA adapter applies to the residual base: saved as it is, PEFT re-derives that base from
+  the original one when it loads it (as `load_adapter` does). With ``initial`` (the factors
+  `init_lora_and_base` returned, ``params`` the *original* base) it is saved converted instead,
+  as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
+  the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
+
   Raises:
     ValueError: a target without a module name; ``directory`` holding files other than an
-      adapter's (it would be replaced whole); an embedding the params tie to the output head,
+      adapter's (it would be replaced whole); a ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
+  if initial is not None:
+    lora, cfg = on_original_base(params, lora, initial, cfg)
+  elif cfg.changes_base and cfg.init not in BASE_CHANGING_INITS:
+    raise ValueError(f"save_adapter: init={cfg.init!r} draws a random sketch that no loader can re-derive, so "
+                     "the adapter must be saved converted for the original base: pass initial=<the factors "
+                     "init_lora_and_base returned>")
   targets = find_targets(params, cfg)
   mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
   names = {path: ms[0] for path, ms in mods.items()}
@@ -110,7 +124,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
       "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
-      "init_lora_weights": True, "inference_mode": True, "revision": None,
+      "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
   write_dir_atomic(directory, {WEIGHTS_NAME: safetensors_writer(tensors),
                                CONFIG_NAME: text_writer(json.dumps(config, indent=2))})
@@ -131,7 +145,12 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   ``"modules_to_save"`` copies (and ``cfg.modules_to_save``). Per-layer modules of a stacked
   path-map rule fill their slices of the stacked factors (zeros elsewhere; ``cfg`` gets
   ``layers_to_transform`` and, unless given, ``kernel_axes`` with the layers first).
-  Module names saved for the model without (or with) its task wrapper's prefix
+  An adapter PEFT saved unconverted with ``init_lora_weights`` ``"pissa"`` or
+  ``"olora"`` applies to a residual base, which PEFT re-derives from the base it loads it on;
+  here the same initial factors ``A₀, B₀`` are re-derived from ``params`` (the original base)
+  and the adapter is returned converted, a plain LoRA of rank ``2r`` on ``params`` itself
+  (`lorax_jax.init.on_original_base`: ``W + s·(A⊗B - A₀⊗B₀)``, PEFT's model). Module names
+  saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
@@ -142,10 +161,10 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   Raises:
     FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
-      ``peft_type`` other than ``LORA``, an ``init_lora_weights`` that changes the base or an
-      option lorax_jax cannot honour (each named); a missing, unexpected, non-float or
-      mis-shaped key (each named); stacked kernels adapted at different layers, or at layers
-      and outside them, or with different ranks per layer.
+      ``peft_type`` other than ``LORA``, an ``init_lora_weights`` whose base change cannot be
+      re-derived (CorDA, LoftQ, ...) or an option lorax_jax cannot honour (each named); a
+      missing, unexpected, non-float or mis-shaped key (each named); stacked kernels adapted
+      at different layers, or at layers and outside them, or with different ranks per layer.
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
@@ -223,6 +242,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   for path, parts in layers.items():  # a stacked kernel: its layers' factors, zeros elsewhere
     a, b = fill_layers(targets[path], parts, dtype) if parts[0][0].layer is not None else parts[0][1:]
     set_path(lora, path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+  init = config.get("init_lora_weights", True)
+  if init in BASE_CHANGING_INITS:
+    initial = init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0]
+    return on_original_base(params, lora, initial, cfg)
   return lora, cfg
 
 

@@ -26,12 +26,14 @@ MAX_PATTERN_CHARS = 1000
 UNSUPPORTED = ("use_dora", "fan_in_fan_out", "lora_bias", "layer_replication",
                "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
-# init_lora_weights values whose adapters apply to the base as it is (the others rewrite the
-# base at initialisation: PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ; MiCA is a variant).
-PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# init_lora_weights values that load: the plain ones apply to the base as it is; "pissa" and
+# "olora" to a residual base re-derived from the original one (`load_adapter`). The others
+# rewrite the base from data or randomness that cannot be re-derived (CorDA, LoRA-GA, LoftQ,
+# "pissa_niter_K" with torch's unseeded sketch; MiCA is a variant).
+LOADABLE_INITS = (True, False, "gaussian", "orthogonal", "eva", "pissa", "olora")
 CONVERSION_RECIPE = (
-    "PEFT rebuilds a modified base from such an adapter when it loads it; lorax_jax applies adapters to "
-    "the base as it is. Convert it in PEFT to a plain LoRA of the original base: right after "
+    "PEFT rebuilds a modified base from such an adapter when it loads it, from data, quantisation or "
+    "randomness that lorax_jax cannot re-derive (it re-derives PiSSA's and OLoRA's only). Convert it in PEFT to a plain LoRA of the original base: right after "
     "get_peft_model (before training) set peft_model.peft_config['default'].init_lora_weights = True, "
     "save_pretrained(initial_dir) and set it back; after training, save with "
     "peft_model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=initial_dir) and load "
@@ -44,7 +46,8 @@ def read_config(f: IO[bytes], path: str) -> dict[str, Any]:
   Raises:
     ValueError: invalid JSON (nesting too deep included), a field of the wrong type or out
       of range, a pattern that is not a valid or safe regex, an option lorax_jax cannot
-      honour, an ``init_lora_weights`` that changes the base (with PEFT's conversion recipe).
+      honour, an ``init_lora_weights`` whose base change cannot be re-derived (CorDA, LoftQ,
+      LoRA-GA, MiCA, ``pissa_niter_K``; with PEFT's conversion recipe).
   """
   try:
     config = json.loads(f.read().decode("utf-8"))
@@ -91,7 +94,7 @@ def read_config(f: IO[bytes], path: str) -> dict[str, Any]:
   field("bias", config.get("bias", "none") in (None, "none"), '"none" (lorax_jax adapts no biases)')
   init = config.get("init_lora_weights", True)
   field("init_lora_weights", isinstance(init, (bool, str)), "true, false or a PEFT init name")
-  if not any(init is v if isinstance(v, bool) else init == v for v in PLAIN_INITS):
+  if not any(init is v if isinstance(v, bool) else init == v for v in LOADABLE_INITS):
     raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights. {CONVERSION_RECIPE}")
   bad = [f"{k}={_short(config[k])}" for k in UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
   if bad:
