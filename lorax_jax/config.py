@@ -114,6 +114,9 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
     init: ``"kaiming"`` (PEFT's default: ``a ~ U(±1/sqrt(fan_in))``, ``b = 0``) or
       ``"gaussian"`` (``a ~ N(0, 1/r²)``, ``b = 0``).
+    use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
+      output unit over the input axes (stacked axes apart) and detached from the gradient, with a
+      trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
 
   Raises:
     ValueError: naming the field, the bad value and what is expected, for every field.
@@ -138,6 +141,7 @@ class LoraConfig:
   init: Literal["kaiming", "gaussian"] = "kaiming"
   branch_dtype: Literal["factors", "kernel"] = "factors"
   shared_dropout: bool = False
+  use_dora: bool = False
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -157,7 +161,8 @@ class LoraConfig:
         "target_uses": _mapping("target_uses", self.target_uses, _uses),
     }
     normal |= {name: _bool(name, getattr(self, name))
-               for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout")}
+               for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout",
+                                                   "use_dora")}
     for name, value in normal.items():
       object.__setattr__(self, name, value)
     if not 0.0 <= self.dropout < 1.0:

@@ -2,7 +2,9 @@
 
 The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding
 only the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in
-`lorax_jax.targets`). ``b`` starts at zero, so the adapted model equals the base model.
+`lorax_jax.targets`), plus DoRA's magnitude ``"m"`` (shape `Target.m_shape`) with
+``LoraConfig.use_dora``. ``b`` starts at zero and ``m`` at ``‖W‖``, so the adapted model equals
+the base model.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
 
   ``a`` follows ``cfg.init`` (PEFT's kaiming-uniform ``U(±1/sqrt(fan_in))`` or a
   gaussian of std ``1/r``), ``b`` is zero; embeddings follow PEFT instead (``a = 0``,
-  ``b ~ N(0, 1)``). Either way ``A ⊗ B = 0`` at step 0.
+  ``b ~ N(0, 1)``). Either way ``A ⊗ B = 0`` at step 0. With ``cfg.use_dora`` each target also
+  gets ``m = ‖W‖`` per output unit (`Target.magnitude`), so ``W' = W`` at step 0.
 
   Raises:
     TypeError: ``rng`` is not a single PRNG key.
@@ -38,7 +41,10 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   lora: Lora = {}
   for key, t in zip(keys, targets.values()):
     a, b = _init_factors(key, t, cfg)
-    set_path(lora, t.path, {"a": a, "b": b})
+    node = {"a": a, "b": b}
+    if t.dora:
+      node["m"] = t.magnitude(get_path(params, t.path)).astype(cfg.param_dtype)
+    set_path(lora, t.path, node)
   return lora
 
 
@@ -72,8 +78,14 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
     yield t, node["a"], node["b"]
 
 
+def factor_names(t: Target) -> set[str]:
+  """The leaves of a target's LoRA node: ``{"a", "b"}``, and ``"m"`` for DoRA."""
+  return {"a", "b", "m"} if t.dora else {"a", "b"}
+
+
 def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
-  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors.
+  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors
+  (and DoRA magnitudes).
 
   Raises:
     ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
@@ -86,10 +98,14 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
       raise ValueError(f"LoRA tree has an unexpected entry {name} (no such target in the params)")
     seen.add(path)
     t = targets[path]
-    if not isinstance(node, Mapping) or set(node) != {"a", "b"}:
+    if not isinstance(node, Mapping) or set(node) != factor_names(t):
       got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      raise ValueError(f"LoRA entry {name} must be {{'a', 'b'}}, got {got}")
-    for k, want in (("a", t.a_shape), ("b", t.b_shape)):
+      hint = (" (LoraConfig.use_dora=True: DoRA's magnitude 'm' too)" if t.dora
+              else " (a DoRA tree needs LoraConfig(use_dora=True))" if isinstance(node, Mapping) and "m" in node
+              else "")
+      want = "{" + ", ".join(map(repr, sorted(factor_names(t)))) + "}"
+      raise ValueError(f"LoRA entry {name} must be {want}, got {got}{hint}")
+    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape))[:len(factor_names(t))]:
       x = node[k]
       if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "
@@ -105,7 +121,7 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
 
 
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
-  """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place)."""
+  """The ``{"a", "b"}`` (DoRA: ``{"a", "b", "m"}``) nodes of a LoRA tree (and anything malformed in their place)."""
   if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
     for k, v in tree.items():
       yield from _lora_nodes(v, (*prefix, str(k)))

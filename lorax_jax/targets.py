@@ -50,6 +50,7 @@ class Target:
   scale: float
   axes: str
   uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
+  dora: bool = False  # `LoraConfig.use_dora`: the factors come with a magnitude ``m``
 
   def _sizes(self, letter: str) -> tuple[int, ...]:
     return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
@@ -83,6 +84,11 @@ class Target:
     return (*self.stack_shape, self.rank, *self.out_shape)
 
   @property
+  def m_shape(self) -> tuple[int, ...]:
+    """DoRA's magnitude: one per output unit, ``S + O``."""
+    return (*self.stack_shape, *self.out_shape)
+
+  @property
   def name(self) -> str:
     return path_str(self.path)
 
@@ -95,6 +101,24 @@ class Target:
   def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
     """``s · Σ_r a ⊗ b`` as a kernel-shaped array (float32 accumulation)."""
     return low_rank_update(self.subscripts(), a, b, self.scale)
+
+  def magnitude(self, w: jax.Array) -> jax.Array:
+    """``‖W‖`` per output unit (over the input axes, ``S + O``): DoRA's initial ``m``."""
+    a_sub, b_sub, k_sub = self.subscripts()
+    w = jnp.asarray(w, accumulation_dtype(w))
+    return jnp.sqrt(jnp.einsum(f"{k_sub},{k_sub}->{b_sub.replace('R', '')}", w, w))
+
+  def dora_weight(self, w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array) -> jax.Array:
+    """DoRA's ``W' = m ⊙ V / ‖V‖`` with ``V = W + s · a ⊗ b``, formed (float32 accumulation).
+
+    The norm is per output unit over the input axes (`magnitude` of ``V``), as PEFT's
+    ``get_weight_norm``, and detached from the gradient as PEFT's; ``m`` has shape `m_shape`.
+    """
+    v = jnp.asarray(w, accumulation_dtype(w, a, b)) + self.delta(a, b)
+    _, b_sub, k_sub = self.subscripts()
+    unit = b_sub.replace("R", "")
+    g = m.astype(v.dtype) / jax.lax.stop_gradient(self.magnitude(v))
+    return jnp.einsum(f"{k_sub},{unit}->{k_sub}", v, g)
 
 
 def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -180,7 +204,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
           f"{shape}, with at least one 'i' and one 'o'")
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
-               None if uses is None else tuple(uses))
+               None if uses is None else tuple(uses), cfg.use_dora)
     if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
       raise ValueError(
           f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "

@@ -65,6 +65,7 @@ class Settings:
   alpha: float
   dropout: float
   targets: tuple[str, ...]
+  use_dora: bool
   lr: float
   warmup_steps: int
   min_lr_ratio: float
@@ -102,7 +103,7 @@ class Settings:
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
     ])
-    lora_config(self)  # r, alpha, dropout and targets are LoraConfig's to check
+    lora_config(self)  # r, alpha, dropout, targets and use_dora are LoraConfig's to check
 
 
 def _resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets))
+  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets),
+                              use_dora=s.use_dora)
 
 
 # ---------------------------------------------------------------------------------------

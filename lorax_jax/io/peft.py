@@ -7,6 +7,7 @@ reads. Each adapted module ``<m>`` (named as in `lorax_jax.io.modules`) holds
     base_model.model.<m>.lora_B.weight   [out, r]         (conv: [cout, r, 1, 1])
     base_model.model.<m>.lora_embedding_A  [r, vocab]     (embeddings)
     base_model.model.<m>.lora_embedding_B  [d, r]
+    base_model.model.<m>.lora_magnitude_vector  [out]  (DoRA, ``use_dora``; conv: [1, cout, 1, 1])
 
 and PEFT's update ``W_torch + s · B @ A`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
 ``use_rslora``), ``r`` and ``lora_alpha`` overridden per module by ``rank_pattern`` /
@@ -39,7 +40,7 @@ from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
 from lorax_jax.init import Lora, target_factors
-from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
+from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_path, exact_config, layout_hint, modules,
                                   parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
@@ -55,7 +56,9 @@ PREFIX = "base_model.model."
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB])")
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB]"
+                  r"|lora_magnitude_vector)")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
@@ -91,6 +94,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   for t, a, b in target_factors(targets, lora):
     key_a, key_b = _keys(names[t.path])
     tensors[key_a], tensors[key_b] = factors_to_torch(a, b, t, names[t.path].kind)
+    if t.dora:
+      m = np.asarray(get_path(lora, t.path)["m"])
+      tensors[_magnitude_key(key_a)] = m.reshape(magnitude_shape(t, names[t.path].kind))
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
@@ -98,7 +104,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(names[t.path].name): t.rank for t in targets.values() if t.rank != cfg.r},
       "alpha_pattern": {re.escape(names[t.path].name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+      "bias": "none", "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": None,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True, "inference_mode": True, "revision": None,
   }
@@ -178,19 +184,52 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), kernel_axes=dict(kernel_axes or {}),
+                       use_dora=bool(config.get("use_dora")),
                        **({"target_uses": uses} if uses else {}))
     targets = find_targets(params, cfg)
     for m, key_a, key_b in pairs:
       want_a, want_b = torch_shapes(targets[m.path], m.kind)
       check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", targets[m.path])
       check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", targets[m.path])
+    mags = _check_magnitudes(infos, pairs, targets, cfg.use_dora, weights_path)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
-    tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
+    tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
+                           + list(mags.values()))
   lora: Lora = {}
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], targets[m.path], m.kind)
-    set_path(lora, m.path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+    node = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
+    if m.path in mags:
+      node["m"] = jnp.asarray(tensors[mags[m.path]].reshape(targets[m.path].m_shape), dtype)
+    set_path(lora, m.path, node)
   return lora, cfg
+
+
+def _magnitude_key(key_a: str) -> str:
+  """The key of DoRA's magnitude beside the factor key ``key_a`` (PEFT's ``<m>.lora_magnitude_vector``)."""
+  return f"{key_a.rsplit('.lora_', 1)[0]}.{MAGNITUDE}"
+
+
+def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
+                      use_dora: bool, path: str) -> dict[Path, str]:
+  """``{target path: magnitude key}``: each adapted module has one (float, PEFT's shape) exactly
+  when the config says ``use_dora``; otherwise a ValueError naming the keys."""
+  keys = {m.path: _magnitude_key(key_a) for m, key_a, _ in pairs}
+  present = {p: k for p, k in keys.items() if k in infos}
+  if not use_dora:
+    if present:
+      raise ValueError(f"{path} holds DoRA magnitudes ({', '.join(sorted(present.values())[:3])}) but its "
+                       "adapter_config.json has use_dora false: fix the config")
+    return {}
+  missing = sorted(k for p, k in keys.items() if p not in present)
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has use_dora true)")
+  for m, key_a, _ in pairs:
+    key = present[m.path]
+    if infos[key].dtype not in FLOAT_DTYPES:
+      raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
+    check_shape(infos[key].shape, magnitude_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
+  return present
 
 
 def _open(dir_fd: int, directory: str, name: str, why: str = "") -> BinaryIO:
@@ -251,7 +290,7 @@ def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
       continue
     m = found[aligned[name]]
     want = _keys(m, name)
-    unexpected += [key for key in p.values() if key not in want]
+    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]))]
     missing += [key for key in want if key not in p.values()]
     pairs.append((m, *want))
   if unexpected:
