@@ -103,14 +103,14 @@ def build(setup: Setup, names: tuple[str, ...], apply_factored: Callable[..., An
       out.append(Variant(name, step, (lora, opt.init(lora), params, ids), _flat_lora))
     elif name == "factored_dropout":
       apply = lorax_jax.lora_transform(model.apply, params, dataclasses.replace(cfg, dropout=DROPOUT))
-      step = _adam_step(lambda lo, p, x, key: cross_entropy(apply(p, lo, x, rng=key), x), opt)
+      step = _adam_step(lambda lo, p, x, key, apply=apply: cross_entropy(apply(p, lo, x, rng=key), x), opt)
       out.append(Variant(name, step, (lora, opt.init(lora), params, ids, jax.random.key(1))))
     elif name in ("dora", "dora_dropout"):
       dropout = DROPOUT if name == "dora_dropout" else 0.0
       dora_cfg = dataclasses.replace(cfg, use_dora=True, dropout=dropout)
       apply = lorax_jax.lora_transform(model.apply, params, dora_cfg)
       dora = with_magnitudes(params, dora_cfg, lora)
-      step = _adam_step(lambda lo, p, x, key: cross_entropy(apply(p, lo, x, rng=key), x), opt)
+      step = _adam_step(lambda lo, p, x, key, apply=apply: cross_entropy(apply(p, lo, x, rng=key), x), opt)
       out.append(Variant(name, step, (dora, opt.init(dora), params, ids, jax.random.key(1))))
     elif name == "full":
       step = _adam_step(lambda p, x: cross_entropy(model.apply(p, x), x), opt)

@@ -287,3 +287,35 @@ def test_llama_dora_both_directions(tmp_path, direction):
   want = torch_logits(model, tokens)
   assert max_diff(got, want) < TOL
   assert max_diff(want, torch_logits(base(), tokens)) > 1e-2
+
+
+def test_dora_magnitudes_on_disk_must_match_the_config(tmp_path):
+  """A magnitude with ``use_dora`` false, or a mis-shaped one, is refused by name."""
+  import json
+  from safetensors.numpy import load_file, save_file
+  from test_io import NET_MAP, Net
+  params = Net().init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32), jnp.zeros((1, 6, 6, 3)))
+  cfg = lj.LoraConfig(r=2, alpha=4, targets=["q_proj", "conv_in"], use_dora=True)
+  lj.save_adapter(str(tmp_path), dora_lora(params, cfg), cfg, params, NET_MAP)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["use_dora"] is True
+  tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+  key = "base_model.model.conv_in.lora_magnitude_vector"
+  assert tensors[key].shape == (1, 4, 1, 1)  # PEFT's conv layout
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+  with pytest.raises(ValueError, match="holds DoRA magnitudes .* use_dora false"):
+    lj.load_adapter(str(tmp_path), params, NET_MAP)
+  (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+  save_file({**tensors, key: tensors[key].reshape(4)}, str(tmp_path / "adapter_model.safetensors"))
+  with pytest.raises(ValueError, match=r"conv_in.lora_magnitude_vector has shape \(4,\), expected \(1, 4, 1, 1\)"):
+    lj.load_adapter(str(tmp_path), params, NET_MAP)
+
+
+def test_finetune_use_dora_setting():
+  from lorax_jax.apps import finetune
+  from lorax_jax.apps.settings import SettingsError
+  assert not finetune.lora_config(finetune.parse_args([])[0]).use_dora
+  assert finetune.lora_config(finetune.parse_args(["--use_dora"])[0]).use_dora
+  assert not finetune.parse_args(["--use_dora", "false"])[0].use_dora
+  with pytest.raises(SettingsError, match="setting use_dora must be true or false, got 'maybe'"):
+    finetune.parse_args(["--use_dora", "maybe"])

@@ -262,7 +262,8 @@ def test_module_missing_from_file(saved, params):
 
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
-    ({"use_dora": True}, "cannot honour: use_dora=True"),
+    ({"use_dora": True}, r"missing keys .*q_proj.lora_magnitude_vector.* \(the config has use_dora true\)"),
+    ({"use_dora": "yes"}, "field 'use_dora' is 'yes'; it must be true or false"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out=True"),
     ({"bias": "all"}, "field 'bias' is 'all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
