@@ -208,22 +208,30 @@ def randomize_dora(model, seed=0):
 NET_TARGETS = ["embed_tokens", "conv_in", "q_proj", "v_proj", "o_proj"]
 
 
-def test_peft_dora_adapter_runs_here(tmp_path):
-  """PEFT DoRA on an embedding, a 3×3 conv and linears → lorax_jax, outputs within 1e-4."""
-  torch, peft, _ = _peft()
-  from test_peft import TOL, run_jax, run_torch, state, torch_net, TorchNet
+def torch_net_case(seed):
+  """`test_peft.TorchNet`'s weights (seed 0), its params here, and inputs drawn with ``seed``."""
+  torch, _, _ = _peft()
+  from test_peft import TorchNet, state
   from test_io import NET_MAP
   from lorax_jax.models.hf import params_from_tensors
   torch.manual_seed(0)
   weights = state(TorchNet())
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   tokens, image = rng.integers(0, 16, size=(2, 5)), rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
+  return weights, params_from_tensors(weights, NET_MAP), tokens, image
+
+
+def test_peft_dora_adapter_runs_here(tmp_path):
+  """PEFT DoRA on an embedding, a 3×3 conv and linears → lorax_jax, outputs within 1e-4."""
+  _, peft, _ = _peft()
+  from test_peft import TOL, run_jax, run_torch, torch_net
+  from test_io import NET_MAP
+  weights, params, tokens, image = torch_net_case(0)
   model = peft.get_peft_model(torch_net(weights), peft.LoraConfig(
       r=2, lora_alpha=4, use_dora=True, target_modules=NET_TARGETS, rank_pattern={"conv_in": 3}))
   randomize_dora(model)
   model.eval()
   model.save_pretrained(str(tmp_path))
-  params = params_from_tensors(weights, NET_MAP)
   lora, cfg = lj.load_adapter(str(tmp_path), params, NET_MAP)
   assert cfg.use_dora
   got = run_jax(params, lora, cfg, tokens, image)  # also checks factored == merge
@@ -234,15 +242,11 @@ def test_peft_dora_adapter_runs_here(tmp_path):
 
 def test_dora_adapter_saved_here_runs_in_peft(tmp_path):
   """lorax_jax DoRA → PEFT: outputs within 1e-4, and PEFT's merged weights equal `merge`'s."""
-  torch, peft, _ = _peft()
-  from test_peft import TOL, run_jax, run_torch, state, torch_net, TorchNet
+  _, peft, _ = _peft()
+  from test_peft import TOL, run_jax, run_torch, state, torch_net
   from test_io import NET_MAP
-  from lorax_jax.models.hf import params_from_tensors, tensors_from_params
-  torch.manual_seed(0)
-  weights = state(TorchNet())
-  rng = np.random.default_rng(1)
-  tokens, image = rng.integers(0, 16, size=(2, 5)), rng.normal(size=(2, 3, 6, 6)).astype(np.float32)
-  params = params_from_tensors(weights, NET_MAP)
+  from lorax_jax.models.hf import tensors_from_params
+  weights, params, tokens, image = torch_net_case(1)
   cfg = lj.LoraConfig(r=2, alpha=4, targets=NET_TARGETS, rank_pattern={"conv_in": 3}, use_dora=True)
   lora = dora_lora(params, cfg, scale=0.2)
   lj.save_adapter(str(tmp_path), lora, cfg, params, NET_MAP)
