@@ -8,9 +8,11 @@ from typing import Any
 from bench.variants import INFER
 
 ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")
-PEERS = ("factored", "factored_dropout", "reference", "nnx_lora", "qwix_lora", "qwix_lora_dropout", "full")
+PEERS = ("factored", "factored_dropout", "reference", "nnx_lora", "qwix_lora", "qwix_lora_dropout", "full", "dora",
+         "dora_dropout")
 LABELS = {"lower_bound": "frozen lower bound", "factored": "lorax_jax factored",
           "factored_dropout": "lorax_jax factored, dropout 0.05", "qwix_lora_dropout": "Qwix, dropout 0.05",
+          "dora": "lorax_jax DoRA (factored)", "dora_dropout": "lorax_jax DoRA (factored), dropout 0.05",
           "reference": "lorax_jax reference (merged W')", "full": "full fine-tuning",
           "nnx_lora": "Flax NNX LoRALinear", "qwix_lora": "Qwix LoraProvider",
           "base_fwd": "forward: base model", "factored_fwd": "forward: lorax_jax factored",

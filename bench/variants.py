@@ -23,10 +23,10 @@ import numpy as np
 import optax
 
 import lorax_jax
-from lorax_jax.targets import get_path, path_str
+from lorax_jax.targets import get_path, path_str, set_path
 
 TRAIN = ("lower_bound", "factored", "factored_dropout", "reference", "full", "nnx_lora", "qwix_lora",
-         "qwix_lora_dropout")
+         "qwix_lora_dropout", "dora", "dora_dropout")
 DROPOUT = 0.05  # the ``*_dropout`` variants: LoRA dropout on every branch input, as PEFT's lora_dropout
 INFER = ("base_fwd", "factored_fwd", "merged_fwd")
 
@@ -103,8 +103,15 @@ def build(setup: Setup, names: tuple[str, ...], apply_factored: Callable[..., An
       out.append(Variant(name, step, (lora, opt.init(lora), params, ids), _flat_lora))
     elif name == "factored_dropout":
       apply = lorax_jax.lora_transform(model.apply, params, dataclasses.replace(cfg, dropout=DROPOUT))
-      step = _adam_step(lambda lo, p, x, key: cross_entropy(apply(p, lo, x, rng=key), x), opt)
+      step = _adam_step(lambda lo, p, x, key, apply=apply: cross_entropy(apply(p, lo, x, rng=key), x), opt)
       out.append(Variant(name, step, (lora, opt.init(lora), params, ids, jax.random.key(1))))
+    elif name in ("dora", "dora_dropout"):
+      dropout = DROPOUT if name == "dora_dropout" else 0.0
+      dora_cfg = dataclasses.replace(cfg, use_dora=True, dropout=dropout)
+      apply = lorax_jax.lora_transform(model.apply, params, dora_cfg)
+      dora = with_magnitudes(params, dora_cfg, lora)
+      step = _adam_step(lambda lo, p, x, key, apply=apply: cross_entropy(apply(p, lo, x, rng=key), x), opt)
+      out.append(Variant(name, step, (dora, opt.init(dora), params, ids, jax.random.key(1))))
     elif name == "full":
       step = _adam_step(lambda p, x: cross_entropy(model.apply(p, x), x), opt)
       out.append(Variant(name, step, (params, opt.init(params), ids)))
@@ -120,6 +127,14 @@ def build(setup: Setup, names: tuple[str, ...], apply_factored: Callable[..., An
       out.append(Variant(name, model.apply, (lorax_jax.merge(params, lora, cfg), ids)))
     else:
       raise ValueError(f"unknown variant {name!r}")
+  return out
+
+
+def with_magnitudes(params: Any, cfg: lorax_jax.LoraConfig, lora: Any) -> Any:
+  """``lora``'s factors plus DoRA's initial magnitudes ``m = ‖W‖`` (``init_lora``'s) for ``cfg``."""
+  out = lorax_jax.init_lora(params, cfg, jax.random.key(0))
+  for t in lorax_jax.find_targets(params, cfg).values():
+    set_path(out, t.path, {**get_path(lora, t.path), "m": get_path(out, t.path)["m"]})
   return out
 
 

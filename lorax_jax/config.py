@@ -132,6 +132,9 @@ class LoraConfig:
       ``targets``) of modules trained in full, e.g. ``("classifier",)``. Every leaf under a
       matching module is copied into the LoRA tree (`lorax_jax.init.SAVED_KEY`) and used in
       place of the frozen one; such leaves are never LoRA targets.
+    use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
+      output unit over the input axes (stacked axes apart) and detached from the gradient, with a
+      trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
 
   Raises:
     ValueError: naming the field, the bad value and what is expected, for every field.
@@ -159,6 +162,7 @@ class LoraConfig:
   layers_to_transform: int | tuple[int, ...] | None = None
   layers_pattern: str | tuple[str, ...] | None = None
   modules_to_save: tuple[str, ...] | None = None
+  use_dora: bool = False
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -181,7 +185,8 @@ class LoraConfig:
         "modules_to_save": _patterns("modules_to_save", self.modules_to_save),
     }
     normal |= {name: _bool(name, getattr(self, name))
-               for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout")}
+               for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout",
+                                                   "use_dora")}
     for name, value in normal.items():
       object.__setattr__(self, name, value)
     if not 0.0 <= self.dropout < 1.0:

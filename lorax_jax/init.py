@@ -2,7 +2,8 @@
 
 The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding
 only the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in
-`lorax_jax.targets`).
+`lorax_jax.targets`), plus DoRA's magnitude ``"m"`` (shape `Target.m_shape`, initialised to ``‖W‖``)
+with ``LoraConfig.use_dora``.
 
 Initialisations (`LoraConfig.init`, PEFT's ``init_lora_weights``), written with PEFT's
 ``A = lora_A [r, in]`` (lorax_jax's ``a``) and ``B = lora_B [out, r]`` (``bᵀ``), ``W`` the kernel
@@ -56,6 +57,8 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
 
   ``cfg.init`` picks the factors (module docstring); with every init but PiSSA and OLoRA
   ``A ⊗ B = 0``, so the adapted model starts as the base model.
+  With ``cfg.use_dora`` each target also gets ``m = ‖W‖`` per output unit
+  (`Target.magnitude`), so ``W' = W`` at step 0.
 
   Raises:
     TypeError: ``rng`` is not a single PRNG key.
@@ -92,13 +95,16 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
   for key, t in zip(keys, targets.values()):
     a, b = t.masked(*_init_factors(key, t, cfg, get_path(params, t.path)))
     set_path(exact, t.path, {"a": a, "b": b})
-    set_path(lora, t.path, {"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)})
+    node = {"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)}
+    if t.dora:
+      node["m"] = t.magnitude(get_path(params, t.path)).astype(cfg.param_dtype)
+    set_path(lora, t.path, node)
   for path, leaf in saved_leaves(params, cfg).items():
     set_path(lora.setdefault(SAVED_KEY, {}), path, jnp.array(leaf))
   if not cfg.changes_base:
     return lora, params
   from lorax_jax.merge import unmerge  # merge builds on this module
-  return lora, unmerge(params, exact, cfg)
+  return lora, unmerge(params, exact, cfg.replace(use_dora=False))  # W_res = W - s·A₀⊗B₀
 
 
 def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) -> tuple[Lora, LoraConfig]:
@@ -123,8 +129,10 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
   out: Lora = {}
   for (t, a, b), (_, a0, b0) in pairs:
     axis = t.n_stack
-    set_path(out, t.path, {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis),
-                           "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis)})
+    node = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis), "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis)}
+    if t.dora:  # m ⊙ V/‖V‖ with the same V = W + s·(A⊗B - A₀⊗B₀): m carries over
+      node["m"] = get_path(lora, t.path)["m"]
+    set_path(out, t.path, node)
   if SAVED_KEY in lora:
     out[SAVED_KEY] = lora[SAVED_KEY]
   factor = math.sqrt(2.0) if cfg.use_rslora else 2.0
@@ -241,8 +249,14 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
     yield t, *t.masked(node["a"], node["b"])
 
 
+def factor_names(t: Target) -> set[str]:
+  """The leaves of a target's LoRA node: ``{"a", "b"}``, and ``"m"`` for DoRA."""
+  return {"a", "b", "m"} if t.dora else {"a", "b"}
+
+
 def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
-  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors.
+  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors
+  (and DoRA magnitudes).
 
   Raises:
     ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
@@ -255,10 +269,14 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
       raise ValueError(f"LoRA tree has an unexpected entry {name} (no such target in the params)")
     seen.add(path)
     t = targets[path]
-    if not isinstance(node, Mapping) or set(node) != {"a", "b"}:
+    if not isinstance(node, Mapping) or set(node) != factor_names(t):
       got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      raise ValueError(f"LoRA entry {name} must be {{'a', 'b'}}, got {got}")
-    for k, want in (("a", t.a_shape), ("b", t.b_shape)):
+      hint = (" (LoraConfig.use_dora=True: DoRA's magnitude 'm' too)" if t.dora
+              else " (a DoRA tree needs LoraConfig(use_dora=True))" if isinstance(node, Mapping) and "m" in node
+              else "")
+      want = "{" + ", ".join(map(repr, sorted(factor_names(t)))) + "}"
+      raise ValueError(f"LoRA entry {name} must be {want}, got {got}{hint}")
+    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape))[:len(factor_names(t))]:
       x = node[k]
       if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "
@@ -301,8 +319,8 @@ def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
 
 
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
-  """The ``{"a", "b"}`` nodes of a LoRA tree (and anything malformed in their place); the
-  saved leaves (`SAVED_KEY`, checked by `check_saved`) are skipped."""
+  """The ``{"a", "b"}`` (DoRA: ``{"a", "b", "m"}``) nodes of a LoRA tree (and anything malformed in
+  their place); the saved leaves (`SAVED_KEY`, checked by `check_saved`) are skipped."""
   if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
     for k, v in tree.items():
       if not prefix and k == SAVED_KEY:

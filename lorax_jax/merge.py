@@ -1,5 +1,8 @@
 """`merge`, `unmerge`, `delta`: the adapted weights ``W' = W ± s · A ⊗ B``, formed once.
 
+A DoRA target (``LoraConfig.use_dora``) merges to ``W' = m ⊙ V / ‖V‖``, ``V = W + s · A ⊗ B``
+(`Target.dora_weight`); its `delta` is ``W' - W``, and it cannot be unmerged from ``W'`` alone.
+
 Pure and jit-able; the input trees are never mutated. Merging is for inference and
 export; training never forms ``W'`` (see `lorax_jax.transform`).
 """
@@ -13,12 +16,22 @@ import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_saved, target_factors
-from lorax_jax.targets import Path, accumulation_dtype, find_targets, tree_path
+from lorax_jax.targets import Path, accumulation_dtype, find_targets, get_path, tree_path
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
-  """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path."""
-  return {t.path: t.delta(a, b) for t, a, b in target_factors(find_targets(params, cfg), lora)}
+  """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path.
+
+  For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight.
+  """
+  out = {}
+  for t, a, b in target_factors(find_targets(params, cfg), lora):
+    if t.dora:
+      w = get_path(params, t.path)
+      out[t.path] = t.dora_weight(w, a, b, get_path(lora, t.path)["m"]) - jnp.asarray(w, accumulation_dtype(w, a, b))
+    else:
+      out[t.path] = t.delta(a, b)
+  return out
 
 
 def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -> Any:
@@ -48,8 +61,16 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -
 
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
-  """The inverse of `merge` on the targets: ``W' - s · A ⊗ B``, exact up to float rounding
-  (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``)."""
+  """The inverse of `merge`: ``W' - s · A ⊗ B``, exact up to float rounding
+  (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``).
+
+  Raises:
+    ValueError: ``cfg.use_dora``: ``W'`` holds only the direction of ``W + s · A ⊗ B``, not its
+      norm, so ``W`` cannot be recovered from it; keep the original params instead.
+  """
+  if cfg.use_dora:
+    raise ValueError("unmerge: a DoRA merge (LoraConfig.use_dora) cannot be undone from W' = m ⊙ V/‖V‖ "
+                     "(the norm ‖V‖ is lost); keep the unmerged params and merge again when needed")
   return _apply(params, delta(params, lora, cfg), -1.0)
 
 

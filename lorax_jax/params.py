@@ -46,7 +46,7 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
     for key, value in sub.items():
       if key not in node:
         raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
-      if isinstance(value, Mapping) and set(value) == {"a", "b"}:
+      if isinstance(value, Mapping) and set(value) in ({"a", "b"}, {"a", "b", "m"}):
         out.setdefault(LORA_KEY, {})[key] = value
       else:
         out[key] = join(node[key], value)
@@ -99,9 +99,10 @@ def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
 
 
 def lora_count(params: Any, cfg: LoraConfig) -> int:
-  """Trainable scalars ``cfg`` adds to ``params``, without allocating them (the factors, and a
-  copy of each ``modules_to_save`` leaf)."""
-  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) for t in find_targets(params, cfg).values())
+  """Trainable scalars ``cfg`` adds to ``params``, without allocating them (the factors, DoRA's
+  magnitudes, and a copy of each ``modules_to_save`` leaf)."""
+  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + (math.prod(t.m_shape) if t.dora else 0)
+              for t in find_targets(params, cfg).values())
           + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
 
 

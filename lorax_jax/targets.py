@@ -51,6 +51,7 @@ class Target:
   axes: str
   uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
   layers: tuple[int, ...] | None = None  # adapted slices of the first stack axis; None: all
+  dora: bool = False  # `LoraConfig.use_dora`: the factors come with a magnitude ``m``
 
   def _sizes(self, letter: str) -> tuple[int, ...]:
     return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
@@ -84,6 +85,11 @@ class Target:
     return (*self.stack_shape, self.rank, *self.out_shape)
 
   @property
+  def m_shape(self) -> tuple[int, ...]:
+    """DoRA's magnitude: one per output unit, ``S + O``."""
+    return (*self.stack_shape, *self.out_shape)
+
+  @property
   def name(self) -> str:
     return path_str(self.path)
 
@@ -109,6 +115,24 @@ class Target:
     mask[list(self.layers)] = True
     mask = mask.reshape(-1, *(1,) * (len(self.a_shape) - 1))
     return jnp.where(mask, a, jnp.zeros((), a.dtype)), jnp.where(mask, b, jnp.zeros((), b.dtype))
+
+  def magnitude(self, w: jax.Array) -> jax.Array:
+    """``‖W‖`` per output unit (over the input axes, ``S + O``): DoRA's initial ``m``."""
+    a_sub, b_sub, k_sub = self.subscripts()
+    w = jnp.asarray(w, accumulation_dtype(w))
+    return jnp.sqrt(jnp.einsum(f"{k_sub},{k_sub}->{b_sub.replace('R', '')}", w, w))
+
+  def dora_weight(self, w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array) -> jax.Array:
+    """DoRA's ``W' = m ⊙ V / ‖V‖`` with ``V = W + s · a ⊗ b``, formed (float32 accumulation).
+
+    The norm is per output unit over the input axes (`magnitude` of ``V``), as PEFT's
+    ``get_weight_norm``, and detached from the gradient as PEFT's; ``m`` has shape `m_shape`.
+    """
+    v = jnp.asarray(w, accumulation_dtype(w, a, b)) + self.delta(a, b)
+    _, b_sub, k_sub = self.subscripts()
+    unit = b_sub.replace("R", "")
+    g = m.astype(v.dtype) / jax.lax.stop_gradient(self.magnitude(v))
+    return jnp.einsum(f"{k_sub},{unit}->{k_sub}", v, g)
 
 
 def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
@@ -197,7 +221,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
           f"{shape}, with at least one 'i' and one 'o'")
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
-               None if uses is None else tuple(uses))
+               None if uses is None else tuple(uses), cfg.use_dora)
     if layered:
       t = _select_layers(t, layer_of[path], cfg)
       if t is None:
@@ -280,6 +304,10 @@ def _select_layers(t: Target, layer: tuple[int | None, bool], cfg: LoraConfig) -
   if max(wanted) >= n:
     raise ValueError(f"LoRA target {t.name} stacks {n} layers on its first stack axis (shape {t.shape}, axes "
                      f"{t.axes!r}); layers_to_transform {list(wanted)} asks for layer {max(wanted)}")
+  if t.dora:
+    raise ValueError(f"LoRA target {t.name}: use_dora with layers_to_transform on a stacked kernel is not "
+                     "supported (the magnitudes of the other layers would train); adapt all its layers, "
+                     "or unroll the layers")
   return dataclasses.replace(t, layers=tuple(sorted(wanted)))
 
 

@@ -31,6 +31,10 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``B`` a 1×1 conv; for an embedding ``gather`` the rows of the factor owning the indexed
    axes are gathered, then multiplied by the other. A target limited by
    ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
+   DoRA (``LoraConfig.use_dora``) is a per-output scale on the same uses: ``g ⊙ (x·W + branch)``
+   with ``g = m / ‖W + s · A ⊗ B‖`` computed once per call from ``A·W`` and ``A·Aᵀ``
+   (`_dora_scale`); a use contracting the output axes (a tied head), a ``ragged_dot``, an
+   ``[out, in]`` embedding lookup or a concatenation is merged for that use.
 5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
    kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
@@ -90,6 +94,8 @@ class LoraKernel:
   ``a`` has axes ``(stack..., r, a-axes...)`` and ``b`` ``(stack..., r, b-axes...)``; the
   kernel's current axis ``j`` is ``labels[j]``. The update is ``scale · Σ_r a ⊗ b``. Rules reach
   the frozen weight only as ``w``; ``uses`` is the target's `LoraConfig.target_uses` (None: all).
+  A DoRA kernel also carries ``g = m / ‖W + s · a ⊗ b‖`` (`_dora_scale`), laid out like ``b`` with a
+  rank of 1, and is ``g ⊙ (w + scale · Σ_r a ⊗ b)``: rules move ``g`` wherever they move ``b``.
   """
 
   w: jax.Array
@@ -99,6 +105,7 @@ class LoraKernel:
   index: int = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   uses: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
+  g: jax.Array | None = None
 
   @property
   def n_stack(self) -> int:
@@ -119,9 +126,17 @@ class LoraKernel:
     return i if side == "s" else self.n_stack + 1 + i
 
   def merged(self) -> jax.Array:
-    """``w + scale · a ⊗ b`` in the kernel's current layout and dtype."""
-    d = low_rank_update(self.subscripts(), self.a, self.b, self.scale)
-    return (self.w.astype(accumulation_dtype(self.w, d)) + d).astype(self.w.dtype)
+    """``w + scale · a ⊗ b`` (DoRA: times ``g``) in the kernel's current layout and dtype."""
+    _, b_sub, k_sub = subs = self.subscripts()
+    d = low_rank_update(subs, self.a, self.b, self.scale)
+    v = self.w.astype(accumulation_dtype(self.w, d)) + d
+    if self.g is not None:
+      v = jnp.einsum(f"{k_sub},{b_sub}->{k_sub}", v, self.g.astype(v.dtype))
+    return v.astype(self.w.dtype)
+
+  def g_units(self) -> str:
+    """The einsum letters of ``g`` without its rank axis (its stack and output axes)."""
+    return self.subscripts()[1].replace("R", "")
 
   def with_w(self, w: jax.Array, labels: tuple[Label, ...] | None = None) -> LoraKernel:
     return dataclasses.replace(self, w=w, labels=self.labels if labels is None else labels)
@@ -269,6 +284,8 @@ class LoraApply:
       i = int(dyn_index[self._leaf_index[path]])
       a, b = t.masked(node["a"], node["b"])
       invals[i] = LoraKernel(jnp.asarray(invals[i]), a, b, _labels(t), n, t.scale, t.uses)
+      if t.dora:
+        invals[i] = dataclasses.replace(invals[i], g=_dora_scale(invals[i], node["m"]))
     for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
       invals[int(dyn_index[self._leaf_index[path]])] = get_path(lora[SAVED_KEY], path)
     ctx = _Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
@@ -276,6 +293,33 @@ class LoraApply:
     outs = _eval(closed.jaxpr, closed.consts, invals, ctx)
     outs = [_as_array(x, ctx, "the output") for x in outs]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+
+
+def _dora_scale(k: LoraKernel, m: jax.Array) -> jax.Array:
+  """DoRA's ``g = m / stop_gradient(‖V‖)``, ``V = W + s · A ⊗ B``, without forming ``V``.
+
+  Per output unit ``j`` (and stack index), over the input axes ``i``:
+
+      ‖V_j‖² = ‖W_j‖² + 2s · Σ_r B_rj (A·W)_rj + s² · Σ_{r,r'} B_rj B_r'j (A·Aᵀ)_rr'
+
+  one ``[r, out]`` product ``A·W`` and an ``r × r`` Gram matrix; the norm is detached as in PEFT
+  (``weight_norm.detach()``), so only ``m`` gets a gradient through ``g``. ``k`` is in its
+  target's layout (the jaxpr input); ``m`` has `Target.m_shape`. Accumulates in float32 at
+  ``HIGHEST`` precision; returns ``g`` laid out like ``b`` with a rank of 1, in ``m``'s dtype.
+  """
+  a_sub, b_sub, k_sub = k.subscripts()
+  units, stack = k.g_units(), b_sub[:k.n_stack]
+  dtype = accumulation_dtype(k.w, k.a, k.b)
+  w, a, b = (x.astype(dtype) for x in (k.w, k.a, k.b))
+  dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
+  q_sub = b_sub.replace("R", "Q")
+  aw = dot(f"{a_sub},{k_sub}->{b_sub}", a, w)  # A·W: [S, r, O]
+  gram = dot(f"{a_sub},{a_sub.replace('R', 'Q')}->{stack}RQ", a, a)  # A·Aᵀ: [S, r, r]
+  gb = dot(f"{stack}RQ,{q_sub}->{b_sub}", gram, b)  # (A·Aᵀ)·B: [S, r, O]
+  n2 = (dot(f"{k_sub},{k_sub}->{units}", w, w)
+        + jnp.sum(b * (2 * k.scale * aw + k.scale ** 2 * gb), axis=k.n_stack))
+  n = lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
+  return jnp.expand_dims(m / n.astype(m.dtype), k.n_stack)
 
 
 def _interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
@@ -438,7 +482,13 @@ def _reshape_factors(k: LoraKernel, shape: tuple[int, ...]) -> LoraKernel | None
   r = k.a.shape[ns]
   a = k.a.reshape(*dims["s"], r, *dims["a"])
   b = k.b.reshape(*dims["s"], r, *dims["b"])
-  return dataclasses.replace(k, a=a, b=b, labels=tuple(new_labels[j] for j in range(len(shape))))
+  g = _on_g(k, lambda g: g.reshape(*dims["s"], 1, *dims["b"]))
+  return dataclasses.replace(k, a=a, b=b, g=g, labels=tuple(new_labels[j] for j in range(len(shape))))
+
+
+def _on_g(k: LoraKernel, fn: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
+  """``fn(k.g)`` for a DoRA kernel (``g`` moves with ``b``), None otherwise."""
+  return None if k.g is None else fn(k.g)
 
 
 def _reshape_groups(old: list[int], new: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -464,7 +514,7 @@ def _slice_rule(eqn, invals, ctx):
   """``slice`` / ``dynamic_slice``: each factor is sliced along the kernel axes it owns."""
   k, *starts = invals
   w = _bind(eqn, [k.w, *[_as_array(x, ctx, "a slice index") for x in starts]])[0]
-  a, b = k.a, k.b
+  a, b, g = k.a, k.b, k.g
   for j, (side, i) in enumerate(k.labels):
     if w.shape[j] == k.w.shape[j]:
       continue
@@ -477,7 +527,8 @@ def _slice_rule(eqn, invals, ctx):
     axis = k.factor_axis((side, i))
     a = cut(a, axis) if side in "sa" else a
     b = cut(b, axis) if side in "sb" else b
-  return [dataclasses.replace(k, w=w, a=a, b=b)]
+    g = cut(g, axis) if side in "sb" and g is not None else g
+  return [dataclasses.replace(k, w=w, a=a, b=b, g=g)]
 
 
 # --- consuming the kernel: the low-rank branch ----------------------------------------
@@ -512,17 +563,45 @@ def _dot_general_rule(eqn, invals, ctx):
   x_free = "".join(c for i, c in enumerate(x_sub) if i not in xc and i not in xb)
   k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
   out_sub = batch + (x_free + k_free if side else k_free + x_free)
+  if k.g is not None and not set(k.g_units()) <= set(out_sub):
+    return _fallback_rule(eqn, invals, ctx, "dot_general contracting a DoRA kernel's output axes")
   (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
-  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", x, f, g, k, ctx,
+  key = ctx.dropout_key(x, k)
+  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", x, f, g, k, ctx, key,
                      precision=eqn.params.get("precision"),
                      preferred_element_type=eqn.params.get("preferred_element_type"),
                      out_sharding=eqn.params.get("out_sharding"))
-  return [base + branch.astype(base.dtype)]
+  if k.g is None:
+    return [base + branch.astype(base.dtype)]
+  use = lambda u, v: _bind(eqn, [u, v] if side else [v, u])[0]
+  return [_dora_output(k, ctx, x, key, base, branch, use,
+                       lambda y: jnp.einsum(f"{out_sub},{k.g_units()}->{out_sub}", y,
+                                            jnp.squeeze(k.g, k.n_stack).astype(y.dtype)))]
+
+
+def _dora_output(k: LoraKernel, ctx: _Context, x: jax.Array, key: jax.Array | None, base: jax.Array,
+                 branch: jax.Array, use: Callable[[jax.Array, jax.Array], jax.Array] | None,
+                 times_g: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """A DoRA use's output from ``base = use(x, W)`` and the LoRA ``branch`` (of ``x`` dropped out).
+
+  Without dropout ``g ⊙ (base + branch)``; with dropout PEFT's ``DoraLinearVariant.forward``
+  (the base is recomputed on the dropped-out input ``x̃``, with the same mask as the branch):
+
+      use(x, W) + (g - 1) ⊙ use(x̃, W) + g ⊙ branch
+
+  ``times_g`` broadcasts ``g`` over an output-shaped array. Float32 at least, then ``base``'s dtype.
+  """
+  dtype = accumulation_dtype(base, branch)
+  if key is None:
+    return times_g(base.astype(dtype) + branch.astype(dtype)).astype(base.dtype)
+  dropped = dropout_bilinear(use, x, k.w, key, ctx.rate).astype(dtype)
+  return (base.astype(dtype) - dropped + times_g(dropped + branch.astype(dtype))).astype(base.dtype)
 
 
 def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel, ctx: _Context,
-              **dot: Any) -> jax.Array:
-  """``scale · einsum(spec, dropout(x), f, g)`` as ``(dropout(x)·f)·g`` in the branch dtype.
+              key: jax.Array | None, **dot: Any) -> jax.Array:
+  """``scale · einsum(spec, dropout(x), f, g)`` as ``(dropout(x)·f)·g`` in the branch dtype,
+  ``key`` the use's dropout key (`_Context.dropout_key`; None: no dropout).
 
   The intermediate keeps only the letters of ``x`` and ``f`` that the output or ``g`` needs.
   ``dot`` holds the use's ``precision``, ``preferred_element_type`` (kept where it widens the
@@ -533,9 +612,8 @@ def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel
   t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
   dtype = ctx.dtype(k)
   pet = _widening(dot.get("preferred_element_type"), dtype)
-  t = dropout_einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype),
-                     ctx.dropout_key(x, k), ctx.rate, precision=dot.get("precision"),
-                     preferred_element_type=pet)
+  t = dropout_einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype), key, ctx.rate,
+                     precision=dot.get("precision"), preferred_element_type=pet)
   return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
                     precision=dot.get("precision"), preferred_element_type=pet,
                     out_sharding=dot.get("out_sharding"))
@@ -563,6 +641,8 @@ def _ragged_dot_rule(eqn, invals, ctx):
                and tuple(dn.rhs_group_dimensions) == (0,) and x.ndim == 2 and k.w.ndim == 3)
   if not canonical or k.labels[0][0] != "s" or {k.labels[1][0], k.labels[2][0]} != {"a", "b"}:
     return _fallback_rule(eqn, invals, ctx, "ragged_dot of a non-canonical expert kernel")
+  if k.g is not None:
+    return _fallback_rule(eqn, invals, ctx, "ragged_dot of a DoRA kernel")
   base = _bind(eqn, [x, k.w, groups])[0]
   f, g = (k.a, k.b) if k.labels[1][0] == "a" else (k.b, k.a)
   dtype = ctx.dtype(k)
@@ -588,12 +668,24 @@ def _conv_rule(eqn, invals, ctx):
     return _fallback_rule(eqn, invals, ctx)
   base = _bind(eqn, [x, k.w])[0]
   dtype = ctx.dtype(k)
+  key = ctx.dropout_key(x, k)
   # `a` laid out as the kernel, with r in place of the output features.
   perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
   t = dropout_bilinear(lambda u, v: _bind(eqn, [u, v], preferred_element_type=None)[0],
-                       x.astype(dtype), k.a.astype(dtype).transpose(perm), ctx.dropout_key(x, k), ctx.rate)
+                       x.astype(dtype), k.a.astype(dtype).transpose(perm), key, ctx.rate)
   t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ k.b.astype(t.dtype)
-  return [base + jnp.moveaxis(t, -1, dn.out_spec[1]).astype(base.dtype)]
+  branch = jnp.moveaxis(t, -1, dn.out_spec[1])
+  if k.g is None:
+    return [base + branch.astype(base.dtype)]
+  return [_dora_output(k, ctx, x, key, base, branch, lambda u, v: _bind(eqn, [u, v])[0],
+                       lambda y: _times_along(y, k.g[0], dn.out_spec[1]))]
+
+
+def _times_along(y: jax.Array, g: jax.Array, axis: int) -> jax.Array:
+  """``y`` times the vector ``g`` broadcast along ``y``'s ``axis``."""
+  shape = [1] * y.ndim
+  shape[axis] = -1
+  return y * g.astype(y.dtype).reshape(shape)
 
 
 def _gather_rule(eqn, invals, ctx):
@@ -617,6 +709,8 @@ def _gather_rule(eqn, invals, ctx):
   if (sum(1 for l in k.labels if l[0] == g_side) != 1
       or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in rows)):
     return _fallback_rule(eqn, invals, ctx)
+  if k.g is not None and g_side != "b":
+    return _fallback_rule(eqn, invals, ctx, "gather of DoRA rows (an [out, in] table)")
   base = _bind(eqn, [k.w, ids])[0]
   f, g = (k.a, k.b) if g_side == "b" else (k.b, k.a)
   dtype = ctx.dtype(k)
@@ -626,7 +720,11 @@ def _gather_rule(eqn, invals, ctx):
   picked = _bind(eqn, [f.astype(dtype).transpose(perm), ids], slice_sizes=sizes)[0]
   out_axis = dn.offset_dims[0]
   picked = jnp.moveaxis(picked * jnp.asarray(k.scale, dtype), out_axis, -1) @ g.astype(dtype)
-  return [base + jnp.moveaxis(picked, -1, out_axis).astype(base.dtype)]
+  branch = jnp.moveaxis(picked, -1, out_axis)
+  if k.g is None:
+    return [base + branch.astype(base.dtype)]
+  return [_dora_output(k, ctx, ids, None, base, branch, None,
+                       lambda y: _times_along(y, k.g.reshape(-1), out_axis))]
 
 
 # --- kernels combined with others: split, concatenate, scaling ---------------------------
@@ -644,7 +742,8 @@ def _split_rule(eqn, invals, ctx):
     cut = lambda x: lax.slice_in_dim(x, start, start + n, axis=k.factor_axis(k.labels[axis]))
     side = k.labels[axis][0]
     out.append(dataclasses.replace(k, w=w, a=cut(k.a) if side in "sa" else k.a,
-                                   b=cut(k.b) if side in "sb" else k.b))
+                                   b=cut(k.b) if side in "sb" else k.b,
+                                   g=_on_g(k, cut) if side in "sb" else k.g))
     start += n
   return out
 
@@ -662,6 +761,8 @@ def _concatenate_rule(eqn, invals, ctx):
   ks = [x for x in invals if isinstance(x, LoraKernel)]
   if len(ks) != len(invals) or any(x.labels != ks[0].labels or x.a.dtype != ks[0].a.dtype for x in ks):
     return _fallback_rule(eqn, invals, ctx)
+  if any(x.g is not None for x in ks):
+    return _fallback_rule(eqn, invals, ctx, "concatenate of DoRA kernels")
   k0 = ks[0]
   cat_side = k0.labels[axis][0]
   r_axis = k0.n_stack
@@ -786,13 +887,15 @@ def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, A
   axis = k.factor_axis((side, i))
   leaves = {"w": k.w,
             "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
-            "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None}
+            "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None,
+            "g": _on_g(k, lambda g: jnp.moveaxis(g, axis, 0)) if side in "sb" else None}
   labels = tuple((s, n - 1) if s == side and n > i else (s, n) for s, n in k.labels[1:])
 
   def rebuild(x: dict[str, Any]) -> LoraKernel:
     return dataclasses.replace(k, w=x["w"], labels=labels,
                                a=k.a if x["a"] is None else x["a"],
-                               b=k.b if x["b"] is None else x["b"])
+                               b=k.b if x["b"] is None else x["b"],
+                               g=k.g if x["g"] is None else x["g"])
   return leaves, rebuild
 
 

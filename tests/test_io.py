@@ -233,7 +233,7 @@ Q0_B = "base_model.model.model.layers.0.q_proj.lora_B.weight"
     (lambda t: t.update({"base_model.model.lm_head.lora_A.weight": np.ones((2, 8), np.float32)}),
      "unexpected keys.*lm_head.lora_A"),
     (lambda t: t.update({Q0_A.replace("lora_A.weight", "lora_magnitude_vector"): np.ones(8, np.float32)}),
-     "unexpected keys.*lora_magnitude_vector"),
+     r"holds DoRA magnitudes \(.*q_proj.lora_magnitude_vector\) but its adapter_config.json has use_dora false"),
     (lambda t: t.update({Q0_A: np.ones((3, 8), np.float32)}), r"lora_A.weight has shape \(3, 8\), expected \(2, 8\)"),
     (lambda t: t.update({Q0_B: np.ones((8, 2, 1), np.float32)}), r"lora_B.weight has shape \(8, 2, 1\)"),
 ])
@@ -262,7 +262,8 @@ def test_module_missing_from_file(saved, params):
 
 @pytest.mark.parametrize("changes, match", [
     ({"peft_type": "IA3"}, "peft_type is 'IA3'"),
-    ({"use_dora": True}, "cannot honour: use_dora=True"),
+    ({"use_dora": True}, r"missing keys .*q_proj.lora_magnitude_vector.* \(the config has use_dora true\)"),
+    ({"use_dora": "yes"}, "field 'use_dora' is 'yes'; it must be true or false"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out=True"),
     ({"bias": "all"}, "field 'bias' is 'all'"),
     ({"modules_to_save": "lm_head"}, "field 'modules_to_save' is 'lm_head'; it must be a list of module names"),

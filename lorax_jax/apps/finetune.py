@@ -66,6 +66,7 @@ class Settings:
   dropout: float
   targets: tuple[str, ...]
   init: str
+  use_dora: bool
   lr: float
   loraplus_ratio: float
   warmup_steps: int
@@ -105,7 +106,7 @@ class Settings:
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
     ])
-    lora_config(self)  # r, alpha, dropout, targets and init are LoraConfig's to check
+    lora_config(self)  # r, alpha, dropout, targets, init and use_dora are LoraConfig's to check
 
 
 def _resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
   return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets),
-                              init=s.init)
+                              init=s.init, use_dora=s.use_dora)
 
 
 # ---------------------------------------------------------------------------------------

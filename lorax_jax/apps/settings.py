@@ -133,8 +133,9 @@ def parse(cls: type[T], defaults: str, argv: Sequence[str] | None, description: 
   parser = Parser(description=description, allow_abbrev=False)
   parser.add_argument("--config", help=f"YAML file (or packaged config name) layered on top of {defaults}")
   add_flags(parser)
-  for key in fields:
-    parser.add_argument(f"--{key}", default=None, metavar="VALUE")
+  for key, kind in fields.items():  # a true/false setting's flag alone means true (--use_dora)
+    parser.add_argument(f"--{key}", default=None, metavar="VALUE",
+                        **({"nargs": "?", "const": "true"} if kind is bool else {}))
   args, unknown = parser.parse_known_args(argv)
   if unknown:
     raise SettingsError(f"unknown setting {unknown[0]} (valid: {', '.join('--' + k for k in fields)})")

@@ -64,6 +64,16 @@ def check_shape(shape: tuple[int, ...], want: tuple[int, ...], key: str, t: Targ
                    f"{path_str(t.path)} of shape {t.shape})")
 
 
+def magnitude_shape(t: Target, kind: str) -> tuple[int, ...]:
+  """The torch shape of DoRA's ``lora_magnitude_vector`` for target ``t``: ``S + (prod(O),)``
+  (linear, embedding), ``(1, cout, 1, ...)`` (conv). lorax_jax's ``m`` is `Target.m_shape`; the
+  two are reshapes of each other."""
+  if kind == "conv":
+    _check_conv(t)
+    return (1, t.out_shape[0], *(1,) * (len(t.in_shape) - 1))
+  return (*t.stack_shape, math.prod(t.out_shape))
+
+
 def _check_conv(t: Target) -> None:
   if t.n_stack or len(t.out_shape) != 1 or len(t.in_shape) < 2:
     raise ValueError(f"LoRA target {path_str(t.path)} is a conv but its kernel {t.shape} is not "

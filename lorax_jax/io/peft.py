@@ -7,6 +7,7 @@ reads. Each adapted module ``<m>`` (named as in `lorax_jax.io.modules`) holds
     base_model.model.<m>.lora_B.weight   [out, r]         (conv: [cout, r, 1, 1])
     base_model.model.<m>.lora_embedding_A  [r, vocab]     (embeddings)
     base_model.model.<m>.lora_embedding_B  [d, r]
+    base_model.model.<m>.lora_magnitude_vector  [out]  (DoRA, ``use_dora``; conv: [1, cout, 1, 1])
 
 and PEFT's update ``W_torch + s · B @ A`` with ``s = lora_alpha / r`` (``/ sqrt(r)`` with
 ``use_rslora``), ``r`` and ``lora_alpha`` overridden per module by ``rank_pattern`` /
@@ -43,7 +44,7 @@ from lorax_jax import pathmap
 from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import open_in, text_writer, write_dir_atomic
 from lorax_jax.init import SAVED_KEY, Lora, init_lora_and_base, on_original_base, target_factors
-from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, torch_shapes
+from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config
@@ -60,7 +61,9 @@ REPLACED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what a save may rep
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB])")
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB]"
+                  r"|lora_magnitude_vector)")
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
@@ -115,6 +118,10 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       t_m, a_m, b_m = module_factors(t, a, b, m)
       key_a, key_b = _keys(m)
       tensors[key_a], tensors[key_b] = factors_to_torch(a_m, b_m, t_m, m.kind)
+      if t.dora:
+        mag = np.asarray(get_path(lora, t.path)["m"])
+        tensors[_magnitude_key(key_a)] = (mag if m.layer is None else mag[m.layer]).reshape(
+            magnitude_shape(t_m, m.kind))
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
@@ -122,7 +129,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": saved_modules,
+      "bias": "none", "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
@@ -221,7 +228,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     dtype = jnp.dtype(param_dtype or jnp.float32)
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
-                       use_rslora=bool(config.get("use_rslora")),
+                       use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
                        **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
@@ -231,8 +238,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       want_a, want_b = torch_shapes(t_m, m.kind)
       check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", t_m)
       check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", t_m)
+    mags = _check_magnitudes(infos, pairs, targets, cfg.use_dora, weights_path)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
-    tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)])
+    tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
+                           + list(mags.values()))
     saved_values = read_tensors(weights_file, all_infos, list(saved))
   lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
   layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
@@ -241,12 +250,46 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     layers.setdefault(m.path, []).append((m, a, b))
   for path, parts in layers.items():  # a stacked kernel: its layers' factors, zeros elsewhere
     a, b = fill_layers(targets[path], parts, dtype) if parts[0][0].layer is not None else parts[0][1:]
-    set_path(lora, path, {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)})
+    node = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
+    if path in mags:
+      node["m"] = jnp.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
+    set_path(lora, path, node)
   init = config.get("init_lora_weights", True)
   if init in BASE_CHANGING_INITS:
     initial = init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0]
     return on_original_base(params, lora, initial, cfg)
   return lora, cfg
+
+
+def _magnitude_key(key_a: str) -> str:
+  """The key of DoRA's magnitude beside the factor key ``key_a`` (PEFT's ``<m>.lora_magnitude_vector``)."""
+  return f"{key_a.rsplit('.lora_', 1)[0]}.{MAGNITUDE}"
+
+
+def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
+                      use_dora: bool, path: str) -> dict[Path, str]:
+  """``{target path: magnitude key}``: each adapted module has one (float, PEFT's shape) exactly
+  when the config says ``use_dora``; otherwise a ValueError naming the keys."""
+  keys = {m.path: _magnitude_key(key_a) for m, key_a, _ in pairs}
+  present = {p: k for p, k in keys.items() if k in infos}
+  layered = sorted(m.name for m, _, _ in pairs if m.layer is not None)
+  if use_dora and layered:
+    raise ValueError(f"{path}: a DoRA adapter of per-layer modules of a stacked kernel ({', '.join(layered[:3])}) "
+                     "does not load yet; load it onto params with one leaf per layer")
+  if not use_dora:
+    if present:
+      raise ValueError(f"{path} holds DoRA magnitudes ({', '.join(sorted(present.values())[:3])}) but its "
+                       "adapter_config.json has use_dora false: fix the config")
+    return {}
+  missing = sorted(k for p, k in keys.items() if p not in present)
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has use_dora true)")
+  for m, key_a, _ in pairs:
+    key = present[m.path]
+    if infos[key].dtype not in FLOAT_DTYPES:
+      raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
+    check_shape(infos[key].shape, magnitude_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
+  return present
 
 
 def _open(dir_fd: int, directory: str, name: str, why: str = "") -> BinaryIO:
@@ -322,7 +365,7 @@ def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
       continue
     m = found[aligned[name]]
     want = _keys(m, name)
-    unexpected += [key for key in p.values() if key not in want]
+    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]))]
     missing += [key for key in want if key not in p.values()]
     pairs.append((m, *want))
   if unexpected:
