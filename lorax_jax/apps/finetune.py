@@ -39,6 +39,7 @@ from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import write_atomic, write_text_atomic
 from lorax_jax.generate import generate
+from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -80,6 +81,9 @@ class Settings:
   sample_prompts: tuple[str, ...]
   sample_tokens: int
   temperature: float
+  share_prompt: bool
+  loss_positions_only: bool
+  scan_layers: bool
 
   def __post_init__(self):
     settings.check([
@@ -282,13 +286,18 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 # Training
 
 
-def loss_sums(lora_apply: Callable[..., Any], params: Any, lora: Any, tokens: jax.Array,
-              weights: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """``(Σ w · CE, Σ w)``: cross-entropy of each next token, weighted by its target weight."""
-  logits = lora_apply(params, lora, tokens[:, :-1], rng=rng).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  w = weights[:, 1:]
-  return jnp.sum(ce * w), jnp.sum(w)
+def work_options(s: Settings, tokenizer: Tokenizer, *examples: Examples) -> dict[str, Any]:
+  """The `causal_lm_loss_sums` options the settings ask for, derived from the data.
+
+  ``prefix_len`` (``share_prompt``, chat format only): the chat prompt's length minus one, the
+  input tokens every row shares. ``max_targets`` (``loss_positions_only``): the most trained
+  tokens any ``batch_size`` rows of ``examples`` hold (`max_targets_per_batch`), so one compiled
+  step serves every batch.
+  """
+  prefix_len = len(tokenizer.chat(s.prompt)) - 1 if s.share_prompt and s.format == "chat" else 0
+  max_targets = (max(max_targets_per_batch(e.weights, s.batch_size) for e in examples)
+                 if s.loss_positions_only else None)
+  return {"prefix_len": prefix_len, "max_targets": max_targets}
 
 
 def make_optimizer(s: Settings) -> optax.GradientTransformation:
@@ -299,12 +308,18 @@ def make_optimizer(s: Settings) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=s.weight_decay))
 
 
-def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation):
+def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
+               prefix_len: int = 0, max_targets: int | None = None):
   """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
-  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)``. The frozen params are an
-  argument: never differentiated, never baked into the compiled code."""
+  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
+  with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
+  differentiated, never baked into the compiled code."""
+  def loss_sums(params, lora, tokens, weights, rng):
+    return causal_lm_loss_sums(lora_apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
+                               max_targets=max_targets)
+
   def loss_fn(lora, params, tokens, weights, rng):
-    total, count = loss_sums(lora_apply, params, lora, tokens, weights, rng)
+    total, count = loss_sums(params, lora, tokens, weights, rng)
     return total / jnp.maximum(count, 1.0)
 
   def train_step(lora, opt_state, params, tokens, weights, rng):
@@ -313,7 +328,7 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
     return optax.apply_updates(lora, updates), opt_state, loss
 
   def eval_sums(params, lora, tokens, weights):
-    return loss_sums(lora_apply, params, lora, tokens, weights, None)
+    return loss_sums(params, lora, tokens, weights, None)
 
   return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
 
@@ -479,8 +494,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   lora = lorax_jax.init_lora(params, cfg, key_init)
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
-  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
-  train_step, eval_sums = make_steps(lora_apply, optimizer)
+  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=s.scan_layers).apply, params, cfg)
+  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out))
   ckpt = os.path.join(s.out_dir, CHECKPOINT)
   print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
