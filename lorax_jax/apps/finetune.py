@@ -511,9 +511,11 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
       print(f"note: starting over in {s.out_dir} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
-             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size),
-             "samples_before": sample(model, params, tokenizer, s)}
-    print(f"held-out loss before: {state['eval_before']:.4f} ({time.perf_counter() - t:.0f}s with compilation)")
+             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size)}
+    t_eval = time.perf_counter()
+    state["samples_before"] = sample(model, params, tokenizer, s)
+    print(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
+          f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
   os.makedirs(s.out_dir, exist_ok=True)
   write_text_atomic(os.path.join(s.out_dir, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
@@ -558,7 +560,7 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
   state = dict(state)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
              dynamic_ncols=True, file=sys.stdout)
-  last = None
+  last, start = None, time.perf_counter()
   for step in bar:
     batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
     lora, opt_state, loss = train_step(lora, opt_state, params, batch.tokens, batch.weights,
@@ -568,6 +570,8 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
     if last is not None:  # the first step of a process includes compilation
       state["train_seconds"] += now - last
       state["train_tokens"] += int(np.sum(batch.lengths - 1))
+    else:
+      bar.write(f"first step (with compilation): {now - start:.0f}s")
     last = now
     state["step"] = step + 1
     state["history"].append((step + 1, loss))
