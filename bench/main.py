@@ -12,8 +12,9 @@ interleaved round-robin (the order rotates every round); the table gives the med
 lorax_jax rows: "plain" does PEFT's work (logits at every position); "+prompt" runs the shared
 chat prompt once per batch (``prefix_len``), "+targets" the LM head only at trained positions
 (``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`; "+scan" the layers as one
-``lax.scan`` (``Llama(scan_layers=True)``). "defaults" is all three, as ``make finetune`` runs by
-default, with ``max_targets`` taken from its data (the fortunes through SmolLM2's tokenizer). XLA's
+``lax.scan`` (``Llama(scan_layers=True)``); "options" is all three, as ``lorax-jax finetune`` runs
+with ``--share_prompt``, ``--loss_positions_only`` and ``--scan_layers`` on, with ``max_targets``
+taken from its data (the fortunes through SmolLM2's tokenizer). XLA's
 compiled FLOPs, bytes accessed and temp memory of each JAX step are printed too (deterministic,
 unlike the times; a scanned step's FLOPs count its loop body once), and the dropout ratio: the
 step with dropout 0.05 over the same step with dropout 0.
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   max_targets = max(finetune_max_targets(args.batch) or 0, max_targets_per_batch(weights, args.batch))
   cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=list(TARGETS))
   lora = nonzero_lora(lorax_jax.init_lora(params, cfg, jax.random.key(0)), jax.random.key(2))
-  options = {"plain": (0, None, False), "defaults": (prefix_len, max_targets, True)}
+  options = {"plain": (0, None, False), "options": (prefix_len, max_targets, True)}
   if args.all:
     options |= {"+prompt +targets": (prefix_len, max_targets, False), "+prompt": (prefix_len, None, False),
                 "+targets": (0, max_targets, False), "+scan": (0, None, True)}

@@ -91,13 +91,13 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny, straight):
 
 
 def test_work_saving_options_train_the_same(tiny, tmp_path):
-  """share_prompt, loss_positions_only and scan_layers (the defaults) give the plain run's losses
-  on a chat fine-tune (dropout 0: with dropout the prompt's mask is shared across rows)."""
+  """share_prompt, loss_positions_only and scan_layers give the plain run's losses on a chat
+  fine-tune (dropout 0: with dropout the prompt's mask is shared across rows)."""
   chat = ("--format", "chat", "--prompt", "Hi", "--seq_len", "64", "--steps", "3", "--dropout", "0")
   off = ("--share_prompt", "false", "--loss_positions_only", "false", "--scan_layers", "false")
-  s, _ = finetune.parse_args(args(tiny, tmp_path, *chat))
-  assert s.share_prompt and s.loss_positions_only and s.scan_layers
-  plain, fast = run(tiny, tmp_path / "plain", *chat, *off), run(tiny, tmp_path / "fast", *chat)
+  on = ("--share_prompt", "true", "--loss_positions_only", "true", "--scan_layers", "true")
+  s, _ = finetune.parse_args(args(tiny, tmp_path, *chat, *on))
+  plain, fast = run(tiny, tmp_path / "plain", *chat, *off), run(tiny, tmp_path / "fast", *chat, *on)
   _, _, tokenizer = finetune.load_model(s.model)
   train, held_out = finetune.make_examples(s, tokenizer)
   options = finetune.work_options(s, tokenizer, train, held_out)
