@@ -25,5 +25,5 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 "$PY" -c 'import jax, torch; assert jax.default_backend() == "gpu", jax.devices(); assert torch.cuda.is_available(); print(jax.devices(), torch.cuda.get_device_name())'
 QUICK=()
 [ "${1:-}" = "--quick" ] && QUICK=(--quick)
-timeout 200 "$PY" -m bench.main --reps 7 --all
+timeout 200 "$PY" -m bench.main --reps 7
 timeout 260 "$PY" -m bench.run --md BENCHMARKS-gpu.md --reps 5 "${QUICK[@]}"

@@ -11,8 +11,13 @@ interleaved round-robin (the order rotates every round); the table gives the med
 
 lorax_jax rows: "plain" does PEFT's work (logits at every position); "+prompt" runs the shared
 chat prompt once per batch (``prefix_len``), "+targets" the LM head only at trained positions
-(``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`. XLA's compiled FLOPs, bytes
-accessed and temp memory of each JAX step are printed too (deterministic, unlike the times).
+(``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`; "+scan" the layers as one
+``lax.scan`` (``Llama(scan_layers=True)``); "options" is all three, as ``lorax-jax finetune`` runs
+with ``--share_prompt``, ``--loss_positions_only`` and ``--scan_layers`` on, with ``max_targets``
+taken from its data (the fortunes through SmolLM2's tokenizer). XLA's
+compiled FLOPs, bytes accessed and temp memory of each JAX step are printed too (deterministic,
+unlike the times; a scanned step's FLOPs count its loop body once), and the dropout ratio: the
+step with dropout 0.05 over the same step with dropout 0.
 """
 
 from __future__ import annotations
@@ -42,9 +47,6 @@ from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batc
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LR, CLIP = 2e-3, 1.0
-# The most answer tokens 8 rows of the fortunes data hold (configs/finetune.yaml's data): the
-# `max_targets` that `make finetune` compiles once for every batch.
-FINETUNE_MAX_TARGETS = 208
 
 
 @dataclasses.dataclass
@@ -70,11 +72,27 @@ def chat_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[np.ndar
   return tokens, weights, len(prefix) - 1
 
 
+def finetune_max_targets(batch: int) -> int | None:
+  """``make finetune``'s ``max_targets`` at this batch size, from its data (`finetune.work_options`);
+  None where the SmolLM2 package or the fortunes are missing."""
+  from lorax_jax.apps import finetune
+  from lorax_jax.models.gguf import load_smollm2
+
+  try:
+    s, _ = finetune.parse_args(["--batch_size", str(batch)])
+    *_, tokenizer = load_smollm2()
+    train, held_out = finetune.make_examples(s, tokenizer)
+  except (ImportError, OSError):
+    return None
+  return finetune.work_options(s, tokenizer, train, held_out)["max_targets"]
+
+
 def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray, dropout: float,
-             prefix_len: int, max_targets: int | None) -> tuple[Variant, Callable[..., Any]]:
+             prefix_len: int, max_targets: int | None, scan_layers: bool = False
+             ) -> tuple[Variant, Callable[..., Any]]:
   """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check."""
   cfg = lorax_jax.LoraConfig(r=8, alpha=16, dropout=dropout, targets=list(TARGETS))
-  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
+  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=scan_layers).apply, params, cfg)
   opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=0.0))
 
   def loss_fn(lo, params, tokens, weights, rng):
@@ -175,17 +193,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   config, model, params, source = smollm2()
   print(f"[main] {source}", flush=True)
   tokens, weights, prefix_len = chat_batch(config.vocab_size, args.batch, args.seq)
-  max_targets = max(FINETUNE_MAX_TARGETS * args.batch // 8, max_targets_per_batch(weights, args.batch))
+  max_targets = max(finetune_max_targets(args.batch) or 0, max_targets_per_batch(weights, args.batch))
   cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=list(TARGETS))
   lora = nonzero_lora(lorax_jax.init_lora(params, cfg, jax.random.key(0)), jax.random.key(2))
-  options = {"plain": (0, None), "+prompt +targets": (prefix_len, max_targets)}
+  options = {"plain": (0, None, False), "options": (prefix_len, max_targets, True)}
   if args.all:
-    options |= {"+prompt": (prefix_len, None), "+targets": (0, max_targets)}
+    options |= {"+prompt +targets": (prefix_len, max_targets, False), "+prompt": (prefix_len, None, False),
+                "+targets": (0, max_targets, False), "+scan": (0, None, True)}
   steps, losses = [], {}
   for dropout in (0.05, 0.0):
-    for label, (pl, mt) in options.items():
+    for label, (pl, mt, scan) in options.items():
       name = f"lorax_jax {label}, dropout {dropout:g}"
-      variant, loss = jax_step(model, params, lora, tokens, weights, dropout, pl, mt)
+      variant, loss = jax_step(model, params, lora, tokens, weights, dropout, pl, mt, scan)
       variant.name = name
       c = compile_variant(variant)
       cost = {"flops": c.flops, "bytes_accessed": c.bytes_accessed, "temp_bytes": c.temp_bytes,
@@ -240,6 +259,12 @@ def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
             f"{r['compile_s']:.0f}" if "flops" in r else " | | | ")
     lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['median_s']:.2f} | {r['cpu_median_s']:.2f} | "
                  f"{ratio} | {cost} |")
+  lines += ["", "Dropout ratio (step with dropout 0.05 / the same step with dropout 0; target <= 1.10):", ""]
+  for name, r in rows.items():
+    off = rows.get(name.replace("dropout 0.05", "dropout 0"))
+    if name.endswith("dropout 0.05") and off:
+      lines.append(f"- {name.rsplit(',', 1)[0]}: {r['median_s'] / off['median_s']:.2f} "
+                   f"(CPU {r['cpu_median_s'] / off['cpu_median_s']:.2f})")
   return "\n".join(lines)
 
 

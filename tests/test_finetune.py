@@ -90,6 +90,25 @@ def test_training_lowers_held_out_loss_and_writes_outputs(tiny, straight):
   assert (cfg.r, cfg.alpha, len(jax.tree.leaves(lora))) == (defaults.r, defaults.alpha, 2 * len(kernels))
 
 
+def test_work_saving_options_train_the_same(tiny, tmp_path):
+  """share_prompt, loss_positions_only and scan_layers give the plain run's losses on a chat
+  fine-tune (dropout 0: with dropout the prompt's mask is shared across rows)."""
+  chat = ("--format", "chat", "--prompt", "Hi", "--seq_len", "64", "--steps", "3", "--dropout", "0")
+  off = ("--share_prompt", "false", "--loss_positions_only", "false", "--scan_layers", "false")
+  on = ("--share_prompt", "true", "--loss_positions_only", "true", "--scan_layers", "true")
+  s, _ = finetune.parse_args(args(tiny, tmp_path, *chat, *on))
+  plain, fast = run(tiny, tmp_path / "plain", *chat, *off), run(tiny, tmp_path / "fast", *chat, *on)
+  _, _, tokenizer = finetune.load_model(s.model)
+  train, held_out = finetune.make_examples(s, tokenizer)
+  options = finetune.work_options(s, tokenizer, train, held_out)
+  assert options["prefix_len"] == len(tokenizer.chat("Hi")) - 1
+  assert options["max_targets"] < s.batch_size * s.seq_len
+  np.testing.assert_allclose([l for _, l in checkpoint_state(tmp_path / "fast")["history"]],
+                             [l for _, l in checkpoint_state(tmp_path / "plain")["history"]], rtol=1e-5)
+  np.testing.assert_allclose([fast["eval_before"], fast["eval_after"]],
+                             [plain["eval_before"], plain["eval_after"]], rtol=1e-5)
+
+
 def checkpoint_state(out) -> dict:
   with safe_open(str(out / finetune.CHECKPOINT), "np") as f:
     return json.loads(f.metadata()["state"])

@@ -71,6 +71,31 @@ def test_options_equal_the_plain_loss_and_lora_grads(tied):
                                  err_msg=f"{prefix_len=} {max_targets=}")
 
 
+def test_scanned_layers_equal_the_unrolled_model():
+  """``scan_layers``: the same params tree, logits, cached decoding, loss and LoRA gradients
+  (also with the work-saving options) as the unrolled layers."""
+  model, params, cfg, lora = setup(False)
+  scanned = model.clone(scan_layers=True)
+  tokens, weights = chat_batch(model.config.vocab_size)
+  np.testing.assert_allclose(scanned.apply(params, tokens), model.apply(params, tokens), atol=1e-5)
+  for m in (model, scanned):
+    cache = m.init_cache(len(tokens), tokens.shape[1])
+    _, cache = m.apply(params, tokens[:, :PREFIX], cache=cache)
+    got, _ = m.apply(params, tokens[:, PREFIX:PREFIX + 1], cache=cache)
+    np.testing.assert_allclose(got[:, 0], model.apply(params, tokens[:, :PREFIX + 1])[:, -1], atol=1e-5)
+  k = max_targets_per_batch(weights, len(tokens))
+  results = []
+  for m in (model, scanned):
+    lora_apply = lorax_jax.lora_transform(m.apply, params, cfg, strict=True)
+    results.append(loss_and_grads(
+        lambda p, lo, t, w: causal_lm_loss_sums(lora_apply, p, lo, t, w, prefix_len=PREFIX, max_targets=k),
+        params, lora, tokens, weights))
+  (want_loss, want_grads), (got_loss, got_grads) = results
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
+
+
 def test_broken_preconditions_give_nan_loss_and_grads():
   model, params, cfg, lora = setup(False)
   lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)

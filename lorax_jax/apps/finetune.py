@@ -39,6 +39,7 @@ from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import write_atomic, write_text_atomic
 from lorax_jax.generate import generate
+from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -83,6 +84,9 @@ class Settings:
   sample_prompts: tuple[str, ...]
   sample_tokens: int
   temperature: float
+  share_prompt: bool
+  loss_positions_only: bool
+  scan_layers: bool
 
   def __post_init__(self):
     settings.check([
@@ -287,13 +291,18 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 # Training
 
 
-def loss_sums(lora_apply: Callable[..., Any], params: Any, lora: Any, tokens: jax.Array,
-              weights: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """``(Σ w · CE, Σ w)``: cross-entropy of each next token, weighted by its target weight."""
-  logits = lora_apply(params, lora, tokens[:, :-1], rng=rng).astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  w = weights[:, 1:]
-  return jnp.sum(ce * w), jnp.sum(w)
+def work_options(s: Settings, tokenizer: Tokenizer, *examples: Examples) -> dict[str, Any]:
+  """The `causal_lm_loss_sums` options the settings ask for, derived from the data.
+
+  ``prefix_len`` (``share_prompt``, chat format only): the chat prompt's length minus one, the
+  input tokens every row shares. ``max_targets`` (``loss_positions_only``): the most trained
+  tokens any ``batch_size`` rows of ``examples`` hold (`max_targets_per_batch`), so one compiled
+  step serves every batch.
+  """
+  prefix_len = len(tokenizer.chat(s.prompt)) - 1 if s.share_prompt and s.format == "chat" else 0
+  max_targets = (max(max_targets_per_batch(e.weights, s.batch_size) for e in examples)
+                 if s.loss_positions_only else None)
+  return {"prefix_len": prefix_len, "max_targets": max_targets}
 
 
 def make_optimizer(s: Settings) -> optax.GradientTransformation:
@@ -306,12 +315,18 @@ def make_optimizer(s: Settings) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
 
 
-def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation):
+def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
+               prefix_len: int = 0, max_targets: int | None = None):
   """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
-  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)``. The frozen params are an
-  argument: never differentiated, never baked into the compiled code."""
+  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
+  with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
+  differentiated, never baked into the compiled code."""
+  def loss_sums(params, lora, tokens, weights, rng):
+    return causal_lm_loss_sums(lora_apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
+                               max_targets=max_targets)
+
   def loss_fn(lora, params, tokens, weights, rng):
-    total, count = loss_sums(lora_apply, params, lora, tokens, weights, rng)
+    total, count = loss_sums(params, lora, tokens, weights, rng)
     return total / jnp.maximum(count, 1.0)
 
   def train_step(lora, opt_state, params, tokens, weights, rng):
@@ -320,7 +335,7 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
     return optax.apply_updates(lora, updates), opt_state, loss
 
   def eval_sums(params, lora, tokens, weights):
-    return loss_sums(lora_apply, params, lora, tokens, weights, None)
+    return loss_sums(params, lora, tokens, weights, None)
 
   return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
 
@@ -490,8 +505,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
-  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
-  train_step, eval_sums = make_steps(lora_apply, optimizer)
+  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=s.scan_layers).apply, params, cfg)
+  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out))
   ckpt = os.path.join(s.out_dir, CHECKPOINT)
   print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
@@ -507,9 +522,11 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
       print(f"note: starting over in {s.out_dir} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
-             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size),
-             "samples_before": sample(model, original, tokenizer, s)}
-    print(f"held-out loss before: {state['eval_before']:.4f} ({time.perf_counter() - t:.0f}s with compilation)")
+             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size)}
+    t_eval = time.perf_counter()
+    state["samples_before"] = sample(model, original, tokenizer, s)
+    print(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
+          f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
   os.makedirs(s.out_dir, exist_ok=True)
   write_text_atomic(os.path.join(s.out_dir, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
@@ -554,7 +571,7 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
   state = dict(state)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
              dynamic_ncols=True, file=sys.stdout)
-  last = None
+  last, start = None, time.perf_counter()
   for step in bar:
     batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
     lora, opt_state, loss = train_step(lora, opt_state, params, batch.tokens, batch.weights,
@@ -564,6 +581,8 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
     if last is not None:  # the first step of a process includes compilation
       state["train_seconds"] += now - last
       state["train_tokens"] += int(np.sum(batch.lengths - 1))
+    else:
+      bar.write(f"first step (with compilation): {now - start:.0f}s")
     last = now
     state["step"] = step + 1
     state["history"].append((step + 1, loss))
