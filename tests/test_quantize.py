@@ -236,7 +236,7 @@ def test_errors_name_the_bad_input():
     Q.from_gguf(np.zeros((4, 30), np.uint8), "Q8_0")
 
 
-# --- dequantization at use, composed with lora_transform --------------------------------
+# --- QLoRA through the engine ----------------------------------------------------------
 
 
 def _close(x, y, tol=1e-5):
@@ -254,19 +254,6 @@ def _qlora_reference(case, qparams):
   return lambda lora: jnp.mean(jnp.sin(case.apply_fn(lj.merge(params, lora, case.cfg), *case.inputs)))
 
 
-@pytest.mark.parametrize("case", QLORA_CASES, ids=[c.name for c in QLORA_CASES])
-def test_dequantize_at_use_composes_with_lora_transform(case):
-  qparams = Q.quantize(case.params, "int8", block_size=None)
-  lora = zoo.random_lora(case)
-  lora_apply = lj.lora_transform(case.apply_fn, Q.abstract(qparams), case.cfg, strict=True)
-  qlora = Q.dequantize_at_use(lora_apply)
-  loss = lambda lo: jnp.mean(jnp.sin(qlora(qparams, lo, *case.inputs)))
-  reference = _qlora_reference(case, qparams)
-  _close(jax.jit(loss)(lora), reference(lora))
-  _close(jax.jit(jax.grad(loss))(lora), jax.grad(reference)(lora))
-  assert lora_apply.fallbacks == set()
-
-
 def tiny_llama():
   config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64)
@@ -280,34 +267,9 @@ def _step_memory(loss, lora, qparams, ids):
   return stats.temp_size_in_bytes
 
 
-def test_dequantized_kernels_are_not_residuals():
-  """The compiled QLoRA step holds at most ~one float kernel at a time, not all of them."""
-  model, params, ids = tiny_llama()
-  qparams = Q.quantize(params, "nf4")
-  float_bytes = sum(x.size * 4 for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x))
-  cfg = lj.LoraConfig(r=8, alpha=16, targets="all-linear")
-  lora = lj.init_lora(Q.abstract(qparams), cfg, jax.random.key(2))
-  lora_apply = lj.lora_transform(model.apply, Q.abstract(qparams), cfg)
-  temps = {}
-  for remat in (True, False):
-    qlora = Q.dequantize_at_use(lora_apply, remat=remat)
-    temps[remat] = _step_memory(lambda lo, qp, x: jnp.mean(qlora(qp, lo, x) ** 2), lora, qparams, ids)
-  float_step = _step_memory(lambda lo, p, x: jnp.mean(lj.lora_transform(model.apply, p, cfg)(p, lo, x) ** 2),
-                            lora, params, ids)
-  # Without the custom VJP most dequantized kernels are alive at once (the check can fail) ...
-  assert temps[False] > float_step + float_bytes / 2
-  # ... with it, the step needs the float step's temporaries plus a few kernels.
-  assert temps[True] < float_step + float_bytes / 2, (temps, float_step, float_bytes)
+# --- the engine taking QArrays (QLoRA, lorax_jax/transform.py) ---------------------------
 
 
-# --- the engine taking QArrays itself (issue 10; lorax_jax/transform.py) -------------------
-# These are the tests `lora_transform(apply_fn, qparams, cfg)` must pass once the engine
-# treats a QArray leaf as one kernel and dequantizes it at its use (`call_dequantized`).
-
-ENGINE = pytest.mark.xfail(strict=True, reason="the engine does not take QArray leaves yet (issue 10)")
-
-
-@ENGINE
 @pytest.mark.parametrize("case", QLORA_CASES, ids=[c.name for c in QLORA_CASES])
 def test_engine_qlora_equals_merged_dequantized(case):
   qparams = Q.quantize(case.params, "int8", block_size=None)
@@ -320,8 +282,9 @@ def test_engine_qlora_equals_merged_dequantized(case):
   _close(jax.grad(loss)(lora), jax.grad(reference)(lora))
 
 
-@ENGINE
 def test_engine_step_keeps_no_float_copy_of_the_kernels():
+  """The compiled QLoRA step holds the float step's temporaries plus a few kernels in float, not
+  all of them: dropping the dequantization's ordering (`transform._after`) fails this."""
   model, params, ids = tiny_llama()
   qparams = Q.quantize(params, "nf4")
   float_bytes = sum(x.size * 4 for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x))
