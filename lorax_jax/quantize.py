@@ -225,6 +225,25 @@ def quantize(params: Any, fmt: str, *, block_size: int | None = 64,
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def requantize(w: Any, like: QArray) -> QArray:
+  """``w`` (a float array of ``like``'s logical shape) quantized in ``like``'s format, block size
+  and blocked axis, on the host: `quantize`'s rules, or for GGUF formats llama.cpp's reference
+  quantizer (``gguf.quants.quantize``). `lorax_jax.merge` uses it (``requantize=True``).
+
+  Raises:
+    ValueError: ``w``'s shape differs from ``like``'s.
+  """
+  if tuple(np.shape(w)) != like.shape:
+    raise ValueError(f"requantize: array of shape {tuple(np.shape(w))} for a QArray of shape {like.shape}")
+  if like.fmt not in GGUF_FORMATS:
+    return _quantize_leaf("the merged kernel", jnp.asarray(w, like.dtype), like.fmt, like.block_size,
+                          like.scale_absmax is not None, like.axis)
+  import gguf
+  v = np.moveaxis(np.asarray(w, np.float32), like.axis, -1)
+  raw = gguf.quants.quantize(np.ascontiguousarray(v), getattr(gguf.GGMLQuantizationType, like.fmt))
+  return from_gguf(raw, like.fmt, dtype=like.dtype, embedding=like.axis == 1)
+
+
 def _selected(path: tuple[str, ...], leaf: Any, targets: str | Sequence[str] | None) -> bool:
   name = path_str(path)
   if targets is not None:
@@ -239,9 +258,10 @@ def _selected(path: tuple[str, ...], leaf: Any, targets: str | Sequence[str] | N
           and not any("embed" in p.lower() for p in path))
 
 
-def _quantize_leaf(name: str, leaf: Any, fmt: str, block_size: int | None, double_quant: bool) -> QArray:
+def _quantize_leaf(name: str, leaf: Any, fmt: str, block_size: int | None, double_quant: bool,
+                   axis: int | None = None) -> QArray:
   dtype = jnp.result_type(leaf)
-  axis = np.ndim(leaf) - 2
+  axis = np.ndim(leaf) - 2 if axis is None else axis
   v = np.moveaxis(np.asarray(leaf, np.float32), axis, -1)
   n = v.shape[-1]
   bs = n if block_size is None else block_size
@@ -282,14 +302,17 @@ def _double_quant(absmax: np.ndarray) -> tuple[jax.Array, None, jax.Array, jax.A
   return jnp.asarray(codes), None, jnp.asarray(absmax2), jnp.asarray(offset)
 
 
-def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32) -> QArray:
-  """A GGUF tensor's blocks, as stored in the file, as the `QArray` of its Flax ``[in, out]`` kernel.
+def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32, embedding: bool = False) -> QArray:
+  """A GGUF tensor's blocks, as stored in the file, as the `QArray` of its Flax ``[in, out]`` kernel
+  (or, with ``embedding``, of its ``[rows, in]`` table as stored: an embedding ``[vocab, features]``
+  whose blocks run along the features, so a lookup dequantizes only the rows it picks).
 
   Args:
     blocks: the tensor's bytes as ``uint8 [out, in / 32 · bytes_per_block]`` (``gguf``'s
       ``ReaderTensor.data`` of a quantized 2-D tensor: one row per output, blocks along ``in``).
     ggml_type: the tensor type's name, ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"``.
     dtype: the logical dtype of the dequantized kernel.
+    embedding: keep the stored ``[rows, in]`` orientation instead of the transposed kernel.
 
   Raises:
     ValueError: another tensor type, or bytes that are not whole blocks of ``ggml_type``.
@@ -310,9 +333,9 @@ def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32) -
   qs = np.ascontiguousarray(b[..., scale_bytes:]).reshape(rows, n_blocks * q_bytes)
   if ggml_type == "Q8_0":
     qs = qs.view(np.int8)
+  shape, axis = ((rows, n_blocks * GGUF_BLOCK), 1) if embedding else ((n_blocks * GGUF_BLOCK, rows), 0)
   return QArray(jnp.asarray(qs), jnp.asarray(d), None if zero is None else jnp.asarray(zero),
-                fmt=ggml_type, shape=(n_blocks * GGUF_BLOCK, rows), dtype=dtype,
-                block_size=GGUF_BLOCK, axis=0)
+                fmt=ggml_type, shape=shape, dtype=dtype, block_size=GGUF_BLOCK, axis=axis)
 
 
 def _pack_pairs(codes: np.ndarray) -> np.ndarray:

@@ -986,7 +986,9 @@ def _gather_rows(eqn: jex.core.JaxprEqn, k: Any, ids: Any) -> jax.Array | None:
   def pick(x):
     if x is None:
       return None
-    return jnp.moveaxis(_bind(eqn, [x, ids], slice_sizes=(*sizes[:-1], x.shape[-1]))[0], feature, -1)
+    # Out-of-range rows: the float scales take the lookup's fill (NaN), so the rows dequantize to it.
+    fill = {} if jnp.issubdtype(x.dtype, jnp.inexact) else {"fill_value": None}
+    return jnp.moveaxis(_bind(eqn, [x, ids], slice_sizes=(*sizes[:-1], x.shape[-1]), **fill)[0], feature, -1)
   rows = QArray(pick(q.data), pick(q.scale), pick(q.zero), fmt=q.fmt, shape=eqn.outvars[0].aval.shape,
                 dtype=q.dtype, block_size=q.block_size, axis=feature).dequantize()
   for cast, _ in k.ops:
