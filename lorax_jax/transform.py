@@ -987,7 +987,7 @@ def _gather_rows(eqn: jex.core.JaxprEqn, k: Any, ids: Any) -> jax.Array | None:
     if x is None:
       return None
     # Out-of-range rows: the float scales take the lookup's fill (NaN), so the rows dequantize to it.
-    fill = {} if jnp.issubdtype(x.dtype, jnp.inexact) else {"fill_value": None}
+    fill = {} if jnp.issubdtype(x.dtype, jnp.inexact) else {"fill_value": 0}
     return jnp.moveaxis(_bind(eqn, [x, ids], slice_sizes=(*sizes[:-1], x.shape[-1]), **fill)[0], feature, -1)
   rows = QArray(pick(q.data), pick(q.scale), pick(q.zero), fmt=q.fmt, shape=eqn.outvars[0].aval.shape,
                 dtype=q.dtype, block_size=q.block_size, axis=feature).dequantize()
