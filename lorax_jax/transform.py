@@ -36,6 +36,13 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
+7. A quantized kernel (a `lorax_jax.quantize.QArray` leaf, targeted or not) is traced as its
+   float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
+   reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
+   custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
+   residual (QLoRA: ``y = x·deq(Q) + s·(x·A)·B``). An embedding lookup of a table blocked along
+   its features gathers the rows' blocks and dequantizes only those; scan slices the stored
+   blocks of a stacked kernel.
 
 The compiled programs are cached per argument structure and the type and value of each static
 (non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
