@@ -246,7 +246,8 @@ def _close(x, y, tol=1e-5):
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
 
 
-QLORA_CASES = [c for c in zoo.cases() if c.name in ("mlp", "cnn", "mha_transformer", "einsum_attention", "nnx")]
+QLORA_CASES = [c for c in zoo.cases() if c.name in ("mlp", "cnn", "mha_transformer", "einsum_attention", "nnx",
+                                                  "scan_remat_transformer", "fused_qkv_attention", "moe_ragged_dot")]
 
 
 def _qlora_reference(case, qparams):
