@@ -55,14 +55,17 @@ def compiled_memory(step: Callable[..., Any], args: tuple[Any, ...]) -> dict[str
 def qwix_step(model: Any, params: Any, s: finetune.Settings,
               args: tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
   """Qwix's nf4 QLoRA (``LoraProvider(weight_qtype="nf4")``) with the main job's targets, rank,
-  optimizer and batch; the float32 params are its argument (it quantizes them in the step)."""
+  optimizer and batch. Its frozen argument is the nf4 tree its own ``init`` makes (Qwix refuses
+  float params in a quantized model): the formats and shapes of SmolLM2's, random values, which
+  is all memory and time depend on."""
   import qwix
   names = "|".join(finetune.settings.lora_targets(s.targets))
   provider = qwix.LoraProvider(module_path=f".*({names})", rank=s.r, alpha=float(s.alpha), weight_qtype="nf4")
   qmodel = qwix.apply_lora_to_model(model, provider)
   _, _, _, tokens, weights, rng = args
   variables = qmodel.init(jax.random.key(0), tokens[:, :-1])
-  lora = {"params": _lora_only(variables["params"])}
+  lora = {"params": _lora_part(variables["params"], True)}
+  frozen = {"params": _lora_part(variables["params"], False)}
   optimizer = finetune.make_optimizer(s)
 
   def loss_fn(lo, params, tokens, weights):
@@ -74,13 +77,14 @@ def qwix_step(model: Any, params: Any, s: finetune.Settings,
     loss, grads = jax.value_and_grad(loss_fn)(lora, params, tokens, weights)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1)), (lora, optimizer.init(lora), params, tokens, weights, rng)
+  return jax.jit(step, donate_argnums=(0, 1)), (lora, optimizer.init(lora), frozen, tokens, weights, rng)
 
 
-def _lora_only(tree: Any) -> Any:
+def _lora_part(tree: Any, lora: bool) -> Any:
+  """The LoRA leaves of a Qwix params dict (``lora``), or the others."""
   if not isinstance(tree, dict):
-    return None
-  out = {k: v if "lora" in k else _lora_only(v) for k, v in tree.items()}
+    return None if lora else tree
+  out = {k: (v if lora else None) if "lora" in k else _lora_part(v, lora) for k, v in tree.items()}
   return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
 
 
