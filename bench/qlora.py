@@ -1,15 +1,17 @@
-"""QLoRA memory on SmolLM2-135M: a LoRA train step on float32, bfloat16, int8, nf4 and GGUF-Q4_1 bases.
+"""QLoRA on SmolLM2-135M: the main job's LoRA train step on float32, bfloat16, int8, nf4 and GGUF bases.
 
-    python -m bench.qlora [--batch 4] [--seq 128] [--rank 8] [--time] [--no-qwix]
+    python -m bench.qlora [--no-time] [--no-qwix]
 
-Each base is one params tree; the quantized ones hold `QArray` leaves and run through
-``dequantize_at_use(lora_transform(model.apply, abstract(qparams), cfg))``, so the packed
-kernels are the step's arguments and each is dequantized at its use. The table gives XLA's
-compiled ``memory_analysis()`` of ``step(lora, opt_state, params, ids) -> (loss, lora,
-opt_state)`` (adam): argument bytes (params + LoRA + optimizer state + ids) and temporary
-bytes, and the ratios to the float32 base. Qwix's ``LoraProvider(weight_qtype="nf4")`` on the
-same model and batch is the last row (it quantizes the float32 weights inside the step).
-``--time`` adds the median step time (meaningful on an idle machine only).
+Each base is one params tree; the quantized ones hold `QArray` leaves (``int8`` per output
+channel and ``nf4`` blocks of 64 from `lorax_jax.quantize.quantize` of the float32 load; ``gguf``
+the file's own Q4_1 projection and Q8_0 embedding blocks) and go through
+``lora_transform(model.apply, params, cfg)`` as they are: each quantized kernel is dequantized at
+its use, again in the backward pass. The step is the main job's (``lorax-jax finetune``
+defaults: q/k/v/o targets, r 8, batch 8 x 64 tokens, dropout, clipped AdamW): its compiled
+``memory_analysis()`` (argument bytes: params + LoRA + optimizer state + batch; temporary
+bytes), ``cost_analysis()`` FLOPs, and the median step time after a warm-up (on an idle
+machine only). Qwix's ``LoraProvider(weight_qtype="nf4")`` on the same model, targets and batch
+is the last row (it quantizes the float32 weights inside the step).
 """
 
 from __future__ import annotations
@@ -26,51 +28,63 @@ import optax
 
 import lorax_jax as lj
 from lorax_jax import quantize as Q
-from lorax_jax.models.gguf import load_smollm2
+from lorax_jax.apps import finetune
 
 
-def cross_entropy(logits: jax.Array, ids: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-  return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+def main_job_step(model: Any, params: Any, s: finetune.Settings) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """The main job's jitted train step on ``params`` (float, or holding `QArray`\\ s) and its arguments."""
+  cfg = finetune.lora_config(s)
+  lora = lj.init_lora(params, cfg, jax.random.key(s.seed))
+  optimizer = finetune.make_optimizer(s)
+  train_step, _ = finetune.make_steps(lj.lora_transform(model.apply, params, cfg), optimizer)
+  tokens = jax.random.randint(jax.random.key(1), (s.batch_size, s.seq_len + 1), 0, model.config.vocab_size)
+  weights = jnp.ones(tokens.shape, jnp.float32)
+  return train_step, (lora, optimizer.init(lora), params, tokens, weights, jax.random.key(2))
 
 
-def lorax_step(model: Any, params: Any, cfg: lj.LoraConfig, opt: optax.GradientTransformation) -> Callable[..., Any]:
-  """The adam step of lorax_jax's LoRA on ``params`` (float, or holding QArrays)."""
-  apply = lj.lora_transform(model.apply, Q.abstract(params), cfg, strict=True)
-  if any(Q.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=Q.is_quantized)):
-    apply = Q.dequantize_at_use(apply)
-
-  def step(lora, opt_state, params, ids):
-    loss, grads = jax.value_and_grad(lambda lo: cross_entropy(apply(params, lo, ids), ids))(lora)
-    updates, opt_state = opt.update(grads, opt_state, lora)
-    return loss, optax.apply_updates(lora, updates), opt_state
-  return step
+def compiled_memory(step: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, int]:
+  """XLA's compiled argument and temporary bytes and FLOPs of ``step(*args)`` (deterministic)."""
+  compiled = step.lower(*args).compile()
+  stats = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"argument": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes,
+          "flops": float(cost.get("flops", 0.0)), "compiled": compiled}
 
 
-def qwix_step(model: Any, params: Any, cfg: lj.LoraConfig, opt: optax.GradientTransformation,
-              ids: jax.Array) -> tuple[Callable[..., Any], Any]:
-  """Qwix's nf4 QLoRA step (``LoraProvider(weight_qtype="nf4")``) and its LoRA params."""
+def qwix_step(model: Any, params: Any, s: finetune.Settings,
+              args: tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+  """Qwix's nf4 QLoRA (``LoraProvider(weight_qtype="nf4")``) with the main job's targets, rank,
+  optimizer and batch. Its frozen argument is the nf4 tree its own ``init`` makes (Qwix refuses
+  float params in a quantized model): the formats and shapes of SmolLM2's, random values, which
+  is all memory and time depend on."""
   import qwix
-  provider = qwix.LoraProvider(module_path=".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-                               rank=cfg.r, alpha=float(cfg.alpha), weight_qtype="nf4")
+  names = "|".join(finetune.settings.lora_targets(s.targets))
+  provider = qwix.LoraProvider(module_path=f".*({names})", rank=s.r, alpha=float(s.alpha), weight_qtype="nf4")
   qmodel = qwix.apply_lora_to_model(model, provider)
-  variables = qmodel.init(jax.random.key(0), ids)
-  lora = {"params": _lora_only(variables["params"])}
+  _, _, _, tokens, weights, rng = args
+  variables = qmodel.init(jax.random.key(0), tokens[:, :-1])
+  lora = {"params": _lora_part(variables["params"], True)}
+  frozen = {"params": _lora_part(variables["params"], False)}
+  optimizer = finetune.make_optimizer(s)
 
-  def step(lora, opt_state, params, ids):
-    def loss(lo):
-      return cross_entropy(qmodel.apply(_merge_trees(params, lo), ids), ids)
-    value, grads = jax.value_and_grad(loss)(lora)
-    updates, opt_state = opt.update(grads, opt_state, lora)
-    return value, optax.apply_updates(lora, updates), opt_state
-  return step, lora
+  def loss_fn(lo, params, tokens, weights):
+    logits = qmodel.apply(_merge_trees(params, lo), tokens[:, :-1]).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.sum(ce * weights[:, 1:]) / jnp.maximum(jnp.sum(weights[:, 1:]), 1.0)
+
+  def step(lora, opt_state, params, tokens, weights, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(lora, params, tokens, weights)
+    updates, opt_state = optimizer.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+  return jax.jit(step, donate_argnums=(0, 1)), (lora, optimizer.init(lora), frozen, tokens, weights, rng)
 
 
-def _lora_only(tree: Any) -> Any:
+def _lora_part(tree: Any, lora: bool) -> Any:
+  """The LoRA leaves of a Qwix params dict (``lora``), or the others."""
   if not isinstance(tree, dict):
-    return None
-  out = {k: v if "lora" in k else _lora_only(v) for k, v in tree.items()}
+    return None if lora else tree
+  out = {k: (v if lora else None) if "lora" in k else _lora_part(v, lora) for k, v in tree.items()}
   return {k: v for k, v in out.items() if v is not None and not (isinstance(v, dict) and not v)}
 
 
@@ -81,61 +95,66 @@ def _merge_trees(a: Any, b: Any) -> Any:
 
 
 def measure(name: str, step: Callable[..., Any], args: tuple[Any, ...], timing: bool) -> dict[str, Any]:
-  compiled = jax.jit(step).lower(*args).compile()
-  stats = compiled.memory_analysis()
-  row = {"base": name, "argument": stats.argument_size_in_bytes, "temp": stats.temp_size_in_bytes}
+  """One table row: compiled memory and FLOPs, and the median of 5 step times after one warm-up."""
+  row = {"base": name, **compiled_memory(step, args)}
+  compiled = row.pop("compiled")
   if timing:
-    jax.block_until_ready(compiled(*args))
+    fresh = lambda: jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, args[:2])
+    jax.block_until_ready(compiled(*fresh(), *args[2:]))
     times = []
     for _ in range(5):
+      donated = fresh()
+      jax.block_until_ready(donated)
       start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
+      jax.block_until_ready(compiled(*donated, *args[2:]))
       times.append(time.perf_counter() - start)
     row["step_ms"] = 1e3 * float(np.median(times))
   return row
 
 
+def bases(params: Any, gguf_params: Any) -> dict[str, Any]:
+  """The frozen bases compared: float32, bfloat16, int8 (per channel), nf4 (blocks of 64), GGUF."""
+  return {"float32": params,
+          "bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+          "int8": Q.quantize(params, "int8", block_size=None),
+          "nf4": Q.quantize(params, "nf4"),
+          "gguf": gguf_params}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--seq", type=int, default=128)
-  parser.add_argument("--rank", type=int, default=8)
-  parser.add_argument("--time", action="store_true", help="also time the steps (idle machine only)")
+  parser.add_argument("--no-time", action="store_true", help="compiled numbers only")
   parser.add_argument("--no-qwix", action="store_true")
   args = parser.parse_args()
+  from lorax_jax.models.gguf import load_smollm2
 
+  s, _ = finetune.parse_args([])
   _, model, params, _ = load_smollm2()
   _, _, gguf_params, _ = load_smollm2(quantized=True)
-  ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 0, 49152)
-  cfg = lj.LoraConfig(r=args.rank, alpha=2.0 * args.rank, targets="all-linear")
-  opt = optax.adam(1e-4)
-  bases = {
-      "float32": params,
-      "bfloat16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
-      "int8": Q.quantize(params, "int8", block_size=None),
-      "nf4": Q.quantize(params, "nf4"),
-      "gguf-Q4_1": gguf_params,
-  }
-  rows = []
-  for name, base in bases.items():
-    lora = lj.init_lora(Q.abstract(base), cfg, jax.random.key(1))
-    rows.append(measure(name, lorax_step(model, base, cfg, opt), (lora, opt.init(lora), base, ids), args.time))
+  rows, float_args = [], None
+  for name, base in bases(params, gguf_params).items():
+    step, step_args = main_job_step(model, base, s)
+    float_args = float_args or step_args
+    rows.append(measure(name, step, step_args, not args.no_time))
     print(rows[-1], flush=True)
   if not args.no_qwix:
     try:
-      step, lora = qwix_step(model, params, cfg, opt, ids)
-      rows.append(measure("qwix-nf4", step, (lora, opt.init(lora), params, ids), args.time))
+      rows.append(measure("qwix-nf4", *qwix_step(model, params, s, float_args), not args.no_time))
     except Exception as e:  # report and keep the table
       print(f"qwix nf4: {type(e).__name__}: {e}")
   ref = rows[0]
-  print(f"\nSmolLM2-135M LoRA r={args.rank} all-linear, batch {args.batch}x{args.seq}, adam")
-  header = f"{'base':<11} {'argument MB':>12} {'temp MB':>9} {'arg+temp MB':>12} {'arg / f32':>10} {'(arg+temp) / f32':>17}"
-  print(header + (f" {'step ms':>9}" if args.time else ""))
+  print(f"\nSmolLM2-135M, the main job's step: LoRA r={s.r} on {', '.join(s.targets)}, "
+        f"batch {s.batch_size}x{s.seq_len}, clipped AdamW")
+  print(f"{'base':<9} {'argument MB':>12} {'temp MB':>8} {'arg+temp MB':>12} {'arg / f32':>10} "
+        f"{'(arg+temp) / f32':>17} {'GFLOP':>7}" + ("" if args.no_time else f" {'step ms':>8} {'/ f32':>6}"))
   for r in rows:
     total = r["argument"] + r["temp"]
-    line = (f"{r['base']:<11} {r['argument'] / 1e6:>12.1f} {r['temp'] / 1e6:>9.1f} {total / 1e6:>12.1f} "
-            f"{r['argument'] / ref['argument']:>10.3f} {total / (ref['argument'] + ref['temp']):>17.3f}")
-    print(line + (f" {r['step_ms']:>9.1f}" if args.time else ""))
+    line = (f"{r['base']:<9} {r['argument'] / 1e6:>12.1f} {r['temp'] / 1e6:>8.1f} {total / 1e6:>12.1f} "
+            f"{r['argument'] / ref['argument']:>10.3f} {total / (ref['argument'] + ref['temp']):>17.3f} "
+            f"{r['flops'] / 1e9:>7.2f}")
+    if not args.no_time:
+      line += f" {r['step_ms']:>8.1f} {r['step_ms'] / ref['step_ms']:>6.2f}"
+    print(line)
 
 
 if __name__ == "__main__":

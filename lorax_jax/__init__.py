@@ -14,14 +14,15 @@ from lorax_jax.optim import loraplus
 from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params, summary,
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
+from lorax_jax.quantize import QArray, dequantize, is_quantized
 from lorax_jax.targets import Target, find_targets
 from lorax_jax.transform import axes_from_use, lora_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PathMap", "Target", "axes_from_use", "check_lora", "count", "delta", "filter_params",
-    "find_targets", "init_lora", "init_lora_and_base", "join_params", "load_adapter", "load_kohya",
-    "lora_count", "lora_transform", "loraplus", "merge", "on_original_base", "save_adapter", "size",
-    "split_params", "summary", "trainable_mask", "unmerge",
+    "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "count", "delta", "dequantize",
+    "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
+    "load_adapter", "load_kohya", "lora_count", "lora_transform", "loraplus", "merge", "on_original_base",
+    "save_adapter", "size", "split_params", "summary", "trainable_mask", "unmerge",
 ]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_saved, target_factors
+from lorax_jax.quantize import is_quantized, requantize as quantize_like
 from lorax_jax.targets import Path, accumulation_dtype, find_targets, get_path, tree_path
 
 
@@ -28,17 +29,25 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   for t, a, b in target_factors(find_targets(params, cfg), lora):
     if t.dora:
       w = get_path(params, t.path)
+      w = w.dequantize() if is_quantized(w) else w
       out[t.path] = t.dora_weight(w, a, b, get_path(lora, t.path)["m"]) - jnp.asarray(w, accumulation_dtype(w, a, b))
     else:
       out[t.path] = t.delta(a, b)
   return out
 
 
-def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -> Any:
+def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
+          requantize: bool = False) -> Any:
   """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype),
   and every ``modules_to_save`` leaf by its trained copy in ``lora``.
 
+  On a quantized base (`lorax_jax.QArray` leaves) the result is float, ``W' = deq(Q) + s · A ⊗ B``
+  and the other quantized kernels dequantized, unless ``requantize``.
+
   Args:
+    requantize: quantize each merged kernel again in its `QArray`'s format, block size and axis
+      (`lorax_jax.quantize.requantize`; on the host, not under ``jit``) and keep the other
+      quantized kernels as they are.
     all_uses: merge targets limited to some uses (`LoraConfig.target_uses`) too. ``W'`` then
       reaches *every* use of the weight: for a tied embedding with a lookup-only adapter the
       tied head sees the update as well, which is not the adapter's model.
@@ -54,10 +63,12 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False) -
         "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
         "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
   copies = check_saved(params, cfg, lora)
-  merged = _apply(params, delta(params, lora, cfg), 1.0)
+  merged = _apply(params, delta(params, lora, cfg), 1.0, requantize)
+  if not requantize:
+    merged = jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, merged, is_leaf=is_quantized)
   if not copies:
     return merged
-  return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged)
+  return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged, is_leaf=is_quantized)
 
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
@@ -74,15 +85,16 @@ def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
   return _apply(params, delta(params, lora, cfg), -1.0)
 
 
-def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float) -> Any:
+def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float, requantize: bool = False) -> Any:
   def update(kp, w):
     d = deltas.get(tree_path(kp))
     if d is None:
       return w
+    q, w = (w, w.dequantize()) if is_quantized(w) else (None, w)
     out = (jnp.asarray(w, accumulation_dtype(w, d)) + sign * d).astype(jnp.result_type(w))
     _check_finite(out, w, tree_path(kp))
-    return out
-  return jax.tree_util.tree_map_with_path(update, params)
+    return quantize_like(out, q) if requantize and q is not None else out
+  return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_quantized)
 
 
 def _check_finite(out: jax.Array, w: Any, path: Path) -> None:

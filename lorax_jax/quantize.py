@@ -18,22 +18,19 @@ output and the GGUF file's blocks unchanged. NF4's double quantization (bitsandb
 ``compress_statistics``) stores the absmax as 8-bit dynamic-map codes of ``absmax - mean`` in
 blocks of 256, with one float32 absmax per such block.
 
-`dequantize` is pure ``jnp`` and runs inside ``jit`` on any backend. `dequantize_at_use` runs
-a function on a tree holding `QArray`\\ s, dequantizing each at the operation that consumes it
-(`call_dequantized`, a custom VJP that dequantizes again in the backward pass), so that the
-float kernel is never kept for the backward pass.
+`dequantize` is pure ``jnp`` and runs inside ``jit`` on any backend. `lorax_jax.lora_transform`
+takes trees holding `QArray`\\ s and dequantizes each at the operation that consumes it, again in
+the backward pass, so the float kernel is never kept for it (QLoRA: ``y = x·deq(Q) + s·(x·A)·B``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 
@@ -228,6 +225,25 @@ def quantize(params: Any, fmt: str, *, block_size: int | None = 64,
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def requantize(w: Any, like: QArray) -> QArray:
+  """``w`` (a float array of ``like``'s logical shape) quantized in ``like``'s format, block size
+  and blocked axis, on the host: `quantize`'s rules, or for GGUF formats llama.cpp's reference
+  quantizer (``gguf.quants.quantize``). `lorax_jax.merge` uses it (``requantize=True``).
+
+  Raises:
+    ValueError: ``w``'s shape differs from ``like``'s.
+  """
+  if tuple(np.shape(w)) != like.shape:
+    raise ValueError(f"requantize: array of shape {tuple(np.shape(w))} for a QArray of shape {like.shape}")
+  if like.fmt not in GGUF_FORMATS:
+    return _quantize_leaf("the merged kernel", jnp.asarray(w, like.dtype), like.fmt, like.block_size,
+                          like.scale_absmax is not None, like.axis)
+  import gguf
+  v = np.moveaxis(np.asarray(w, np.float32), like.axis, -1)
+  raw = gguf.quants.quantize(np.ascontiguousarray(v), getattr(gguf.GGMLQuantizationType, like.fmt))
+  return from_gguf(raw, like.fmt, dtype=like.dtype, embedding=like.axis == 1)
+
+
 def _selected(path: tuple[str, ...], leaf: Any, targets: str | Sequence[str] | None) -> bool:
   name = path_str(path)
   if targets is not None:
@@ -242,9 +258,10 @@ def _selected(path: tuple[str, ...], leaf: Any, targets: str | Sequence[str] | N
           and not any("embed" in p.lower() for p in path))
 
 
-def _quantize_leaf(name: str, leaf: Any, fmt: str, block_size: int | None, double_quant: bool) -> QArray:
+def _quantize_leaf(name: str, leaf: Any, fmt: str, block_size: int | None, double_quant: bool,
+                   axis: int | None = None) -> QArray:
   dtype = jnp.result_type(leaf)
-  axis = np.ndim(leaf) - 2
+  axis = np.ndim(leaf) - 2 if axis is None else axis
   v = np.moveaxis(np.asarray(leaf, np.float32), axis, -1)
   n = v.shape[-1]
   bs = n if block_size is None else block_size
@@ -285,14 +302,17 @@ def _double_quant(absmax: np.ndarray) -> tuple[jax.Array, None, jax.Array, jax.A
   return jnp.asarray(codes), None, jnp.asarray(absmax2), jnp.asarray(offset)
 
 
-def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32) -> QArray:
-  """A GGUF tensor's blocks, as stored in the file, as the `QArray` of its Flax ``[in, out]`` kernel.
+def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32, embedding: bool = False) -> QArray:
+  """A GGUF tensor's blocks, as stored in the file, as the `QArray` of its Flax ``[in, out]`` kernel
+  (or, with ``embedding``, of its ``[rows, in]`` table as stored: an embedding ``[vocab, features]``
+  whose blocks run along the features, so a lookup dequantizes only the rows it picks).
 
   Args:
     blocks: the tensor's bytes as ``uint8 [out, in / 32 · bytes_per_block]`` (``gguf``'s
       ``ReaderTensor.data`` of a quantized 2-D tensor: one row per output, blocks along ``in``).
     ggml_type: the tensor type's name, ``"Q4_0"``, ``"Q4_1"`` or ``"Q8_0"``.
     dtype: the logical dtype of the dequantized kernel.
+    embedding: keep the stored ``[rows, in]`` orientation instead of the transposed kernel.
 
   Raises:
     ValueError: another tensor type, or bytes that are not whole blocks of ``ggml_type``.
@@ -313,9 +333,9 @@ def from_gguf(blocks: np.ndarray, ggml_type: str, *, dtype: Any = jnp.float32) -
   qs = np.ascontiguousarray(b[..., scale_bytes:]).reshape(rows, n_blocks * q_bytes)
   if ggml_type == "Q8_0":
     qs = qs.view(np.int8)
+  shape, axis = ((rows, n_blocks * GGUF_BLOCK), 1) if embedding else ((n_blocks * GGUF_BLOCK, rows), 0)
   return QArray(jnp.asarray(qs), jnp.asarray(d), None if zero is None else jnp.asarray(zero),
-                fmt=ggml_type, shape=(n_blocks * GGUF_BLOCK, rows), dtype=dtype,
-                block_size=GGUF_BLOCK, axis=0)
+                fmt=ggml_type, shape=shape, dtype=dtype, block_size=GGUF_BLOCK, axis=axis)
 
 
 def _pack_pairs(codes: np.ndarray) -> np.ndarray:
@@ -331,183 +351,3 @@ def _unpack_ggml(data: jax.Array) -> jax.Array:
   """ggml's 4-bit blocks: byte ``j`` of a 32-block holds element ``j`` (low) and ``j + 16`` (high)."""
   d = data.reshape(*data.shape[:-1], -1, GGUF_BLOCK // 2)
   return jnp.concatenate([d & 15, d >> 4], -1).reshape(*data.shape[:-1], -1)
-
-
-# ---------------------------------------------------------------------------------------
-# Dequantization at use
-
-
-@jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
-class _Pending:
-  """A `QArray` on its way to a use, with the layout-only equations (casts, transposes,
-  reshapes) applied to it so far, to be replayed on the dequantized kernel."""
-
-  q: QArray
-  ops: tuple[Any, ...] = ()
-
-  def tree_flatten(self):
-    return (self.q,), self.ops
-
-  @classmethod
-  def tree_unflatten(cls, ops: tuple[Any, ...], children: Sequence[Any]) -> _Pending:
-    return cls(children[0], ops)
-
-  def materialize(self) -> jax.Array:
-    w = self.q.dequantize()
-    for eqn in self.ops:
-      w = _bind(eqn, [w])[0]
-    return w
-
-
-_LAYOUT_OPS = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "broadcast_in_dim",
-                         "copy", "copy_p"})
-_INLINE_OPS = frozenset({"pjit", "jit", "closed_call", "core_call"})
-_REMAT_OPS = frozenset({"remat2", "checkpoint"})
-
-
-def dequantize_at_use(fn: Callable[..., Any], *, remat: bool = True) -> Callable[..., Any]:
-  """``fn`` taking trees with `QArray` leaves, dequantizing each one where it is consumed.
-
-  ``fn`` is traced with the logical float shapes (`abstract`); each equation consuming a
-  quantized kernel (a ``dot_general``, a ``gather``, ...) runs as
-  ``call_dequantized(op, x, Q)``, so the forward pass keeps only the packed ``Q`` and the
-  backward pass dequantizes again when it needs it: the float kernel lives for one use,
-  never as a residual. Casts, transposes and reshapes of the kernel are replayed
-  on ``deq(Q)``; nested ``jit`` is inlined, ``checkpoint`` re-emitted with its policy; a kernel
-  entering ``scan``, ``while`` or ``cond`` is dequantized there whole. It composes with
-  `lorax_jax.lora_transform` (QLoRA, ``y = x·deq(Q) + s·(x·A)·B``)::
-
-      lora_apply = lora_transform(model.apply, abstract(qparams), cfg)
-      logits = dequantize_at_use(lora_apply)(qparams, lora, x)
-
-  Args:
-    fn: any function of pytrees of arrays; arguments may hold `QArray` leaves. Leaves that are
-      not arrays (Python numbers, strings) are static.
-    remat: False dequantizes at the use without `call_dequantized` (the float kernel is then a
-      residual of the backward pass; for measuring what recomputing it saves).
-
-  Returns:
-    ``fn``'s outputs, as if called on `dequantize` of its arguments.
-  """
-  @functools.wraps(fn)
-  def run(*args: Any, **kwargs: Any) -> Any:
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_quantized)
-    dynamic = [is_quantized(x) or isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
-               for x in leaves]
-
-    def traced(*dyn: Any) -> Any:
-      it = iter(dyn)
-      a, kw = jax.tree_util.tree_unflatten(treedef, [next(it) if d else x for x, d in zip(leaves, dynamic)])
-      return fn(*a, **kw)
-
-    dyn = [x for x, d in zip(leaves, dynamic) if d]
-    closed, shape = jax.make_jaxpr(traced, return_shape=True)(*[x.aval() if is_quantized(x) else x for x in dyn])
-    invals = [_Pending(x) if is_quantized(x) else x for x in dyn]
-    outs = _eval_at_use(closed.jaxpr, closed.consts, invals, remat)
-    outs = [x.materialize() if isinstance(x, _Pending) else x for x in outs]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
-  return run
-
-
-def _eval_at_use(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], remat: bool) -> list[Any]:
-  env: dict[Any, Any] = {}
-
-  def read(v):
-    return v.val if isinstance(v, jex.core.Literal) else env[v]
-
-  env.update(zip(jaxpr.constvars, consts))
-  env.update(zip(jaxpr.invars, args))
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    name = eqn.primitive.name
-    if not any(isinstance(x, _Pending) for x in invals):
-      outvals = _bind(eqn, invals)
-    elif name in _LAYOUT_OPS and len(invals) == 1:
-      outvals = [dataclasses.replace(invals[0], ops=(*invals[0].ops, eqn))]
-    elif name in _INLINE_OPS:
-      inner = eqn.params["jaxpr"]
-      outvals = _eval_at_use(inner.jaxpr, inner.consts, invals, remat)
-    elif name in _REMAT_OPS:
-      inner = eqn.params["jaxpr"]
-      outvals = jax.checkpoint(lambda *a, inner=inner: _eval_at_use(inner, (), a, remat),
-                               prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])(*invals)
-    else:
-      op = lambda *vals, eqn=eqn: _bind(eqn, vals)
-      outvals = call_dequantized(op, *invals) if remat else op(*_materialize(invals))
-    env.update(zip(eqn.outvars, outvals))
-  return [read(v) for v in jaxpr.outvars]
-
-
-def call_dequantized(op: Callable[..., Any], *args: Any) -> Any:
-  """``op(*args)`` with each quantized argument dequantized, never kept for the backward pass.
-
-  The arguments may be arrays, `QArray`\\ s or pending layouts of them (inside
-  `dequantize_at_use`). A custom VJP: the forward pass dequantizes after the other inputs are
-  ready (an optimization barrier ties them) and saves only the other inputs and the packed
-  data; the backward pass dequantizes again once the cotangent has arrived and pulls it back
-  through ``op`` to the other inputs. The quantized base is frozen: its cotangents are zero.
-  So at any time at most the kernels of the uses being computed exist in float.
-
-  Args:
-    op: a function of the arguments, with the quantized ones in float.
-    *args: its arguments.
-  """
-  quantized = tuple(i for i, x in enumerate(args) if is_quantized(x) or isinstance(x, _Pending))
-  rest = tuple(x for i, x in enumerate(args) if i not in quantized)
-  frozen = tuple(args[i] for i in quantized)
-
-  def full(rest, floats):
-    it_rest, it_float = iter(rest), iter(floats)
-    return op(*[next(it_float) if i in quantized else next(it_rest) for i in range(len(args))])
-
-  @jax.custom_vjp
-  def run(rest, frozen):
-    return full(rest, _materialize(frozen))
-
-  def fwd(rest, frozen):
-    tied_rest, tied_frozen = jax.lax.optimization_barrier((rest, frozen))
-    return full(tied_rest, _materialize(_after(tied_frozen, tied_rest))), (rest, frozen)
-
-  def bwd(res, g):
-    rest, frozen = res
-    g, frozen = jax.lax.optimization_barrier((g, frozen))
-    frozen = _after(frozen, g)
-    floats = _materialize(frozen)
-    _, pull = jax.vjp(lambda r: full(r, floats), rest)
-    return pull(g)[0], jax.tree_util.tree_map(_zero_cotangent, frozen)
-
-  run.defvjp(fwd, bwd)
-  return run(rest, frozen)
-
-
-def _after(frozen: Any, g: Any) -> Any:
-  """``frozen`` with its float leaves made data-dependent on ``g`` (``+ 0·g₀``), values unchanged.
-
-  XLA's CPU pipeline drops optimization barriers before common-subexpression elimination,
-  which would merge this dequantization with the forward pass's and keep the float kernel
-  alive in between; the dependency keeps them apart (and after ``g``) on every backend.
-  """
-  first = next((x for x in jax.tree_util.tree_leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)), None)
-  if first is None:
-    return frozen
-  zero = jnp.zeros((), jnp.float32) * first.reshape(-1)[0].astype(jnp.float32)
-  return jax.tree_util.tree_map(
-      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, frozen)
-
-
-def _materialize(values: Sequence[Any]) -> list[Any]:
-  return [x.materialize() if isinstance(x, _Pending) else x.dequantize() if is_quantized(x) else x
-          for x in values]
-
-
-def _zero_cotangent(x: Any) -> Any:
-  if jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros(x.shape, x.dtype)
-  return np.zeros(x.shape, jax.dtypes.float0)
-
-
-def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-  return list(out) if eqn.primitive.multiple_results else [out]

@@ -181,8 +181,12 @@ def tree_path(keys: Sequence[Any]) -> Path:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf, in `jax.tree_util` order, paths as tuples of strings."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  """``(path, leaf)`` for every leaf, in `jax.tree_util` order, paths as tuples of strings.
+
+  A quantized kernel (`lorax_jax.quantize.QArray`) is one leaf: it stands for one float array.
+  """
+  from lorax_jax.quantize import is_quantized  # quantize imports this module
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
   return [(tree_path(kp), leaf) for kp, leaf in flat]
 
 

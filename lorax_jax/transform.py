@@ -40,6 +40,13 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
+7. A quantized kernel (a `lorax_jax.quantize.QArray` leaf, targeted or not) is traced as its
+   float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
+   reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
+   custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
+   residual (QLoRA: ``y = x·deq(Q) + s·(x·A)·B``). An embedding lookup of a table blocked along
+   its features gathers the rows' blocks and dequantizes only those; scan slices the stored
+   blocks of a stacked kernel.
 
 The compiled programs are cached per argument structure and the type and value of each static
 (non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
@@ -76,6 +83,7 @@ from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import dropout_bilinear, dropout_einsum
 from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
 from lorax_jax.merge import merge
+from lorax_jax.quantize import QArray, is_quantized
 from lorax_jax.targets import (Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
                                low_rank_update, matches, path_str, saved_leaves)
 
@@ -98,7 +106,7 @@ class LoraKernel:
   rank of 1, and is ``g ⊙ (w + scale · Σ_r a ⊗ b)``: rules move ``g`` wherever they move ``b``.
   """
 
-  w: jax.Array
+  w: jax.Array | QuantizedKernel
   a: jax.Array
   b: jax.Array
   labels: tuple[Label, ...] = dataclasses.field(metadata=dict(static=True))
@@ -129,16 +137,17 @@ class LoraKernel:
     """``w + scale · a ⊗ b`` (DoRA: times ``g``) in the kernel's current layout and dtype."""
     _, b_sub, k_sub = subs = self.subscripts()
     d = low_rank_update(subs, self.a, self.b, self.scale)
-    v = self.w.astype(accumulation_dtype(self.w, d)) + d
+    w = _dequantized(self.w)
+    v = w.astype(accumulation_dtype(w, d)) + d
     if self.g is not None:
       v = jnp.einsum(f"{k_sub},{b_sub}->{k_sub}", v, self.g.astype(v.dtype))
-    return v.astype(self.w.dtype)
+    return v.astype(w.dtype)
 
   def g_units(self) -> str:
     """The einsum letters of ``g`` without its rank axis (its stack and output axes)."""
     return self.subscripts()[1].replace("R", "")
 
-  def with_w(self, w: jax.Array, labels: tuple[Label, ...] | None = None) -> LoraKernel:
+  def with_w(self, w: jax.Array | QuantizedKernel, labels: tuple[Label, ...] | None = None) -> LoraKernel:
     return dataclasses.replace(self, w=w, labels=self.labels if labels is None else labels)
 
 
@@ -213,7 +222,7 @@ class LoraApply:
     self.saved = list(saved_leaves(params, cfg))
     self.fallbacks: set[tuple[str, str]] = set()
     self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
-    self._treedef = jax.tree_util.tree_structure(params)
+    self._treedef = jax.tree_util.tree_structure(params, is_leaf=is_quantized)
     self._paths = [path for path, _ in leaves_with_paths(params)]
     self._leaf_index = {path: self._paths.index(path) for path in [*self.targets, *self.saved]}
     self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
@@ -232,7 +241,7 @@ class LoraApply:
       warnings.warn(f"lorax_jax: LoraConfig.dropout={self.cfg.dropout} but no key reaches the call "
                     "(rng=None and no dropout_seed): running without LoRA dropout", stacklevel=2)
       self._warned_no_key = True
-    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
     dynamic = tuple(_is_array(x) for x in leaves)
     statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
     key = (treedef, dynamic, tuple((type(x), x) for x in statics))
@@ -252,7 +261,7 @@ class LoraApply:
 
   def _check_params(self, params: Any) -> None:
     """Raise a ValueError naming the path if ``params`` is not the tree the transform was built for."""
-    if jax.tree_util.tree_structure(params) != self._treedef:
+    if jax.tree_util.tree_structure(params, is_leaf=is_quantized) != self._treedef:
       paths = [path for path, _ in leaves_with_paths(params)]
       missing = [path_str(p) for p in self._paths if p not in paths]
       extra = [path_str(p) for p in paths if p not in self._paths]
@@ -261,7 +270,7 @@ class LoraApply:
           + (f"; missing {', '.join(missing[:5])}" if missing else "")
           + (f"; unexpected {', '.join(extra[:5])}" if extra else "")
           + ". Build the transform with the params you call it with")
-    leaves = jax.tree_util.tree_leaves(params)
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
     for path, i in self._leaf_index.items():
       got = (tuple(np.shape(leaves[i])), jnp.result_type(leaves[i]))
       if not _is_array(leaves[i]) or got != self._avals[path]:
@@ -275,15 +284,17 @@ class LoraApply:
     def fn(*dyn_leaves):
       p, a, kw = jax.tree_util.tree_unflatten(treedef, _interleave(dynamic, dyn_leaves, statics))
       return self.apply_fn(p, *a, **kw)
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*dyn)
+    # A quantized kernel is traced as its float array and enters as a `QuantizedKernel`.
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*[x.aval() if is_quantized(x) else x for x in dyn])
     # The jaxpr's inputs are the array leaves only: a target's position counts those before it.
     dyn_index = np.cumsum(dynamic) - 1
-    invals = list(dyn)
+    invals = [QuantizedKernel.of(x) if is_quantized(x) else x for x in dyn]
     for n, (path, t) in enumerate(self.targets.items()):
       node = get_path(lora, path)
       i = int(dyn_index[self._leaf_index[path]])
+      w = invals[i] if isinstance(invals[i], QuantizedKernel) else jnp.asarray(invals[i])
       a, b = t.masked(node["a"], node["b"])
-      invals[i] = LoraKernel(jnp.asarray(invals[i]), a, b, _labels(t), n, t.scale, t.uses)
+      invals[i] = LoraKernel(w, a, b, _labels(t), n, t.scale, t.uses)
       if t.dora:
         invals[i] = dataclasses.replace(invals[i], g=_dora_scale(invals[i], node["m"]))
     for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
@@ -309,8 +320,9 @@ def _dora_scale(k: LoraKernel, m: jax.Array) -> jax.Array:
   """
   a_sub, b_sub, k_sub = k.subscripts()
   units, stack = k.g_units(), b_sub[:k.n_stack]
-  dtype = accumulation_dtype(k.w, k.a, k.b)
-  w, a, b = (x.astype(dtype) for x in (k.w, k.a, k.b))
+  w = _dequantized(k.w)  # a quantized base: its norms from the dequantized kernel (no gradient flows)
+  dtype = accumulation_dtype(w, k.a, k.b)
+  w, a, b = (x.astype(dtype) for x in (w, k.a, k.b))
   dot = functools.partial(jnp.einsum, precision=lax.Precision.HIGHEST)
   q_sub = b_sub.replace("R", "Q")
   aw = dot(f"{a_sub},{k_sub}->{b_sub}", a, w)  # A·W: [S, r, O]
@@ -390,6 +402,8 @@ def _eval(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx
     if any(isinstance(x, LoraKernel) for x in invals):
       rule = _RULES.get(eqn.primitive.name, _fallback_rule)
       outvals = rule(eqn, invals, ctx)
+    elif eqn.primitive.name in _NESTED and any(isinstance(x, QuantizedKernel) for x in invals):
+      outvals = _RULES[eqn.primitive.name](eqn, invals, ctx)
     else:
       outvals = _bind(eqn, invals)
       if eqn.primitive.name == "broadcast_in_dim":
@@ -400,6 +414,10 @@ def _eval(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx
 
 
 def _bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any], **params: Any) -> list[Any]:
+  """``eqn``'s primitive on ``invals`` (with ``params`` overriding its own); a quantized kernel
+  among them is followed or dequantized at this use (`_quantized_use`)."""
+  if any(isinstance(x, QuantizedKernel) for x in invals):
+    return _quantized_use(eqn, invals, params)
   bind_params = eqn.primitive.get_bind_params({**eqn.params, **params})
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*invals, **bind_params)
@@ -407,8 +425,9 @@ def _bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any], **params: Any) -> list[
 
 
 def _as_array(x: Any, ctx: _Context, what: str) -> Any:
-  """``x`` as a plain array: a `LoraKernel` merged for this use (reported as ``what``), anything else as is."""
-  return ctx.fallback(x, what) if isinstance(x, LoraKernel) else x
+  """``x`` as a plain array: a `LoraKernel` merged for this use (reported as ``what``), a
+  `QuantizedKernel` dequantized, anything else as is."""
+  return ctx.fallback(x, what) if isinstance(x, LoraKernel) else _dequantized(x)
 
 
 def _fallback_rule(eqn, invals, ctx, what: str | None = None):
@@ -862,7 +881,8 @@ def _scan_rule(eqn, invals, ctx):
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
   init = [_as_array(x, ctx, "a scan carry") for x in init]
-  sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else (x, None) for x in xs]
+  sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else _slice_quantized(x)
+            if isinstance(x, QuantizedKernel) else (x, None) for x in xs]
   closed = p["jaxpr"]
 
   def body(carry, step):
@@ -885,14 +905,15 @@ def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, A
   """
   side, i = k.labels[0]
   axis = k.factor_axis((side, i))
-  leaves = {"w": k.w,
+  w, rebuild_w = _slice_quantized(k.w) if isinstance(k.w, QuantizedKernel) else (k.w, None)
+  leaves = {"w": w,
             "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
             "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None,
             "g": _on_g(k, lambda g: jnp.moveaxis(g, axis, 0)) if side in "sb" else None}
   labels = tuple((s, n - 1) if s == side and n > i else (s, n) for s, n in k.labels[1:])
 
   def rebuild(x: dict[str, Any]) -> LoraKernel:
-    return dataclasses.replace(k, w=x["w"], labels=labels,
+    return dataclasses.replace(k, w=rebuild_w(x["w"]) if rebuild_w else x["w"], labels=labels,
                                a=k.a if x["a"] is None else x["a"],
                                b=k.b if x["b"] is None else x["b"],
                                g=k.g if x["g"] is None else x["g"])
@@ -929,6 +950,181 @@ def _while_rule(eqn, invals, ctx):
     outs = _eval(body.jaxpr, body.consts, [*body_consts, *carry], ctx.fold(i))
     return i + 1, [_as_array(x, ctx, "a while carry") for x in outs]
   return lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), init))[1]
+
+
+# --- quantized kernels: followed lazily, dequantized at each use ------------------------
+
+_LAYOUT = frozenset({"convert_element_type", "copy", "copy_p", "transpose", "reshape", "squeeze",
+                     "broadcast_in_dim", "slice", "split", "rev", "neg"})
+_NESTED = frozenset({"pjit", "jit", "closed_call", "core_call", "remat2", "checkpoint", "scan", "cond", "while"})
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class QuantizedKernel:
+  """A quantized kernel in flight: the stored `QArray` ``q`` and the layout-only equations
+  (casts, transposes, reshapes, slices, splits, negation) the model has applied to its float
+  value so far, replayed on ``deq(q)`` at each use. ``shape`` and ``dtype`` are the float
+  value's now. A targeted kernel's `LoraKernel.w` may be one."""
+
+  q: QArray
+  ops: tuple[tuple[Any, int], ...]  # (equation, which of its outputs)
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @classmethod
+  def of(cls, q: QArray) -> QuantizedKernel:
+    return cls(q, (), q.shape, q.dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  def then(self, eqn: jex.core.JaxprEqn, out: int) -> QuantizedKernel:
+    """This kernel after output ``out`` of the layout equation ``eqn``."""
+    aval = eqn.outvars[out].aval
+    return QuantizedKernel(self.q, (*self.ops, (eqn, out)), tuple(aval.shape), aval.dtype)
+
+  def dequantize(self) -> jax.Array:
+    """The float value the model sees: ``deq(q)`` with the pending equations applied."""
+    w = self.q.dequantize()
+    for eqn, out in self.ops:
+      w = _bind(eqn, [w])[out]
+    return w
+
+  def tree_flatten(self):
+    return (self.q,), (self.ops, self.shape, self.dtype)
+
+  @classmethod
+  def tree_unflatten(cls, aux: tuple, children: Sequence[Any]) -> QuantizedKernel:
+    return cls(children[0], *aux)
+
+
+def _dequantized(x: Any) -> Any:
+  """``x``'s float value if it is a `QuantizedKernel`, else ``x``."""
+  return x.dequantize() if isinstance(x, QuantizedKernel) else x
+
+
+def _quantized_use(eqn: jex.core.JaxprEqn, invals: Sequence[Any], params: dict[str, Any]) -> list[Any]:
+  """``eqn`` on operands among which a `QuantizedKernel` is: a layout equation of the kernel alone
+  is recorded on it; an embedding lookup whose blocks run along the looked-up features gathers
+  the rows' blocks and dequantizes only them (`_gather_rows`); any other equation (a
+  ``dot_general``, a conv, a tied head ``h @ E.T``, an operation without a rule) runs on the
+  kernel dequantized at this use and dequantized again in the backward pass (`_dequantized_use`)."""
+  if eqn.primitive.name in _LAYOUT and len(invals) == 1 and not params:
+    return [invals[0].then(eqn, n) for n in range(len(eqn.outvars))]
+  if eqn.primitive.name == "gather" and not params:
+    rows = _gather_rows(eqn, *invals)
+    if rows is not None:
+      return [rows]
+  return _dequantized_use(lambda *vals: _bind(eqn, vals, **params), invals)
+
+
+def _dequantized_use(op: Callable[..., Any], args: Sequence[Any]) -> Any:
+  """``op(*args)`` with each `QuantizedKernel` in ``args`` dequantized, never kept for the backward pass.
+
+  A custom VJP. The forward pass dequantizes once the other inputs are ready (an optimization
+  barrier ties them) and saves the other inputs and the stored blocks only; the backward pass
+  dequantizes again once the cotangent has arrived (tied by a barrier as well) and pulls it back
+  through ``op`` to the other inputs. The quantized base is frozen: its cotangents are zero.
+  So at any time only the kernels of the uses being computed exist in float.
+  """
+  where = tuple(isinstance(x, QuantizedKernel) for x in args)
+  rest = [x for x, q in zip(args, where) if not q]
+  frozen = [x for x, q in zip(args, where) if q]
+
+  def full(rest, floats):
+    it_rest, it_float = iter(rest), iter(floats)
+    return op(*[next(it_float) if q else next(it_rest) for q in where])
+
+  @jax.custom_vjp
+  def run(rest, frozen):
+    return full(rest, [k.dequantize() for k in frozen])
+
+  def fwd(rest, frozen):
+    tied_rest, tied = lax.optimization_barrier((rest, frozen))
+    return full(tied_rest, [k.dequantize() for k in _after(tied, tied_rest)]), (rest, frozen)
+
+  def bwd(res, g):
+    rest, frozen = res
+    g, tied = lax.optimization_barrier((g, frozen))
+    floats = [k.dequantize() for k in _after(tied, g)]
+    _, pull = jax.vjp(lambda r: full(r, floats), rest)
+    return pull(g)[0], jax.tree_util.tree_map(_zero_cotangent, frozen)
+
+  run.defvjp(fwd, bwd)
+  return run(rest, frozen)
+
+
+def _after(frozen: Any, g: Any) -> Any:
+  """``frozen`` with its float leaves (block scales) plus ``0 · g₀``, ``g₀`` the first float of
+  ``g``: equal values, now computed after ``g``.
+
+  Needed because the barriers alone do not order the dequantizations: XLA's CPU pipeline removes
+  optimization barriers before common-subexpression elimination and scheduling, which then merge
+  the backward pass's dequantization with the forward pass's (and may hoist all the forward ones
+  to the start), keeping the float kernels alive in between (the step's temporaries then hold
+  every quantized kernel in float;
+  ``tests/test_quantize.py::test_engine_step_keeps_no_float_copy_of_the_kernels`` fails without it).
+  """
+  first = next((x for x in jax.tree_util.tree_leaves(g) if jnp.issubdtype(x.dtype, jnp.inexact)), None)
+  if first is None:
+    return frozen
+  zero = jnp.zeros((), jnp.float32) * first.reshape(-1)[0].astype(jnp.float32)
+  return jax.tree_util.tree_map(
+      lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.inexact) else x, frozen)
+
+
+def _zero_cotangent(x: Any) -> Any:
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return jnp.zeros(x.shape, x.dtype)
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+def _gather_rows(eqn: jex.core.JaxprEqn, k: Any, ids: Any) -> jax.Array | None:
+  """An embedding lookup ``E[ids]`` of a quantized table whose blocks run along its last axis, the
+  looked-up features (a GGUF ``token_embd``): the same gather picks the rows' codes, scales and
+  zero points, and only the picked rows are dequantized. None when the layout does not allow it
+  (the blocks run along the indexed axis, a non-cast layout is pending, double quantization)."""
+  if not isinstance(k, QuantizedKernel) or isinstance(ids, QuantizedKernel):
+    return None
+  q, dn, sizes = k.q, eqn.params["dimension_numbers"], tuple(eqn.params["slice_sizes"])
+  last = q.ndim - 1
+  if (any(e.primitive.name != "convert_element_type" for e, _ in k.ops) or q.axis != last
+      or q.scale_absmax is not None or last in dn.start_index_map or last in dn.collapsed_slice_dims
+      or sizes[last] != q.shape[last] or getattr(dn, "operand_batching_dims", ())):
+    return None
+  feature = dn.offset_dims[-1]  # where the table's last axis lands in the output
+
+  def pick(x):
+    if x is None:
+      return None
+    # Out-of-range rows: the float scales take the lookup's fill (NaN), so the rows dequantize to it.
+    fill = {} if jnp.issubdtype(x.dtype, jnp.inexact) else {"fill_value": 0}
+    return jnp.moveaxis(_bind(eqn, [x, ids], slice_sizes=(*sizes[:-1], x.shape[-1]), **fill)[0], feature, -1)
+  rows = QArray(pick(q.data), pick(q.scale), pick(q.zero), fmt=q.fmt, shape=eqn.outvars[0].aval.shape,
+                dtype=q.dtype, block_size=q.block_size, axis=feature).dequantize()
+  for cast, _ in k.ops:
+    rows = _bind(cast, [rows])[0]
+  return rows
+
+
+def _slice_quantized(k: QuantizedKernel) -> tuple[Any, Callable[[Any], QuantizedKernel] | None]:
+  """What scan slices for a quantized kernel scanned over its axis 0, and how to rebuild the
+  slice: the stored arrays, when axis 0 is one of their leading axes (blocks along another axis,
+  no pending layout, no double quantization); else the dequantized stack (rebuild None)."""
+  q = k.q
+  if k.ops or q.axis == 0 or q.scale_absmax is not None:
+    return k.dequantize(), None
+
+  def rebuild(children: tuple[Any, ...]) -> QuantizedKernel:
+    return QuantizedKernel.of(QArray(*children, fmt=q.fmt, shape=q.shape[1:], dtype=q.dtype,
+                                     block_size=q.block_size, axis=q.axis - 1))
+  return (q.data, q.scale, q.zero), rebuild
 
 
 _RULES: dict[str, Callable[..., list[Any]]] = {
@@ -998,7 +1194,7 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
   """
   # Every candidate's axes, whatever its layer: the stack axes decide which layers a kernel holds.
   targets = find_targets(params, cfg.replace(layers_to_transform=None, layers_pattern=None), check_rank=False)
-  leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs))
+  leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
   dynamic = [_is_array(x) or isinstance(x, jax.ShapeDtypeStruct) for x in leaves]
   statics = [x for x, d in zip(leaves, dynamic) if not d]
   dyn = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x.dtype)) for x, d in zip(leaves, dynamic) if d]

@@ -55,6 +55,7 @@ class Settings:
 
   model: str
   dtype: str
+  quantize: str
   data: tuple[str, ...]
   topics: tuple[str, ...]
   format: str
@@ -91,6 +92,9 @@ class Settings:
   def __post_init__(self):
     settings.check([
         (self.dtype in ("float32", "bfloat16"), "setting dtype must be float32 or bfloat16"),
+        (self.quantize in QUANTIZE, f"setting quantize must be one of {', '.join(QUANTIZE)}"),
+        (self.quantize != "gguf" or self.model == "smollm2" or self.model.endswith(".gguf"),
+         "setting quantize gguf keeps a GGUF file's blocks: the model must be smollm2 or a .gguf file"),
         (self.format in ("chat", "text"), "setting format must be chat or text"),
         (len(self.data) > 0, "setting data names no source: give fortunes, pydoc or a text file"),
         (0 < self.eval_fraction < 1, "setting eval_fraction must be in (0, 1)"),
@@ -133,14 +137,22 @@ def lora_config(s: Settings) -> lorax_jax.LoraConfig:
 # Model
 
 
-def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, Tokenizer]:
-  """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face Llama directory or a GGUF file."""
+QUANTIZE = ("gguf", "nf4", "int8", "none")  # the `quantize` setting: how the frozen base is held
+
+
+def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tuple[Any, Any, Tokenizer]:
+  """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face Llama directory or a GGUF file.
+
+  ``quantize``: ``"none"`` (float params), ``"gguf"`` (the GGUF file's quantized blocks kept as
+  stored: `lorax_jax.models.gguf.load_gguf` with ``quantized=True``), ``"nf4"`` (blocks of 64) or
+  ``"int8"`` (per output channel): `lorax_jax.quantize.quantize` of the projection kernels.
+  """
   from lorax_jax.models import gguf
 
   if name == "smollm2":
-    _, model, params, tokenizer = gguf.load_smollm2(dtype=jnp.dtype(dtype))
+    _, model, params, tokenizer = gguf.load_smollm2(dtype=jnp.dtype(dtype), quantized=quantize == "gguf")
   elif name.endswith(".gguf"):
-    _, model, params, tokenizer = gguf.load_gguf(name, dtype=jnp.dtype(dtype))
+    _, model, params, tokenizer = gguf.load_gguf(name, dtype=jnp.dtype(dtype), quantized=quantize == "gguf")
   elif os.path.isdir(name):
     try:
       _, model, params = load_llama(name, jnp.dtype(dtype))
@@ -151,6 +163,8 @@ def load_model(name: str, dtype: str = "float32") -> tuple[Any, Any, Tokenizer]:
   else:
     raise FileNotFoundError(f"model {name!r} is neither smollm2, a Hugging Face Llama directory "
                             "nor a .gguf file")
+  if quantize in ("nf4", "int8"):
+    params = lorax_jax.quantize.quantize(params, quantize, block_size=64 if quantize == "nf4" else None)
   return model, params, tokenizer
 
 
@@ -357,6 +371,8 @@ def sample(model: Any, params: Any, tokenizer: Tokenizer, s: Settings, lora: Any
            cfg: lorax_jax.LoraConfig | None = None) -> list[str]:
   """Completions of ``s.sample_prompts`` (chat prompts in the chat format), the adapter merged once."""
   prompts = [tokenizer.chat(p) if s.format == "chat" else tokenizer.encode(p) for p in s.sample_prompts]
+  if lora is None:  # the base model alone (merging an adapter dequantizes a quantized base)
+    params = lorax_jax.dequantize(params)
   out = generate(model, params, prompts, max_new_tokens=s.sample_tokens, temperature=s.temperature,
                  stop_tokens=stop_tokens(tokenizer), rng=jax.random.key(s.seed), lora=lora, cfg=cfg,
                  merged=lora is not None)
@@ -598,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   s, resume = parse_args(argv)
   checkpoint = resume_point(s) if resume else None
   t = time.perf_counter()
-  model, params, tokenizer = load_model(s.model, s.dtype)
+  model, params, tokenizer = load_model(s.model, s.dtype, s.quantize)
   print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
   run(s, model, params, tokenizer, checkpoint=checkpoint,
       base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)

