@@ -225,7 +225,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
           f"{shape}, with at least one 'i' and one 'o'")
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
-               None if uses is None else tuple(uses), cfg.use_dora)
+               None if uses is None else tuple(uses), dora=cfg.use_dora)
     if layered:
       t = _select_layers(t, layer_of[path], cfg)
       if t is None:
