@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import PISSA_NITER, LoraConfig
+from lorax_jax.quantize import is_quantized
 from lorax_jax.targets import (Path, Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
                                path_str, saved_leaves, set_path)
 
@@ -97,7 +98,7 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
     set_path(exact, t.path, {"a": a, "b": b})
     node = {"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)}
     if t.dora:
-      node["m"] = t.magnitude(get_path(params, t.path)).astype(cfg.param_dtype)
+      node["m"] = t.magnitude(_float(get_path(params, t.path))).astype(cfg.param_dtype)
     set_path(lora, t.path, node)
   for path, leaf in saved_leaves(params, cfg).items():
     set_path(lora.setdefault(SAVED_KEY, {}), path, jnp.array(leaf))
@@ -140,6 +141,11 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
                         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
                         alpha_pattern={k: factor * v for k, v in cfg.alpha_pattern.items()})
   return out, doubled
+
+
+def _float(w: Any) -> Any:
+  """``w``, dequantized if it is a `lorax_jax.QArray` (DoRA's ``‖W‖`` of a quantized base)."""
+  return w.dequantize() if is_quantized(w) else w
 
 
 def _is_key(rng: Any) -> bool:

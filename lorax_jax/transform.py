@@ -80,7 +80,7 @@ import numpy as np
 from jax import lax
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.dropout import dropout_bilinear, dropout_einsum
+from lorax_jax.dropout import dropout_bilinear, dropout_einsum, keep_mask
 from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
 from lorax_jax.merge import merge
 from lorax_jax.quantize import QArray, is_quantized
@@ -613,7 +613,11 @@ def _dora_output(k: LoraKernel, ctx: _Context, x: jax.Array, key: jax.Array | No
   dtype = accumulation_dtype(base, branch)
   if key is None:
     return times_g(base.astype(dtype) + branch.astype(dtype)).astype(base.dtype)
-  dropped = dropout_bilinear(use, x, k.w, key, ctx.rate).astype(dtype)
+  if isinstance(k.w, QuantizedKernel):  # its dequantizing use has a custom VJP, which has no transpose
+    x_dropped = jnp.where(keep_mask(key, x.shape, ctx.rate), x / (1 - ctx.rate), jnp.zeros((), x.dtype))
+    dropped = use(x_dropped.astype(x.dtype), k.w).astype(dtype)
+  else:
+    dropped = dropout_bilinear(use, x, k.w, key, ctx.rate).astype(dtype)
   return (base.astype(dtype) - dropped + times_g(dropped + branch.astype(dtype))).astype(base.dtype)
 
 

@@ -323,3 +323,25 @@ def test_finetune_use_dora_setting():
   assert not finetune.parse_args(["--use_dora", "false"])[0].use_dora
   with pytest.raises(SettingsError, match="setting use_dora must be true or false, got 'maybe'"):
     finetune.parse_args(["--use_dora", "maybe"])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_on_a_quantized_base_equals_dora_on_the_dequantized_one(dropout):
+  """QDoRA: an nf4 base through the engine (norms and dropped-out base from the dequantized kernel)
+  gives the outputs and gradients (a, b, m) of DoRA on ``dequantize(qparams)``, strict."""
+  from lorax_jax.quantize import quantize
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
+            "w2": jnp.asarray(rng.normal(size=(128, 64)), jnp.float32)}
+  f = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]
+  q = quantize(params, "nf4")
+  floats = lj.dequantize(q)
+  cfg = lj.LoraConfig(r=4, targets=["w1", "w2"], use_dora=True, dropout=dropout)
+  lora = jax.tree.map(lambda t: t + 0.05, lj.init_lora(q, cfg, jax.random.key(0)))
+  x, key = jnp.asarray(rng.normal(size=(8, 64)), jnp.float32), jax.random.key(3)
+  apply, ref = lj.lora_transform(f, q, cfg, strict=True), lj.lora_transform(f, floats, cfg, strict=True)
+  loss = lambda run, p: lambda l: jnp.sum(jnp.sin(run(p, l, x, rng=key)))
+  np.testing.assert_allclose(apply(q, lora, x, rng=key), ref(floats, lora, x, rng=key), atol=1e-4)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-4),
+               jax.grad(loss(apply, q))(lora), jax.grad(loss(ref, floats))(lora))
+  np.testing.assert_allclose(f(lj.merge(q, lora, cfg), x), ref(floats, lora, x, rng=None), atol=1e-4)
