@@ -93,12 +93,13 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
   keys = jax.random.split(rng, len(targets))
   lora: Lora = {}
   exact: Lora = {}  # the float32 factors the residual is computed from, as PEFT does
+  kernels = dict(leaves_with_paths(params))  # any pytree: dicts, Equinox modules, ...
   for key, t in zip(keys, targets.values()):
-    a, b = t.masked(*_init_factors(key, t, cfg, get_path(params, t.path)))
+    a, b = t.masked(*_init_factors(key, t, cfg, kernels[t.path]))
     set_path(exact, t.path, {"a": a, "b": b})
     node = {"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)}
     if t.dora:
-      node["m"] = t.magnitude(_float(get_path(params, t.path))).astype(cfg.param_dtype)
+      node["m"] = t.magnitude(_float(kernels[t.path])).astype(cfg.param_dtype)
     set_path(lora, t.path, node)
   for path, leaf in saved_leaves(params, cfg).items():
     set_path(lora.setdefault(SAVED_KEY, {}), path, jnp.array(leaf))

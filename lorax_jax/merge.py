@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import Lora, check_saved, target_factors
 from lorax_jax.quantize import is_quantized, requantize as quantize_like
-from lorax_jax.targets import Path, accumulation_dtype, find_targets, get_path, tree_path
+from lorax_jax.targets import Path, accumulation_dtype, find_targets, get_path, leaves_with_paths, tree_path
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
@@ -26,9 +26,10 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight.
   """
   out = {}
+  kernels = dict(leaves_with_paths(params))
   for t, a, b in target_factors(find_targets(params, cfg), lora):
     if t.dora:
-      w = get_path(params, t.path)
+      w = kernels[t.path]
       w = w.dequantize() if is_quantized(w) else w
       out[t.path] = t.dora_weight(w, a, b, get_path(lora, t.path)["m"]) - jnp.asarray(w, accumulation_dtype(w, a, b))
     else:
