@@ -207,18 +207,23 @@ class LlamaModel(nn.Module):
 
   With ``scan_layers`` the layers run as one ``jax.lax.scan`` over their params stacked at the
   call (the params tree keeps one ``layers_{i}`` per layer), so XLA compiles one layer instead of
-  ``num_hidden_layers`` copies: the same numbers, a fraction of the compile time.
+  ``num_hidden_layers`` copies: the same numbers, a fraction of the compile time. With ``remat``
+  each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs and recomputes
+  each layer's activations from its input (the same numbers, about one more forward pass of work,
+  a fraction of the activation memory).
   """
 
   config: LlamaConfig
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  remat: bool = False
 
   def setup(self):
     c = self.config
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype,
                                  embedding_init=nn.initializers.normal(0.02))
-    self.layers = [DecoderLayer(c, self.dtype) for _ in range(c.num_hidden_layers)]
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    self.layers = [layer(c, self.dtype) for _ in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps)
 
   def __call__(self, tokens, positions, key_mask, index, cache):
@@ -241,6 +246,8 @@ class LlamaModel(nn.Module):
       p, layer_cache = slices
       return layer.apply({"params": p}, x, positions, key_mask, index, layer_cache)
 
+    if self.remat:
+      body = jax.checkpoint(body)
     x, new_cache = jax.lax.scan(body, x, (params, None if cache is None else stack(*[cache[n] for n in names])))
     new_cache = {} if new_cache is None else {n: jax.tree.map(lambda c, i=i: c[i], new_cache)
                                              for i, n in enumerate(names)}
@@ -248,14 +255,18 @@ class LlamaModel(nn.Module):
 
 
 class Llama(nn.Module):
-  """Causal language model; ``__call__`` returns logits, or ``(logits, new_cache)`` given a cache."""
+  """Causal language model; ``__call__`` returns logits, or ``(logits, new_cache)`` given a cache.
+
+  ``scan_layers`` and ``remat`` change how the layers run, not what they compute (see `LlamaModel`).
+  """
 
   config: LlamaConfig
   dtype: Any = jnp.float32
   scan_layers: bool = False
+  remat: bool = False
 
   def setup(self):
-    self.model = LlamaModel(self.config, self.dtype, self.scan_layers)
+    self.model = LlamaModel(self.config, self.dtype, self.scan_layers, self.remat)
     if not self.config.tie_word_embeddings:
       self.lm_head = _dense(self.config.vocab_size, self.dtype, "lm_head")
 
