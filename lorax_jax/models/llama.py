@@ -210,7 +210,8 @@ class LlamaModel(nn.Module):
   ``num_hidden_layers`` copies: the same numbers, a fraction of the compile time. With ``remat``
   each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs and recomputes
   each layer's activations from its input (the same numbers, about one more forward pass of work,
-  a fraction of the activation memory).
+  a fraction of the activation memory with ``scan_layers``; unrolled, XLA's CPU backend schedules
+  the recomputation early and saves little).
   """
 
   config: LlamaConfig
