@@ -120,6 +120,21 @@ def _called(ins: Instr) -> str | None:
   return m.group(1) if m else None
 
 
+def _top_level(mod: Module, computation: str) -> list[Instr]:
+  """The instructions of ``computation`` that access memory, with every ``call``, ``while`` and
+  ``conditional`` replaced by the instructions of the computations it runs (as XLA's cost
+  analysis counts them: a loop body once)."""
+  out = []
+  for ins in mod.computations[computation]:
+    if ins.opcode in ("call", "while", "conditional"):
+      for name in re.findall(r"(?:to_apply|body|condition|calls|branch_computations)=\{?([^}]*?)\}?(?:,|$)", ins.attrs):
+        for callee in re.findall(r"%([^\s,{}]+)", name):
+          out += _top_level(mod, callee)
+    elif ins.opcode not in FREE:
+      out.append(ins)
+  return out
+
+
 def _phase(ins: Instr) -> str:
   name = ins.op_name
   return "backward" if "transpose(" in name else "forward" if "jvp(" in name else "update"
@@ -193,9 +208,9 @@ def attribute(mod: Module, setup: Setup) -> dict[tuple[str, str], Pass]:
   keyed by ``(pass, tensor)``: see the module docstring for the passes."""
   r, tokens = setup.cfg.r, math.prod(setup.ids.shape)
   by_in, by_out = _labels(setup)
-  entry = [i for i in mod.computations[mod.entry] if i.opcode not in FREE]
+  entry = _top_level(mod, mod.entry)
   producer = {}
-  for ins in mod.computations[mod.entry]:
+  for ins in mod.instrs.values():
     producer[ins.name] = producer.get(ins.operands[0], ins.name) if ins.opcode in ("bitcast", "get-tuple-element") \
         and ins.operands else ins.name
   category: dict[str, tuple[str, str]] = {}
