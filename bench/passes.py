@@ -32,12 +32,11 @@ import re
 import sys
 from typing import Any
 
-import jax
-
 import lorax_jax
 from bench import cases as cases_lib
 from bench.measure import compile_variant
 from bench.variants import DROPOUT, Setup, build
+from lorax_jax.targets import get_path
 
 TOLERANCE = 0.05  # |attributed − XLA| / XLA bytes accessed
 PEERS = ("lower_bound", "nnx_lora", "qwix_lora")
@@ -187,17 +186,16 @@ def _labels(setup: Setup) -> tuple[dict[int, str], dict[int, str]]:
   """Adapted layers by input width and by output width (``"q_proj,k_proj,…"``)."""
   by_in, by_out = collections.defaultdict(set), collections.defaultdict(set)
   for t in lorax_jax.find_targets(setup.params, setup.cfg).values():
-    w = t.path[-2] if len(t.path) > 1 else "/".join(t.path)
-    kernel = setup.params
-    for k in t.path:
-      kernel = kernel[k]
-    by_in[kernel.shape[0]].add(w)
-    by_out[kernel.shape[-1]].add(w)
+    kernel = get_path(setup.params, t.path)
+    by_in[kernel.shape[0]].add(t.path[-2])
+    by_out[kernel.shape[-1]].add(t.path[-2])
   return ({k: ",".join(sorted(v)) for k, v in by_in.items()}, {k: ",".join(sorted(v)) for k, v in by_out.items()})
 
 
 @dataclasses.dataclass
 class Pass:
+  """One pass over one tensor, summed over the instructions that make it: MB accessed, dot MFLOP."""
+
   mb: float = 0.0
   mflop: float = 0.0
   count: int = 0
@@ -291,14 +289,6 @@ def attribute(mod: Module, setup: Setup) -> dict[tuple[str, str], Pass]:
   return dict(out)
 
 
-def xla_cost(compiled: Any) -> tuple[float, float]:
-  """``(bytes accessed, flops)`` from XLA's cost analysis of ``compiled``."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0]
-  return float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0))
-
-
 def analyse(case: cases_lib.Case, dropout: float, peers: tuple[str, ...] = PEERS) -> dict[str, dict[str, Any]]:
   """lorax_jax factored and ``peers`` (`PEERS`' names), compiled: their passes and XLA's totals.
 
@@ -353,14 +343,15 @@ def _mb(result: dict[str, dict[str, Any]], name: str, key: tuple[str, str]) -> f
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--case", default="gpt-d512-r8", help="a bench.cases case name (GPT cases: NNX needs its twin)")
+  p.add_argument("--case", default="gpt-d512-r8", help="a bench.cases case name (NNX runs on the GPT cases only)")
   p.add_argument("--dropout", type=float, default=0.0, choices=(0.0, DROPOUT),
                  help=f"LoRA dropout of lorax_jax and Qwix: 0 or {DROPOUT} (bench.variants.DROPOUT)")
   args = p.parse_args(argv)
   found = [c for c in cases_lib.cases(quick=False) + cases_lib.cases(quick=True) if c.name == args.case]
   if not found:
     sys.exit(f"unknown case {args.case!r}: pick one of bench.cases.cases()")
-  result = analyse(found[0], args.dropout)
+  peers = PEERS if found[0].model == "gpt" else tuple(p for p in PEERS if p != "nnx_lora")  # NNX: a GPT twin only
+  result = analyse(found[0], args.dropout, peers)
   print(f"## {args.case}, dropout {args.dropout}\n\n{table(result)}\n\n{totals(result)}")
   worst = max(abs(sum(q.mb for q in r["passes"].values()) / (r["bytes"] / 1e6) - 1) for r in result.values())
   if worst > TOLERANCE:

@@ -38,6 +38,7 @@ def test_quick_benchmark_runs_and_all_lora_variants_agree(tmp_path):
   assert "Qwix, dropout 0.05" in rows
 
 
+@pytest.mark.slow
 def test_passes_attribute_every_byte_and_name_the_small_rank_dots():
   """`bench.passes` on a tiny GPT: the bytes charged to passes add up to XLA's bytes accessed for
   both steps, and the small-rank dots it finds carry exactly the FLOPs of the six adapter dots
