@@ -593,9 +593,9 @@ def _dot_general_rule(eqn, invals, ctx):
   if k.g is None:
     return [base + branch.astype(base.dtype)]
   use = lambda u, v: _bind(eqn, [u, v] if side else [v, u])[0]
+  g_axes = tuple(out_sub.index(c) for c in k.g_units())
   return [_dora_output(k, ctx, x, key, base, branch, use,
-                       lambda y: jnp.einsum(f"{out_sub},{k.g_units()}->{out_sub}", y,
-                                            jnp.squeeze(k.g, k.n_stack).astype(y.dtype)))]
+                       lambda y: _times_along(y, jnp.squeeze(k.g, k.n_stack), g_axes))]
 
 
 def _dora_output(k: LoraKernel, ctx: _Context, x: jax.Array, key: jax.Array | None, base: jax.Array,
@@ -701,14 +701,21 @@ def _conv_rule(eqn, invals, ctx):
   if k.g is None:
     return [base + branch.astype(base.dtype)]
   return [_dora_output(k, ctx, x, key, base, branch, lambda u, v: _bind(eqn, [u, v])[0],
-                       lambda y: _times_along(y, k.g[0], dn.out_spec[1]))]
+                       lambda y: _times_along(y, k.g[0], (dn.out_spec[1],)))]
 
 
-def _times_along(y: jax.Array, g: jax.Array, axis: int) -> jax.Array:
-  """``y`` times the vector ``g`` broadcast along ``y``'s ``axis``."""
+def _times_along(y: jax.Array, g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``y ⊙ g``, ``g``'s axes in order being ``y``'s ``axes``, broadcast over the others.
+
+  A plain broadcast multiply (not an einsum, whose ``dot_general`` with ``g``'s axes as batch
+  dimensions would transpose ``y`` to put them first, forward and backward), so XLA fuses it into
+  the producer of ``y`` and its consumers, and ``∂g`` is a reduce of ``dy ⊙ y`` in ``y``'s layout.
+  """
+  order = sorted(range(g.ndim), key=lambda j: axes[j])
   shape = [1] * y.ndim
-  shape[axis] = -1
-  return y * g.astype(y.dtype).reshape(shape)
+  for j in order:
+    shape[axes[j]] = g.shape[j]
+  return y * jnp.transpose(g, order).astype(y.dtype).reshape(shape)
 
 
 def _gather_rule(eqn, invals, ctx):
@@ -747,7 +754,7 @@ def _gather_rule(eqn, invals, ctx):
   if k.g is None:
     return [base + branch.astype(base.dtype)]
   return [_dora_output(k, ctx, ids, None, base, branch, None,
-                       lambda y: _times_along(y, k.g.reshape(-1), out_axis))]
+                       lambda y: _times_along(y, k.g.reshape(-1), (out_axis,)))]
 
 
 # --- kernels combined with others: split, concatenate, scaling ---------------------------
