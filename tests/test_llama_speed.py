@@ -9,7 +9,7 @@ import pytest
 
 import lorax_jax
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
-from lorax_jax.models.llama import stack_layers, unstack_layers
+from lorax_jax.models.llama import stack_config, stack_layers, unstack_layers
 from tests.test_llama import tiny
 
 PREFIX = 9  # shared input tokens; the 10th token of each row is its first target
@@ -72,11 +72,9 @@ def test_options_equal_the_plain_loss_and_lora_grads(tied):
                                  err_msg=f"{prefix_len=} {max_targets=}")
 
 
-def scanned_setup(model, params, cfg, lora, *args):
-  """The scanned model, its stacked params and LoRA, and the config with the stacked layouts."""
-  scanned = model.clone(scan_layers=True)
-  stacked = stack_layers(params)
-  return scanned, stacked, lorax_jax.axes_from_use(scanned.apply, stacked, cfg, *args), stack_layers(lora)
+def scanned_setup(model, params, cfg, lora):
+  """The scanned model, its stacked params, the config for them and the stacked LoRA."""
+  return model.clone(scan_layers=True), stack_layers(params), stack_config(cfg, params), stack_layers(lora)
 
 
 def test_scanned_layers_equal_the_unrolled_model():
@@ -84,8 +82,9 @@ def test_scanned_layers_equal_the_unrolled_model():
   (also with the work-saving options) of the unrolled layers on the per-layer params."""
   model, params, cfg, lora = setup(False)
   tokens, weights = chat_batch(model.config.vocab_size)
-  scanned, stacked, stacked_cfg, stacked_lora = scanned_setup(model, params, cfg, lora, tokens)
-  assert stacked_cfg.kernel_axes and set(stacked_cfg.kernel_axes.values()) == {"sio"}
+  scanned, stacked, stacked_cfg, stacked_lora = scanned_setup(model, params, cfg, lora)
+  # The layouts `axes_from_use` reads off the scanned model's uses.
+  assert stacked_cfg.kernel_axes == lorax_jax.axes_from_use(scanned.apply, stacked, cfg, tokens).kernel_axes
   np.testing.assert_allclose(scanned.apply(stacked, tokens), model.apply(params, tokens), atol=1e-5)
   for m, p in ((model, params), (scanned, stacked)):
     cache = m.init_cache(len(tokens), tokens.shape[1])
@@ -148,7 +147,7 @@ def test_remat_gives_the_same_loss_and_grads_with_less_memory(scan):
   model, params, cfg, lora = setup(False)
   tokens, weights = chat_batch(model.config.vocab_size, batch=8, length=48)
   if scan:
-    model, params, cfg, lora = scanned_setup(model, params, cfg, lora, tokens)
+    model, params, cfg, lora = scanned_setup(model, params, cfg, lora)
   results, temps = [], []
   for m in (model, model.clone(remat=True)):
     lora_apply = lorax_jax.lora_transform(m.apply, params, cfg, strict=True)

@@ -33,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_jax.config import LoraConfig
 from lorax_jax.models import hf
 from lorax_jax.pathmap import PathMap
 from lorax_jax.quantize import QArray, is_quantized
+from lorax_jax.targets import find_targets
 
 Cache = dict[str, Any]
 
@@ -331,7 +333,7 @@ def stack_layers(tree: Any) -> Any:
   """The tree with every run of ``layers_0 .. layers_{n-1}`` replaced by one subtree ``layers`` whose
   leaves are the layers' leaves stacked on a new leading axis: ``layers[k][i] = layers_i[k]``.
 
-  What `Llama` with ``scan_layers`` takes. It works on any tree that mirrors the params: the
+  What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree that mirrors the params: the
   params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of layer ``i`` become slice ``i``
   of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a stacked kernel), an optimizer
   state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`) stacks its stored arrays.
@@ -348,6 +350,19 @@ def unstack_layers(tree: Any) -> Any:
   """The per-layer tree (``layers_0 .. layers_{n-1}``) of `stack_layers`'s ``layers``: its inverse,
   for what reads the layers by name (adapter files, checkpoints, the unrolled model)."""
   return jax.tree.map(_unstack_node, tree, is_leaf=_is_stacked)
+
+
+def stack_config(cfg: LoraConfig, params: Any) -> LoraConfig:
+  """``cfg`` for `stack_layers` of the per-layer ``params``: the same targets, named by their
+  stacked paths (``targets``: one exact path each, so a rule that reads shapes, like
+  ``all-linear``, cannot pick up a stacked norm), each layer target's layout (`Target.axes`, e.g.
+  ``"io"``) with the stack axis first (``"sio"``) in ``kernel_axes``. The same factors and scale."""
+  def stacked(path):
+    return re.escape("/".join(STACKED if _LAYER_KEY.fullmatch(k) else k for k in path))
+
+  targets = find_targets(params, cfg)
+  axes = {stacked(p): "s" + t.axes for p, t in targets.items() if any(_LAYER_KEY.fullmatch(k) for k in p)}
+  return cfg.replace(targets=list(dict.fromkeys(map(stacked, targets))), kernel_axes={**axes, **cfg.kernel_axes})
 
 
 _LAYER_KEY = re.compile(r"layers_\d+")
