@@ -362,14 +362,14 @@ def eval_transform(apply_fn: Callable[..., Any], params: Any, cfg: lorax_jax.Lor
   return lorax_jax.lora_transform(apply_fn, params, cfg.replace(dropout=0.0))
 
 
-def training_layout(s: Settings, model: Any, params: Any, lora: Any, cfg: lorax_jax.LoraConfig
+def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: lorax_jax.LoraConfig
                     ) -> tuple[Any, Any, Any, lorax_jax.LoraConfig]:
   """``(model, params, lora, cfg)`` as training runs them: with ``scan_layers`` the scanned model
   on the layers' params and factors stacked once, here (`stack_layers`: the same factors, so
   the jitted step reads the layers in place and copies nothing per call), and ``cfg`` with the
   stacked kernels' layouts (`stack_config`); else unchanged. `unstack_layers` gives
   back the per-layer trees that checkpoints, adapters and sampling use."""
-  if not s.scan_layers:
+  if not scan_layers:
     return model, params, lora, cfg
   return model.clone(scan_layers=True), stack_layers(params), stack_layers(lora), stack_config(cfg, params)
 
@@ -543,7 +543,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
-  train_model, params, lora, train_cfg = training_layout(s, model, params, lora, cfg)
+  train_model, params, lora, train_cfg = training_layout(s.scan_layers, model, params, lora, cfg)
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
