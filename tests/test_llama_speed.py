@@ -125,7 +125,9 @@ def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
 
 
 def test_wrong_layer_layout_is_an_error_naming_the_helper():
-  model, params, _, _ = setup(False)
+  model, params, cfg, _ = setup(False)
+  with pytest.raises(ValueError, match="layers_to_transform=1 .*without scan_layers"):
+    stack_config(cfg.replace(layers_to_transform=1), params)
   tokens = jnp.zeros((1, 4), jnp.int32)
   with pytest.raises(ValueError, match=r"stack_layers\(params\)"):
     model.clone(scan_layers=True).apply(params, tokens)

@@ -333,8 +333,8 @@ def stack_layers(tree: Any) -> Any:
   """The tree with every run of ``layers_0 .. layers_{n-1}`` replaced by one subtree ``layers`` whose
   leaves are the layers' leaves stacked on a new leading axis: ``layers[k][i] = layers_i[k]``.
 
-  What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree that mirrors the params: the
-  params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of layer ``i`` become slice ``i``
+  What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree
+  that mirrors the params: the params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of layer ``i`` become slice ``i``
   of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a stacked kernel), an optimizer
   state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`) stacks its stored arrays.
   One copy, made once, outside any jitted step. `unstack_layers` is its inverse.
@@ -353,16 +353,30 @@ def unstack_layers(tree: Any) -> Any:
 
 
 def stack_config(cfg: LoraConfig, params: Any) -> LoraConfig:
-  """``cfg`` for `stack_layers` of the per-layer ``params``: the same targets, named by their
-  stacked paths (``targets``: one exact path each, so a rule that reads shapes, like
-  ``all-linear``, cannot pick up a stacked norm), each layer target's layout (`Target.axes`, e.g.
-  ``"io"``) with the stack axis first (``"sio"``) in ``kernel_axes``. The same factors and scale."""
-  def stacked(path):
-    return re.escape("/".join(STACKED if _LAYER_KEY.fullmatch(k) else k for k in path))
+  """``cfg`` for `stack_layers` of the per-layer ``params``: the same targets with the same rank,
+  alpha and factors, named by their stacked paths.
 
-  targets = find_targets(params, cfg)
-  axes = {stacked(p): "s" + t.axes for p, t in targets.items() if any(_LAYER_KEY.fullmatch(k) for k in p)}
-  return cfg.replace(targets=list(dict.fromkeys(map(stacked, targets))), kernel_axes={**axes, **cfg.kernel_axes})
+  ``targets`` lists each target's exact path (so a rule that reads shapes, like ``all-linear``,
+  cannot pick up a stacked norm), ``rank_pattern`` and ``alpha_pattern`` give each its ``r`` and
+  ``alpha``, and ``kernel_axes`` its layout (`Target.axes`), a layer target's with the stack axis
+  first (``"io"`` -> ``"sio"``).
+
+  Raises:
+    ValueError: ``cfg.layers_to_transform`` is set (some layers only: train them unrolled).
+  """
+  if cfg.layers_to_transform is not None:
+    raise ValueError(f"stack_config: LoraConfig.layers_to_transform={cfg.layers_to_transform} adapts some "
+                     "layers only, which stacked factors cannot hold: run without scan_layers")
+
+  targets = {}  # stacked path (a regex matching it alone) -> its layout and one layer's target
+  for path, t in find_targets(params, cfg).items():
+    layered = any(_LAYER_KEY.fullmatch(k) for k in path)
+    name = re.escape("/".join(STACKED if _LAYER_KEY.fullmatch(k) else k for k in path))
+    targets[name] = ("s" if layered else "") + t.axes, t
+  return cfg.replace(targets=list(targets), exclude=None,
+                     rank_pattern={k: t.rank for k, (_, t) in targets.items()},
+                     alpha_pattern={k: t.alpha for k, (_, t) in targets.items()},
+                     kernel_axes={k: axes for k, (axes, _) in targets.items()})
 
 
 _LAYER_KEY = re.compile(r"layers_\d+")
