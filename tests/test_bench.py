@@ -36,3 +36,80 @@ def test_quick_benchmark_runs_and_all_lora_variants_agree(tmp_path):
   rows = {line.split(" | ")[0][2:]: line for line in md.read_text().splitlines() if line.startswith("| ")}
   assert f"| {variants['factored']['flops'] / 1e9:.2f} |" in rows["lorax_jax factored"]
   assert "Qwix, dropout 0.05" in rows
+
+
+@pytest.mark.slow
+def test_passes_attribute_every_byte_and_name_the_small_rank_dots():
+  """`bench.passes` on a tiny GPT: the bytes charged to passes add up to XLA's bytes accessed for
+  both steps, and the small-rank dots it finds carry exactly the FLOPs of the six adapter dots
+  of every target, counted by hand from the kernels' shapes (none in the lower bound)."""
+  import lorax_jax
+  from bench import passes
+  from bench.cases import Case, setup
+
+  case = Case("tiny", "gpt", d=128, layers=1, r=8, batch=1, seq=64)
+  result = passes.analyse(case, dropout=0.0, peers=("lower_bound",))
+  assert set(result) == {"lower_bound", "factored"}
+  for name, r in result.items():
+    attributed = sum(p.mb for p in r["passes"].values()) * 1e6
+    assert abs(attributed - r["bytes"]) <= passes.TOLERANCE * r["bytes"], name
+  s, _ = setup(case)
+  n, rank = case.batch * case.seq, case.r
+  kernels = [lorax_jax.targets.get_path(s.params, t.path).shape for t in lorax_jax.find_targets(s.params, s.cfg).values()]
+  fan_in, fan_out = sum(k[0] for k in kernels), sum(k[1] for k in kernels)
+  by_pass = lambda name, kind: {k: p for k, p in result[name]["passes"].items() if k[0] == kind}
+  mflop = lambda name, kind: sum(p.mflop for p in by_pass(name, kind).values())
+  expected = {"t = x·Aᵀ": fan_in, "dA = dtᵀx": fan_in, "t·B": fan_out, "dt = dy·Bᵀ": fan_out, "dB = tᵀdy": fan_out}
+  for kind, width in expected.items():
+    assert mflop("factored", kind) == pytest.approx(2 * n * rank * width / 1e6), kind
+    assert sum(p.count for p in by_pass("factored", kind).values()) == len(kernels), kind
+    assert not by_pass("lower_bound", kind)
+  # dx += dt·A everywhere but the first block's q, k, v: their input is the embedding, which LoRA
+  # does not differentiate (the lower bound does, through its delta on the embedding).
+  first_qkv = 3 * case.d
+  assert mflop("factored", "dx += dt·A") == pytest.approx(2 * n * rank * (fan_in - first_qkv) / 1e6)
+  # lorax_jax's extra bytes over the lower bound include every small-rank dot's pass.
+  extra = {k: p.mb - result["lower_bound"]["passes"].get(k, passes.Pass()).mb
+           for k, p in result["factored"]["passes"].items() if k[0] in passes.SMALL_RANK}
+  assert extra and all(v > 0 for v in extra.values())
+
+
+def test_round_robin_rotates_the_order_and_times_every_call():
+  from bench.measure import round_robin
+
+  calls = []
+  steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+  times = round_robin(steps, reps=4, warmup=2)
+  assert len(calls) == 3 * 6 and {calls.count(n) for n in "abc"} == {6}
+  rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]
+  assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]  # each round starts one later
+  assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+  assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
+  assert all(wall >= 0 and cpu >= 0 for t in times.values() for wall, cpu in t)
+
+
+def test_every_lora_train_case_also_runs_with_dropout():
+  from bench.cases import cases
+
+  for case in cases(quick=False) + cases(quick=True):
+    for name in ("factored", "qwix_lora", "dora"):
+      if name in case.variants:
+        assert f"{name}_dropout" in case.variants, (case.name, name)
+
+
+def test_gpu_script_parses_and_calls_modules_that_exist():
+  import importlib.util
+  import re
+  import shutil
+
+  script = os.path.join(ROOT, "bench", "gpu.sh")
+  if shutil.which("bash"):
+    subprocess.run(["bash", "-n", script], check=True)
+  with open(script) as f:
+    text = f.read()
+  modules = set(re.findall(r'"\$PY" -m (bench\.\w+)', text))
+  assert {"bench.main", "bench.run"} <= modules
+  assert all(importlib.util.find_spec(m) is not None for m in modules), modules
+  # Nothing is fetched there: every pip call installs from carried wheels only.
+  assert all("--no-index" in line for line in text.splitlines() if re.search(r"\bpip install\b", line)
+             and not line.lstrip().startswith("#"))

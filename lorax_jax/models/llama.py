@@ -216,7 +216,8 @@ class LlamaModel(nn.Module):
   place (no per-call copy of the weights; the small cache stays per layer). With
   ``remat`` each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs
   and recomputes each layer's activations from its input (the same numbers, about one more
-  forward pass of work, a fraction of the activation memory).
+  forward pass of work, a fraction of the activation memory with ``scan_layers``; unrolled, XLA's
+  CPU backend schedules the recomputation early and saves little).
   """
 
   config: LlamaConfig
