@@ -124,6 +124,19 @@ def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
   jax.tree.map(np.testing.assert_array_equal, lorax_jax.dequantize(unstack_layers(stack_layers(q))), lorax_jax.dequantize(q))
 
 
+def test_scanned_quantized_base_equals_the_unrolled_one():
+  """A quantized base (QLoRA) stacked with its stored blocks: the unrolled model's loss (strict:
+  the engine slices the stacked blocks in the scan, no fallback)."""
+  model, params, cfg, lora = setup(False)
+  q = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  tokens, weights = chat_batch(model.config.vocab_size)
+  losses = []
+  for m, p, c, lo in ((model, q, cfg, lora), scanned_setup(model, q, cfg, lora)):
+    f = lorax_jax.lora_transform(m.apply, p, c, strict=True)
+    losses.append(jax.jit(lambda lo, p, f=f: causal_lm_loss_sums(f, p, lo, tokens, weights, prefix_len=PREFIX))(lo, p))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
 def test_wrong_layer_layout_is_an_error_naming_the_helper():
   model, params, cfg, _ = setup(False)
   with pytest.raises(ValueError, match="layers_to_transform=1 .*without scan_layers"):
