@@ -124,14 +124,19 @@ def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
   jax.tree.map(np.testing.assert_array_equal, lorax_jax.dequantize(unstack_layers(stack_layers(q))), lorax_jax.dequantize(q))
 
 
-def test_scanned_quantized_base_equals_the_unrolled_one():
-  """A quantized base (QLoRA) stacked with its stored blocks: the unrolled model's loss (strict:
-  the engine slices the stacked blocks in the scan, no fallback)."""
+@pytest.mark.parametrize("variant", ["nf4", "dora"])
+def test_scanned_quantized_or_dora_equals_the_unrolled_model(variant):
+  """A quantized base (QLoRA: stacked with its stored blocks) or DoRA (its magnitudes stacked):
+  the unrolled model's loss (strict: the engine follows both into the scan, no fallback)."""
   model, params, cfg, lora = setup(False)
-  q = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  if variant == "nf4":
+    params = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  else:
+    cfg = cfg.replace(use_dora=True)
+    lora = jax.tree.map(lambda x: x + 0.05, lorax_jax.init_lora(params, cfg, jax.random.key(1)))
   tokens, weights = chat_batch(model.config.vocab_size)
   losses = []
-  for m, p, c, lo in ((model, q, cfg, lora), scanned_setup(model, q, cfg, lora)):
+  for m, p, c, lo in ((model, params, cfg, lora), scanned_setup(model, params, cfg, lora)):
     f = lorax_jax.lora_transform(m.apply, p, c, strict=True)
     losses.append(jax.jit(lambda lo, p, f=f: causal_lm_loss_sums(f, p, lo, tokens, weights, prefix_len=PREFIX))(lo, p))
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
