@@ -12,7 +12,8 @@ interleaved round-robin (the order rotates every round); the table gives the med
 lorax_jax rows: "plain" does PEFT's work (logits at every position); "+prompt" runs the shared
 chat prompt once per batch (``prefix_len``), "+targets" the LM head only at trained positions
 (``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`; "+scan" the layers as one
-``lax.scan`` (``Llama(scan_layers=True)`` on the layers stored stacked); "options" is all three, as ``lorax-jax finetune`` runs
+``lax.scan`` (``Llama(scan_layers=True)`` on the layers stored stacked); "options" is all three,
+as ``lorax-jax finetune`` runs
 with ``--share_prompt``, ``--loss_positions_only`` and ``--scan_layers`` on, with ``max_targets``
 taken from its data (the fortunes through SmolLM2's tokenizer). XLA's
 compiled FLOPs, bytes accessed and temp memory of each JAX step are printed too (deterministic,
@@ -114,7 +115,8 @@ def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np
 
   args = (lora, opt.init(lora), params, jnp.asarray(tokens), jnp.asarray(weights), jax.random.key(1))
   check = jax.jit(functools.partial(loss_fn, rng=None))
-  return Variant("", step, args), lambda lo: check(stack_layers(lo) if scan_layers else lo, params, args[3], args[4])
+  layout = stack_layers if scan_layers else (lambda tree: tree)
+  return Variant("", step, args), lambda lo: check(layout(lo), params, args[3], args[4])
 
 
 def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,

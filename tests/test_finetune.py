@@ -113,10 +113,12 @@ def test_work_saving_options_train_the_same(tiny, tmp_path):
   assert fast_ckpt.keys() == plain_ckpt.keys() and any("layers_1" in k for k in fast_ckpt)
   for k in fast_ckpt:
     assert fast_ckpt[k].shape == plain_ckpt[k].shape, k
-  adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("fast", "plain")]
+  adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors"))
+              for d in ("fast", "plain")]
   assert adapters[0].keys() == adapters[1].keys()
   for k in adapters[0]:  # Adam's normalisation amplifies float rounding in near-zero gradients
-    np.testing.assert_allclose(adapters[0][k], adapters[1][k], atol=1e-3 * np.abs(adapters[1][k]).max(), err_msg=k)
+    np.testing.assert_allclose(adapters[0][k], adapters[1][k], atol=1e-3 * np.abs(adapters[1][k]).max(),
+                               err_msg=k)
 
 
 def test_evaluation_has_no_dropout_and_no_warning(tiny):

@@ -112,16 +112,20 @@ def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
   for tree in (params, lora, model.init_cache(2, 8)):
     stacked = stack_layers(tree)
     jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), tree)
-    assert not any("layers_" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(stacked))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(stacked)]
+    assert paths and not any("layers_" in p for p in paths)
   stacked = stack_layers(lora)["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
   for i in range(n):
+    layer = lora["params"]["model"][f"layers_{i}"]["self_attn"]["q_proj"]["kernel"]
     for side in ("a", "b"):
-      np.testing.assert_array_equal(stacked[side][i], lora["params"]["model"][f"layers_{i}"]["self_attn"]["q_proj"]["kernel"][side])
+      np.testing.assert_array_equal(stacked[side][i], layer[side])
   # A quantized base stacks its stored blocks: dequantizing commutes with stacking.
   q = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
-  np.testing.assert_array_equal(lorax_jax.dequantize(stack_layers(q))["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"],
-                                stack_layers(lorax_jax.dequantize(q))["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"])
-  jax.tree.map(np.testing.assert_array_equal, lorax_jax.dequantize(unstack_layers(stack_layers(q))), lorax_jax.dequantize(q))
+  up = lambda tree: tree["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_array_equal(up(lorax_jax.dequantize(stack_layers(q))),
+                                up(stack_layers(lorax_jax.dequantize(q))))
+  jax.tree.map(np.testing.assert_array_equal, lorax_jax.dequantize(unstack_layers(stack_layers(q))),
+               lorax_jax.dequantize(q))
 
 
 @pytest.mark.parametrize("variant", ["nf4", "dora"])
@@ -138,7 +142,8 @@ def test_scanned_quantized_or_dora_equals_the_unrolled_model(variant):
   losses = []
   for m, p, c, lo in ((model, params, cfg, lora), scanned_setup(model, params, cfg, lora)):
     f = lorax_jax.lora_transform(m.apply, p, c, strict=True)
-    losses.append(jax.jit(lambda lo, p, f=f: causal_lm_loss_sums(f, p, lo, tokens, weights, prefix_len=PREFIX))(lo, p))
+    loss = lambda lo, p, f=f: causal_lm_loss_sums(f, p, lo, tokens, weights, prefix_len=PREFIX)
+    losses.append(jax.jit(loss)(lo, p))
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
 
 

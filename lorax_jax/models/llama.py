@@ -335,9 +335,10 @@ def stack_layers(tree: Any) -> Any:
   leaves are the layers' leaves stacked on a new leading axis: ``layers[k][i] = layers_i[k]``.
 
   What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree
-  that mirrors the params: the params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of layer ``i`` become slice ``i``
-  of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a stacked kernel), an optimizer
-  state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`) stacks its stored arrays.
+  that mirrors the params: the params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of
+  layer ``i`` become slice ``i`` of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a
+  stacked kernel), an optimizer state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`)
+  stacks its stored arrays.
   One copy, made once, outside any jitted step. `unstack_layers` is its inverse.
 
   Raises:
