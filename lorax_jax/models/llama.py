@@ -24,6 +24,7 @@ decode step compiles once per ``(B, S)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -350,8 +351,19 @@ def stack_layers(tree: Any) -> Any:
 
 def unstack_layers(tree: Any) -> Any:
   """The per-layer tree (``layers_0 .. layers_{n-1}``) of `stack_layers`'s ``layers``: its inverse,
-  for what reads the layers by name (adapter files, checkpoints, the unrolled model)."""
-  return jax.tree.map(_unstack_node, tree, is_leaf=_is_stacked)
+  for what reads the layers by name (adapter files, checkpoints, the unrolled model). The number
+  of layers is the stacked leaves' leading size, shared by every ``layers`` subtree (one without
+  arrays, like an optimizer's masked state, is repeated per layer).
+
+  Raises:
+    ValueError: the stacked leaves differ in leading size.
+  """
+  nodes = [node for node in jax.tree.leaves(tree, is_leaf=_is_stacked) if _is_stacked(node)]
+  sizes = {x.shape[0] for node in nodes for x in jax.tree.leaves(node[STACKED], is_leaf=is_quantized)}
+  if nodes and len(sizes) != 1:
+    raise ValueError(f"unstack_layers: the stacked leaves have leading sizes {sorted(sizes)}, "
+                     "not one layer count")
+  return jax.tree.map(functools.partial(_unstack_node, n=min(sizes, default=0)), tree, is_leaf=_is_stacked)
 
 
 def stack_config(cfg: LoraConfig, params: Any) -> LoraConfig:
@@ -426,11 +438,10 @@ def _stack_leaves(path: Any, *xs: Any) -> Any:
   return jnp.stack(xs)
 
 
-def _unstack_node(node: Any) -> Any:
+def _unstack_node(node: Any, n: int) -> Any:
   if not _is_stacked(node):
     return node
   stacked = node[STACKED]
-  n = jax.tree.leaves(stacked, is_leaf=is_quantized)[0].shape[0]
   layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: _layer(x, i), stacked, is_leaf=is_quantized)
             for i in range(n)}
   return {**{k: v for k, v in node.items() if k != STACKED}, **layers}
