@@ -12,7 +12,8 @@ interleaved round-robin (the order rotates every round); the table gives the med
 lorax_jax rows: "plain" does PEFT's work (logits at every position); "+prompt" runs the shared
 chat prompt once per batch (``prefix_len``), "+targets" the LM head only at trained positions
 (``max_targets``): `lorax_jax.models.causal_lm.causal_lm_loss_sums`; "+scan" the layers as one
-``lax.scan`` (``Llama(scan_layers=True)``); "options" is all three, as ``lorax-jax finetune`` runs
+``lax.scan`` (``Llama(scan_layers=True)`` on the layers stored stacked); "options" is all three,
+as ``lorax-jax finetune`` runs
 with ``--share_prompt``, ``--loss_positions_only`` and ``--scan_layers`` on, with ``max_targets``
 taken from its data (the fortunes through SmolLM2's tokenizer). XLA's
 compiled FLOPs, bytes accessed and temp memory of each JAX step are printed too (deterministic,
@@ -44,6 +45,7 @@ from bench.models import SMOLLM2_CHAT_PROMPT, smollm2
 from bench.variants import Variant, nonzero_lora
 from lorax_jax.files import write_text_atomic
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
+from lorax_jax.models.llama import stack_layers
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LR, CLIP = 2e-3, 1.0
@@ -90,9 +92,15 @@ def finetune_max_targets(batch: int) -> int | None:
 def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray, dropout: float,
              prefix_len: int, max_targets: int | None, scan_layers: bool = False
              ) -> tuple[Variant, Callable[..., Any]]:
-  """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check."""
+  """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check.
+
+  With ``scan_layers`` the layers' params and factors are stored stacked, as finetune trains them
+  (`lorax_jax.apps.finetune.training_layout`); ``loss`` takes the per-layer factors either way."""
+  from lorax_jax.apps.finetune import training_layout
+
   cfg = lorax_jax.LoraConfig(r=8, alpha=16, dropout=dropout, targets=list(TARGETS))
-  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=scan_layers).apply, params, cfg)
+  model, params, lora, cfg = training_layout(scan_layers, model, params, lora, cfg)
+  lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
   opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=0.0))
 
   def loss_fn(lo, params, tokens, weights, rng):
@@ -107,7 +115,8 @@ def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np
 
   args = (lora, opt.init(lora), params, jnp.asarray(tokens), jnp.asarray(weights), jax.random.key(1))
   check = jax.jit(functools.partial(loss_fn, rng=None))
-  return Variant("", step, args), lambda lo: check(lo, params, args[3], args[4])
+  layout = stack_layers if scan_layers else (lambda tree: tree)
+  return Variant("", step, args), lambda lo: check(layout(lo), params, args[3], args[4])
 
 
 def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -107,6 +108,38 @@ def test_work_saving_options_train_the_same(tiny, tmp_path):
                              [l for _, l in checkpoint_state(tmp_path / "plain")["history"]], rtol=1e-5)
   np.testing.assert_allclose([fast["eval_before"], fast["eval_after"]],
                              [plain["eval_before"], plain["eval_after"]], rtol=1e-5)
+  # Trained on stacked layers, saved per layer: the checkpoints and adapters name the same tensors.
+  fast_ckpt, plain_ckpt = (load_file(str(tmp_path / d / finetune.CHECKPOINT)) for d in ("fast", "plain"))
+  assert fast_ckpt.keys() == plain_ckpt.keys() and any("layers_1" in k for k in fast_ckpt)
+  for k in fast_ckpt:
+    assert fast_ckpt[k].shape == plain_ckpt[k].shape, k
+  adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors"))
+              for d in ("fast", "plain")]
+  assert adapters[0].keys() == adapters[1].keys()
+  for k in adapters[0]:  # Adam's normalisation amplifies float rounding in near-zero gradients
+    np.testing.assert_allclose(adapters[0][k], adapters[1][k], atol=1e-3 * np.abs(adapters[1][k]).max(),
+                               err_msg=k)
+
+
+def test_evaluation_has_no_dropout_and_no_warning(tiny):
+  """Evaluation runs `eval_transform` (the config without dropout): the merged model's loss, and no
+  "no key" warning, which a training call without a key still gives."""
+  _, model, params = load_llama(tiny[0])
+  cfg = finetune.lorax_jax.LoraConfig(r=2, alpha=4, dropout=0.5, targets=["q_proj", "v_proj"])
+  lora = jax.tree.map(lambda x: x + 0.1, init_lora(params, cfg, jax.random.key(0)))
+  tokens = np.random.default_rng(0).integers(1, model.config.vocab_size, (2, 9)).astype(np.int32)
+  weights = np.ones(tokens.shape, np.float32)
+  lora_apply = lora_transform(model.apply, params, cfg)
+  _, eval_sums = finetune.make_steps(lora_apply, finetune.optax.sgd(0.0),
+                                     eval_apply=finetune.eval_transform(model.apply, params, cfg))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    total, count = eval_sums(params, lora, tokens, weights)
+  logits = model.apply(finetune.lorax_jax.merge(params, lora, cfg), tokens[:, :-1])
+  ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1)
+  np.testing.assert_allclose([total, count], [float(jnp.sum(ce)), ce.size], rtol=1e-5)
+  with pytest.warns(UserWarning, match="no key reaches the call"):
+    lora_apply(params, lora, tokens)
 
 
 def checkpoint_state(out) -> dict:

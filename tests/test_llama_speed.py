@@ -9,6 +9,7 @@ import pytest
 
 import lorax_jax
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
+from lorax_jax.models.llama import stack_config, stack_layers, unstack_layers
 from tests.test_llama import tiny
 
 PREFIX = 9  # shared input tokens; the 10th token of each row is its first target
@@ -71,29 +72,97 @@ def test_options_equal_the_plain_loss_and_lora_grads(tied):
                                  err_msg=f"{prefix_len=} {max_targets=}")
 
 
+def scanned_setup(model, params, cfg, lora):
+  """The scanned model, its stacked params, the config for them and the stacked LoRA."""
+  return model.clone(scan_layers=True), stack_layers(params), stack_config(cfg, params), stack_layers(lora)
+
+
 def test_scanned_layers_equal_the_unrolled_model():
-  """``scan_layers``: the same params tree, logits, cached decoding, loss and LoRA gradients
-  (also with the work-saving options) as the unrolled layers."""
+  """``scan_layers`` on the stacked params: the logits, cached decoding, loss and LoRA gradients
+  (also with the work-saving options) of the unrolled layers on the per-layer params."""
   model, params, cfg, lora = setup(False)
-  scanned = model.clone(scan_layers=True)
   tokens, weights = chat_batch(model.config.vocab_size)
-  np.testing.assert_allclose(scanned.apply(params, tokens), model.apply(params, tokens), atol=1e-5)
-  for m in (model, scanned):
+  scanned, stacked, stacked_cfg, stacked_lora = scanned_setup(model, params, cfg, lora)
+  # The layouts `axes_from_use` reads off the scanned model's uses.
+  assert stacked_cfg.kernel_axes == lorax_jax.axes_from_use(scanned.apply, stacked, cfg, tokens).kernel_axes
+  np.testing.assert_allclose(scanned.apply(stacked, tokens), model.apply(params, tokens), atol=1e-5)
+  for m, p in ((model, params), (scanned, stacked)):
     cache = m.init_cache(len(tokens), tokens.shape[1])
-    _, cache = m.apply(params, tokens[:, :PREFIX], cache=cache)
-    got, _ = m.apply(params, tokens[:, PREFIX:PREFIX + 1], cache=cache)
+    _, cache = m.apply(p, tokens[:, :PREFIX], cache=cache)
+    got, _ = m.apply(p, tokens[:, PREFIX:PREFIX + 1], cache=cache)
     np.testing.assert_allclose(got[:, 0], model.apply(params, tokens[:, :PREFIX + 1])[:, -1], atol=1e-5)
   k = max_targets_per_batch(weights, len(tokens))
   results = []
-  for m in (model, scanned):
-    lora_apply = lorax_jax.lora_transform(m.apply, params, cfg, strict=True)
+  for m, p, c, lo in ((model, params, cfg, lora), (scanned, stacked, stacked_cfg, stacked_lora)):
+    lora_apply = lorax_jax.lora_transform(m.apply, p, c, strict=True)
     results.append(loss_and_grads(
         lambda p, lo, t, w: causal_lm_loss_sums(lora_apply, p, lo, t, w, prefix_len=PREFIX, max_targets=k),
-        params, lora, tokens, weights))
+        p, lo, tokens, weights))
   (want_loss, want_grads), (got_loss, got_grads) = results
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  got_grads = unstack_layers(got_grads)
+  assert jax.tree.structure(got_grads) == jax.tree.structure(want_grads)
   for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want))))
+
+
+def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
+  model, params, cfg, lora = setup(False)
+  n = model.config.num_hidden_layers
+  for tree in (params, lora, model.init_cache(2, 8)):
+    stacked = stack_layers(tree)
+    jax.tree.map(np.testing.assert_array_equal, unstack_layers(stacked), tree)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(stacked)]
+    assert paths and not any("layers_" in p for p in paths)
+  stacked = stack_layers(lora)["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  for i in range(n):
+    layer = lora["params"]["model"][f"layers_{i}"]["self_attn"]["q_proj"]["kernel"]
+    for side in ("a", "b"):
+      np.testing.assert_array_equal(stacked[side][i], layer[side])
+  # A quantized base stacks its stored blocks: dequantizing commutes with stacking.
+  q = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  up = lambda tree: tree["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_array_equal(up(lorax_jax.dequantize(stack_layers(q))),
+                                up(stack_layers(lorax_jax.dequantize(q))))
+  jax.tree.map(np.testing.assert_array_equal, lorax_jax.dequantize(unstack_layers(stack_layers(q))),
+               lorax_jax.dequantize(q))
+
+
+@pytest.mark.parametrize("variant", ["nf4", "dora"])
+def test_scanned_quantized_or_dora_equals_the_unrolled_model(variant):
+  """A quantized base (QLoRA: stacked with its stored blocks) or DoRA (its magnitudes stacked):
+  the unrolled model's loss (strict: the engine follows both into the scan, no fallback)."""
+  model, params, cfg, lora = setup(False)
+  if variant == "nf4":
+    params = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  else:
+    cfg = cfg.replace(use_dora=True)
+    lora = jax.tree.map(lambda x: x + 0.05, lorax_jax.init_lora(params, cfg, jax.random.key(1)))
+  tokens, weights = chat_batch(model.config.vocab_size)
+  losses = []
+  for m, p, c, lo in ((model, params, cfg, lora), scanned_setup(model, params, cfg, lora)):
+    f = lorax_jax.lora_transform(m.apply, p, c, strict=True)
+    loss = lambda lo, p, f=f: causal_lm_loss_sums(f, p, lo, tokens, weights, prefix_len=PREFIX)
+    losses.append(jax.jit(loss)(lo, p))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+
+
+def test_wrong_layer_layout_is_an_error_naming_the_helper():
+  model, params, cfg, _ = setup(False)
+  with pytest.raises(ValueError, match="layers_to_transform=1 .*without scan_layers"):
+    stack_config(cfg.replace(layers_to_transform=1), params)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match=r"stack_layers\(params\)"):
+    model.clone(scan_layers=True).apply(params, tokens)
+  with pytest.raises(ValueError, match=r"unstack_layers\(params\)"):
+    model.apply(stack_layers(params), tokens)
+  broken = jax.tree.map(lambda x: x, params)
+  broken["params"]["model"]["layers_1"]["mlp"]["up_proj"]["kernel"] = jnp.zeros((3, 3))
+  with pytest.raises(ValueError, match=r"'mlp'\]\['up_proj'\]\['kernel'\].*differ in shape"):
+    stack_layers(broken)
+  del broken["params"]["model"]["layers_0"]
+  with pytest.raises(ValueError, match=r"not numbered 0\.\."):
+    stack_layers(broken)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -103,8 +172,10 @@ def test_remat_gives_the_same_loss_and_grads(scan):
   (XLA's count; unrolled, XLA's CPU backend schedules the recomputation early and saves ~5%)."""
   model, params, cfg, lora = setup(False)
   tokens, weights = chat_batch(model.config.vocab_size, batch=8, length=48)
+  if scan:
+    model, params, cfg, lora = scanned_setup(model, params, cfg, lora)
   results, temps = [], []
-  for m in (model.clone(scan_layers=scan), model.clone(scan_layers=scan, remat=True)):
+  for m in (model, model.clone(remat=True)):
     lora_apply = lorax_jax.lora_transform(m.apply, params, cfg, strict=True)
     loss_sums = lambda p, lo, t, w, f=lora_apply: causal_lm_loss_sums(f, p, lo, t, w)
     results.append(loss_and_grads(loss_sums, params, lora, tokens, weights))

@@ -40,7 +40,7 @@ from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import write_atomic, write_text_atomic
 from lorax_jax.generate import generate
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
-from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
+from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -330,13 +330,16 @@ def make_optimizer(s: Settings) -> optax.GradientTransformation:
 
 
 def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
-               prefix_len: int = 0, max_targets: int | None = None):
+               prefix_len: int = 0, max_targets: int | None = None,
+               eval_apply: Callable[..., Any] | None = None):
   """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
   and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
   with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
-  differentiated, never baked into the compiled code."""
-  def loss_sums(params, lora, tokens, weights, rng):
-    return causal_lm_loss_sums(lora_apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
+  differentiated, never baked into the compiled code. ``eval_apply`` (default ``lora_apply``)
+  is the transform evaluation runs: `eval_transform`'s, so that evaluation, which has no dropout
+  key by design, is not warned about one."""
+  def loss_sums(params, lora, tokens, weights, rng, apply=lora_apply):
+    return causal_lm_loss_sums(apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
                                max_targets=max_targets)
 
   def loss_fn(lora, params, tokens, weights, rng):
@@ -349,9 +352,26 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
     return optax.apply_updates(lora, updates), opt_state, loss
 
   def eval_sums(params, lora, tokens, weights):
-    return loss_sums(params, lora, tokens, weights, None)
+    return loss_sums(params, lora, tokens, weights, None, eval_apply or lora_apply)
 
   return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+
+
+def eval_transform(apply_fn: Callable[..., Any], params: Any, cfg: lorax_jax.LoraConfig) -> Callable[..., Any]:
+  """The LoRA transform for evaluation: ``cfg`` without dropout (PEFT's ``model.eval()``)."""
+  return lorax_jax.lora_transform(apply_fn, params, cfg.replace(dropout=0.0))
+
+
+def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: lorax_jax.LoraConfig
+                    ) -> tuple[Any, Any, Any, lorax_jax.LoraConfig]:
+  """``(model, params, lora, cfg)`` as training runs them: with ``scan_layers`` the scanned model
+  on the layers' params and factors stacked once, here (`stack_layers`: the same factors, so
+  the jitted step reads the layers in place and copies nothing per call), and ``cfg`` with the
+  stacked kernels' layouts (`stack_config`); else unchanged. `unstack_layers` gives
+  back the per-layer trees that checkpoints, adapters and sampling use."""
+  if not scan_layers:
+    return model, params, lora, cfg
+  return model.clone(scan_layers=True), stack_layers(params), stack_layers(lora), stack_config(cfg, params)
 
 
 def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, examples: Examples,
@@ -519,19 +539,23 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
-  optimizer = make_optimizer(s)
-  opt_state = optimizer.init(lora)
-  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=s.scan_layers).apply, params, cfg)
-  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out))
-  ckpt = os.path.join(s.out_dir, CHECKPOINT)
   print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
+  train_model, params, lora, train_cfg = training_layout(s.scan_layers, model, params, lora, cfg)
+  optimizer = make_optimizer(s)
+  opt_state = optimizer.init(lora)
+  lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
+  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out),
+                                     eval_apply=eval_transform(train_model.apply, params, train_cfg))
+  ckpt = os.path.join(s.out_dir, CHECKPOINT)
 
   if checkpoint is not None:
     state, tensors = checkpoint
-    lora, opt_state = restore(ckpt, tensors, lora, opt_state)
+    lora, opt_state = restore(ckpt, tensors, unstack_layers(lora), unstack_layers(opt_state))
+    if s.scan_layers:
+      lora, opt_state = stack_layers(lora), stack_layers(opt_state)
     print(f"resuming {ckpt} at step {state['step']}")
   else:
     if os.path.isfile(ckpt):
@@ -550,11 +574,12 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
   if state["step"] < s.steps:
     print(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
-    return {**state, "lora": lora}
+    return {**state, "lora": unstack_layers(lora)}
 
   t = time.perf_counter()
   eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size)
-  samples_after = sample(model, params, tokenizer, s, lora, cfg)
+  lora = unstack_layers(lora)
+  samples_after = sample(model, unstack_layers(params), tokenizer, s, lora, cfg)
   print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
   lorax_jax.save_adapter(os.path.join(s.out_dir, "adapter"), lora, cfg, original, LLAMA_PATH_MAP,
                          base_model_name_or_path=base_model_name, task_type="CAUSAL_LM", initial=initial)
@@ -603,8 +628,8 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
     state["step"] = step + 1
     state["history"].append((step + 1, loss))
     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['train_tokens'] / max(state['train_seconds'], 1e-9):.0f}")
-    if state["step"] % s.save_every == 0 or state["step"] == stop:
-      save_checkpoint(ckpt, lora, opt_state, state)
+    if state["step"] % s.save_every == 0 or state["step"] == stop:  # per-layer names, scanned or not
+      save_checkpoint(ckpt, unstack_layers(lora), unstack_layers(opt_state), state)
   bar.close()
   return lora, opt_state, state
 

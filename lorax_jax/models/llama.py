@@ -24,6 +24,8 @@ decode step compiles once per ``(B, S)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,8 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax_jax.config import LoraConfig
 from lorax_jax.models import hf
 from lorax_jax.pathmap import PathMap
+from lorax_jax.quantize import QArray, is_quantized
+from lorax_jax.targets import find_targets
 
 Cache = dict[str, Any]
 
@@ -205,13 +210,15 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
   """Embedding, ``num_hidden_layers`` decoder layers (``layers_{i}``) and a final norm.
 
-  With ``scan_layers`` the layers run as one ``jax.lax.scan`` over their params stacked at the
-  call (the params tree keeps one ``layers_{i}`` per layer), so XLA compiles one layer instead of
-  ``num_hidden_layers`` copies: the same numbers, a fraction of the compile time. With ``remat``
-  each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs and recomputes
-  each layer's activations from its input (the same numbers, about one more forward pass of work,
-  a fraction of the activation memory with ``scan_layers``; unrolled, XLA's CPU backend schedules
-  the recomputation early and saves little).
+  With ``scan_layers`` the layers run as one ``jax.lax.scan`` over their params stored stacked:
+  one subtree ``layers`` whose leaves have a leading axis of ``num_hidden_layers``
+  (`stack_layers` of the per-layer tree that ``init`` and the loaders give), so XLA compiles one
+  layer instead of ``num_hidden_layers`` copies and a jitted step reads the stacked weights in
+  place (no per-call copy of the weights; the small cache stays per layer). With
+  ``remat`` each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs
+  and recomputes each layer's activations from its input (the same numbers, about one more
+  forward pass of work, a fraction of the activation memory with ``scan_layers``; unrolled, XLA's
+  CPU backend schedules the recomputation early and saves little).
   """
 
   config: LlamaConfig
@@ -229,18 +236,28 @@ class LlamaModel(nn.Module):
 
   def __call__(self, tokens, positions, key_mask, index, cache):
     x = self.embed_tokens(tokens)
-    names = [f"layers_{i}" for i in range(len(self.layers))]
-    if self.scan_layers and not self.is_initializing():
-      return self._scanned(x, positions, key_mask, index, cache, names)
+    if self.is_initializing():  # init creates the per-layer tree, scanned or not
+      return self._unrolled(x, positions, key_mask, index, cache)
+    stacked = STACKED in self.variables["params"]
+    if stacked != self.scan_layers:
+      helper = "stack_layers" if self.scan_layers else "unstack_layers"
+      raise ValueError(
+          f"Llama(scan_layers={self.scan_layers}) got its layers' params "
+          f"{'stacked (params/model/layers)' if stacked else 'per layer (params/model/layers_{i})'}: "
+          f"convert them once with lorax_jax.models.llama.{helper}(params)")
+    if self.scan_layers:
+      return self._scanned(x, positions, key_mask, index, cache)
+    return self._unrolled(x, positions, key_mask, index, cache)
+
+  def _unrolled(self, x, positions, key_mask, index, cache):
     new_cache = {}
-    for name, layer in zip(names, self.layers):
+    for i, layer in enumerate(self.layers):
+      name = f"layers_{i}"
       x, new_cache[name] = layer(x, positions, key_mask, index, None if cache is None else cache[name])
     return self.norm(x), new_cache
 
-  def _scanned(self, x, positions, key_mask, index, cache, names):
-    """The layers as one scan over their stacked params (and stacked cache slots)."""
-    stack = lambda *trees: jax.tree.map(lambda *xs: jnp.concatenate([x[None] for x in xs]), *trees)
-    params = stack(*[self.variables["params"][name] for name in names])
+  def _scanned(self, x, positions, key_mask, index, cache):
+    """The layers as one scan over their stacked params (and the cache's slots, stacked per call)."""
     layer = DecoderLayer(self.config, self.dtype, parent=None)
 
     def body(x, slices):
@@ -249,10 +266,9 @@ class LlamaModel(nn.Module):
 
     if self.remat:
       body = jax.checkpoint(body)
-    x, new_cache = jax.lax.scan(body, x, (params, None if cache is None else stack(*[cache[n] for n in names])))
-    new_cache = {} if new_cache is None else {n: jax.tree.map(lambda c, i=i: c[i], new_cache)
-                                             for i, n in enumerate(names)}
-    return self.norm(x), new_cache
+    x, new_cache = jax.lax.scan(body, x, (self.variables["params"][STACKED],
+                                          None if cache is None else stack_layers(cache)[STACKED]))
+    return self.norm(x), {} if new_cache is None else unstack_layers({STACKED: new_cache})
 
 
 class Llama(nn.Module):
@@ -309,6 +325,134 @@ class Llama(nn.Module):
     layers = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
               for i in range(c.num_hidden_layers)}
     return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **layers}
+
+
+STACKED = "layers"
+"""The key of the stacked layers' subtree (`stack_layers`), beside ``embed_tokens`` and ``norm``."""
+
+
+def stack_layers(tree: Any) -> Any:
+  """The tree with every run of ``layers_0 .. layers_{n-1}`` replaced by one subtree ``layers`` whose
+  leaves are the layers' leaves stacked on a new leading axis: ``layers[k][i] = layers_i[k]``.
+
+  What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree
+  that mirrors the params: the params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of
+  layer ``i`` become slice ``i`` of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a
+  stacked kernel), an optimizer state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`)
+  stacks its stored arrays.
+  One copy, made once, outside any jitted step. `unstack_layers` is its inverse.
+
+  Raises:
+    ValueError: the layer numbers are not ``0 .. n-1``, or the layers' trees, shapes or quantized
+      formats differ (the message names the first such leaf).
+  """
+  return jax.tree.map(_stack_node, tree, is_leaf=_is_per_layer)
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The per-layer tree (``layers_0 .. layers_{n-1}``) of `stack_layers`'s ``layers``: its inverse,
+  for what reads the layers by name (adapter files, checkpoints, the unrolled model). The number
+  of layers is the stacked leaves' leading size, shared by every ``layers`` subtree (one without
+  arrays, like an optimizer's masked state, is repeated per layer).
+
+  Raises:
+    ValueError: the stacked leaves differ in leading size.
+  """
+  nodes = [node for node in jax.tree.leaves(tree, is_leaf=_is_stacked) if _is_stacked(node)]
+  sizes = {x.shape[0] for node in nodes for x in jax.tree.leaves(node[STACKED], is_leaf=is_quantized)}
+  if nodes and len(sizes) != 1:
+    raise ValueError(f"unstack_layers: the stacked leaves have leading sizes {sorted(sizes)}, "
+                     "not one layer count")
+  return jax.tree.map(functools.partial(_unstack_node, n=min(sizes, default=0)), tree, is_leaf=_is_stacked)
+
+
+def stack_config(cfg: LoraConfig, params: Any) -> LoraConfig:
+  """``cfg`` for `stack_layers` of the per-layer ``params``: the same targets with the same rank,
+  alpha and factors, named by their stacked paths.
+
+  ``targets`` lists each target's exact path (so a rule that reads shapes, like ``all-linear``,
+  cannot pick up a stacked norm), ``rank_pattern`` and ``alpha_pattern`` give each its ``r`` and
+  ``alpha``, and ``kernel_axes`` its layout (`Target.axes`), a layer target's with the stack axis
+  first (``"io"`` -> ``"sio"``).
+
+  Raises:
+    ValueError: ``cfg.layers_to_transform`` is set (some layers only: train them unrolled).
+  """
+  if cfg.layers_to_transform is not None:
+    raise ValueError(f"stack_config: LoraConfig.layers_to_transform={cfg.layers_to_transform} adapts some "
+                     "layers only, which stacked factors cannot hold: run without scan_layers")
+
+  targets = {}  # stacked path (a regex matching it alone) -> its layout and one layer's target
+  for path, t in find_targets(params, cfg).items():
+    layered = any(_LAYER_KEY.fullmatch(k) for k in path)
+    name = re.escape("/".join(STACKED if _LAYER_KEY.fullmatch(k) else k for k in path))
+    targets[name] = ("s" if layered else "") + t.axes, t
+  return cfg.replace(targets=list(targets), exclude=None,
+                     rank_pattern={k: t.rank for k, (_, t) in targets.items()},
+                     alpha_pattern={k: t.alpha for k, (_, t) in targets.items()},
+                     kernel_axes={k: axes for k, (axes, _) in targets.items()})
+
+
+_LAYER_KEY = re.compile(r"layers_\d+")
+
+
+def _is_per_layer(node: Any) -> bool:
+  return isinstance(node, Mapping) and any(isinstance(k, str) and _LAYER_KEY.fullmatch(k) for k in node)
+
+
+def _is_stacked(node: Any) -> bool:
+  return isinstance(node, Mapping) and isinstance(node.get(STACKED), Mapping)
+
+
+def _stack_node(node: Any) -> Any:
+  if not _is_per_layer(node):
+    return node
+  numbers = sorted(int(k[len("layers_"):]) for k in node if _LAYER_KEY.fullmatch(k))
+  if numbers != list(range(len(numbers))):
+    raise ValueError(f"stack_layers: layers {numbers} are not numbered 0..{len(numbers) - 1}")
+  layers = [node[f"layers_{i}"] for i in numbers]
+  structures = [jax.tree.structure(layer, is_leaf=is_quantized) for layer in layers]
+  for i, structure in enumerate(structures):
+    if structure != structures[0]:
+      raise ValueError(f"stack_layers: layers_{i} holds {structure}, unlike layers_0's {structures[0]}")
+  rest = {k: v for k, v in node.items() if not _LAYER_KEY.fullmatch(k)}
+  stacked = jax.tree_util.tree_map_with_path(_stack_leaves, *layers, is_leaf=is_quantized)
+  return {**rest, STACKED: stacked}
+
+
+def _stack_leaves(path: Any, *xs: Any) -> Any:
+  where = jax.tree_util.keystr(path)
+  if is_quantized(xs[0]):
+    meta = {(x.fmt, x.shape, x.dtype, x.block_size, x.axis) for x in xs}
+    if len(meta) > 1:
+      raise ValueError(f"stack_layers: the layers' quantized {where} differ in format or shape "
+                       f"({sorted(map(str, meta))}); quantize them alike, or run without scan_layers")
+    q = xs[0]
+    children = [None if getattr(q, n) is None else jnp.stack([getattr(x, n) for x in xs])
+                for n in QArray.CHILDREN]
+    return QArray(*children, fmt=q.fmt, shape=(len(xs), *q.shape), dtype=q.dtype, block_size=q.block_size,
+                  axis=q.axis + 1 if q.axis >= 0 else q.axis)
+  shapes = {np.shape(x) for x in xs}
+  if len(shapes) > 1:
+    raise ValueError(f"stack_layers: the layers' {where} differ in shape ({sorted(shapes)})")
+  return jnp.stack(xs)
+
+
+def _unstack_node(node: Any, n: int) -> Any:
+  if not _is_stacked(node):
+    return node
+  stacked = node[STACKED]
+  layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: _layer(x, i), stacked, is_leaf=is_quantized)
+            for i in range(n)}
+  return {**{k: v for k, v in node.items() if k != STACKED}, **layers}
+
+
+def _layer(x: Any, i: int) -> Any:
+  if not is_quantized(x):
+    return x[i]
+  children = [None if getattr(x, n) is None else getattr(x, n)[i] for n in QArray.CHILDREN]
+  return QArray(*children, fmt=x.fmt, shape=x.shape[1:], dtype=x.dtype, block_size=x.block_size,
+                axis=x.axis - 1 if x.axis >= 0 else x.axis)
 
 
 def _path_map() -> PathMap:
