@@ -88,6 +88,7 @@ class Settings:
   share_prompt: bool
   loss_positions_only: bool
   scan_layers: bool
+  remat: bool
 
   def __post_init__(self):
     settings.check([
@@ -521,7 +522,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
-  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=s.scan_layers).apply, params, cfg)
+  lora_apply = lorax_jax.lora_transform(model.clone(scan_layers=s.scan_layers, remat=s.remat).apply, params, cfg)
   train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out))
   ckpt = os.path.join(s.out_dir, CHECKPOINT)
   print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
