@@ -45,7 +45,8 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
    custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
    residual (QLoRA: ``y = x·deq(Q) + s·(x·A)·B``). An embedding lookup of a table blocked along
-   its features gathers the rows' blocks and dequantizes only those; scan slices the stored
+   its features gathers the rows' blocks and dequantizes only those (and a product with a
+   table over 4 MiB in float along its rows, the tied head, runs over chunks of its rows); scan slices the stored
    blocks of a stacked kernel.
 
 The compiled programs are cached per argument structure and the type and value of each static
@@ -1032,6 +1033,10 @@ def _quantized_use(eqn: jex.core.JaxprEqn, invals: Sequence[Any], params: dict[s
     rows = _gather_rows(eqn, *invals)
     if rows is not None:
       return [rows]
+  if eqn.primitive.name == "dot_general" and not params:
+    out = _chunked_dot(eqn, invals)
+    if out is not None:
+      return [out]
   return _dequantized_use(lambda *vals: _bind(eqn, vals, **params), invals)
 
 
@@ -1122,6 +1127,49 @@ def _gather_rows(eqn: jex.core.JaxprEqn, k: Any, ids: Any) -> jax.Array | None:
   for cast, _ in k.ops:
     rows = _bind(cast, [rows])[0]
   return rows
+
+
+_CHUNK_BYTES = 4 << 20  # a quantized kernel larger than this in float is multiplied in chunks of its rows
+
+
+def _chunked_dot(eqn: jex.core.JaxprEqn, invals: Sequence[Any]) -> jax.Array | None:
+  """A ``dot_general`` with one quantized kernel over ``_CHUNK_BYTES`` in float whose stored rows
+  (axis 0, not blocked) are a free axis of the product: the tied head ``h @ E.T`` of a GGUF
+  embedding. ``out = concat_c (x · deq(Q[rows_c]))`` along that axis, as a ``lax.map`` over row
+  chunks of at most ``_CHUNK_BYTES`` in float, each a ``jax.checkpoint`` (dequantized again in the
+  backward pass): one chunk at a time exists in float instead of the whole table (113 MB for
+  SmolLM2's). None when the layout does not allow it (blocks along the rows, double
+  quantization, a pending layout other than casts and transposes, rows contracted)."""
+  which = [n for n, x in enumerate(invals) if isinstance(x, QuantizedKernel)]
+  if len(which) != 1:
+    return None
+  i, k = which[0], invals[which[0]]
+  q, rows = k.q, k.q.shape[0]
+  row_bytes = k.size // rows * jnp.dtype(k.dtype).itemsize
+  if (q.axis == 0 or q.scale_absmax is not None or rows * row_bytes <= _CHUNK_BYTES
+      or any(e.primitive.name not in ("convert_element_type", "transpose") for e, _ in k.ops)):
+    return None
+  axis = 0  # where the stored rows are in the kernel the model sees
+  for e, _ in k.ops:
+    if e.primitive.name == "transpose":
+      axis = list(e.params["permutation"]).index(axis)
+  contract, batch = eqn.params["dimension_numbers"]
+  if axis in contract[i] or axis in batch[i]:
+    return None
+  free = [[d for d in range(len(x.shape)) if d not in (*contract[n], *batch[n])] for n, x in enumerate(invals)]
+  out_axis = len(batch[0]) + (free[0].index(axis) if i == 0 else len(free[0]) + free[1].index(axis))
+  chunks = next(c for c in range(-(-rows * row_bytes // _CHUNK_BYTES), rows + 1) if rows % c == 0)
+  stored = [None if x is None else x.reshape(chunks, rows // chunks, *x.shape[1:]) for x in (q.data, q.scale, q.zero)]
+
+  def product(part):
+    w = QArray(*part, fmt=q.fmt, shape=(rows // chunks, *q.shape[1:]), dtype=q.dtype, block_size=q.block_size,
+               axis=q.axis).dequantize()
+    for e, _ in k.ops:
+      w = _bind(e, [w])[0]
+    return _bind(eqn, [w if n == i else x for n, x in enumerate(invals)])[0]
+
+  out = lax.map(jax.checkpoint(product), stored)
+  return jnp.moveaxis(out, 0, out_axis).reshape(eqn.outvars[0].aval.shape)
 
 
 def _slice_quantized(k: QuantizedKernel) -> tuple[Any, Callable[[Any], QuantizedKernel] | None]:

@@ -317,9 +317,14 @@ def gguf_llama(config: LlamaConfig, seed: int = 0):
   return model, jax.tree_util.tree_map_with_path(blocks, params), ids
 
 
-def test_engine_quantized_embedding_lookup_and_tied_head():
+@pytest.mark.parametrize("chunk_bytes", [None, 4096])
+def test_engine_quantized_embedding_lookup_and_tied_head(chunk_bytes, monkeypatch):
   """A Q8_0 embedding: its lookup gathers the rows' blocks (targeted too: LoRA on the lookup and
-  the tied head ``h @ Eᵀ`` dequantized at its use), equal to the merged dequantized model."""
+  the tied head ``h @ Eᵀ`` dequantized at its use), equal to the merged dequantized model. With
+  ``chunk_bytes`` (a table over ``transform._CHUNK_BYTES`` in float) the head runs as a map over
+  chunks of the table's rows (`transform._chunked_dot`): the same outputs and gradients."""
+  if chunk_bytes is not None:
+    monkeypatch.setattr(lj.transform, "_CHUNK_BYTES", chunk_bytes)
   config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
   model, qparams, ids = gguf_llama(config)
@@ -334,6 +339,7 @@ def test_engine_quantized_embedding_lookup_and_tied_head():
   reference = lambda lo: jnp.mean(jnp.sin(ref_apply(params, lo, ids)))
   _close(jax.jit(loss)(lora), reference(lora))
   _close(jax.jit(jax.grad(loss))(lora), jax.grad(reference)(lora))
+  assert ("scan" in str(jax.make_jaxpr(loss)(lora))) == (chunk_bytes is not None)
   base = lj.lora_transform(model.apply, qparams, cfg)(qparams, lj.init_lora(qparams, cfg, jax.random.key(0)), ids)
   _close(base, model.apply(params, ids))
 
@@ -388,18 +394,24 @@ def smollm2_shaped(layers: int = 2, vocab: int = 3072):
 
 
 def test_main_job_step_memory_on_a_gguf_base():
-  """The main job's train step (finetune defaults) with the Q4_1/Q8_0 base kept quantized, against the
-  float32 base dequantized from the same blocks (XLA's ``memory_analysis``): argument bytes <= 0.25x
-  (measured 0.195x), and temporary bytes at most the float step's plus a quarter of the kernels in
-  float (measured +2.2 MB over 63.3 MB; the kernels are 35 MB in float). The full-size ratios are in
+  """The main job's train step as QLoRA runs it (finetune defaults: the shared prompt once, the LM
+  head at the trained positions; ``remat``), the Q4_1/Q8_0 base kept quantized, against the float32
+  base dequantized from the same blocks with the same options (XLA's ``memory_analysis``):
+  argument bytes <= 0.25x (measured 0.195x), and temporaries at most the float step's plus a
+  quarter of the kernels in float (measured +8.4 MB over 26.9 MB; the kernels are 35 MB in float,
+  the tied head's table runs in chunks, `transform._chunked_dot`). The full-size numbers are in
   BENCHMARKS.md, from ``python -m bench.qlora``."""
+  from bench.main import chat_batch
   from bench.qlora import compiled_memory, main_job_step
   from lorax_jax.apps import finetune
+  from lorax_jax.models.causal_lm import max_targets_per_batch
   model, qparams, _ = smollm2_shaped()
   params = Q.dequantize(qparams)
   s, _ = finetune.parse_args([])
-  mem = {name: compiled_memory(*main_job_step(model, p, s)) for name, p in (("float32", params), ("gguf", qparams))}
-  f, q = mem["float32"], mem["gguf"]
+  vocab = model.config.vocab_size
+  tokens, weights, prefix_len = chat_batch(vocab, s.batch_size, s.seq_len)
+  batch = (jnp.asarray(tokens % vocab), jnp.asarray(weights), prefix_len, max_targets_per_batch(weights, s.batch_size))
+  f, q = (compiled_memory(*main_job_step(model, p, s, batch, remat=True)) for p in (params, qparams))
   kernels = sum(x.size * 4 for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x))
   assert q["argument"] <= 0.25 * f["argument"], (q["argument"], f["argument"])
   assert q["temp"] <= f["temp"] + kernels / 4, (q["temp"], f["temp"], kernels)

@@ -88,6 +88,7 @@ class Settings:
   share_prompt: bool
   loss_positions_only: bool
   scan_layers: bool
+  remat: bool
 
   def __post_init__(self):
     settings.check([
@@ -543,7 +544,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
-  train_model, params, lora, train_cfg = training_layout(s.scan_layers, model, params, lora, cfg)
+  train_model, params, lora, train_cfg = training_layout(s.scan_layers, model.clone(remat=s.remat), params, lora,
+                                                          cfg)
   optimizer = make_optimizer(s)
   opt_state = optimizer.init(lora)
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
