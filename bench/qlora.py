@@ -86,7 +86,8 @@ def qwix_step(model: Any, s: finetune.Settings, batch: tuple[Any, ...], remat: b
   names = "|".join(finetune.settings.lora_targets(s.targets))
   provider = qwix.LoraProvider(module_path=f".*({names})", rank=s.r, alpha=float(s.alpha), dropout=s.dropout,
                                weight_qtype="nf4")
-  qmodel = qwix.apply_lora_to_model(model.clone(scan_layers=False, remat=remat), provider)
+  qmodel = qwix.apply_lora_to_model(model.clone(scan_layers=False, remat=remat), provider,
+                                    methods=("__call__", "hidden", "logits"))  # what the loss calls
   variables = qmodel.init(jax.random.key(0), tokens[:, :-1])
   lora = {"params": _lora_part(variables["params"], True)}
   frozen = {"params": _lora_part(variables["params"], False)}
