@@ -109,6 +109,21 @@ class QArray:
     fmt, shape, dtype, block_size, axis = aux
     return cls(*children, fmt=fmt, shape=shape, dtype=dtype, block_size=block_size, axis=axis)
 
+  @classmethod
+  def stack(cls, xs: Sequence[QArray]) -> QArray:
+    """``xs`` (alike in format, shape and blocking) stacked on a new leading axis: their stored
+    arrays stacked, the blocked axis moved one on. `layer` is its inverse."""
+    q = xs[0]
+    children = [None if getattr(q, n) is None else jnp.stack([getattr(x, n) for x in xs]) for n in cls.CHILDREN]
+    return cls(*children, fmt=q.fmt, shape=(len(xs), *q.shape), dtype=q.dtype, block_size=q.block_size,
+               axis=q.axis + 1 if q.axis >= 0 else q.axis)
+
+  def layer(self, children: Sequence[Any]) -> QArray:
+    """One slice along the leading (unblocked) axis, from ``children``: the stored arrays (in
+    `CHILDREN` order; missing ones None) sliced alike on their leading axis."""
+    return QArray(*children, fmt=self.fmt, shape=self.shape[1:], dtype=self.dtype,
+                  block_size=self.block_size, axis=self.axis - 1 if self.axis >= 0 else self.axis)
+
   @property
   def ndim(self) -> int:
     return len(self.shape)

@@ -1180,10 +1180,7 @@ def _slice_quantized(k: QuantizedKernel) -> tuple[Any, Callable[[Any], Quantized
   if k.ops or q.axis == 0 or q.scale_absmax is not None:
     return k.dequantize(), None
 
-  def rebuild(children: tuple[Any, ...]) -> QuantizedKernel:
-    return QuantizedKernel.of(QArray(*children, fmt=q.fmt, shape=q.shape[1:], dtype=q.dtype,
-                                     block_size=q.block_size, axis=q.axis - 1))
-  return (q.data, q.scale, q.zero), rebuild
+  return (q.data, q.scale, q.zero), lambda children: QuantizedKernel.of(q.layer(children))
 
 
 _RULES: dict[str, Callable[..., list[Any]]] = {

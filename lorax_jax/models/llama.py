@@ -427,11 +427,7 @@ def _stack_leaves(path: Any, *xs: Any) -> Any:
     if len(meta) > 1:
       raise ValueError(f"stack_layers: the layers' quantized {where} differ in format or shape "
                        f"({sorted(map(str, meta))}); quantize them alike, or run without scan_layers")
-    q = xs[0]
-    children = [None if getattr(q, n) is None else jnp.stack([getattr(x, n) for x in xs])
-                for n in QArray.CHILDREN]
-    return QArray(*children, fmt=q.fmt, shape=(len(xs), *q.shape), dtype=q.dtype, block_size=q.block_size,
-                  axis=q.axis + 1 if q.axis >= 0 else q.axis)
+    return QArray.stack(xs)
   shapes = {np.shape(x) for x in xs}
   if len(shapes) > 1:
     raise ValueError(f"stack_layers: the layers' {where} differ in shape ({sorted(shapes)})")
@@ -450,9 +446,7 @@ def _unstack_node(node: Any, n: int) -> Any:
 def _layer(x: Any, i: int) -> Any:
   if not is_quantized(x):
     return x[i]
-  children = [None if getattr(x, n) is None else getattr(x, n)[i] for n in QArray.CHILDREN]
-  return QArray(*children, fmt=x.fmt, shape=x.shape[1:], dtype=x.dtype, block_size=x.block_size,
-                axis=x.axis - 1 if x.axis >= 0 else x.axis)
+  return x.layer([None if getattr(x, n) is None else getattr(x, n)[i] for n in QArray.CHILDREN])
 
 
 def _path_map() -> PathMap:
