@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -64,6 +65,40 @@ def test_bad_gguf_files(tmp_path):
   with pytest.raises(ValueError, match="not a readable GGUF file"):
     G.load_gguf(str(bad), cache=str(tmp_path / "cache"))
   assert not (tmp_path / "cache").exists() or not os.listdir(tmp_path / "cache")
+
+
+def test_reader_agrees_with_the_gguf_package(smollm2):
+  """`G._open` against ``gguf.GGUFReader`` on SmolLM2's file: every metadata value (and its Python
+  type) and every tensor's name, type, shape and bytes."""
+  gguf = pytest.importorskip("gguf")
+  path = G.smollm2_path()
+  metadata, tensors = G._open(path)
+  reader = gguf.GGUFReader(path)
+  want = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+  assert metadata.keys() == want.keys()
+  for key, value in want.items():
+    assert metadata[key] == value and type(metadata[key]) is type(value), key
+  assert [t.name for t in tensors] == [t.name for t in reader.tensors]
+  for got, ref in zip(tensors, reader.tensors):
+    assert got.tensor_type == ref.tensor_type and got.data.dtype == ref.data.dtype, got.name
+    np.testing.assert_array_equal(got.data, ref.data, err_msg=got.name)
+
+
+def test_truncated_or_lying_gguf_headers_are_errors(smollm2, tmp_path):
+  """Every prefix of a real header, and counts or lengths that point past the end, are one-line
+  errors, never a hang or a huge allocation."""
+  head = bytes(np.memmap(G.smollm2_path(), np.uint8, mode="r")[:4096])
+  for n in (3, 8, 20, 24, 40, 100, 1000, 4096):
+    bad = tmp_path / f"cut{n}.gguf"
+    bad.write_bytes(head[:n])
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+      G._open(str(bad))
+  for lie in (struct.pack("<4sIQQ", b"GGUF", 3, 0, 2**63) + struct.pack("<Q", 2**62),  # a key's length
+              struct.pack("<4sIQQ", b"GGUF", 3, 2**40, 0)):                            # a tensor count
+    bad = tmp_path / "lie.gguf"
+    bad.write_bytes(lie)
+    with pytest.raises(ValueError, match="not a readable GGUF file"):
+      G._open(str(bad))
 
 
 @pytest.mark.parametrize("change, message", [

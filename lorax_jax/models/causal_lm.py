@@ -2,7 +2,8 @@
 
 ``causal_lm_loss_sums`` computes ``(Σ_{b,t} w[b,t+1] · CE(logits[b,t], tokens[b,t+1]), Σ w[b,1:])``,
 the next-token cross-entropy weighted per target, for a model with ``hidden`` (final-norm
-states, with a KV cache) and ``logits`` (the LM head) methods, such as `lorax_jax.models.llama.Llama`.
+states), ``after_prefix`` (the same for rows continuing a shared prefix) and ``logits`` (the LM
+head) methods, such as `lorax_jax.models.llama.Llama`.
 Two options give the same numbers (to float rounding) with less work:
 
 - ``max_targets=K``: the LM head and softmax run only on the (at most ``K``) positions whose
@@ -10,8 +11,9 @@ Two options give the same numbers (to float rounding) with less work:
   (``576 x 49,152``) is a fifth of the forward's FLOPs per position, and a chat fine-tune trains
   on the answer alone.
 - ``prefix_len=P``: the first ``P`` input tokens are the same in every row (a chat prompt) and
-  carry no loss; they run once, with batch 1, and their keys and values are broadcast to the
-  rows through the KV cache. The backward sums the rows' gradients back through the broadcast.
+  carry no loss; they run once, with batch 1, and in every layer their keys and values are
+  broadcast to the rows (``model.after_prefix``: one pass over the layers, each layer's weights
+  read once for prefix and rows). The backward sums the rows' gradients back through the broadcast.
 
 Both preconditions are checked inside the computation: a batch that breaks one (rows whose first
 ``P`` tokens differ, a non-zero weight among the first ``P`` predictions, more than ``K`` targets)
@@ -38,8 +40,8 @@ def causal_lm_loss_sums(lora_apply: Callable[..., Any], params: Any, lora: Any, 
   ``weights[b, t + 1]``. The loss is ``Σ w / Σ w`` of the two sums.
 
   Args:
-    lora_apply: ``lora_transform(model.apply, params, cfg)`` of a linen model with ``hidden``
-      and ``logits`` methods (`Llama`); any ``lora_apply(params, lora, *args, rng=, method=, **kw)``.
+    lora_apply: ``lora_transform(model.apply, params, cfg)`` of a linen model with ``hidden``,
+      ``after_prefix`` and ``logits`` methods (`Llama`); any ``lora_apply(params, lora, *args, rng=, method=, **kw)``.
     params, lora: the frozen params and the LoRA factors.
     tokens: ``[B, L + 1]`` int token ids.
     weights: ``[B, L + 1]`` float target weights (``weights[:, 0]`` is unused).
@@ -81,10 +83,8 @@ def _loss_sums(model: Any, tokens: jax.Array, weights: jax.Array, *, prefix_len:
   inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:].astype(jnp.float32)
   bad = jnp.zeros((), bool)
   if prefix_len:
-    b, p = inputs.shape[0], prefix_len
-    _, cache = model.hidden(inputs[:1, :p], cache=model.init_cache(1, inputs.shape[1]))
-    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])) if x.ndim else x, cache)
-    h, _ = model.hidden(inputs[:, p:], cache=cache)
+    p = prefix_len
+    h = model.after_prefix(inputs[:1, :p], inputs[:, p:])
     bad |= jnp.any(inputs[:, :p] != inputs[:1, :p]) | jnp.any(w[:, :p] != 0)
     targets, w = targets[:, p:], w[:, p:]
   else:

@@ -235,9 +235,42 @@ class LlamaModel(nn.Module):
     self.norm = RMSNorm(c.rms_norm_eps)
 
   def __call__(self, tokens, positions, key_mask, index, cache):
-    x = self.embed_tokens(tokens)
+    per_layer = None if cache is None else {k: v for k, v in cache.items() if k.startswith("layers_")}
+    x, new_cache = self._layers(_one_pass(positions, key_mask, index), self.embed_tokens(tokens), per_layer)
+    return self.norm(x), new_cache or {}
+
+  def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Final-norm hidden states ``[B, R, D]`` of ``tokens [B, R]``, each row continuing ``prefix [1, P]``.
+
+    What `Llama.hidden` gives for ``concat(prefix, tokens[b])`` at the rows' positions, with the
+    prefix run once: in every layer the prefix's states (batch 1) come first, then its keys and
+    values are broadcast to the rows, which attend to them and to their own earlier tokens. One
+    pass over the layers (one scan with ``scan_layers``), so each layer's weights are read once.
+    """
+    c = self.config
+    (b, r), p = tokens.shape, prefix.shape[1]
+    shape = (1, p + r, c.num_key_value_heads, c.head_dim)
+    empty = {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+    zero, start = jnp.asarray(0, jnp.int32), jnp.asarray(p, jnp.int32)
+    positions = jnp.broadcast_to(p + jnp.arange(r), (b, r))
+
+    def step(layer, carry, _):
+      xp, xr = carry
+      xp, cache = layer(xp, jnp.arange(p)[None], jnp.ones((1, p + r), bool), zero, empty)
+      cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), cache)
+      xr, _ = layer(xr, positions, jnp.ones((b, p + r), bool), start, cache)
+      return (xp, xr), None
+
+    (_, x), _ = self._layers(step, (self.embed_tokens(prefix), self.embed_tokens(tokens)), None)
+    return self.norm(x)
+
+  def _layers(self, step, carry, cache):
+    """``carry, out_i = step(layer_i, carry, cache_i)`` over the layers; ``(carry, {layers_i: out_i})``.
+
+    ``layer_i(x, positions, key_mask, index, cache)`` is decoder layer ``i`` with its params. With
+    ``scan_layers`` one scan over the stacked params (and ``cache``'s slots, stacked per call)."""
     if self.is_initializing():  # init creates the per-layer tree, scanned or not
-      return self._unrolled(x, positions, key_mask, index, cache)
+      return self._unrolled(step, carry, cache)
     stacked = STACKED in self.variables["params"]
     if stacked != self.scan_layers:
       helper = "stack_layers" if self.scan_layers else "unstack_layers"
@@ -245,30 +278,34 @@ class LlamaModel(nn.Module):
           f"Llama(scan_layers={self.scan_layers}) got its layers' params "
           f"{'stacked (params/model/layers)' if stacked else 'per layer (params/model/layers_{i})'}: "
           f"convert them once with lorax_jax.models.llama.{helper}(params)")
-    if self.scan_layers:
-      return self._scanned(x, positions, key_mask, index, cache)
-    return self._unrolled(x, positions, key_mask, index, cache)
-
-  def _unrolled(self, x, positions, key_mask, index, cache):
-    new_cache = {}
-    for i, layer in enumerate(self.layers):
-      name = f"layers_{i}"
-      x, new_cache[name] = layer(x, positions, key_mask, index, None if cache is None else cache[name])
-    return self.norm(x), new_cache
-
-  def _scanned(self, x, positions, key_mask, index, cache):
-    """The layers as one scan over their stacked params (and the cache's slots, stacked per call)."""
+    if not self.scan_layers:
+      return self._unrolled(step, carry, cache)
     layer = DecoderLayer(self.config, self.dtype, parent=None)
 
-    def body(x, slices):
+    def body(carry, slices):
       p, layer_cache = slices
-      return layer.apply({"params": p}, x, positions, key_mask, index, layer_cache)
+      return step(functools.partial(layer.apply, {"params": p}), carry, layer_cache)
 
     if self.remat:
       body = jax.checkpoint(body)
-    x, new_cache = jax.lax.scan(body, x, (self.variables["params"][STACKED],
-                                          None if cache is None else stack_layers(cache)[STACKED]))
-    return self.norm(x), {} if new_cache is None else unstack_layers({STACKED: new_cache})
+    carry, out = jax.lax.scan(body, carry, (self.variables["params"][STACKED],
+                                            None if cache is None else stack_layers(cache)[STACKED]))
+    return carry, None if out is None else unstack_layers({STACKED: out})
+
+  def _unrolled(self, step, carry, cache):
+    out = {}
+    for i, layer in enumerate(self.layers):
+      name = f"layers_{i}"
+      carry, out[name] = step(layer, carry, None if cache is None else cache[name])
+    return carry, out
+
+
+def _one_pass(positions, key_mask, index):
+  """The `LlamaModel._layers` step of one pass of ``x`` through a layer (its cache slot updated)."""
+
+  def step(layer, x, layer_cache):
+    return layer(x, positions, key_mask, index, layer_cache)
+  return step
 
 
 class Llama(nn.Module):
@@ -312,6 +349,11 @@ class Llama(nn.Module):
     key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
     h, layers = self.model(tokens, positions, key_mask, index, cache)
     return h, None if cache is None else {"index": index + l, "mask": key_mask, **layers}
+
+  def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``hidden(concat(prefix, row))`` at the rows' positions for every row of ``tokens [B, R]``,
+    the shared ``prefix [1, P]`` run once: `LlamaModel.after_prefix`."""
+    return self.model.after_prefix(prefix, tokens)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``; ``[..., D] -> [..., V]``."""
