@@ -184,6 +184,12 @@ def test_conversion_cache_is_written_whole(smollm2, tmp_path):
   np.testing.assert_array_equal(params2["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"],
                                 params["params"]["model"]["layers_3"]["self_attn"]["k_proj"]["kernel"])
   assert tok.encode(TEXTS[3]) == smollm2[3].encode(TEXTS[3])
+  copy = tmp_path / "copy" / os.path.basename(path)  # same bytes, new mtime: the same entry
+  copy.parent.mkdir()
+  copy.write_bytes(open(path, "rb").read())
+  G.load_gguf(str(copy), cache=str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted([entry, "copy"])
+  assert os.stat(tmp_path / entry / "model.safetensors").st_mtime_ns == stamp
 
 
 @pytest.fixture(scope="module")

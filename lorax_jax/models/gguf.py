@@ -14,6 +14,7 @@ adjacent pairs instead of Hugging Face's halves; `unpermute` restores Hugging Fa
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -329,7 +330,8 @@ def load_gguf(path: str, *, cache: str | bool = True, dtype: Any = jnp.float32,
   """``(config, model, params, tokenizer)`` of a GGUF Llama.
 
   ``cache``: True for `cache_dir`, a directory, or False to convert into a temporary
-  directory every time. The cache entry is keyed by the file's name, size and mtime.
+  directory every time. The cache entry is keyed by the file's name and the SHA-256 of its
+  bytes, so a reinstalled or copied file (new mtime, same bytes) finds its entry.
   ``quantized``: keep the file's quantized projection kernels and embedding as `QArray`\\ s of
   its own blocks (`quantized_kernels`; no re-quantization) instead of float32 arrays; norms
   stay float. ``lorax_jax.dequantize(params)`` is then the float load.
@@ -339,9 +341,12 @@ def load_gguf(path: str, *, cache: str | bool = True, dtype: Any = jnp.float32,
   if cache is False:
     with tempfile.TemporaryDirectory() as tmp:
       return _load_dir(path, os.path.join(tmp, "model"), dtype, quantized)
-  stat = os.stat(path)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
   stem = os.path.splitext(os.path.basename(path))[0]
-  directory = os.path.join(cache_dir() if cache is True else cache, f"{stem}-{stat.st_size}-{stat.st_mtime_ns}")
+  directory = os.path.join(cache_dir() if cache is True else cache, f"{stem}-{digest.hexdigest()[:20]}")
   return _load_dir(path, directory, dtype, quantized)
 
 
