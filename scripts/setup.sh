@@ -51,18 +51,29 @@ for profile in $profiles; do
   fi
 done
 stamp="$VENV/.lorax_jax-installed-${1:-all}"
+# The main job's set-up installs with uv, which installs the same packages as pip in a fraction of
+# the time (parallel downloads, no byte-compilation up front). uv is itself a package from the
+# index, put into the venv by the system's pip, so the venv is made without a pip of its own (whose
+# byte-compiled install is 7 of venv's 8 s); `ensure_pip` adds one where pip is needed after all.
+# Where pip is configured with its own index (a mirror), or uv cannot be installed, pip does the work.
+use_uv=
+if [ "${1:-all}" = finetune ] && ! python3 -m pip config list 2>/dev/null | grep -q -E '^[^.]*\.index-url=' &&
+   python3 -m pip --version >/dev/null 2>&1; then
+  use_uv=1
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating the virtual environment $VENV"
-  python3 -m venv "$VENV"
+  python3 -m venv ${use_uv:+--without-pip} "$VENV"
 fi
+ensure_pip() {
+  "$VENV/bin/python" -m pip --version >/dev/null 2>&1 || "$VENV/bin/python" -m ensurepip >/dev/null
+}
 if [ "${1:-all}" = finetune ]; then
-  # uv installs the same packages as pip in a fraction of the time (parallel downloads, no
-  # byte-compilation up front). It is itself a package from the index; where pip is configured
-  # with its own index (a mirror) or uv cannot be installed, pip does the work.
   install=pip_install
-  if ! "$VENV/bin/python" -m pip config list 2>/dev/null | grep -q -E '^[^.]*\.index-url=' &&
-     "$VENV/bin/python" -m pip install -q uv >/dev/null 2>&1; then
+  if [ -n "$use_uv" ] && python3 -m pip --python "$VENV/bin/python" install -q uv >/dev/null 2>&1; then
     install=uv_install
+  else
+    ensure_pip
   fi
   say "installing lorax_jax (editable) with what the main job needs: llm (GGUF, tokenizers) and"
   say "  examples (PyYAML, tqdm, matplotlib); under a minute the first time (make test adds the rest)"
@@ -72,6 +83,7 @@ if [ "${1:-all}" = finetune ]; then
 else
   # The full set-up stays with pip, which honours the machine's pip configuration (find-links,
   # constraints) that selects PyTorch's CPU build.
+  ensure_pip
   pip_install --upgrade pip
   say "installing lorax_jax (editable) with its extras: test (pytest, hypothesis, equinox, dm-haiku),"
   say "  torch (PyTorch, transformers, PEFT, bitsandbytes: parity tests), llm (GGUF, tokenizers),"

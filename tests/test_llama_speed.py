@@ -189,6 +189,25 @@ def test_remat_gives_the_same_loss_and_grads(scan):
     assert temps[1] < 0.6 * temps[0], temps
 
 
+@pytest.mark.parametrize("scan, remat", [(False, False), (True, False), (True, True), (False, True)])
+def test_after_prefix_is_the_hidden_state_of_each_whole_row(scan, remat):
+  """``Llama.after_prefix(prefix, rows)``: each row's hidden states as `Llama.hidden` gives them for
+  the prefix followed by that row (a reference computed row by row, without LoRA's engine), through
+  the engine with LoRA, for the unrolled and scanned layers, with and without remat."""
+  model, params, cfg, lora = setup(False)
+  tokens, _ = chat_batch(model.config.vocab_size)
+  reference = lorax_jax.merge(params, lora, cfg)
+  want = np.stack([model.apply(reference, row[None], method="hidden")[0][0, PREFIX:] for row in tokens])
+  if scan:
+    model, params, cfg, lora = scanned_setup(model, params, cfg, lora)
+  model = model.clone(remat=remat)
+  apply = lorax_jax.lora_transform(model.apply, params, cfg, strict=True)
+  got = apply(params, lora, tokens[:1, :PREFIX], tokens[:, PREFIX:], method="after_prefix")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"prefix \[1, P\].*\(2, 9\)"):
+    apply(params, lora, tokens[:2, :PREFIX], tokens[:, PREFIX:], method="after_prefix")
+
+
 def test_broken_preconditions_give_nan_loss_and_grads():
   model, params, cfg, lora = setup(False)
   lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)

@@ -367,7 +367,7 @@ def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: 
                     ) -> tuple[Any, Any, Any, lorax_jax.LoraConfig]:
   """``(model, params, lora, cfg)`` as training runs them: with ``scan_layers`` the scanned model
   on the layers' params and factors stacked once, here (`stack_layers`: the same factors, so
-  the jitted step reads the layers in place and copies nothing per call), and ``cfg`` with the
+  the jitted step does not stack them per call), and ``cfg`` with the
   stacked kernels' layouts (`stack_config`); else unchanged. `unstack_layers` gives
   back the per-layer trees that checkpoints, adapters and sampling use."""
   if not scan_layers:

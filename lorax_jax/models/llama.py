@@ -213,8 +213,10 @@ class LlamaModel(nn.Module):
   With ``scan_layers`` the layers run as one ``jax.lax.scan`` over their params stored stacked:
   one subtree ``layers`` whose leaves have a leading axis of ``num_hidden_layers``
   (`stack_layers` of the per-layer tree that ``init`` and the loaders give), so XLA compiles one
-  layer instead of ``num_hidden_layers`` copies and a jitted step reads the stacked weights in
-  place (no per-call copy of the weights; the small cache stays per layer). With
+  layer instead of ``num_hidden_layers`` copies and a jitted step takes the stacked weights as they
+  are (no per-call stacking; the small cache stays per layer). Each iteration slices its layer
+  out of the stack, which XLA's CPU backend does by copying the layer's weights: about 0.2 s of
+  the main job's 2 s step, the price of compiling one layer (BENCHMARKS.md). With
   ``remat`` each layer is a ``jax.checkpoint``: the backward pass keeps only the layers' inputs
   and recomputes each layer's activations from its input (the same numbers, about one more
   forward pass of work, a fraction of the activation memory with ``scan_layers``; unrolled, XLA's
@@ -246,7 +248,13 @@ class LlamaModel(nn.Module):
     prefix run once: in every layer the prefix's states (batch 1) come first, then its keys and
     values are broadcast to the rows, which attend to them and to their own earlier tokens. One
     pass over the layers (one scan with ``scan_layers``), so each layer's weights are read once.
+
+    Raises:
+      ValueError: ``prefix`` is not one row ``[1, P]`` or ``tokens`` not ``[B, R]``.
     """
+    if prefix.ndim != 2 or prefix.shape[0] != 1 or tokens.ndim != 2:
+      raise ValueError(f"after_prefix: expected prefix [1, P] and tokens [B, R], got shapes {prefix.shape} "
+                       f"and {tokens.shape}")
     c = self.config
     (b, r), p = tokens.shape, prefix.shape[1]
     shape = (1, p + r, c.num_key_value_heads, c.head_dim)
