@@ -397,17 +397,18 @@ def test_main_job_step_memory_on_a_gguf_base():
   """The main job's train step as QLoRA runs it (finetune defaults: the shared prompt once, the LM
   head at the trained positions, the layers scanned over their stacked params; ``remat``), the
   Q4_1/Q8_0 base kept quantized, against the float32 base dequantized from the same blocks with the
-  same options (XLA's ``memory_analysis``), on SmolLM2's shape reduced to 2 layers at batch 2, where
-  the float step's temporaries are 0.48x its arguments (full size: 0.29x, so the argument share, and
-  with it the saving, is larger there): argument bytes <= 0.25x (measured 0.195x), temporaries at
-  most the float step's plus a quarter of the kernels in float (measured 12.9 MB against 17.4 MB; no
+  same options (XLA's ``memory_analysis``), on SmolLM2's shape reduced to 4 layers at batch 2, where
+  the float step's temporaries are 0.27x its arguments (full size: 0.19x, so the argument share, and
+  with it the saving, is larger there): argument bytes <= 0.25x (measured 0.187x), temporaries at
+  most the float step's plus a quarter of the kernels in float (measured 17.6 MB against 17.5 MB; no
   float copy of the kernels, the tied head's table in chunks, `transform._chunked_dot`), argument +
-  temporaries <= 0.45x (measured 0.373x; full size 0.377x, BENCHMARKS.md from ``python -m bench.qlora``)."""
+  temporaries <= 0.45x (measured 0.361x; full size 0.327x, BENCHMARKS.md from ``python -m bench.qlora``).
+  At 2 layers the temporaries are 0.46x the arguments, harder than full size: 0.453x."""
   from bench.main import chat_batch
   from bench.qlora import compiled_memory, main_job_step
   from lorax_jax.apps import finetune
   from lorax_jax.models.causal_lm import max_targets_per_batch
-  model, qparams, _ = smollm2_shaped()
+  model, qparams, _ = smollm2_shaped(layers=4)
   params = Q.dequantize(qparams)
   s, _ = finetune.parse_args(["--batch_size", "2"])
   vocab = model.config.vocab_size
@@ -415,7 +416,7 @@ def test_main_job_step_memory_on_a_gguf_base():
   batch = (jnp.asarray(tokens % vocab), jnp.asarray(weights), prefix_len, max_targets_per_batch(weights, s.batch_size))
   f, q = (compiled_memory(*main_job_step(model, p, s, batch, remat=True)) for p in (params, qparams))
   kernels = sum(x.size * 4 for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x))
-  assert f["temp"] >= 0.29 * f["argument"], (f["temp"], f["argument"])  # no easier than full size
+  assert f["temp"] >= 0.19 * f["argument"], (f["temp"], f["argument"])  # no easier than full size
   assert q["argument"] <= 0.25 * f["argument"], (q["argument"], f["argument"])
   assert q["temp"] <= f["temp"] + kernels / 4, (q["temp"], f["temp"], kernels)
   assert q["argument"] + q["temp"] <= 0.45 * (f["argument"] + f["temp"]), (q, f)
