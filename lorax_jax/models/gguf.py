@@ -92,7 +92,7 @@ def _open(path: str) -> tuple[dict[str, Any], list[_Tensor]]:
 
   The metadata values are what ``gguf.GGUFReader``'s ``field.contents()`` gives (Python scalars,
   strings, lists); this reader parses the header with `struct` in one pass (GGUFReader takes
-  about 8 s on SmolLM2's 49,152-token vocabulary, this about 0.1 s) and takes the tensor types and
+  5–8 s on SmolLM2's 49,152-token vocabulary, this 0.3 s) and takes the tensor types and
   block sizes from the gguf package.
 
   Raises:

@@ -237,8 +237,11 @@ class LlamaModel(nn.Module):
     self.norm = RMSNorm(c.rms_norm_eps)
 
   def __call__(self, tokens, positions, key_mask, index, cache):
+    def step(layer, x, layer_cache):  # one pass of x through a layer, its cache slot updated
+      return layer(x, positions, key_mask, index, layer_cache)
+
     per_layer = None if cache is None else {k: v for k, v in cache.items() if k.startswith("layers_")}
-    x, new_cache = self._layers(_one_pass(positions, key_mask, index), self.embed_tokens(tokens), per_layer)
+    x, new_cache = self._layers(step, self.embed_tokens(tokens), per_layer)
     return self.norm(x), new_cache or {}
 
   def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -260,13 +263,14 @@ class LlamaModel(nn.Module):
     shape = (1, p + r, c.num_key_value_heads, c.head_dim)
     empty = {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
     zero, start = jnp.asarray(0, jnp.int32), jnp.asarray(p, jnp.int32)
-    positions = jnp.broadcast_to(p + jnp.arange(r), (b, r))
+    prefix_positions, row_positions = jnp.arange(p)[None], jnp.broadcast_to(p + jnp.arange(r), (b, r))
+    prefix_mask, row_mask = jnp.ones((1, p + r), bool), jnp.ones((b, p + r), bool)
 
     def step(layer, carry, _):
       xp, xr = carry
-      xp, cache = layer(xp, jnp.arange(p)[None], jnp.ones((1, p + r), bool), zero, empty)
+      xp, cache = layer(xp, prefix_positions, prefix_mask, zero, empty)
       cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), cache)
-      xr, _ = layer(xr, positions, jnp.ones((b, p + r), bool), start, cache)
+      xr, _ = layer(xr, row_positions, row_mask, start, cache)
       return (xp, xr), None
 
     (_, x), _ = self._layers(step, (self.embed_tokens(prefix), self.embed_tokens(tokens)), None)
@@ -306,14 +310,6 @@ class LlamaModel(nn.Module):
       name = f"layers_{i}"
       carry, out[name] = step(layer, carry, None if cache is None else cache[name])
     return carry, out
-
-
-def _one_pass(positions, key_mask, index):
-  """The `LlamaModel._layers` step of one pass of ``x`` through a layer (its cache slot updated)."""
-
-  def step(layer, x, layer_cache):
-    return layer(x, positions, key_mask, index, layer_cache)
-  return step
 
 
 class Llama(nn.Module):
