@@ -6,11 +6,13 @@
     logits = apply(params, lora, batch, rng=key)   # differentiate w.r.t. `lora` only
 """
 
+from lorax_jax.adapters import stack_adapters, swap_adapter, unstack_adapters
+from lorax_jax.combine import combine
 from lorax_jax.config import LoraConfig
 from lorax_jax.init import check_lora, init_lora, init_lora_and_base, on_original_base
 from lorax_jax.io import load_adapter, load_kohya, save_adapter
 from lorax_jax.merge import delta, merge, unmerge
-from lorax_jax.optim import loraplus
+from lorax_jax.optim import loraplus, per_adapter
 from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params, summary,
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
@@ -21,8 +23,9 @@ from lorax_jax.transform import axes_from_use, lora_transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "count", "delta", "dequantize",
-    "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
+    "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "combine", "count", "delta",
+    "dequantize", "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
     "load_adapter", "load_kohya", "lora_count", "lora_transform", "loraplus", "merge", "on_original_base",
-    "save_adapter", "size", "split_params", "summary", "trainable_mask", "unmerge",
+    "per_adapter", "save_adapter", "size", "split_params", "stack_adapters", "summary", "swap_adapter",
+    "trainable_mask", "unmerge", "unstack_adapters",
 ]

@@ -1,4 +1,6 @@
-"""`loraplus`: LoRA+ (Hayou et al. 2024), a larger learning rate for ``b`` than for ``a``.
+"""Optimizers for LoRA trees: `loraplus`, and `per_adapter` for stacked trees.
+
+`loraplus`: LoRA+ (Hayou et al. 2024), a larger learning rate for ``b`` than for ``a``.
 
 PEFT's ``create_loraplus_optimizer`` semantics on the LoRA tree: with ``η`` the learning rate,
 
@@ -7,6 +9,9 @@ PEFT's ``create_loraplus_optimizer`` semantics on the LoRA tree: with ``η`` the
     both factors of an embedding       lr_embedding (PEFT's default 1e-6)
 
 one optimizer per group (`optax.multi_transform`), each with its own state.
+
+`per_adapter`: an optimizer mapped over the adapter axis of a stacked tree
+(`lorax_jax.adapters`), so that no adapter's update depends on another's gradient or state.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from lorax_jax.adapters import SCALE
 from lorax_jax.targets import tree_path
 
 LearningRate = float | optax.Schedule
@@ -60,3 +67,58 @@ def loraplus_labels(lora: Any) -> Any:
     path = tree_path(kp)
     return "embedding" if path[-2:-1] == ("embedding",) else "a" if path[-1] == "a" else "b"
   return jax.tree_util.tree_map_with_path(label, lora)
+
+
+def per_adapter(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` applied to each adapter of a stacked tree on its own (`jax.vmap` over the adapter axis).
+
+  With ``g[j]``, ``p[j]`` adapter ``j``'s slice of the gradient and of the stacked tree
+  (`lorax_jax.stack_adapters`), its update and state are exactly those of ``tx`` on that slice
+  alone,
+
+      (u[j], state[j]) = tx.update(g[j], state[j], p[j]),      state[j] = tx.init(p[j]) at first,
+
+  so global-norm clipping (``‖g[j]‖``, not the norm over all adapters), Adam's moments and step
+  count, and weight decay never couple adapters. An adapter whose gradient is zero gets ``tx``'s
+  update of a zero gradient: zero for SGD and Adam from a fresh state, ``-η λ p[j]`` with AdamW's
+  weight decay ``λ`` (as it would alone). Every ``scale`` leaf (the stacked tree's per-adapter
+  scales) is a constant: its update is zero and ``tx`` keeps no state for it. Extra arguments of
+  ``update`` (``value=`` for ``optax.contrib.reduce_on_plateau``, ...) reach every adapter as
+  they are.
+
+  Args:
+    tx: any optax transformation of a single adapter's tree.
+
+  Returns:
+    The transformation of the stacked tree; its state holds ``tx``'s state with the adapter axis
+    first on every leaf.
+
+  >>> import jax, jax.numpy as jnp, optax, lorax_jax
+  >>> stacked = {"q": {"kernel": {"a": jnp.ones((2, 1, 3)), "b": jnp.ones((2, 1, 3)),
+  ...                             "scale": jnp.array([2.0, 1.0])}}}
+  >>> tx = lorax_jax.per_adapter(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)))
+  >>> grads = jax.tree.map(lambda x: x * jnp.array([1.0, 100.0]).reshape(-1, *(1,) * (x.ndim - 1)), stacked)
+  >>> updates, _ = tx.update(grads, tx.init(stacked), stacked)
+  >>> [round(float(u), 4) for u in updates["q"]["kernel"]["a"][:, 0, 0]]  # each clipped to norm 1 alone
+  [-0.4082, -0.4082]
+  >>> updates["q"]["kernel"]["scale"].tolist()
+  [0.0, 0.0]
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def init(params: Any) -> Any:
+    return jax.vmap(tx.init)(_without_scales(params))
+
+  def update(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+    step = lambda u, s, p: tx.update(u, s, p, **extra_args)
+    new, state = jax.vmap(step)(_without_scales(updates), state, None if params is None else _without_scales(params))
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    new_leaves = jax.tree_util.tree_leaves(new, is_leaf=lambda x: x is None)
+    return treedef.unflatten([jnp.zeros_like(u) if n is None else n for u, n in zip(leaves, new_leaves)]), state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _without_scales(tree: Any) -> Any:
+  """``tree`` with every ``scale`` leaf replaced by None (an empty subtree)."""
+  return jax.tree_util.tree_map_with_path(lambda kp, x: None if tree_path(kp)[-1:] == (SCALE,) else x, tree)

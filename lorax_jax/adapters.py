@@ -1,0 +1,374 @@
+"""Many adapters over one base as one tree: `stack_adapters`, `unstack_adapters`, `swap_adapter`.
+
+(Not `lorax_jax.io.stacked`, which is about ``nn.scan`` *layers* stacked in one kernel.)
+
+``k`` adapters of the same targets (one params tree, the same kernels with the same layouts)
+stack into one LoRA tree with a leading adapter axis. Each target's node is
+
+    {"a": [k, *S, R, *I], "b": [k, *S, R, *O], "scale": [k]}      DoRA: also "m": [k, *S, *O]
+
+with ``S``, ``I``, ``O`` the target's stack, input and output axes (`lorax_jax.targets`) and ``R``
+its padded rank: the largest rank any of the ``k`` adapters has there, or ``max_rank``. Adapter
+``j`` of rank ``r_j`` at that target fills rows ``0 … r_j-1`` of ``a[j]`` and ``b[j]``; rows
+``r_j … R-1`` are zero, so
+
+    scale[j] · Σ_{ρ<R} a[j, ρ] ⊗ b[j, ρ]  =  s_j · Σ_{ρ<r_j} a_j[ρ] ⊗ b_j[ρ]  =  ΔW_j     exactly
+
+(each padded term is a product of exact zeros), where ``s_j`` is adapter ``j``'s own scale at that
+target, ``alpha_j / r_j`` (``alpha_j / sqrt(r_j)`` with rsLoRA), ``rank_pattern`` and
+``alpha_pattern`` included, held in at least float32. Adapters of different ranks and alphas, and
+a hot swap (`swap_adapter`), therefore keep every shape and dtype of the tree: a step compiled
+for it is reused.
+
+`stack_adapters` also returns the config of the stacked tree: it targets exactly these paths, each
+at rank ``R`` with ``alpha = R`` and no rsLoRA, so its `Target.scale` is 1 and the scale comes from
+the tree alone; ``find_targets(params, cfg)`` gives the shapes of one adapter's slice ``a[j]``,
+``b[j]``.
+
+Training: ``scale`` is a constant, not a parameter. `lorax_jax.per_adapter` maps an optax
+optimizer over the adapter axis and holds every ``scale`` leaf fixed (zero update, no state). A
+padded row's gradient is exactly zero (each padded term is multiplied by the other factor's zero
+row), so under `per_adapter` padded rows stay zero (Adam's update of a zero gradient from a zero
+state is zero, weight decay of zero is zero).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.init import SAVED_KEY, Lora, check_lora, factor_names
+from lorax_jax.io.modules import exact_config
+from lorax_jax.targets import (Path, Target, accumulation_dtype, find_targets, get_path, leaves_with_paths, path_str,
+                               set_path)
+
+SCALE = "scale"
+SHARED_FIELDS = ("dropout", "dropout_seed", "branch_dtype", "shared_dropout")  # one value runs a stacked tree
+READING_FIELDS = (("axes", "kernel_axes"), ("uses", "target_uses"))  # `Target` fields, their `LoraConfig` names
+LAYOUT_FIELDS = (*READING_FIELDS, ("layers", "layers_to_transform"))
+Adapter = tuple[Lora, LoraConfig]
+
+
+def stack_adapters(params: Any, loras: Sequence[Lora] | Sequence[Adapter], cfgs: Sequence[LoraConfig] | None = None,
+                   *, max_rank: int | None = None) -> tuple[Lora, LoraConfig]:
+  """``k`` adapters of the same targets as one tree with a leading adapter axis (module docstring).
+
+  Each target's ``a`` and ``b`` are zero-padded along the rank axis to ``R`` (the largest rank of
+  the adapters there, or ``max_rank``: at most ``min(in, out)``, the largest rank a target can
+  have), so ``scale[j] · a[j] ⊗ b[j]`` is adapter ``j``'s ``ΔW`` exactly.
+
+  Args:
+    params: the base the adapters were made for.
+    loras: the adapters' LoRA trees, or ``(lora, cfg)`` pairs (what `load_adapter` returns) when
+      ``cfgs`` is None.
+    cfgs: each adapter's config.
+    max_rank: pad every target to this rank, so that `swap_adapter` can later put in an
+      adapter of a larger rank than these.
+
+  Returns:
+    ``(stacked, cfg)``: the stacked tree, and the config of one adapter's slice of it (each
+    target at its padded rank with scale 1).
+
+  Raises:
+    ValueError: no adapters; an adapter that does not fit its config (from `check_lora`, naming
+      the adapter); adapters that target different kernels, read one with different layouts,
+      uses or layers, mix DoRA and plain LoRA, differ in dropout settings or factor dtypes; an
+      adapter of PiSSA/OLoRA (residual base) or with ``modules_to_save``; a rank above
+      ``max_rank``.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"attn": {"query": {"kernel": jnp.ones((4, 6))}}}
+  >>> cfgs = [lorax_jax.LoraConfig(r=1, alpha=2), lorax_jax.LoraConfig(r=3, alpha=3)]
+  >>> loras = [lorax_jax.init_lora(params, c, jax.random.key(j)) for j, c in enumerate(cfgs)]
+  >>> stacked, cfg = lorax_jax.stack_adapters(params, loras, cfgs)
+  >>> node = stacked["attn"]["query"]["kernel"]
+  >>> node["a"].shape, node["b"].shape, node["scale"].tolist()
+  ((2, 3, 4), (2, 3, 6), [2.0, 1.0])
+  >>> bool((node["a"][0, 1:] == 0).all())
+  True
+  """
+  adapters = _adapters(loras, cfgs)
+  targets = _targets(params, [cfg for _, cfg in adapters], "stack_adapters")
+  for j, ((lora, _), ts) in enumerate(zip(adapters, targets)):
+    _check_factors(ts, lora, j, "stack_adapters")
+    _check_dtypes(ts, lora, adapters[0][0], f"adapter {j}", "adapter 0", "stack_adapters")
+  if max_rank is not None and not (isinstance(max_rank, numbers.Integral) and max_rank >= 1):
+    raise ValueError(f"stack_adapters: max_rank must be a positive integer, got {max_rank!r}")
+  ranks = {}
+  for path, t in targets[0].items():
+    largest = max(ts[path].rank for ts in targets)
+    if max_rank is not None and largest > max_rank:
+      j = next(j for j, ts in enumerate(targets) if ts[path].rank == largest)
+      raise ValueError(f"stack_adapters: adapter {j} has rank {largest} at {t.name}, above max_rank={max_rank}")
+    ranks[path] = largest if max_rank is None else min(max_rank, math.prod(t.in_shape), math.prod(t.out_shape))
+  stacked: Lora = {}
+  for path in targets[0]:
+    nodes = [padded(ts[path], get_path(lora, path), ranks[path]) for ts, (lora, _) in zip(targets, adapters)]
+    set_path(stacked, path, {k: jnp.stack([n[k] for n in nodes]) for k in nodes[0]})
+  cfg0 = adapters[0][1]
+  return stacked, unit_config(ranks, targets[0], cfg0, use_dora=cfg0.use_dora,
+                              layers_to_transform=cfg0.layers_to_transform, layers_pattern=cfg0.layers_pattern)
+
+
+def unstack_adapters(params: Any, stacked: Lora, cfgs: Sequence[LoraConfig]) -> list[Lora]:
+  """The adapters of a stacked tree, each with its own ranks: ``stack_adapters``' inverse, exactly.
+
+  Adapter ``j`` is rows ``0 … r_j-1`` of ``a[j]`` and ``b[j]`` (and ``m[j]``), ``r_j`` its rank
+  per ``cfgs[j]``; each is an ordinary LoRA tree for ``(params, cfgs[j])`` (`save_adapter` writes
+  it as a PEFT adapter).
+
+  Outside ``jax.jit`` the tree is checked against ``cfgs``: every stored ``scale[j]`` must be
+  ``cfgs[j]``'s scale, and every padded row zero (or it would be dropped).
+
+  Raises:
+    ValueError: the stacked tree does not hold ``len(cfgs)`` adapters of the configs' targets
+      (a missing, unexpected or mis-shaped entry, named); a scale or a non-zero padded row that
+      says these are not the configs it was stacked with; configs that cannot stack (as in
+      `stack_adapters`).
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"attn": {"query": {"kernel": jnp.ones((4, 6))}}}
+  >>> cfgs = [lorax_jax.LoraConfig(r=1), lorax_jax.LoraConfig(r=3)]
+  >>> loras = [lorax_jax.init_lora(params, c, jax.random.key(j)) for j, c in enumerate(cfgs)]
+  >>> stacked, _ = lorax_jax.stack_adapters(params, loras, cfgs)
+  >>> back = lorax_jax.unstack_adapters(params, stacked, cfgs)
+  >>> back[0]["attn"]["query"]["kernel"]["a"].shape
+  (1, 4)
+  >>> all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(loras)))
+  True
+  """
+  who = "unstack_adapters"
+  targets = _targets(params, cfgs, who)
+  _, ranks = _stacked_ranks(stacked, targets[0], len(cfgs), who)
+  out = []
+  for j, ts in enumerate(targets):
+    lora: Lora = {}
+    for path, t in ts.items():
+      node = get_path(stacked, path)
+      if t.rank > ranks[path]:
+        raise ValueError(f"{who}: cfgs[{j}] has rank {t.rank} at {t.name}, but the stacked tree's rank there "
+                         f"is {ranks[path]}: these are not the configs it was stacked with")
+      _check_slice(node, j, t, who)
+      rows = {k: jax.lax.slice_in_dim(node[k][j], 0, t.rank, axis=t.n_stack) for k in ("a", "b")}
+      set_path(lora, path, {**rows, **({"m": node["m"][j]} if t.dora else {})})
+    out.append(lora)
+  return out
+
+
+def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig) -> Lora:
+  """``stacked`` with adapter ``i`` replaced by ``lora`` (hot swap), every shape and dtype kept.
+
+  ``lora`` may have any rank up to the stacked tree's padded rank at each target; it is padded
+  as in `stack_adapters` and its scale written to ``scale[i]``. A jitted function taking the
+  stacked tree as an argument runs the result without retracing.
+
+  Raises:
+    ValueError: ``i`` out of range; ``lora`` does not fit ``cfg``, targets other kernels than
+      the stacked tree (or reads them with other shapes), has a rank above its padded rank,
+      other factor dtypes, DoRA where the tree has none (or the reverse), PiSSA/OLoRA factors
+      or ``modules_to_save`` copies.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"attn": {"query": {"kernel": jnp.ones((4, 6))}}}
+  >>> cfg = lorax_jax.LoraConfig(r=1)
+  >>> lora = lorax_jax.init_lora(params, cfg, jax.random.key(0))
+  >>> stacked, _ = lorax_jax.stack_adapters(params, [lora, lora], [cfg, cfg], max_rank=4)
+  >>> big = lorax_jax.LoraConfig(r=4, alpha=2)
+  >>> new = lorax_jax.swap_adapter(params, stacked, 1, lorax_jax.init_lora(params, big, jax.random.key(1)), big)
+  >>> new["attn"]["query"]["kernel"]["a"].shape, new["attn"]["query"]["kernel"]["scale"].tolist()
+  ((2, 4, 4), [2.0, 0.5])
+  """
+  who = "swap_adapter"
+  (ts,) = _targets(params, [cfg], who)
+  _check_factors(ts, lora, i, who)
+  k, ranks = _stacked_ranks(stacked, ts, None, who)
+  if not (isinstance(i, numbers.Integral) and 0 <= i < k):
+    raise ValueError(f"{who}: adapter index {i!r} is out of range for a stacked tree of {k} adapters")
+  _check_dtypes(ts, lora, stacked, "the new adapter", "the stacked tree", who)
+  out = jax.tree_util.tree_map(lambda x: x, stacked)  # fresh containers; the input is not mutated
+  for path, t in ts.items():
+    if t.rank > ranks[path]:
+      raise ValueError(f"{who}: the new adapter has rank {t.rank} at {t.name}, above the stacked tree's padded "
+                       f"rank {ranks[path]} (stack with max_rank={t.rank} or more to make room)")
+    node = padded(t, get_path(lora, path), ranks[path])
+    old = get_path(stacked, path)
+    set_path(out, path, {key: old[key].at[i].set(node[key]) for key in old})
+  return out
+
+
+def padded(t: Target, node: Mapping[str, jax.Array], rank: int) -> dict[str, jax.Array]:
+  """One adapter's node of target ``t`` as a slice of a stacked tree: ``a`` and ``b`` zero-padded
+  to ``rank`` along the rank axis, its scale (at least float32), and DoRA's ``m``."""
+  def pad(x: Any) -> jax.Array:
+    x = jnp.asarray(x)
+    return jnp.pad(x, [(0, rank - t.rank) if ax == t.n_stack else (0, 0) for ax in range(x.ndim)])
+  a, b = pad(node["a"]), pad(node["b"])
+  out = {"a": a, "b": b, SCALE: jnp.asarray(t.scale, accumulation_dtype(a))}
+  if t.dora:
+    out["m"] = jnp.asarray(node["m"])
+  return out
+
+
+def unit_config(ranks: Mapping[Path, int], targets: Mapping[Path, Target], cfg: LoraConfig,
+                **fields: Any) -> LoraConfig:
+  """A config that targets exactly ``ranks``' paths at those ranks with ``alpha = rank`` and no
+  rsLoRA (every `Target.scale` is 1), with ``targets``' layouts and uses, ``cfg``'s dropout
+  settings and dtypes, and ``fields``."""
+  top = max(ranks.values())
+  uses = {re.escape(targets[p].name): targets[p].uses for p in ranks if targets[p].uses is not None}
+  return exact_config(ranks, ranks, top, top, kernel_axes={re.escape(targets[p].name): targets[p].axes for p in ranks},
+                      **({"target_uses": uses} if uses else {}),
+                      **{f: getattr(cfg, f) for f in (*SHARED_FIELDS, "param_dtype")}, **fields)
+
+
+def adapter_targets(params: Any, lora: Lora, cfg: LoraConfig, j: int, who: str) -> dict[Path, Target]:
+  """The targets of adapter ``j``, checked to be a plain adapter tree that fits them.
+
+  Raises:
+    ValueError: from `check_lora` (prefixed with ``who`` and the adapter); PiSSA/OLoRA (whose
+      factors apply to a residual base); ``modules_to_save`` copies.
+  """
+  targets = _config_targets(params, cfg, j, who)
+  _check_factors(targets, lora, j, who)
+  return targets
+
+
+def _config_targets(params: Any, cfg: LoraConfig, j: int, who: str) -> dict[Path, Target]:
+  if cfg.changes_base:
+    raise ValueError(f"{who}: adapter {j} has init={cfg.init!r}, whose factors apply to a residual base; convert "
+                     "it to a plain LoRA of the original base first (lorax_jax.on_original_base)")
+  return find_targets(params, cfg)
+
+
+def _check_factors(targets: Mapping[Path, Target], lora: Lora, j: int, who: str) -> None:
+  if isinstance(lora, Mapping) and SAVED_KEY in lora:
+    raise ValueError(f"{who}: adapter {j} holds {SAVED_KEY} copies (modules trained in full), which only "
+                     "single adapters support")
+  try:
+    check_lora(targets, lora)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f"{who}: adapter {j}: {e}") from None
+
+
+def _adapters(loras: Sequence[Any], cfgs: Sequence[LoraConfig] | None) -> list[Adapter]:
+  """``loras`` and ``cfgs`` as ``(lora, cfg)`` pairs; ``cfgs`` None: ``loras`` are pairs already."""
+  if cfgs is None:
+    pairs = list(loras)
+    bad = [j for j, p in enumerate(pairs) if not (isinstance(p, tuple) and len(p) == 2
+                                                 and isinstance(p[1], LoraConfig))]
+    if bad:
+      raise ValueError(f"stack_adapters: without cfgs, loras must be (lora, cfg) pairs; item {bad[0]} is not")
+  else:
+    pairs = list(zip(loras, cfgs))
+    if len(loras) != len(cfgs):
+      raise ValueError(f"stack_adapters: {len(loras)} LoRA trees but {len(cfgs)} configs")
+  if not pairs:
+    raise ValueError("stack_adapters: no adapters to stack")
+  return pairs
+
+
+def _targets(params: Any, cfgs: Sequence[LoraConfig], who: str) -> list[dict[Path, Target]]:
+  """Each config's targets, checked to stack: the same kernels with the same layouts, uses and
+  layers, all DoRA or none, one dropout setting."""
+  if not cfgs:
+    raise ValueError(f"{who}: no adapter configs")
+  out = [_config_targets(params, cfg, j, who) for j, cfg in enumerate(cfgs)]
+  cfg0, ts0 = cfgs[0], out[0]
+  for j, (cfg, ts) in enumerate(zip(cfgs, out)):
+    if cfg.use_dora != cfg0.use_dora:
+      kinds = ["DoRA" if c.use_dora else "plain LoRA" for c in (cfg, cfg0)]
+      raise ValueError(f"{who}: adapter {j} is {kinds[0]} but adapter 0 is {kinds[1]}; mixed DoRA and plain "
+                       "LoRA adapters do not stack (a plain adapter has no magnitudes)")
+    for field in SHARED_FIELDS:
+      if getattr(cfg, field) != getattr(cfg0, field):
+        raise ValueError(f"{who}: adapter {j} has {field}={getattr(cfg, field)!r}, adapter 0 "
+                         f"{getattr(cfg0, field)!r}; a stacked tree runs with one {field}")
+    only = [path_str(p) for p in ts if p not in ts0]
+    missing = [path_str(p) for p in ts0 if p not in ts]
+    if only or missing:
+      detail = "; ".join(s for s in (f"only adapter {j} targets {', '.join(only[:5])}" if only else "",
+                                     f"only adapter 0 targets {', '.join(missing[:5])}" if missing else "") if s)
+      raise ValueError(f"{who}: adapters {j} and 0 target different kernels ({detail}); stacked adapters must "
+                       "adapt the same kernels")
+    for path, t in ts.items():
+      check_same_reading(t, j, ts0[path], 0, who)
+  return out
+
+
+def check_same_reading(t: Target, j: int, t0: Target, j0: int, who: str,
+                       fields: Sequence[tuple[str, str]] = LAYOUT_FIELDS) -> None:
+  """Adapters ``j`` and ``j0`` read their kernel alike (`Target` ``fields``, named as in `LoraConfig`).
+
+  Raises:
+    ValueError: naming the first field that differs.
+  """
+  for field, name in fields:
+    if getattr(t, field) != getattr(t0, field):
+      raise ValueError(f"{who}: adapter {j} reads {t.name} with {name} {getattr(t, field)!r}, adapter {j0} with "
+                       f"{getattr(t0, field)!r}; adapters of one kernel must read it alike")
+
+
+def _check_dtypes(targets: Mapping[Path, Target], lora: Lora, reference: Lora, name: str, ref_name: str,
+                  who: str) -> None:
+  """Every factor of ``lora`` has the dtype of the same factor in ``reference``."""
+  for path, t in targets.items():
+    for k in sorted(factor_names(t)):
+      got, want = jnp.result_type(get_path(lora, path)[k]), jnp.result_type(get_path(reference, path)[k])
+      if got != want:
+        raise ValueError(f"{who}: {name}'s factor {t.name}/{k} is {got}, {ref_name}'s {want}; cast it "
+                         "(jax.tree.map(lambda x: x.astype(...), lora)) so the stacked tree keeps one dtype")
+
+
+def _stacked_ranks(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str
+                   ) -> tuple[int, dict[Path, int]]:
+  """``(number of adapters, {path: padded rank})`` of ``stacked``, after checking that it holds
+  exactly the stacked nodes of ``targets`` (``k`` adapters, when given).
+
+  Raises:
+    ValueError: an unexpected, missing or mis-shaped entry, named.
+  """
+  leaves = dict(leaves_with_paths(stacked))
+  want = {(*p, key) for p, t in targets.items() for key in (*factor_names(t), SCALE)}
+  extra, missing = sorted(set(leaves) - want), sorted(want - set(leaves))
+  if extra or missing:
+    detail = "; ".join(s for s in (f"unexpected {', '.join(map(path_str, extra[:5]))}" if extra else "",
+                                   f"missing {', '.join(map(path_str, missing[:5]))}" if missing else "") if s)
+    raise ValueError(f"{who}: the stacked tree does not hold these targets' nodes ({detail})")
+  n = k if k is not None else next(iter(np.shape(leaves[min(want)])), 0)  # shapes are checked below
+  ranks = {}
+  for path, t in targets.items():
+    node = get_path(stacked, path)
+    rank = np.shape(node["a"])[1 + t.n_stack] if np.ndim(node["a"]) > 1 + t.n_stack else -1
+    shapes = {"a": (n, *t.a_shape[:t.n_stack], rank, *t.in_shape), "b": (n, *t.b_shape[:t.n_stack], rank, *t.out_shape),
+              SCALE: (n,), "m": (n, *t.m_shape)}
+    for key in (*sorted(factor_names(t)), SCALE):
+      if tuple(np.shape(node[key])) != shapes[key]:
+        raise ValueError(f"{who}: the stacked tree's {t.name}/{key} has shape {tuple(np.shape(node[key]))}, expected "
+                         f"{shapes[key]} ({n} adapters of kernel {t.shape}, axes {t.axes!r})")
+    ranks[path] = rank
+  return n, ranks
+
+
+def _check_slice(node: Mapping[str, jax.Array], j: int, t: Target, who: str) -> None:
+  """Adapter ``j``'s stored scale is ``t``'s and its padded rows are zero (when the values are
+  concrete, i.e. outside ``jit``)."""
+  if any(isinstance(node[k], jax.core.Tracer) for k in ("a", "b", SCALE)):
+    return
+  scale = node[SCALE][j]
+  if scale != jnp.asarray(t.scale, scale.dtype):
+    raise ValueError(f"{who}: the stacked tree's scale of adapter {j} at {t.name} is {float(scale):g}, cfgs[{j}] gives "
+                     f"{t.scale:g} (rank {t.rank}, alpha {t.alpha:g}): these are not the configs it was stacked with")
+  for k in ("a", "b"):
+    rest = jax.lax.slice_in_dim(node[k][j], t.rank, node[k].shape[1 + t.n_stack], axis=t.n_stack)
+    if bool(jnp.any(rest != 0)):
+      raise ValueError(f"{who}: adapter {j}'s {t.name}/{k} is non-zero in the padded rows {t.rank}…; cfgs[{j}] says "
+                       f"rank {t.rank}, so they would be lost (a config of too small a rank, or training that moved "
+                       "padded rows: use lorax_jax.per_adapter)")
