@@ -15,6 +15,7 @@ from lorax_jax.params import (count, filter_params, join_params, lora_count, siz
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
 from lorax_jax.quantize import QArray, dequantize, is_quantized
+from lorax_jax.sharding import lora_shardings, shard_params
 from lorax_jax.targets import Target, find_targets
 from lorax_jax.transform import axes_from_use, lora_transform
 
@@ -23,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "count", "delta", "dequantize",
     "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
-    "load_adapter", "load_kohya", "lora_count", "lora_transform", "loraplus", "merge", "on_original_base",
-    "save_adapter", "size", "split_params", "summary", "trainable_mask", "unmerge",
+    "load_adapter", "load_kohya", "lora_count", "lora_shardings", "lora_transform", "loraplus", "merge",
+    "on_original_base", "save_adapter", "shard_params", "size", "split_params", "summary", "trainable_mask", "unmerge",
 ]
