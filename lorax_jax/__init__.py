@@ -17,6 +17,7 @@ from lorax_jax.params import (count, filter_params, join_params, lora_count, siz
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
 from lorax_jax.quantize import QArray, dequantize, is_quantized
+from lorax_jax.sharding import lora_shardings, shard_params
 from lorax_jax.targets import Target, find_targets
 from lorax_jax.transform import axes_from_use, lora_transform
 
@@ -25,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "combine", "count", "delta",
     "dequantize", "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
-    "load_adapter", "load_kohya", "lora_count", "lora_transform", "loraplus", "merge", "on_original_base",
-    "per_adapter", "save_adapter", "size", "split_params", "stack_adapters", "summary", "swap_adapter",
-    "trainable_mask", "unmerge", "unstack_adapters",
+    "load_adapter", "load_kohya", "lora_count", "lora_shardings", "lora_transform", "loraplus", "merge",
+    "on_original_base", "per_adapter", "save_adapter", "shard_params", "size", "split_params", "stack_adapters",
+    "summary", "swap_adapter", "trainable_mask", "unmerge", "unstack_adapters",
 ]

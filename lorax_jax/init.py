@@ -38,11 +38,12 @@ with those copies in place of the frozen leaves.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from lorax_jax.config import PISSA_NITER, LoraConfig
 from lorax_jax.quantize import is_quantized
@@ -60,6 +61,9 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   ``A ⊗ B = 0``, so the adapted model starts as the base model.
   With ``cfg.use_dora`` each target also gets ``m = ‖W‖`` per output unit
   (`Target.magnitude`), so ``W' = W`` at step 0.
+  Kernels placed by ``NamedSharding``\\ s give factors created directly on their shardings,
+  `lorax_jax.lora_shardings` (the rule is in `lorax_jax.sharding`); otherwise they are created
+  on the default device.
 
   Raises:
     TypeError: ``rng`` is not a single PRNG key.
@@ -89,24 +93,36 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
   """
   if not _is_key(rng):
     raise TypeError(f"init_lora: rng must be one PRNG key such as jax.random.key(0), got {rng!r}")
+  from lorax_jax.sharding import target_shardings  # sharding builds on this module
   targets = find_targets(params, cfg)
-  keys = jax.random.split(rng, len(targets))
-  lora: Lora = {}
-  exact: Lora = {}  # the float32 factors the residual is computed from, as PEFT does
+  saved = saved_leaves(params, cfg)
+  shardings = target_shardings(params, targets, saved)
   kernels = dict(leaves_with_paths(params))  # any pytree: dicts, Equinox modules, ...
-  for key, t in zip(keys, targets.values()):
-    a, b = t.masked(*_init_factors(key, t, cfg, kernels[t.path]))
-    set_path(exact, t.path, {"a": a, "b": b})
-    node = {"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)}
-    if t.dora:
-      node["m"] = t.magnitude(_float(kernels[t.path])).astype(cfg.param_dtype)
-    set_path(lora, t.path, node)
-  for path, leaf in saved_leaves(params, cfg).items():
-    set_path(lora.setdefault(SAVED_KEY, {}), path, jnp.array(leaf))
+  read = [kernels[t.path] if cfg.changes_base or t.dora else None for t in targets.values()]
+
+  def create(keys: jax.Array, read: list[Any]) -> tuple[list[Lora], list[Lora]]:
+    nodes, exact = [], []  # exact: the float32 factors the residual is computed from, as PEFT does
+    for key, t, kernel in zip(keys, targets.values(), read):
+      a, b = t.masked(*_init_factors(key, t, cfg, kernel))
+      exact.append({"a": a, "b": b})
+      nodes.append({"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)})
+      if t.dora:
+        nodes[-1]["m"] = t.magnitude(_float(kernel)).astype(cfg.param_dtype)
+    return nodes, exact if cfg.changes_base else []
+
+  placed = [get_path(shardings, path) for path in targets]
+  if any(isinstance(s, NamedSharding) for s in jax.tree_util.tree_leaves(placed)):  # each factor made on its shards
+    exact_placed = [{"a": s["a"], "b": s["b"]} for s in placed] if cfg.changes_base else []
+    create = jax.jit(create, out_shardings=(placed, exact_placed))
+  nodes, exact = create(jax.random.split(rng, len(targets)), read)
+  lora = _nested(targets, nodes)
+  for path, leaf in saved.items():
+    copy = jax.device_put(leaf, get_path(shardings, (SAVED_KEY, *path)), may_alias=False)
+    set_path(lora.setdefault(SAVED_KEY, {}), path, copy)
   if not cfg.changes_base:
     return lora, params
   from lorax_jax.merge import unmerge  # merge builds on this module
-  return lora, unmerge(params, exact, cfg.replace(use_dora=False))  # W_res = W - s·A₀⊗B₀
+  return lora, unmerge(params, _nested(targets, exact), cfg.replace(use_dora=False))  # W_res = W - s·A₀⊗B₀
 
 
 def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) -> tuple[Lora, LoraConfig]:
@@ -142,6 +158,14 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
                         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
                         alpha_pattern={k: factor * v for k, v in cfg.alpha_pattern.items()})
   return out, doubled
+
+
+def _nested(paths: Iterable[Path], nodes: Iterable[Lora]) -> Lora:
+  """The LoRA tree holding ``nodes`` at ``paths``."""
+  tree: Lora = {}
+  for path, node in zip(paths, nodes):
+    set_path(tree, path, node)
+  return tree
 
 
 def _float(w: Any) -> Any:
