@@ -43,11 +43,12 @@ def test_config_from_hf_reads_v4_and_v5_rope_keys():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3' lacks low_freq_factor"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "yarn"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"model_type": "mistral"}, "mistral"),
+    ({"model_type": "qwen2", "attention_bias": True}, "'qwen2' model has attention_bias=True"),
+    ({"model_type": "gemma"}, "gemma"),
+    ({"quantization_config": {"quant_method": "bnb"}}, "quantization_config"),
     ({"num_key_value_heads": 3}, "multiple"),
 ])
 def test_config_rejects_what_it_does_not_implement(change, message):

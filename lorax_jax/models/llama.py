@@ -1,9 +1,18 @@
-"""A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache.
+"""A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
+Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral.
 
-Module names mirror Hugging Face's ``LlamaForCausalLM``, so `LLAMA_PATH_MAP` is a
+Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
 one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
-``model.layers.3.self_attn.q_proj.weight``). Every projection is a bias-free
-``nn.Dense`` with an ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s.
+``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
+``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
+
+- Llama 3.x: ``rope_scaling`` of type ``llama3`` (`RopeScaling`); ``attention_bias`` (q/k/v/o
+  biases) and ``mlp_bias`` (gate/up/down biases) where a Llama config asks for them.
+- Qwen2/2.5: q/k/v biases, no o bias (transformers' ``Qwen2Attention``); per-layer sliding windows.
+- Qwen3: an RMSNorm over ``head_dim`` of each query and key head (``q_norm``/``k_norm``) before RoPE,
+  an explicit ``head_dim``, ``attention_bias``; per-layer sliding windows.
+- Mistral: a sliding window on every layer.
 
 Calling convention::
 
@@ -17,14 +26,15 @@ The cache is an explicit pytree of fixed-size arrays (``k``/``v`` per layer
 ``[B, S, n_kv, head_dim]``, a ``[B, S]`` mask of filled, non-padding slots and the
 next free slot ``index``); a call writes its ``L`` tokens at slots
 ``index .. index + L - 1``. Query slot ``i`` attends to key slot ``j`` when
-``j <= i`` and slot ``j`` holds a real token. Shapes never change, so a jitted
-decode step compiles once per ``(B, S)``.
+``j <= i`` and slot ``j`` holds a real token (and, in a sliding-window layer of window ``w``,
+``i - j < w``). Shapes never change, so a jitted decode step compiles once per ``(B, S)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -42,16 +52,138 @@ from lorax_jax.targets import find_targets
 
 Cache = dict[str, Any]
 
-_UNSUPPORTED = {  # config.json key -> the only value this model implements
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+  """What a ``model_type`` changes: its transformers class, the ``config.json`` fields it reads
+  beyond `_COMMON_FIELDS`, and what its architecture fixes whatever the config says."""
+
+  architecture: str
+  fields: frozenset[str]
+  qkv_bias: bool = False  # q/k/v biases always (Qwen2), not by attention_bias
+  qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+
+
+_QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+FAMILIES: dict[str, _Family] = {
+    # rope_interleaved and is_llama_config: SmolLM2's (nanotron's) fields, which transformers ignores.
+    "llama": _Family("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias", "pretraining_tp",
+                                                    "rope_interleaved", "is_llama_config"})),
+    "qwen2": _Family("Qwen2ForCausalLM", _QWEN_WINDOWS, qkv_bias=True),
+    "qwen3": _Family("Qwen3ForCausalLM", _QWEN_WINDOWS | {"attention_bias"}, qk_norm=True),
+    "mistral": _Family("MistralForCausalLM", frozenset({"sliding_window"})),
 }
+"""The ``model_type``\\ s `LlamaConfig` implements."""
+
+_COMMON_FIELDS = frozenset({  # the config.json fields every family reads
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"})
+_NEUTRAL_FIELDS = frozenset({  # config.json fields that do not change the logits (attention_dropout: training
+    # only in transformers; this model has no dropout, LoRA's is the engine's)
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+    "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
+    "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder"})
+_ONLY = {  # config.json field -> the only value this model implements
+    "hidden_act": "silu",
+    "rope_interleaved": False,
+    "is_encoder_decoder": False,
+}
+FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"  # the values of layer_types
+
+
+_ROPE_KEYS = {  # RoPE type -> the keys of its rope_scaling dict beside rope_type (type) and rope_theta
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _check_rope_type(rope_type: str) -> None:
+  if rope_type not in _ROPE_KEYS:
+    raise ValueError(f"RoPE scaling rope_type={rope_type!r} is not implemented; only "
+                     f"{', '.join(map(repr, _ROPE_KEYS))} are")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE's frequencies rescaled for long contexts: ``rope_scaling`` (``rope_parameters``) of
+  ``config.json`` with a ``rope_type`` other than ``"default"``.
+
+  - ``"linear"``: ``f_k / factor`` (positions divided by ``factor``).
+  - ``"llama3"``: transformers' ``_compute_llama3_parameters``. With ``L`` =
+    ``original_max_position_embeddings`` and the wavelength ``λ_k = 2π / f_k``: ``f_k`` where
+    ``λ_k < L / high_freq_factor``; ``f_k / factor`` where ``λ_k > L / low_freq_factor``; between
+    them ``(1 - s) f_k / factor + s f_k`` with ``s = (L / λ_k - low_freq_factor) /
+    (high_freq_factor - low_freq_factor)``.
+  """
+
+  rope_type: str
+  factor: float
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    _check_rope_type(self.rope_type)
+    for name in _ROPE_KEYS["llama3"]:
+      value = getattr(self, name)
+      if (value is None) == (name in _ROPE_KEYS[self.rope_type]):
+        raise ValueError(f"RopeScaling {self.rope_type!r} " + (f"lacks {name}" if value is None
+                                                               else f"takes no {name} (got {value!r})"))
+    if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(f"RopeScaling 'llama3' needs high_freq_factor > low_freq_factor, got "
+                       f"high_freq_factor={self.high_freq_factor!r}, low_freq_factor={self.low_freq_factor!r}")
+
+  @classmethod
+  def from_hf(cls, rope: Mapping[str, Any], max_position_embeddings: int) -> RopeScaling | None:
+    """From ``rope_scaling`` or ``rope_parameters``; None for ``"default"`` (plain RoPE).
+
+    A key that is not one of the type's is an error naming it. As in transformers, llama3's
+    ``original_max_position_embeddings`` defaults to ``max_position_embeddings``.
+    """
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _check_rope_type(rope_type)
+    unknown = sorted(rope.keys() - {"rope_type", "type", "rope_theta", *_ROPE_KEYS[rope_type]})
+    if unknown:
+      raise ValueError(f"config.json's RoPE parameters of type {rope_type!r} have "
+                       f"{', '.join(f'{k}={rope[k]!r}' for k in unknown)}, which this model does not implement")
+    if rope_type == "default":
+      return None
+    values = {k: rope.get(k) for k in _ROPE_KEYS[rope_type]}
+    if rope_type == "llama3" and values["original_max_position_embeddings"] is None:
+      values["original_max_position_embeddings"] = max_position_embeddings
+    return cls(rope_type, **values)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The ``rope_scaling`` dict of ``config.json``."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+  def scale(self, freqs: np.ndarray) -> np.ndarray:
+    """The rescaled inverse frequencies ``f_k`` (float32, as transformers computes them)."""
+    if self.rope_type == "linear":
+      return freqs / np.float32(self.factor)
+    old_context = self.original_max_position_embeddings
+    low_wavelen, high_wavelen = old_context / self.low_freq_factor, old_context / self.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    low = np.where(wavelen > low_wavelen, freqs / self.factor, freqs)
+    smooth = (old_context / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+    smoothed = (1 - smooth) * low / self.factor + smooth * low
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, low).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """The hyper-parameters of a Llama; field names are those of Hugging Face's ``config.json``."""
+  """The hyper-parameters of a Llama-family model; field names are those of Hugging Face's
+  ``config.json`` (``model_type`` one of `FAMILIES`).
+
+  ``sliding_window``: how far back a sliding-window layer attends (query slot ``i`` sees key slot
+  ``j`` when ``i - j < sliding_window``; None: no layer slides). ``layer_types``: which layers
+  slide (`SLIDING_ATTENTION`) and which see everything (`FULL_ATTENTION`); None: every layer
+  slides when ``sliding_window`` is set (Mistral's rule).
+  """
 
   vocab_size: int
   hidden_size: int
@@ -64,46 +196,113 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 2048
+  model_type: str = "llama"
+  rope_scaling: RopeScaling | None = None
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
+    if self.model_type not in FAMILIES:
+      raise ValueError(f"LlamaConfig: model_type={self.model_type!r} is not implemented; only "
+                       f"{', '.join(map(repr, FAMILIES))} are")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
                        f"of num_key_value_heads={self.num_key_value_heads}")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types"):
+      value = getattr(self, name)
+      if value not in (None, False) and name not in FAMILIES[self.model_type].fields:
+        raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
+    if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
+      raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window!r} must be a positive int or None")
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+          FULL_ATTENTION, SLIDING_ATTENTION}:
+        raise ValueError(f"LlamaConfig: layer_types={self.layer_types!r} must give {FULL_ATTENTION!r} or "
+                         f"{SLIDING_ATTENTION!r} for each of the {self.num_hidden_layers} layers")
+      if SLIDING_ATTENTION in self.layer_types and self.sliding_window is None:
+        raise ValueError(f"LlamaConfig: layer_types={self.layer_types!r} has {SLIDING_ATTENTION!r} "
+                         "layers but sliding_window is None")
+
+  @property
+  def qkv_bias(self) -> bool:
+    """Whether q/k/v projections have biases: ``attention_bias``, or always in Qwen2."""
+    return self.attention_bias or FAMILIES[self.model_type].qkv_bias
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether each query and key head is RMS-normalised over ``head_dim`` before RoPE (Qwen3)."""
+    return FAMILIES[self.model_type].qk_norm
+
+  def layer_window(self, i: int) -> int | None:
+    """Layer ``i``'s sliding window, None when it attends to every earlier slot."""
+    slides = self.layer_types is None or self.layer_types[i] == SLIDING_ATTENTION
+    return self.sliding_window if slides else None
 
   @classmethod
   def from_hf(cls, config: Mapping[str, Any]) -> LlamaConfig:
-    """From a Hugging Face ``config.json`` dict; options this model does not implement are errors."""
+    """From a Hugging Face ``config.json`` dict; options this model does not implement are errors.
+
+    ``model_type`` defaults to ``"llama"``. A field that is neither read by the family
+    (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`_NEUTRAL_FIELDS`) is an
+    error naming it, as is a value other than the one implemented (``hidden_act`` ``silu``).
+    Qwen's windows are transformers': with ``use_sliding_window``, layers ``i >=
+    max_window_layers`` slide unless ``layer_types`` says which.
+    """
     model_type = config.get("model_type", "llama")
-    if model_type != "llama":
-      raise ValueError(f"config.json has model_type={model_type!r}; only 'llama' is supported")
-    for key, supported in _UNSUPPORTED.items():
+    if model_type not in FAMILIES:
+      raise ValueError(f"config.json has model_type={model_type!r}; only {', '.join(map(repr, FAMILIES))} "
+                       "are supported")
+    unknown = sorted(config.keys() - _COMMON_FIELDS - _NEUTRAL_FIELDS - FAMILIES[model_type].fields)
+    if unknown:
+      fields = ", ".join(f"{k}={config[k]!r}" for k in unknown)
+      raise ValueError(f"config.json of a {model_type!r} model has {fields}, which this model does not implement")
+    for key, supported in _ONLY.items():
       if config.get(key, supported) != supported:
         raise ValueError(f"config.json has {key}={config[key]!r}; only {supported!r} is supported")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-      raise ValueError(f"config.json asks for RoPE scaling {rope_type!r}; only plain RoPE is supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in config]
     if missing:
       raise ValueError(f"config.json lacks {', '.join(missing)}")
-    heads = config["num_attention_heads"]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    max_positions = config.get("max_position_embeddings", 2048)
+    sliding_window, layer_types = config.get("sliding_window"), None
+    if "use_sliding_window" in FAMILIES[model_type].fields:  # Qwen
+      sliding_window = sliding_window if config.get("use_sliding_window", False) else None
+      layer_types = tuple(config.get("layer_types") or (
+          SLIDING_ATTENTION if sliding_window is not None and i >= config.get("max_window_layers", 28)
+          else FULL_ATTENTION for i in range(layers)))
+      if set(layer_types) == {SLIDING_ATTENTION} or (sliding_window is None and SLIDING_ATTENTION not in layer_types):
+        layer_types = None  # every layer alike: sliding_window alone says how
     return cls(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        intermediate_size=config["intermediate_size"], num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
         head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
-        max_position_embeddings=config.get("max_position_embeddings", 2048))
+        max_position_embeddings=max_positions, model_type=model_type,
+        rope_scaling=RopeScaling.from_hf(rope, max_positions),
+        attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
+        sliding_window=sliding_window, layer_types=layer_types)
 
   def to_hf(self) -> dict[str, Any]:
-    """A ``config.json`` dict that transformers' ``LlamaForCausalLM`` loads."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, **dataclasses.asdict(self)}
+    """A ``config.json`` dict that transformers' class of this ``model_type`` loads (`from_hf`'s inverse)."""
+    family = FAMILIES[self.model_type]
+    out = {"architectures": [family.architecture], "hidden_act": "silu",
+           **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name in _COMMON_FIELDS | family.fields},
+           "rope_scaling": self.rope_scaling and self.rope_scaling.to_hf()}
+    if "layer_types" in family.fields:  # Qwen: every layer's type, as transformers writes them
+      out.update(use_sliding_window=self.sliding_window is not None, layer_types=[
+          FULL_ATTENTION if self.layer_window(i) is None else SLIDING_ATTENTION
+          for i in range(self.num_hidden_layers)])
+    return out
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -112,13 +311,17 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
   """Rotary embedding of ``x [B, L, H, D]`` at ``positions [B, L]``.
 
-  ``x cos(p f) + rotate_half(x) sin(p f)`` with ``f_k = theta^(-2k/D)`` repeated over both halves.
+  ``x cos(p f) + rotate_half(x) sin(p f)`` with ``f_k = theta^(-2k/D)`` (``k < D/2``, rescaled by
+  `RopeScaling.scale` when given) repeated over both halves. The ``f_k`` are constants computed
+  in float32 as transformers computes them.
   """
   d = x.shape[-1]
-  freqs = 1.0 / theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+  freqs = 1.0 / np.float32(theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))
+  if scaling is not None:
+    freqs = scaling.scale(freqs)
   angles = positions.astype(jnp.float32)[..., None] * freqs          # [B, L, D/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, D]
   xf = x.astype(jnp.float32)
@@ -138,30 +341,41 @@ class RMSNorm(nn.Module):
     return weight * y.astype(x.dtype)
 
 
-def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=dtype, name=name)
+def _dense(features: int, dtype: Any, name: str, bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention: query head ``h`` reads key/value head ``h // (H / H_kv)``."""
+  """Grouped-query self-attention: query head ``h`` reads key/value head ``h // (H / H_kv)``.
+
+  ``q = rope(q_norm(x Wq + bq))``, ``k = rope(k_norm(x Wk + bk))``, ``v = x Wv + bv``, ``out =
+  softmax(q kᵀ / sqrt(head_dim) + mask) v Wo + bo``: biases where `LlamaConfig.qkv_bias` and
+  ``attention_bias`` say, the per-head RMSNorms where `LlamaConfig.qk_norm` does.
+  """
 
   config: LlamaConfig
   dtype: Any = jnp.float32
 
   def setup(self):
     c = self.config
-    self.q_proj = _dense(c.num_attention_heads * c.head_dim, self.dtype, "q_proj")
-    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "k_proj")
-    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "v_proj")
-    self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj")
+    self.q_proj = _dense(c.num_attention_heads * c.head_dim, self.dtype, "q_proj", c.qkv_bias)
+    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "k_proj", c.qkv_bias)
+    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "v_proj", c.qkv_bias)
+    self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj", c.attention_bias)
+    if c.qk_norm:
+      self.q_norm, self.k_norm = RMSNorm(c.rms_norm_eps), RMSNorm(c.rms_norm_eps)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, index: jax.Array,
-               cache: Cache | None) -> tuple[jax.Array, Cache | None]:
+               cache: Cache | None, window: int | jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
+    """``window``: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit)."""
     c = self.config
     b, l, _ = x.shape
     groups = c.num_attention_heads // c.num_key_value_heads
-    q = rope(self.q_proj(x).reshape(b, l, c.num_attention_heads, c.head_dim), positions, c.rope_theta)
-    k = rope(self.k_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim), positions, c.rope_theta)
+    q = self.q_proj(x).reshape(b, l, c.num_attention_heads, c.head_dim)
+    k = self.k_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
+    if c.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = (rope(y, positions, c.rope_theta, c.rope_scaling) for y in (q, k))
     v = self.v_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
     if cache is not None:
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
@@ -169,8 +383,9 @@ class Attention(nn.Module):
       cache = {"k": k, "v": v}
     q = q.reshape(b, l, c.num_key_value_heads, groups, c.head_dim)
     scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) / np.sqrt(c.head_dim)
-    q_slot = index + jnp.arange(l)
-    allowed = key_mask[:, None, None, None, :] & (jnp.arange(k.shape[1])[None, :] <= q_slot[:, None])
+    back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
+    causal = back >= 0 if window is None else (back >= 0) & (back < window)
+    allowed = key_mask[:, None, None, None, :] & causal
     scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, c.num_attention_heads * c.head_dim)
@@ -178,7 +393,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``, each projection with a bias where ``mlp_bias``."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
@@ -186,9 +401,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = _dense(c.intermediate_size, self.dtype, "gate_proj")(x)
-    up = _dense(c.intermediate_size, self.dtype, "up_proj")(x)
-    return _dense(c.hidden_size, self.dtype, "down_proj")(nn.silu(gate) * up)
+    gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
+    up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
+    return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -198,10 +413,10 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, key_mask, index, cache):
+  def __call__(self, x, positions, key_mask, index, cache, window=None):
     eps = self.config.rms_norm_eps
     h, cache = Attention(self.config, self.dtype, name="self_attn")(
-        RMSNorm(eps, name="input_layernorm")(x), positions, key_mask, index, cache)
+        RMSNorm(eps, name="input_layernorm")(x), positions, key_mask, index, cache, window)
     x = x + h
     x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
     return x, cache
@@ -279,8 +494,9 @@ class LlamaModel(nn.Module):
   def _layers(self, step, carry, cache):
     """``carry, out_i = step(layer_i, carry, cache_i)`` over the layers; ``(carry, {layers_i: out_i})``.
 
-    ``layer_i(x, positions, key_mask, index, cache)`` is decoder layer ``i`` with its params. With
-    ``scan_layers`` one scan over the stacked params (and ``cache``'s slots, stacked per call)."""
+    ``layer_i(x, positions, key_mask, index, cache)`` is decoder layer ``i`` with its params and
+    sliding window (`LlamaConfig.layer_window`). With ``scan_layers`` one scan over the stacked
+    params (and ``cache``'s slots, stacked per call; the windows too where layers differ in them)."""
     if self.is_initializing():  # init creates the per-layer tree, scanned or not
       return self._unrolled(step, carry, cache)
     stacked = STACKED in self.variables["params"]
@@ -293,22 +509,29 @@ class LlamaModel(nn.Module):
     if not self.scan_layers:
       return self._unrolled(step, carry, cache)
     layer = DecoderLayer(self.config, self.dtype, parent=None)
+    windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
+    # One window for every layer stays static; else each layer's is scanned (no limit: int32's max).
+    layer_windows = None if len(set(windows)) == 1 else jnp.asarray(
+        [np.iinfo(np.int32).max if w is None else w for w in windows], jnp.int32)
 
     def body(carry, slices):
-      p, layer_cache = slices
-      return step(functools.partial(layer.apply, {"params": p}), carry, layer_cache)
+      p, layer_cache, window = slices
+      return step(functools.partial(layer.apply, {"params": p}, window=windows[0] if window is None else window),
+                  carry, layer_cache)
 
     if self.remat:
       body = jax.checkpoint(body)
     carry, out = jax.lax.scan(body, carry, (self.variables["params"][STACKED],
-                                            None if cache is None else stack_layers(cache)[STACKED]))
+                                            None if cache is None else stack_layers(cache)[STACKED],
+                                            layer_windows))
     return carry, None if out is None else unstack_layers({STACKED: out})
 
   def _unrolled(self, step, carry, cache):
     out = {}
     for i, layer in enumerate(self.layers):
       name = f"layers_{i}"
-      carry, out[name] = step(layer, carry, None if cache is None else cache[name])
+      carry, out[name] = step(functools.partial(layer, window=self.config.layer_window(i)), carry,
+                              None if cache is None else cache[name])
     return carry, out
 
 
@@ -499,23 +722,26 @@ def _path_map() -> PathMap:
   layer = "params/model/layers_{i}/"
   hf_layer = "model.layers.{i}."
   rules = [("params/model/embed_tokens/embedding", "model.embed_tokens.weight", "embedding")]
-  rules += [(f"{layer}self_attn/{p}/kernel", f"{hf_layer}self_attn.{p}.weight", "linear")
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-  rules += [(f"{layer}mlp/{p}/kernel", f"{hf_layer}mlp.{p}.weight", "linear")
-            for p in ("gate_proj", "up_proj", "down_proj")]
-  rules += [(f"{layer}{n}/weight", f"{hf_layer}{n}.weight", "param")
-            for n in ("input_layernorm", "post_attention_layernorm")]
+  projections = [f"self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+  projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+  for p in projections:
+    hf_p = p.replace("/", ".")
+    rules += [(f"{layer}{p}/kernel", f"{hf_layer}{hf_p}.weight", "linear"),
+              (f"{layer}{p}/bias", f"{hf_layer}{hf_p}.bias", "param")]
+  rules += [(f"{layer}{n}/weight", f"{hf_layer}{n.replace('/', '.')}.weight", "param")
+            for n in ("input_layernorm", "post_attention_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
   rules += [("params/model/norm/weight", "model.norm.weight", "param"),
             ("params/lm_head/kernel", "lm_head.weight", "linear")]
   return PathMap(tuple(rules))
 
 
 LLAMA_PATH_MAP: PathMap = _path_map()
-"""Flax `Llama` param paths <-> Hugging Face ``LlamaForCausalLM`` tensor names."""
+"""Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
+projections' kernels and biases, the norms (Qwen3's ``q_norm``/``k_norm`` too)."""
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """The Hugging Face tensor names and torch-layout shapes of a Llama with this config."""
+  """The Hugging Face tensor names and torch-layout shapes of a model with this config."""
   c = config
   q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
   shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size), "model.norm.weight": (c.hidden_size,)}
@@ -528,7 +754,18 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
              "mlp.up_proj": (c.intermediate_size, c.hidden_size),
              "mlp.down_proj": (c.hidden_size, c.intermediate_size),
              "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,)}
+    if c.qk_norm:
+      layer.update({"self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,)})
+    biases = {}
+    if c.qkv_bias:
+      biases.update({"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)})
+    if c.attention_bias:
+      biases["self_attn.o_proj"] = (c.hidden_size,)
+    if c.mlp_bias:
+      biases.update({"mlp.gate_proj": (c.intermediate_size,), "mlp.up_proj": (c.intermediate_size,),
+                     "mlp.down_proj": (c.hidden_size,)})
     shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+    shapes.update({f"model.layers.{i}.{name}.bias": shape for name, shape in biases.items()})
   return shapes
 
 
@@ -556,12 +793,14 @@ def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
 
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
-  """``(config, model, params)`` from a Hugging Face Llama checkpoint directory."""
+  """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
+  (Llama, Qwen2/2.5, Qwen3, Mistral)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
 
 
 def save_llama(directory: str, params: Any, config: LlamaConfig) -> None:
-  """Write params (merge a LoRA first) as a checkpoint that ``LlamaForCausalLM.from_pretrained`` loads."""
+  """Write params (merge a LoRA first) as a checkpoint that transformers' class of the config's
+  family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) ``from_pretrained`` loads."""
   hf.save_hf_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP)
