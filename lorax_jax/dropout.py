@@ -65,7 +65,8 @@ def check_key(rng: object) -> None:
   typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
   if (typed and shape == ()) or (dtype == np.uint32 and shape == _raw_key_shape()):
     return
-  got = f"{type(rng).__name__} {rng!r:.60}" if shape is None else f"{'a key array' if typed else dtype} of shape {shape}"
+  kind = "a key array" if typed else dtype
+  got = f"{type(rng).__name__} {rng!r:.60}" if shape is None else f"{kind} of shape {shape}"
   raise TypeError(f"rng must be a jax.random.key (e.g. jax.random.key(0); under vmap one per example) or None, "
                   f"got {got}")
 

@@ -1,4 +1,4 @@
-"""Atomic writes: a file, or a directory of files, is either the old one or the whole new one.
+"""Atomic writes into destinations of the library's own, and reads of regular files only.
 
 New files and directories get the permissions a plain ``open`` / ``mkdir`` gives under the
 user's umask, and their data is fsynced before they are renamed into place (then the parent
@@ -8,9 +8,9 @@ directory is fsynced, so the rename itself survives a power cut).
 directory, which then *exchanges* places with the old one in one atomic step
 (``renameat2(RENAME_EXCHANGE)`` on Linux, ``renamex_np(RENAME_SWAP)`` on macOS; a plain
 rename when there is no old directory); the old one is deleted afterwards. A reader that
-opens the directory once and reads its files through that handle (`open_in`) sees one
-complete version; it gets ``FileNotFoundError`` if a writer deleted that version under it,
-and can then simply open the directory again. A crash leaves at most a hidden sibling
+opens the directory once and reads its files through that handle (`open_regular` with
+``dir_fd``) sees one complete version; it gets ``FileNotFoundError`` if a writer deleted that
+version under it, and can then simply open the directory again. A crash leaves at most a hidden sibling
 ``.<name>.tmp-*`` behind, never a mixed directory.
 
 Nothing the library did not create is ever deleted, renamed away or overwritten. Every writer

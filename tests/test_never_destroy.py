@@ -75,7 +75,8 @@ def hostile_destinations(root) -> list:
           str(root / "mine" / "sub" / "..")]
 
 
-DESTINATION_ERROR = r"path is empty|is the working directory|is the home directory|holds .*which lorax_jax did not write"
+DESTINATION_ERROR = (r"path is empty|is the working directory|is the home directory"
+                     r"|holds .*which lorax_jax did not write")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ PATHS = st.lists(COMPONENTS, min_size=0, max_size=3).map("/".join) | st.lists(CO
     lambda parts: "/".join(parts) + "/")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=PATHS)
 def test_no_save_changes_a_file_it_did_not_write(tmp_path, monkeypatch, params, path):
   root = tmp_path / "box"

@@ -14,8 +14,9 @@ Written to ``out_dir``: ``adapter/`` (PEFT: ``PeftModel.from_pretrained`` loads 
 Hugging Face model), ``loss.png``, ``samples.txt`` (generations before and after),
 ``metrics.json``, ``settings.yaml`` and ``checkpoint.safetensors`` (LoRA factors, optimizer
 state, step and history; no pickle). ``out_dir`` must be a directory of its own: a new one, or
-one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The data order and dropout keys are pure functions of
-``(seed, step)``, so a resumed run continues exactly as an uninterrupted one would.
+one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The
+data order and dropout keys are pure functions of ``(seed, step)``, so a resumed run continues
+exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations

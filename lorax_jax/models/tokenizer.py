@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import tokenizers
 
