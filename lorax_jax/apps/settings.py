@@ -20,6 +20,8 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from lorax_jax.files import MAX_CONFIG_BYTES, read_regular
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 T = TypeVar("T")
 STRINGS = tuple[str, ...]
@@ -37,8 +39,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def config_path(name: str) -> str:
-  """``name`` if it is a file, else the packaged ``configs/NAME.yaml``; SettingsError if neither."""
-  if os.path.isfile(name):
+  """``name`` if it exists (`read_yaml` then refuses what is not a regular file), else the packaged
+  ``configs/NAME.yaml``; SettingsError if neither."""
+  if os.path.exists(name):
     return name
   packaged = os.path.join(CONFIG_DIR, f"{name}.yaml")
   if os.path.isfile(packaged):
@@ -48,12 +51,17 @@ def config_path(name: str) -> str:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-  """The mapping of settings in YAML file ``path``."""
+  """The mapping of settings in YAML file ``path`` (a regular file of at most `MAX_CONFIG_BYTES`).
+
+  Raises:
+    ValueError: not a regular file, or too large (`lorax_jax.files.read_regular`).
+    SettingsError: not UTF-8 or not a YAML mapping.
+  """
   import yaml
 
+  data = read_regular(path, MAX_CONFIG_BYTES, "settings file")
   try:
-    with open(path, encoding="utf-8") as f:
-      values = yaml.safe_load(f)
+    values = yaml.safe_load(data.decode("utf-8"))
   except (UnicodeDecodeError, yaml.YAMLError) as e:
     problem = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "is not valid YAML"
     raise SettingsError(f"config file {path} {problem} ({' '.join(str(e).split())}): "

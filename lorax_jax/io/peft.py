@@ -17,7 +17,10 @@ Beside an adapted embedding PEFT may also save the whole base table
 
 An adapter directory is one unit: `save_adapter` replaces it whole and atomically
 (`lorax_jax.files.write_dir_atomic`), `load_adapter` reads both files through one handle on
-the directory, so it sees one complete version even while other processes save.
+the directory, so it sees one complete version even while other processes save. A save refuses
+a directory holding anything but those two files (`lorax_jax.files.check_destination`: PEFT's
+``README.md`` too, which lorax_jax did not write); a load reads only regular files, the config
+at most `MAX_CONFIG_BYTES`.
 
 ``modules_to_save`` copies (`lorax_jax.io.saved`) are saved under their own tensor names, and a
 stacked kernel's layers as one module each (`lorax_jax.io.stacked`).
@@ -42,12 +45,12 @@ import numpy as np
 
 from lorax_jax import pathmap
 from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
-from lorax_jax.files import open_in, text_writer, write_dir_atomic
+from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_writer, write_dir_atomic
 from lorax_jax.init import SAVED_KEY, Lora, init_lora_and_base, on_original_base, target_factors
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
-from lorax_jax.io.peft_config import lookup, matches, read_config
+from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
@@ -57,7 +60,6 @@ from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
-REPLACED_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")  # what a save may replace
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
@@ -92,8 +94,10 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
 
   Raises:
-    ValueError: a target without a module name; ``directory`` holding files other than an
-      adapter's (it would be replaced whole); a ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
+    ValueError: a target without a module name; a ``directory`` that
+      `lorax_jax.files.check_destination` refuses (``""``, the working or home directory, a
+      directory holding anything but an adapter's two files: it is replaced whole); a
+      ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
       adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
   """
   if initial is not None:
@@ -106,11 +110,6 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
   names = {path: ms[0] for path, ms in mods.items()}
   _check_tied(targets, names, cfg, _ties(params, path_map))
-  if os.path.isdir(directory):
-    others = sorted(set(os.listdir(directory)) - set(REPLACED_FILES))
-    if others:
-      raise ValueError(f"{directory} holds {', '.join(others[:5])}: a save replaces the whole directory, so "
-                       "save the adapter to a directory of its own")
   tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   for t, a, b in target_factors(targets, lora):
@@ -180,7 +179,7 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: not a PEFT adapter directory")
   for _ in range(READ_ATTEMPTS):
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
     try:
       return _load(dir_fd, directory, params, path_map, param_dtype, kernel_axes)
     except FileNotFoundError:
@@ -197,7 +196,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
           kernel_axes: Mapping[str, tuple[int, int]] | None) -> tuple[Lora, LoraConfig]:
   config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
   with _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory") as config_file:
-    config = read_config(config_file, config_path)
+    config = read_config(read_limited(config_file, config_path, MAX_CONFIG_BYTES, "PEFT adapter config"),
+                         config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
     all_infos = read_header(weights_file, weights_path)
     saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
@@ -208,8 +208,13 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
     if not pairs:
       raise ValueError(f"{weights_path} holds no LoRA factors")
-    missing = ({to_file(m.name) for m in mods if _peft_targets(config, to_file(m.name))}
-               - {to_file(m.name) for m, _, _ in pairs})
+    selected = {to_file(m.name) for m in mods if _peft_targets(config, to_file(m.name))}
+    if not selected and _checkable(config):
+      raise ValueError(f"{config_path}: target_modules {config['target_modules']!r} (exclude_modules "
+                       f"{config.get('exclude_modules')!r}) selects no module of these params; PEFT refuses "
+                       "this adapter (NoMatchingPeftModuleError: target modules not found in the base model). "
+                       "Load it onto the model it was trained for, or fix target_modules")
+    missing = selected - {to_file(m.name) for m, _, _ in pairs}
     if missing:
       raise ValueError(f"{weights_path} is missing the factors of {', '.join(sorted(missing))} "
                        f"(target_modules {config['target_modules']!r} selects them)")
@@ -221,6 +226,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       if ranks.setdefault(m.path, r) != r or alphas.setdefault(m.path, alpha) != alpha:
         raise ValueError(f"{weights_path}: the layers of the stacked kernel {path_str(m.path)} differ in rank or "
                          "alpha; its factors hold one rank and alpha for every layer")
+    warn_unmatched(config, [to_file(m.name) for m, _, _ in pairs], config_path)
     stacked = stacked_fields(pairs, {p: np.shape(x) for p, x in leaves_with_paths(params)},
                              dict(kernel_axes or {}), weights_path)
     ties = _ties(params, path_map)
@@ -294,7 +300,7 @@ def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], ta
 
 def _open(dir_fd: int, directory: str, name: str, why: str = "") -> BinaryIO:
   try:
-    return open_in(dir_fd, name)
+    return open_regular(name, dir_fd, os.path.join(directory, name))
   except FileNotFoundError:
     raise FileNotFoundError(f"{directory} has no {name}{why}") from None
 
@@ -416,11 +422,16 @@ def _peft_targets(config: Mapping[str, Any], name: str) -> bool:
   False when the selection depends on the torch model (``all-linear``, layer filters):
   then the file's keys alone say what is adapted.
   """
-  targets = config.get("target_modules")
-  if (targets is None or targets == "all-linear" or config.get("layers_to_transform") is not None
-      or matches(config.get("exclude_modules"), name)):
+  if not _checkable(config) or matches(config.get("exclude_modules"), name):
     return False
-  return matches(targets, name)
+  return matches(config["target_modules"], name)
+
+
+def _checkable(config: Mapping[str, Any]) -> bool:
+  """Whether ``target_modules`` selects modules by name alone (not ``all-linear``, PEFT's per-model
+  default or a layer filter)."""
+  return (config.get("target_modules") not in (None, "all-linear")
+          and config.get("layers_to_transform") is None)
 
 
 def _number(x: float) -> int | float:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, IO
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 MAX_UNBOUNDED = 3
 MAX_PATTERN_CHARS = 1000
@@ -40,8 +41,8 @@ CONVERSION_RECIPE = (
     "out_dir here")
 
 
-def read_config(f: IO[bytes], path: str) -> dict[str, Any]:
-  """The validated ``adapter_config.json`` read from ``f`` (named ``path`` in errors).
+def read_config(data: bytes, path: str) -> dict[str, Any]:
+  """The validated ``adapter_config.json`` whose bytes are ``data`` (named ``path`` in errors).
 
   Raises:
     ValueError: invalid JSON (nesting too deep included), a field of the wrong type or out
@@ -50,7 +51,7 @@ def read_config(f: IO[bytes], path: str) -> dict[str, Any]:
       LoRA-GA, MiCA, ``pissa_niter_K``; with PEFT's conversion recipe).
   """
   try:
-    config = json.loads(f.read().decode("utf-8"))
+    config = json.loads(data.decode("utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from None
   except RecursionError:
@@ -136,6 +137,16 @@ def lookup(pattern: Mapping[str, Any] | None, name: str, default: Any) -> Any:
     if re.match(rf"(.*\.)?({key})$", name):
       return value
   return default
+
+
+def warn_unmatched(config: Mapping[str, Any], names: Iterable[str], path: str) -> None:
+  """PEFT's warning for ``rank_pattern`` / ``alpha_pattern`` keys that match none of the adapted
+  modules ``names`` (they are ignored: a typo, or an adapter for another model)."""
+  names = list(names)
+  for field in ("rank_pattern", "alpha_pattern"):
+    unmatched = sorted(k for k in config.get(field) or {} if not any(lookup({k: 1}, n, None) for n in names))
+    if unmatched:
+      warnings.warn(f"{path}: {field} keys {unmatched} match no adapted module and are ignored", stacklevel=4)
 
 
 def _backtracking_risk(pattern: str, max_unbounded: int) -> str | None:

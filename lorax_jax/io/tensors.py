@@ -17,11 +17,13 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+
+from lorax_jax.files import open_regular
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
@@ -53,24 +55,10 @@ def read_header(f: BinaryIO, path: str) -> dict[str, TensorInfo]:
     ValueError: a truncated or corrupt file, a header naming a tensor twice, an unknown
       dtype, a shape or offsets that do not agree with the dtype and the file (each named).
   """
-  def bad(why: str) -> ValueError:
-    return ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
-
-  size = os.fstat(f.fileno()).st_size
-  head = f.read(8)
-  if len(head) < 8:
-    raise bad(f"{size} bytes, shorter than the 8-byte header length")
-  (n,) = struct.unpack("<Q", head)
-  if n > min(MAX_HEADER_BYTES, size - 8):
-    raise bad(f"header length {n} exceeds the file ({size} bytes) or {MAX_HEADER_BYTES} bytes")
-  try:
-    header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
-  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
-    raise bad(f"header is not valid JSON: {str(e)[:200]}") from None
-  if not isinstance(header, dict):
-    raise bad("header is not a JSON object")
+  bad = _bad(path)
+  header, data_start, size = _header(f, path)
   header.pop("__metadata__", None)
-  infos, data_start = {}, 8 + n
+  infos = {}
   for key, entry in header.items():
     infos[key] = _entry(key, entry, data_start, bad)
   spans = sorted((i.start, i.end) for i in infos.values())
@@ -82,6 +70,19 @@ def read_header(f: BinaryIO, path: str) -> dict[str, TensorInfo]:
   if expect != size:
     raise bad(f"tensor data ends at byte {expect} but the file has {size} bytes")
   return infos
+
+
+def read_metadata(f: BinaryIO, path: str) -> dict[str, str]:
+  """The header's ``__metadata__`` (a string-to-string map; empty without one) of the open
+  safetensors file ``f`` (named ``path`` in errors).
+
+  Raises:
+    ValueError: a truncated or corrupt header, or metadata that is not an object of strings.
+  """
+  metadata = _header(f, path)[0].get("__metadata__", {})
+  if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+    raise _bad(path)("__metadata__ is not an object of strings")
+  return metadata
 
 
 def read_tensors(f: BinaryIO, infos: Mapping[str, TensorInfo], keys: Iterable[str] | None = None
@@ -101,13 +102,14 @@ def open_safetensors(path: str) -> BinaryIO:
 
   Raises:
     FileNotFoundError: no such file.
-    ValueError: a pickled checkpoint (refused, with how to convert it).
+    ValueError: a pickled checkpoint (refused, with how to convert it); not a regular file
+      (`lorax_jax.files.open_regular`).
   """
   if path.endswith(PICKLE_SUFFIXES):
     raise ValueError(pickle_refusal(path))
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise FileNotFoundError(f"no such file: {path}")
-  return open(path, "rb")
+  return open_regular(path)
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -136,6 +138,31 @@ def pickle_refusal(path: str) -> str:
       "PeftModel.from_pretrained(...)) and save it with safetensors "
       "(model.save_pretrained(dir, safe_serialization=True), or "
       "safetensors.torch.save_file(torch.load(path), 'adapter_model.safetensors')).")
+
+
+def _bad(path: str) -> Callable[[str], ValueError]:
+  return lambda why: ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+
+def _header(f: BinaryIO, path: str) -> tuple[dict[str, Any], int, int]:
+  """``(header JSON object, data start, file size)`` of the open safetensors file ``f``, its length
+  checked against the file and `MAX_HEADER_BYTES` before it is read."""
+  bad = _bad(path)
+  size = os.fstat(f.fileno()).st_size
+  f.seek(0)
+  head = f.read(8)
+  if len(head) < 8:
+    raise bad(f"{size} bytes, shorter than the 8-byte header length")
+  (n,) = struct.unpack("<Q", head)
+  if n > min(MAX_HEADER_BYTES, size - 8):
+    raise bad(f"header length {n} exceeds the file ({size} bytes) or {MAX_HEADER_BYTES} bytes")
+  try:
+    header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as e:
+    raise bad(f"header is not valid JSON: {str(e)[:200]}") from None
+  if not isinstance(header, dict):
+    raise bad("header is not a JSON object")
+  return header, 8 + n, size
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

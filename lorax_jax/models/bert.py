@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_jax.models.hf import params_from_tensors, read_config, read_tensors
+from lorax_jax.models.hf import params_from_tensors, read_config, read_tensors, read_tokenizer
 from lorax_jax.pathmap import PathMap
 
 ACTIVATIONS = {
@@ -356,11 +356,7 @@ def minilm_directory() -> str:
 def load_tokenizer(directory: str, max_length: int | None = None):
   """The ``tokenizers.Tokenizer`` of a checkpoint directory. It pads a batch to its longest
   item or, given ``max_length``, truncates and pads every item to ``max_length`` tokens."""
-  from tokenizers import Tokenizer  # an optional dependency (the "llm" extra)
-  path = os.path.join(directory, "tokenizer.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{directory} has no tokenizer.json")
-  tok = Tokenizer.from_file(path)
+  tok = read_tokenizer(directory)
   pad = tok.token_to_id("[PAD]")
   tok.enable_padding(pad_id=0 if pad is None else pad, pad_token="[PAD]", length=max_length)
   if max_length is not None:

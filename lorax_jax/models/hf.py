@@ -1,27 +1,65 @@
-"""Hugging Face checkpoint directories (``config.json`` + ``*.safetensors``) <-> Flax params."""
+"""Hugging Face checkpoint directories (``config.json`` + ``*.safetensors``) <-> Flax params.
+
+Files are read as `lorax_jax.files` reads them (regular files only, ``config.json`` at most
+`MAX_CONFIG_BYTES`, ``tokenizer.json`` at most `MAX_TEXT_BYTES`); a checkpoint is written as one
+unit (`lorax_jax.files.write_dir_atomic`) into a directory of its own.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from lorax_jax.files import write_atomic, write_text_atomic
+from lorax_jax.files import MAX_CONFIG_BYTES, MAX_TEXT_BYTES, read_regular, text_writer, write_dir_atomic
 from lorax_jax.io.tensors import PICKLE_SUFFIXES, pickle_refusal, read_safetensors, safetensors_writer
 from lorax_jax.pathmap import PathMap, from_torch, to_torch
 from lorax_jax.targets import leaves_with_paths, path_str, set_path
 
+CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what `write_checkpoint` writes besides its files
+
 
 def read_config(directory: str) -> dict[str, Any]:
-  """``config.json`` of a checkpoint directory."""
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
-  with open(path) as f:
-    return json.load(f)
+  """``config.json`` of a checkpoint directory.
+
+  Raises:
+    FileNotFoundError: no ``config.json``.
+    ValueError: not a regular file, larger than `MAX_CONFIG_BYTES`, or not JSON.
+  """
+  return read_json(directory, "config.json")
+
+
+def read_json(directory: str, name: str) -> Any:
+  """The JSON file ``name`` of a model directory (at most `MAX_CONFIG_BYTES`).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a regular file, larger than `MAX_CONFIG_BYTES`, or not UTF-8 JSON.
+  """
+  return json.loads(read_regular(_existing(directory, name), MAX_CONFIG_BYTES, f"model's {name}").decode("utf-8"))
+
+
+def read_tokenizer(directory: str) -> Any:
+  """The ``tokenizers.Tokenizer`` of a model directory's ``tokenizer.json`` (at most `MAX_TEXT_BYTES`).
+
+  Raises:
+    FileNotFoundError: no ``tokenizer.json``.
+    ValueError: not a regular file, larger than `MAX_TEXT_BYTES`, or not UTF-8.
+  """
+  from tokenizers import Tokenizer  # an optional dependency (the "llm" extra)
+
+  path = _existing(directory, "tokenizer.json")
+  return Tokenizer.from_str(read_regular(path, MAX_TEXT_BYTES, "tokenizer.json").decode("utf-8"))
+
+
+def _existing(directory: str, name: str) -> str:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} has no {name}: not a Hugging Face model directory")
+  return path
 
 
 def read_tensors(directory: str) -> dict[str, np.ndarray]:
@@ -65,8 +103,27 @@ def tensors_from_params(params: Any, path_map: PathMap) -> dict[str, np.ndarray]
   return out
 
 
-def save_hf_checkpoint(directory: str, params: Any, config: Mapping[str, Any], path_map: PathMap) -> None:
-  """Write ``model.safetensors`` + ``config.json`` that transformers loads."""
-  tensors = tensors_from_params(params, path_map)
-  write_atomic(os.path.join(directory, "model.safetensors"), safetensors_writer(tensors))
-  write_text_atomic(os.path.join(directory, "config.json"), json.dumps(dict(config), indent=2))
+def save_hf_checkpoint(directory: str, params: Any, config: Mapping[str, Any], path_map: PathMap,
+                       files: Mapping[str, Callable[[str], object]] | None = None) -> None:
+  """Write ``model.safetensors`` + ``config.json`` that transformers loads (`write_checkpoint`).
+
+  Raises:
+    ValueError: a leaf the path map does not name; a ``directory`` that
+      `lorax_jax.files.check_destination` refuses.
+  """
+  write_checkpoint(directory, tensors_from_params(params, path_map), config, files)
+
+
+def write_checkpoint(directory: str, tensors: Mapping[str, np.ndarray], config: Mapping[str, Any],
+                     files: Mapping[str, Callable[[str], object]] | None = None) -> None:
+  """Make ``directory`` hold exactly ``model.safetensors`` (``tensors``), ``config.json`` and
+  ``files`` (name -> ``write(path)``, e.g. `lorax_jax.models.tokenizer.tokenizer_files`), as one
+  unit (`lorax_jax.files.write_dir_atomic`).
+
+  Raises:
+    ValueError: a ``directory`` that `lorax_jax.files.check_destination` refuses (``""``, the
+      working or home directory, a directory holding files other than these).
+  """
+  weights, config_name = CHECKPOINT_FILES
+  write_dir_atomic(directory, {weights: safetensors_writer(tensors),
+                               config_name: text_writer(json.dumps(dict(config), indent=2)), **(files or {})})

@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -800,7 +800,14 @@ def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, L
   return config, model, params
 
 
-def save_llama(directory: str, params: Any, config: LlamaConfig) -> None:
+def save_llama(directory: str, params: Any, config: LlamaConfig,
+               files: Mapping[str, Callable[[str], object]] | None = None) -> None:
   """Write params (merge a LoRA first) as a checkpoint that transformers' class of the config's
-  family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) ``from_pretrained`` loads."""
-  hf.save_hf_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP)
+  family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...) ``from_pretrained`` loads, with ``files``
+  beside it (`lorax_jax.models.tokenizer.tokenizer_files` for the tokenizer), as one unit.
+
+  Raises:
+    ValueError: a ``directory`` that `lorax_jax.files.check_destination` refuses (``""``, the working
+      or home directory, a directory holding files other than a checkpoint's).
+  """
+  hf.save_hf_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP, files)

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import tokenizers
+
+from lorax_jax.files import text_writer
+from lorax_jax.models.hf import read_json, read_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what `tokenizer_files` writes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +72,32 @@ class Tokenizer:
     return "" if i is None else self.backend.id_to_token(i)
 
 
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, Callable[[str], None]]:
+  """``{name: write(path)}`` of ``tokenizer.json`` and ``tokenizer_config.json`` (special tokens and
+  chat template), which `load_tokenizer` and transformers' ``AutoTokenizer`` read."""
+  special = {name: tokenizer.backend.id_to_token(i) for name, i in
+             (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id),
+              ("pad_token", tokenizer.pad_id)) if i is not None}
+  config = {**special, "chat_template": tokenizer.chat_template, "tokenizer_class": "PreTrainedTokenizerFast"}
+  backend, config_name = TOKENIZER_FILES
+  return {backend: tokenizer.backend.save, config_name: text_writer(json.dumps(config, indent=2))}
+
+
 def _raise(message: str) -> None:
   raise ValueError(f"chat template: {message}")
 
 
 def load_tokenizer(directory: str) -> Tokenizer:
-  """The tokenizer of a Hugging Face model directory (``tokenizer.json``, ``tokenizer_config.json``)."""
-  path = os.path.join(directory, "tokenizer.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{directory} has no tokenizer.json")
-  backend = tokenizers.Tokenizer.from_file(path)
-  config: dict[str, Any] = {}
-  config_path = os.path.join(directory, "tokenizer_config.json")
-  if os.path.isfile(config_path):
-    with open(config_path) as f:
-      config = json.load(f)
+  """The tokenizer of a Hugging Face model directory (``tokenizer.json``, ``tokenizer_config.json``).
+
+  Raises:
+    FileNotFoundError: no ``tokenizer.json``.
+    ValueError: a file that is not a regular file, is too large or does not parse
+      (`lorax_jax.models.hf.read_tokenizer`, `lorax_jax.models.hf.read_json`).
+  """
+  backend = read_tokenizer(directory)
+  config_name = TOKENIZER_FILES[1]
+  config = read_json(directory, config_name) if os.path.lexists(os.path.join(directory, config_name)) else {}
 
   def special(name: str) -> int | None:
     token = config.get(name)
