@@ -17,6 +17,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ EIGHT = jax.device_count() >= 8
 mesh_test = pytest.mark.skipif(not EIGHT, reason="needs 8 devices (test_eight_host_devices_in_a_subprocess runs it)")
 
 
-def _target(shape, axes, dora=False):
+def _target(shape: tuple[int, ...], axes: str, dora: bool = False) -> Target:
   return Target(("m", "kernel"), shape, 2, 4.0, 2.0, axes, dora=dora)
 
 
@@ -154,7 +156,7 @@ def _kernel_spec(t: Target, strategy: str) -> P:
   return P(*entries)
 
 
-def _placed(case: zoo.Case, strategy: str):
+def _placed(case: zoo.Case, strategy: str) -> tuple[Any, list[jax.Array]]:
   """``(params, inputs)`` on the mesh: targets by the strategy, other leaves replicated, inputs'
   batch over data."""
   mesh = _mesh()
@@ -167,13 +169,13 @@ def _placed(case: zoo.Case, strategy: str):
   return lj.shard_params(case.params, specs), [batch(x) for x in case.inputs]
 
 
-def _loss(case: zoo.Case):
+def _loss(case: zoo.Case) -> Callable[..., tuple[jax.Array, Any]]:
   apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
   return jax.value_and_grad(lambda lora, params, *xs: jnp.mean(apply(params, lora, *xs) ** 2))
 
 
 @functools.cache
-def _single_device(name: str):
+def _single_device(name: str) -> tuple[Any, jax.Array, Any]:
   """``(lora, loss, grads)`` of ``name`` on one device, with random non-zero factors."""
   case = _case(name)
   lora = zoo.random_factors(case.params, case.cfg)
