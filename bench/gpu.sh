@@ -4,6 +4,8 @@
 #
 #   bash bench/gpu.sh            # the main job against PEFT on CUDA, then the suite: under 8 minutes
 #   bash bench/gpu.sh --quick    # the main job, then the suite's quick case
+#   bash bench/gpu.sh --dry-run  # the same script on the CPU at tiny sizes (JAX_PLATFORMS=cpu), into
+#                                # $RESULTS (default a fresh temporary folder): the test suite runs it
 #
 # Writes bench/results/main-gpu.json, bench/results/results-gpu.json, its plots and BENCHMARKS-gpu.md,
 # and copies them (with the log) to $OUT when the device tool sets it: only $OUT comes back.
@@ -19,12 +21,21 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-LOG=bench/results/gpu.log
-mkdir -p bench/results
+DRY=
+[ "${1:-}" = "--dry-run" ] && DRY=1
+if [ -n "$DRY" ]; then
+  RESULTS=${RESULTS:-$(mktemp -d)}
+  export JAX_PLATFORMS=cpu
+else
+  RESULTS=bench/results
+fi
+LOG=$RESULTS/gpu.log
+REPORT=$RESULTS/BENCHMARKS-gpu.md
+[ -n "$DRY" ] || REPORT=BENCHMARKS-gpu.md
+mkdir -p "$RESULTS"
 collect() {  # the device tool brings back only what is under $OUT (8 files at most)
   [ -n "${OUT:-}" ] || return 0
-  for f in "$LOG" bench/results/main-gpu.json bench/results/results-gpu*.json bench/results/ratio-vs-*-gpu*.png \
-           BENCHMARKS-gpu.md; do
+  for f in "$LOG" "$RESULTS"/main-*.json "$RESULTS"/results-*.json "$RESULTS"/ratio-vs-*.png "$REPORT"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
   return 0
@@ -39,13 +50,18 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-"$PY" -c 'import jax, torch; assert jax.default_backend() == "gpu", jax.devices(); assert torch.cuda.is_available(); print(jax.devices(), torch.cuda.get_device_name())' \
-  || exit 1
+if [ -z "$DRY" ]; then
+  "$PY" -c 'import jax, torch; assert jax.default_backend() == "gpu", jax.devices(); assert torch.cuda.is_available(); print(jax.devices(), torch.cuda.get_device_name())' \
+    || exit 1
+fi
 "$PY" -c 'import qwix, peft' || { echo "gpu.sh: qwix (the suite's Qwix rows) is missing: make .whl/ as the header says and carry it"; exit 1; }
-QUICK=()
-[ "${1:-}" = "--quick" ] && QUICK=(--quick)
+MAIN=(--reps 7)
+SUITE=(--reps 5)
+[ "${1:-}" = "--quick" ] && SUITE+=(--quick)
+[ -n "$DRY" ] && MAIN=(--tiny --reps 1 --warmup 0) && SUITE=(--quick --reps 1)
 status=0
-timeout 190 "$PY" -m bench.main --reps 7 || { status=$?; echo "gpu.sh: bench.main failed or ran out of time ($status)"; }
-timeout 250 "$PY" -m bench.run --md BENCHMARKS-gpu.md --reps 5 "${QUICK[@]}" \
+timeout 190 "$PY" -m bench.main --out "$RESULTS" "${MAIN[@]}" \
+  || { status=$?; echo "gpu.sh: bench.main failed or ran out of time ($status)"; }
+timeout 250 "$PY" -m bench.run --out "$RESULTS" --md "$REPORT" "${SUITE[@]}" \
   || { status=$?; echo "gpu.sh: bench.run failed or ran out of time ($status)"; }
 exit "$status"

