@@ -93,12 +93,33 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
   the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
 
+  Args:
+    directory: the adapter directory, created or replaced whole.
+    lora: the LoRA tree (with ``modules_to_save`` copies if ``cfg`` has any).
+    cfg: its config.
+    params: the params tree ``lora`` is for (the original base with ``initial``).
+    path_map: the model's `PathMap`, so that modules get PEFT's names; None: Flax paths joined
+      with ``.`` (an adapter for lorax_jax itself).
+    base_model_name_or_path: written to the config, for PEFT's ``from_pretrained``.
+    task_type: PEFT's ``task_type``, e.g. ``"CAUSAL_LM"``.
+    initial: the factors `init_lora_and_base` returned, to save a PiSSA/OLoRA adapter
+      converted for the original base.
+
   Raises:
     ValueError: a target without a module name; a ``directory`` that
       `lorax_jax.files.check_destination` refuses (``""``, the working or home directory, a
       directory holding anything but an adapter's two files: it is replaced whole); a
       ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
-      adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
+      adapted at every use (PEFT adapts only its lookup: set ``target_uses``), or a
+      ``modules_to_save`` copy of such an embedding.
+
+  >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> directory = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> lorax_jax.save_adapter(directory, lorax_jax.init_lora(params, cfg, jax.random.key(0)), cfg, params)
+  >>> sorted(os.listdir(directory))
+  ['adapter_config.json', 'adapter_model.safetensors']
   """
   if initial is not None:
     lora, cfg = on_original_base(params, lora, initial, cfg)
@@ -164,13 +185,39 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   needs); the directory is read through one handle, so a concurrent save is seen whole or
   not at all.
 
+  Args:
+    directory: the adapter directory (the one holding ``adapter_config.json``; a named PEFT
+      adapter is in a subfolder ``<directory>/<name>``).
+    params: the params tree to load it for.
+    path_map: the model's `PathMap` (PEFT's module names); None: Flax paths joined with ``.``.
+    param_dtype: the factors' dtype (default float32).
+    kernel_axes: the ``LoraConfig.kernel_axes`` the adapter was trained with, if any.
+
+  Returns:
+    ``(lora, cfg)``, ready for `lora_transform`, `merge` or training on.
+
   Raises:
-    FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
+    FileNotFoundError: no ``adapter_config.json`` (naming the subfolders that hold one) or
+      ``adapter_model.safetensors``.
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
       ``peft_type`` other than ``LORA``, an ``init_lora_weights`` whose base change cannot be
       re-derived (CorDA, LoftQ, ...) or an option lorax_jax cannot honour (each named); a
       missing, unexpected, non-float or mis-shaped key (each named); stacked kernels adapted
-      at different layers, or at layers and outside them, or with different ranks per layer.
+      at different layers, or at layers and outside them, or with different ranks per layer;
+      a ``modules_to_save`` copy or LoRA factors of an output head that ``params`` tie to the
+      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding.
+
+  >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> lora = lorax_jax.init_lora(params, cfg, jax.random.key(0))
+  >>> directory = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> lorax_jax.save_adapter(directory, lora, cfg, params)
+  >>> back, back_cfg = lorax_jax.load_adapter(directory, params)
+  >>> jax.tree.map(jnp.shape, back), back_cfg.r
+  ({'dense': {'kernel': {'a': (2, 4), 'b': (2, 3)}}}, 2)
+  >>> all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lora)))
+  True
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
