@@ -216,10 +216,10 @@ def dequantize(tree: Any) -> Any:
   """``tree`` with every `QArray` replaced by its float kernel (`QArray.dequantize`).
 
   Args:
-    tree: any pytree; leaves other than `QArray`\ s are kept as they are.
+    tree: any pytree; leaves other than `QArray`\\ s are kept as they are.
 
   Returns:
-    A tree of the same structure with float arrays in the `QArray`\ s' logical shape and dtype.
+    A tree of the same structure with float arrays in the `QArray`\\ s' logical shape and dtype.
 
   >>> import jax.numpy as jnp, lorax_jax
   >>> from lorax_jax.quantize import quantize

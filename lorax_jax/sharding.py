@@ -172,8 +172,8 @@ def shard_params(params: Any, shardings: Any) -> Any:
   ``params``, with a `QArray`'s the sharding of its float kernel: `shard_quantized`).
 
   Args:
-    params: the params tree (float arrays and `QArray`\ s).
-    shardings: a tree of ``jax.sharding.NamedSharding``\ s with ``params``' structure (a
+    params: the params tree (float arrays and `QArray`\\ s).
+    shardings: a tree of ``jax.sharding.NamedSharding``\\ s with ``params``' structure (a
       `QArray` counting as one leaf).
 
   Returns:

@@ -209,7 +209,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
 
   Args:
-    params: the params tree (arrays, `QArray`\ s or ``jax.ShapeDtypeStruct``\ s: only shapes
+    params: the params tree (arrays, `QArray`\\ s or ``jax.ShapeDtypeStruct``\\ s: only shapes
       and dtypes are read).
     cfg: what to adapt (`LoraConfig`'s ``target_fn``, ``targets`` or switches, ``exclude``,
       patterns, layers).
