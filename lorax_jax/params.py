@@ -153,7 +153,7 @@ def trainable_mask(params: Any, lora: Lora) -> tuple[Any, Lora]:
 def count(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
   """The number of scalars in ``tree`` (those at leaves where ``where(path, leaf)``).
 
-  Lorax's ``Params.size`` counts scalars the same way; `size` gives bytes.
+  With `size`, Lorax's ``Params.size``: `count` in scalars, `size` in bytes.
 
   Args:
     tree: any pytree of arrays (params, a LoRA tree, `QArray` leaves count their logical size).
@@ -171,7 +171,7 @@ def count(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
 
 
 def size(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
-  """The bytes held by ``tree`` (Lorax's ``Params.size``, in bytes; `count` gives scalars).
+  """The bytes held by ``tree``: with `count`, Lorax's ``Params.size`` (`count` in scalars).
 
   Args:
     tree: any pytree of arrays.
