@@ -128,6 +128,14 @@ def unstack_adapters(params: Any, stacked: Lora, cfgs: Sequence[LoraConfig]) -> 
   Outside ``jax.jit`` the tree is checked against ``cfgs``: every stored ``scale[j]`` must be
   ``cfgs[j]``'s scale, and every padded row zero (or it would be dropped).
 
+  Args:
+    params: the params tree the adapters were made for.
+    stacked: the stacked tree (`stack_adapters`, possibly trained).
+    cfgs: the configs the adapters were stacked with, in order.
+
+  Returns:
+    One LoRA tree per config, ``[lora_0, lora_1, ...]``.
+
   Raises:
     ValueError: the stacked tree does not hold ``len(cfgs)`` adapters of the configs' targets
       (a missing, unexpected or mis-shaped entry, named); a scale or a non-zero padded row that
@@ -169,6 +177,16 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
   ``lora`` may have any rank up to the stacked tree's padded rank at each target; it is padded
   as in `stack_adapters` and its scale written to ``scale[i]``. A jitted function taking the
   stacked tree as an argument runs the result without retracing.
+
+  Args:
+    params: the params tree the adapters are for.
+    stacked: the stacked tree (`stack_adapters`); not mutated.
+    i: the index of the adapter to replace.
+    lora: the new adapter's LoRA tree.
+    cfg: the new adapter's config.
+
+  Returns:
+    A new stacked tree with ``lora`` (zero-padded) and its scale at index ``i``.
 
   Raises:
     ValueError: ``i`` out of range; ``lora`` does not fit ``cfg``, targets other kernels than

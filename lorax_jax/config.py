@@ -138,6 +138,15 @@ class LoraConfig:
 
   Raises:
     ValueError: naming the field, the bad value and what is expected, for every field.
+
+  >>> import lorax_jax
+  >>> cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+  >>> cfg.targets, cfg.scale(cfg.r, cfg.alpha), cfg.replace(use_rslora=True).scale(16, 16)
+  (('q_proj', 'v_proj'), 2.0, 4.0)
+  >>> lorax_jax.LoraConfig(r=0)
+  Traceback (most recent call last):
+  ...
+  ValueError: LoraConfig: r must be an integer rank in [1, ...], got 0
   """
 
   r: int = 1

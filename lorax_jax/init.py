@@ -65,11 +65,28 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
   `lorax_jax.lora_shardings` (the rule is in `lorax_jax.sharding`); otherwise they are created
   on the default device.
 
+  Args:
+    params: the model's params tree (any pytree: nested dicts, Flax variables, Equinox modules).
+    cfg: what to adapt and how.
+    rng: one PRNG key (``jax.random.key(0)``), split into one key per target.
+
+  Returns:
+    The LoRA tree: ``{"a": [r, in], "b": [r, out]}`` (plus ``"m"`` with DoRA) at each target's
+    path, and the ``modules_to_save`` copies under `SAVED_KEY`.
+
   Raises:
     TypeError: ``rng`` is not a single PRNG key.
     ValueError: from `find_targets` (nothing matched, a bad target); ``cfg.init`` is PiSSA or
       OLoRA (whose factors need the residual base: use `init_lora_and_base`); an odd rank
       with ``"orthogonal"``.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> lora = lorax_jax.init_lora(params, lorax_jax.LoraConfig(r=2, targets=["dense"]), jax.random.key(0))
+  >>> jax.tree.map(jnp.shape, lora)
+  {'dense': {'kernel': {'a': (2, 4), 'b': (2, 3)}}}
+  >>> bool((lora["dense"]["kernel"]["b"] == 0).all())  # A ⊗ B = 0: the base model at step 0
+  True
   """
   if cfg.changes_base:
     raise ValueError(f"init_lora: init={cfg.init!r} puts part of W in the factors, so the model must run on "
@@ -86,10 +103,26 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
   ``lora`` as the initial adapter to save the trained one for the original base
   (``save_adapter(..., initial=lora0)``, `on_original_base`).
 
+  Args:
+    params: the model's params tree.
+    cfg: what to adapt and how (any ``init``).
+    rng: one PRNG key.
+
+  Returns:
+    ``(lora, base)``: the LoRA tree as `init_lora`'s, and the params to run it on.
+
   Raises:
     TypeError: ``rng`` is not a single PRNG key; a PiSSA/OLoRA target whose kernel is not a
       float array (quantize after initialising, on the residual).
     ValueError: from `find_targets`; an odd rank with ``"orthogonal"``.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.arange(48.0).reshape(8, 6) / 10}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"], init="pissa")
+  >>> lora0, base = lorax_jax.init_lora_and_base(params, cfg, jax.random.key(0))
+  >>> d, = lorax_jax.delta(base, lora0, cfg).values()
+  >>> bool(jnp.allclose(base["dense"]["kernel"] + d, params["dense"]["kernel"], atol=1e-4))
+  True
   """
   if not _is_key(rng):
     raise TypeError(f"init_lora: rng must be one PRNG key such as jax.random.key(0), got {rng!r}")
@@ -136,11 +169,29 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
   doubling is wrong; here each alpha gets the rsLoRA factor).
 
   Args:
+    params: the original params (or the residual base: only the targets' shapes are read).
     lora: the trained factors (for ``params`` with ``cfg``).
     initial: the factors as initialised (`init_lora_and_base`), same shapes.
+    cfg: the config both were made with.
+
+  Returns:
+    ``(lora', cfg')``: the plain LoRA tree of rank ``2r`` for the original ``params``, and its
+    config (ranks and alphas doubled, ``init="kaiming"``).
 
   Raises:
     ValueError: ``lora`` or ``initial`` does not fit ``cfg``'s targets (from `check_lora`).
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.arange(48.0).reshape(8, 6) / 10}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"], init="pissa")
+  >>> lora0, base = lorax_jax.init_lora_and_base(params, cfg, jax.random.key(0))
+  >>> trained = jax.tree.map(lambda x: x + 0.1, lora0)
+  >>> plain, plain_cfg = lorax_jax.on_original_base(params, trained, lora0, cfg)
+  >>> jax.tree.map(jnp.shape, plain), plain_cfg.r, plain_cfg.alpha, plain_cfg.init
+  ({'dense': {'kernel': {'a': (4, 8), 'b': (4, 6)}}}, 4, 4.0, 'kaiming')
+  >>> x, y = lorax_jax.merge(base, trained, cfg), lorax_jax.merge(params, plain, plain_cfg)
+  >>> bool(jnp.allclose(x["dense"]["kernel"], y["dense"]["kernel"], atol=1e-4))
+  True
   """
   targets = find_targets(params, cfg)
   pairs = zip(target_factors(targets, lora), target_factors(targets, initial))
@@ -289,9 +340,22 @@ def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
   """Raise an error naming the path unless ``lora`` holds exactly the targets' factors
   (and DoRA magnitudes).
 
+  Args:
+    targets: the targets, `find_targets`'s output.
+    lora: a LoRA tree (``modules_to_save`` copies apart: see `check_saved`).
+
   Raises:
     ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
     TypeError: a factor that is not an array (a Python list, say).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((8, 6))}}
+  >>> targets = lorax_jax.find_targets(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))
+  >>> lorax_jax.check_lora(targets, {"dense": {"kernel": {"a": jnp.zeros((2, 8)), "b": jnp.zeros((2, 6))}}})
+  >>> lorax_jax.check_lora(targets, {"dense": {"kernel": {"a": jnp.zeros((3, 8)), "b": jnp.zeros((2, 6))}}})
+  Traceback (most recent call last):
+  ...
+  ValueError: LoRA factor dense/kernel/a has shape (3, 8), expected (2, 8) for kernel (8, 6)
   """
   seen = set()
   for path, node in _lora_nodes(lora, ()):

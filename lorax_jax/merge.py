@@ -24,6 +24,27 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path.
 
   For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight.
+
+  Args:
+    params: the params tree (`QArray` kernels are dequantized for DoRA's norm).
+    lora: the LoRA tree.
+    cfg: the config ``lora`` was made with.
+
+  Returns:
+    ``{path: update}``, one kernel-shaped array per target (not added to anything).
+
+  Raises:
+    ValueError: ``cfg`` matches no parameter, or ``lora`` does not hold its targets' factors
+      (as `find_targets`, `check_lora`).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=1, alpha=1, targets=["dense"])
+  >>> lora = {"dense": {"kernel": {"a": jnp.ones((1, 4)), "b": jnp.full((1, 3), 0.5)}}}
+  >>> {path: d.shape for path, d in lorax_jax.delta(params, lora, cfg).items()}
+  {('dense', 'kernel'): (4, 3)}
+  >>> float(lorax_jax.delta(params, lora, cfg)["dense", "kernel"][0, 0])  # s · a[:, 0] · b[:, 0]
+  0.5
   """
   out = {}
   kernels = dict(leaves_with_paths(params))
@@ -46,6 +67,9 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
   and the other quantized kernels dequantized, unless ``requantize``.
 
   Args:
+    params: the base params tree (float or `QArray` kernels); not mutated.
+    lora: the trained LoRA tree, with the ``modules_to_save`` copies if any.
+    cfg: the config ``lora`` was made with.
     requantize: quantize each merged kernel again in its `QArray`'s format, block size and axis
       (`lorax_jax.quantize.requantize`; on the host, not under ``jit``) and keep the other
       quantized kernels as they are.
@@ -55,7 +79,19 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
 
   Raises:
     ValueError: a target has ``target_uses`` (a tied weight cannot carry a lookup-only update)
-      and ``all_uses`` is False; or a merged float16/bfloat16 kernel overflows to inf.
+      and ``all_uses`` is False; or a merged float16/bfloat16 kernel overflows to inf; or
+      ``lora`` does not fit ``cfg``'s targets.
+
+  Returns:
+    A new params tree of the same structure, the adapted kernels merged.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=1, alpha=1, targets=["dense"])
+  >>> lora = {"dense": {"kernel": {"a": jnp.ones((1, 4)), "b": jnp.full((1, 3), 0.5)}}}
+  >>> merged = lorax_jax.merge(params, lora, cfg)
+  >>> merged["dense"]["kernel"].shape, merged["dense"]["kernel"].tolist()[0]
+  ((4, 3), [0.5, 0.5, 0.5])
   """
   limited = [t.name for t in find_targets(params, cfg).values() if t.uses is not None]
   if limited and not all_uses:
@@ -76,9 +112,25 @@ def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
   """The inverse of `merge`: ``W' - s · A ⊗ B``, exact up to float rounding
   (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``).
 
+  Args:
+    params: the merged params tree (`merge`'s output).
+    lora: the LoRA tree that was merged.
+    cfg: its config.
+
+  Returns:
+    A new params tree with ``s · A ⊗ B`` subtracted from every target.
+
   Raises:
     ValueError: ``cfg.use_dora``: ``W'`` holds only the direction of ``W + s · A ⊗ B``, not its
       norm, so ``W`` cannot be recovered from it; keep the original params instead.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=1, alpha=1, targets=["dense"])
+  >>> lora = {"dense": {"kernel": {"a": jnp.ones((1, 4)), "b": jnp.full((1, 3), 0.5)}}}
+  >>> back = lorax_jax.unmerge(lorax_jax.merge(params, lora, cfg), lora, cfg)
+  >>> bool(jnp.allclose(back["dense"]["kernel"], params["dense"]["kernel"]))
+  True
   """
   if cfg.use_dora:
     raise ValueError("unmerge: a DoRA merge (LoraConfig.use_dora) cannot be undone from W' = m ⊙ V/‖V‖ "

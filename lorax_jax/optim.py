@@ -49,8 +49,18 @@ def loraplus(optimizer: Callable[..., optax.GradientTransformation], lr: Learnin
       ``loraplus_lr_embedding``).
     kwargs: passed to every ``optimizer(...)`` call (``weight_decay=0.0``, ...).
 
+  Returns:
+    An ``optax.multi_transform`` over the LoRA tree (its state holds one state per group).
+
   Raises:
     ValueError: ``ratio`` is not a positive finite number.
+
+  >>> import jax, jax.numpy as jnp, optax, lorax_jax
+  >>> lora = {"dense": {"kernel": {"a": jnp.ones((1, 4)), "b": jnp.zeros((1, 3))}}}
+  >>> tx = lorax_jax.loraplus(optax.sgd, 0.1, ratio=4.0)
+  >>> updates, _ = tx.update(jax.tree.map(jnp.ones_like, lora), tx.init(lora), lora)
+  >>> jax.tree.map(lambda u: round(float(u[0, 0]), 4), updates)  # -η and -4η
+  {'dense': {'kernel': {'a': -0.1, 'b': -0.4}}}
   """
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
     raise ValueError(f"loraplus: ratio must be a positive finite number (η_b / η_a, e.g. 16), got {ratio!r}")

@@ -25,10 +25,26 @@ def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
   """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`; the
   combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree.
 
+  Args:
+    tree: a combined params tree (`join_params`'s output): each factor pair under ``"lora"`` in
+      the module of the kernel it adapts.
+    cfg: the config the factors were made with (checked against them).
+
+  Returns:
+    ``(params, lora)``: the frozen params tree without any ``"lora"`` node, and the LoRA tree.
+
   Raises:
     TypeError: ``tree`` is not a mapping or ``cfg`` not a `LoraConfig` (e.g. the arguments of
       `join_params` passed instead).
     ValueError: factors beside no kernel, or a lora tree ``cfg`` does not describe.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> combined = lorax_jax.join_params(params, lorax_jax.init_lora(params, cfg, jax.random.key(0)))
+  >>> frozen, lora = lorax_jax.split_params(combined, cfg)
+  >>> sorted(frozen["dense"]), jax.tree.map(jnp.shape, lora)
+  (['bias', 'kernel'], {'dense': {'kernel': {'a': (2, 4), 'b': (2, 3)}}})
   """
   check_mapping(tree, "tree", "the combined params tree join_params returns, factors under 'lora'")
   if not isinstance(cfg, LoraConfig):
@@ -48,9 +64,24 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """The inverse of `split_params`: put each factor pair beside its kernel (and the
   ``modules_to_save`` copies at the top level, under `SAVED_KEY`).
 
+  Args:
+    params: the frozen params tree.
+    lora: the LoRA tree (`init_lora`, `load_adapter`), its paths those of ``params``.
+
+  Returns:
+    The combined tree: ``params`` with ``{"lora": {leaf: {"a": ..., "b": ...}}}`` added to each
+    adapted module (the inputs are not mutated).
+
   Raises:
     TypeError: ``params`` or ``lora`` is not a mapping.
     ValueError: a LoRA path that is not in ``params``.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> combined = lorax_jax.join_params(params, lorax_jax.init_lora(params, cfg, jax.random.key(0)))
+  >>> jax.tree.map(jnp.shape, combined["dense"])
+  {'bias': (3,), 'kernel': (4, 3), 'lora': {'kernel': {'a': (2, 4), 'b': (2, 3)}}}
   """
   check_mapping(params, "params", "the params tree")
   check_mapping(lora, "lora", "the LoRA tree init_lora or load_adapter returns")
@@ -99,24 +130,81 @@ def _split(tree: Any, prefix: Path) -> tuple[Any, Lora]:
 
 
 def trainable_mask(params: Any, lora: Lora) -> tuple[Any, Lora]:
-  """The optax mask for ``(params, lora)``: ``False`` on every frozen leaf, ``True`` on LoRA."""
+  """The optax mask for ``(params, lora)``: ``False`` on every frozen leaf, ``True`` on LoRA.
+
+  Args:
+    params: the frozen params tree.
+    lora: the LoRA tree.
+
+  Returns:
+    ``(params mask, lora mask)``: trees of bools with the structures of ``params`` and ``lora``
+    (for ``optax.masked`` over the pair ``(params, lora)``).
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> lora = lorax_jax.init_lora(params, lorax_jax.LoraConfig(targets=["dense"]), jax.random.key(0))
+  >>> lorax_jax.trainable_mask(params, lora)
+  ({'dense': {'kernel': False}}, {'dense': {'kernel': {'a': True, 'b': True}}})
+  """
   return (jax.tree_util.tree_map(lambda _: False, params),
           jax.tree_util.tree_map(lambda _: True, lora))
 
 
 def count(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
-  """The number of scalars in ``tree`` (those at leaves where ``where(path, leaf)``)."""
+  """The number of scalars in ``tree`` (those at leaves where ``where(path, leaf)``).
+
+  With `size`, Lorax's ``Params.size``: `count` in scalars, `size` in bytes.
+
+  Args:
+    tree: any pytree of arrays (params, a LoRA tree, `QArray` leaves count their logical size).
+    where: ``where(path, leaf) -> bool`` with ``path`` a tuple of strings; ``None``: every leaf.
+
+  Returns:
+    The total number of elements, an int.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> lorax_jax.count(params), lorax_jax.count(params, lambda path, x: path[-1] == "kernel")
+  (15, 12)
+  """
   return sum(int(np.size(x)) for p, x in leaves_with_paths(tree) if where is None or where(p, x))
 
 
 def size(tree: Any, where: Callable[[Path, Any], bool] | None = None) -> int:
-  """The bytes held by ``tree`` (Lorax's ``Params.size``)."""
+  """The bytes held by ``tree``: with `count`, Lorax's ``Params.size`` (`count` in scalars).
+
+  Args:
+    tree: any pytree of arrays.
+    where: ``where(path, leaf) -> bool`` with ``path`` a tuple of strings; ``None``: every leaf.
+
+  Returns:
+    The total ``size × itemsize`` of the selected leaves, an int.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3, jnp.bfloat16)}}
+  >>> lorax_jax.size(params), lorax_jax.size(params, lambda path, x: path[-1] == "bias")
+  (54, 6)
+  """
   return sum(int(np.size(x)) * np.dtype(x.dtype).itemsize
              for p, x in leaves_with_paths(tree) if where is None or where(p, x))
 
 
 def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
-  """The leaves of ``tree`` where ``where(path, leaf)``, as nested dicts (Lorax's ``Params.filter``)."""
+  """The leaves of ``tree`` where ``where(path, leaf)``, as nested dicts (Lorax's ``Params.filter``).
+
+  Args:
+    tree: any pytree of arrays.
+    where: ``where(path, leaf) -> bool`` with ``path`` a tuple of strings.
+
+  Returns:
+    A new tree of nested dicts holding only the selected leaves (empty modules dropped).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}, "norm": {"scale": jnp.ones(3)}}
+  >>> kernels = lorax_jax.filter_params(params, lambda path, x: path[-1] == "kernel")
+  >>> {k: {n: x.shape for n, x in v.items()} for k, v in kernels.items()}
+  {'dense': {'kernel': (4, 3)}}
+  """
   out: dict = {}
   for path, leaf in leaves_with_paths(tree):
     if where(path, leaf):
@@ -126,7 +214,23 @@ def filter_params(tree: Any, where: Callable[[Path, Any], bool]) -> dict:
 
 def lora_count(params: Any, cfg: LoraConfig) -> int:
   """Trainable scalars ``cfg`` adds to ``params``, without allocating them (the factors, DoRA's
-  magnitudes, and a copy of each ``modules_to_save`` leaf)."""
+  magnitudes, and a copy of each ``modules_to_save`` leaf).
+
+  Args:
+    params: the params tree (arrays or ``jax.ShapeDtypeStruct`` leaves: only shapes are read).
+    cfg: the LoRA config.
+
+  Returns:
+    The number of trainable scalars, an int.
+
+  Raises:
+    ValueError: ``cfg`` matches no parameter, or an invalid rank or layout (as `find_targets`).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> lorax_jax.lora_count(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))  # 2·4 + 2·3
+  14
+  """
   return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + (math.prod(t.m_shape) if t.dora else 0)
               for t in find_targets(params, cfg).values())
           + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
@@ -136,6 +240,23 @@ def summary(params: Any, cfg: LoraConfig) -> str:
   """The matched paths with their ranks, and trainable / total parameter counts.
 
   What PEFT users know as ``print_trainable_parameters``.
+
+  Args:
+    params: the params tree.
+    cfg: the LoRA config.
+
+  Returns:
+    One line per target (path, rank, alpha, kernel shape) and per ``modules_to_save`` leaf,
+    then the counts line, joined by newlines.
+
+  Raises:
+    ValueError: ``cfg`` matches no parameter, or an invalid rank or layout (as `find_targets`).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}}
+  >>> print(lorax_jax.summary(params, lorax_jax.LoraConfig(r=2, targets=["dense"])))
+  dense/kernel  r=2   alpha=2  (4, 3)
+  trainable params: 14 || all params: 29 || trainable%: 48.2759
   """
   found = find_targets(params, cfg)
   total = count(params)

@@ -46,7 +46,27 @@ KINDS = ("linear", "conv", "embedding", "param")
 
 @dataclasses.dataclass(frozen=True)
 class PathMap:
-  """Rules ``(flax_pattern, hf_pattern, kind)``, tried in order."""
+  """Rules ``(flax_pattern, hf_pattern, kind)``, tried in order (module docstring).
+
+  Attributes:
+    rules: the rules; ``kind`` one of ``"linear"``, ``"conv"``, ``"embedding"``, ``"param"``.
+    ties: ``(head, embedding)`` Hugging Face names of tied weights (`tied_embeddings`).
+
+  Raises:
+    ValueError: a rule that is not a triple with a known kind, or whose sides' ``{fields}``
+      differ (but for one on the Hugging Face side: a stacked rule).
+
+  >>> import lorax_jax
+  >>> m = lorax_jax.PathMap((("params/layers_{i}/attn/q/kernel", "model.layers.{i}.self_attn.q_proj.weight", "linear"),
+  ...                        ("params/embed/embedding", "model.embed_tokens.weight", "embedding"),
+  ...                        ("params/lm_head/kernel", "lm_head.weight", "linear")))
+  >>> m.to_hf("params/layers_0/attn/q/kernel")
+  ('model.layers.0.self_attn.q_proj.weight', 'linear')
+  >>> m.to_flax("model.layers.3.self_attn.q_proj.weight")
+  ('params/layers_3/attn/q/kernel', 'linear')
+  >>> m.tied_embeddings(["params/embed/embedding"])  # no head leaf: the head is tied
+  {'model.embed_tokens.weight': 'lm_head.weight'}
+  """
 
   rules: tuple[tuple[str, str, str], ...]
   ties: tuple[tuple[str, str], ...] = (("lm_head.weight", "model.embed_tokens.weight"),)

@@ -88,6 +88,20 @@ class QArray:
       the subtracted mean, else None.
 
   Static: ``fmt``, the logical ``shape`` and ``dtype``, ``block_size`` and the blocked ``axis``.
+
+  Made by `quantize` (or `from_gguf`); a pytree, so it passes through ``jit`` and
+  ``tree_map`` (use `is_quantized` as ``is_leaf`` to treat it as one leaf).
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> from lorax_jax.quantize import quantize
+  >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
+  >>> q = params["dense"]["kernel"]
+  >>> q
+  QArray(int8, shape=(4, 3), dtype=float32, block_size=4, axis=0)
+  >>> q.data.dtype, q.data.shape, q.scale.shape  # codes over the stored layout [out, in]
+  (dtype('int8'), (3, 4), (3, 1))
+  >>> q.dequantize().shape
+  (4, 3)
   """
 
   CHILDREN = ("data", "scale", "zero", "scale_absmax", "scale_offset")
@@ -176,7 +190,20 @@ class QArray:
 
 
 def is_quantized(x: Any) -> bool:
-  """Whether ``x`` is a `QArray`; use as ``is_leaf`` to treat quantized kernels as leaves."""
+  """Whether ``x`` is a `QArray`; use as ``is_leaf`` to treat quantized kernels as leaves.
+
+  Args:
+    x: anything.
+
+  Returns:
+    ``True`` for a `QArray`, else ``False``.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> from lorax_jax.quantize import quantize
+  >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
+  >>> lorax_jax.is_quantized(params["dense"]["kernel"]), lorax_jax.is_quantized(jnp.zeros(3))
+  (True, False)
+  """
   return isinstance(x, QArray)
 
 
@@ -186,7 +213,21 @@ def abstract(tree: Any) -> Any:
 
 
 def dequantize(tree: Any) -> Any:
-  """``tree`` with every `QArray` replaced by its float kernel (`QArray.dequantize`)."""
+  """``tree`` with every `QArray` replaced by its float kernel (`QArray.dequantize`).
+
+  Args:
+    tree: any pytree; leaves other than `QArray`\\ s are kept as they are.
+
+  Returns:
+    A tree of the same structure with float arrays in the `QArray`\\ s' logical shape and dtype.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> from lorax_jax.quantize import quantize
+  >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
+  >>> kernel = lorax_jax.dequantize(params)["dense"]["kernel"]
+  >>> kernel.shape, kernel.dtype, bool(jnp.allclose(kernel, jnp.arange(12.0).reshape(4, 3) / 10, atol=0.01))
+  ((4, 3), dtype('float32'), True)
+  """
   return jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, tree,
                                 is_leaf=is_quantized)
 

@@ -171,8 +171,24 @@ def shard_params(params: Any, shardings: Any) -> Any:
   """``params`` placed leaf by leaf on ``shardings`` (a tree of ``NamedSharding``\\ s matching
   ``params``, with a `QArray`'s the sharding of its float kernel: `shard_quantized`).
 
+  Args:
+    params: the params tree (float arrays and `QArray`\\ s).
+    shardings: a tree of ``jax.sharding.NamedSharding``\\ s with ``params``' structure (a
+      `QArray` counting as one leaf).
+
+  Returns:
+    ``params`` with every leaf on its sharding (a `QArray`'s children sharded to match).
+
   Raises:
     ValueError: from `shard_quantized`, naming the kernel's path.
+
+  >>> import jax, numpy as np, lorax_jax
+  >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  >>> mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("fsdp", "tensor"))
+  >>> params = {"q_proj": {"kernel": np.ones((8, 16), np.float32)}}
+  >>> placed = lorax_jax.shard_params(params, {"q_proj": {"kernel": NamedSharding(mesh, P("fsdp", "tensor"))}})
+  >>> placed["q_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  True
   """
   def place(kp: tuple, leaf: Any, sharding: NamedSharding) -> Any:
     if is_quantized(leaf):

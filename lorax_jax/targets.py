@@ -42,7 +42,19 @@ HEAD_NAMES = ("lm_head", "head", "classifier", "score")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One adapted leaf: where it is and the shapes of its factors."""
+  """One adapted leaf: where it is and the shapes of its factors.
+
+  Made by `find_targets`, never by hand. ``scale`` is ``alpha / r`` (``/ sqrt(r)`` with
+  rsLoRA); ``axes`` has one letter per kernel axis (``"s"`` stacked, ``"i"`` input, ``"o"``
+  output, `LoraConfig.kernel_axes`), from which ``a_shape`` ``[..., r, in]`` and ``b_shape``
+  ``[..., r, out]`` follow.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> t, = lorax_jax.find_targets(params, lorax_jax.LoraConfig(r=2, alpha=4, targets=["dense"])).values()
+  >>> t.name, t.axes, t.scale, t.a_shape, t.b_shape
+  ('dense/kernel', 'io', 2.0, (2, 4), (2, 3))
+  """
 
   path: Path
   shape: tuple[int, ...]
@@ -196,10 +208,28 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
 
   ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
 
+  Args:
+    params: the params tree (arrays, `QArray`\\ s or ``jax.ShapeDtypeStruct``\\ s: only shapes
+      and dtypes are read).
+    cfg: what to adapt (`LoraConfig`'s ``target_fn``, ``targets`` or switches, ``exclude``,
+      patterns, layers).
+    check_rank: check that each rank fits its kernel.
+
+  Returns:
+    ``{path: Target}``, ``path`` a tuple of strings.
+
   Raises:
     ValueError: nothing matched (the message lists a sample of the available paths),
       a matched leaf is not a float array of rank >= 2, its ``kernel_axes`` do not fit its
       shape, or its rank ``r`` exceeds its input or output size.
+
+  >>> import jax.numpy as jnp, lorax_jax
+  >>> params = {"attn": {"query": {"kernel": jnp.zeros((8, 8))}, "out": {"kernel": jnp.zeros((8, 8))}},
+  ...           "mlp": {"kernel": jnp.zeros((8, 16))}}
+  >>> list(lorax_jax.find_targets(params, lorax_jax.LoraConfig()))  # Lorax's default: query, key, value
+  [('attn', 'query', 'kernel')]
+  >>> [t.name for t in lorax_jax.find_targets(params, lorax_jax.LoraConfig(targets="all-linear")).values()]
+  ['attn/out/kernel', 'attn/query/kernel', 'mlp/kernel']
   """
   found: dict[Path, Target] = {}
   all_paths = []

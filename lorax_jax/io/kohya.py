@@ -52,11 +52,36 @@ def load_kohya(path: str, params: Any, path_map: PathMap | None,
 
   Names, dtypes and shapes are checked from the file's header before a tensor is read.
 
+  Args:
+    path: the ``.safetensors`` file.
+    params: the params tree the LoRA is for.
+    path_map: the model's `PathMap` (Kohya names are its Hugging Face module names with
+      ``.`` replaced by ``_``, after the prefix); None: Flax paths joined with ``.``.
+    prefix_map: Kohya prefix -> Hugging Face name prefix, or None to skip the prefix.
+    param_dtype: the dtype of the returned factors.
+
+  Returns:
+    ``(lora, cfg)``, ready for `lora_transform` or `merge`.
+
   Raises:
     ValueError: an unreadable file; a ``prefix_map`` that is not a mapping of strings to
       strings or None; a key that is not a Kohya LoRA key or whose module is not in
       ``params``; a module without both factors, or named under two prefixes; factors that
       are not floating point or mis-shaped; an alpha that is not one finite number (each named).
+
+  >>> import os, tempfile, jax, jax.numpy as jnp, numpy as np, lorax_jax
+  >>> from safetensors.numpy import save_file
+  >>> params = {"attn": {"q": {"kernel": jnp.zeros((6, 4))}}}
+  >>> path_map = lorax_jax.PathMap((("attn/q/kernel", "attn.q.weight", "linear"),))
+  >>> path = os.path.join(tempfile.mkdtemp(), "style.safetensors")
+  >>> save_file({"lora_unet_attn_q.lora_down.weight": np.ones((2, 6), np.float32),
+  ...            "lora_unet_attn_q.lora_up.weight": np.ones((4, 2), np.float32),
+  ...            "lora_unet_attn_q.alpha": np.array(1.0, np.float32)}, path)
+  >>> lora, cfg = lorax_jax.load_kohya(path, params, path_map)
+  >>> jax.tree.map(jnp.shape, lora), cfg.r, cfg.alpha
+  ({'attn': {'q': {'kernel': {'a': (2, 6), 'b': (2, 4)}}}}, 2, 1.0)
+  >>> float(lorax_jax.merge(params, lora, cfg)["attn"]["q"]["kernel"][0, 0])  # alpha / r · up @ down
+  1.0
   """
   prefixes = _prefixes(prefix_map)
   with open_safetensors(path) as f:

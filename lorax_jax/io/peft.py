@@ -93,12 +93,33 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
   the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
 
+  Args:
+    directory: the adapter directory, created or replaced whole.
+    lora: the LoRA tree (with ``modules_to_save`` copies if ``cfg`` has any).
+    cfg: its config.
+    params: the params tree ``lora`` is for (the original base with ``initial``).
+    path_map: the model's `PathMap`, so that modules get PEFT's names; None: Flax paths joined
+      with ``.`` (an adapter for lorax_jax itself).
+    base_model_name_or_path: written to the config, for PEFT's ``from_pretrained``.
+    task_type: PEFT's ``task_type``, e.g. ``"CAUSAL_LM"``.
+    initial: the factors `init_lora_and_base` returned, to save a PiSSA/OLoRA adapter
+      converted for the original base.
+
   Raises:
     ValueError: a target without a module name; a ``directory`` that
       `lorax_jax.files.check_destination` refuses (``""``, the working or home directory, a
       directory holding anything but an adapter's two files: it is replaced whole); a
       ``"pissa_niter_K"`` adapter without ``initial``; an embedding the params tie to the output head,
-      adapted at every use (PEFT adapts only its lookup: set ``target_uses``).
+      adapted at every use (PEFT adapts only its lookup: set ``target_uses``), or a
+      ``modules_to_save`` copy of such an embedding.
+
+  >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> directory = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> lorax_jax.save_adapter(directory, lorax_jax.init_lora(params, cfg, jax.random.key(0)), cfg, params)
+  >>> sorted(os.listdir(directory))
+  ['adapter_config.json', 'adapter_model.safetensors']
   """
   if initial is not None:
     lora, cfg = on_original_base(params, lora, initial, cfg)
@@ -164,13 +185,39 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   needs); the directory is read through one handle, so a concurrent save is seen whole or
   not at all.
 
+  Args:
+    directory: the adapter directory (the one holding ``adapter_config.json``; a named PEFT
+      adapter is in a subfolder ``<directory>/<name>``).
+    params: the params tree to load it for.
+    path_map: the model's `PathMap` (PEFT's module names); None: Flax paths joined with ``.``.
+    param_dtype: the factors' dtype (default float32).
+    kernel_axes: the ``LoraConfig.kernel_axes`` the adapter was trained with, if any.
+
+  Returns:
+    ``(lora, cfg)``, ready for `lora_transform`, `merge` or training on.
+
   Raises:
-    FileNotFoundError: no ``adapter_config.json`` or ``adapter_model.safetensors``.
+    FileNotFoundError: no ``adapter_config.json`` (naming the subfolders that hold one) or
+      ``adapter_model.safetensors``.
     ValueError: a pickled ``adapter_model.bin``; an unreadable file; a malformed config field,
       ``peft_type`` other than ``LORA``, an ``init_lora_weights`` whose base change cannot be
       re-derived (CorDA, LoftQ, ...) or an option lorax_jax cannot honour (each named); a
       missing, unexpected, non-float or mis-shaped key (each named); stacked kernels adapted
-      at different layers, or at layers and outside them, or with different ranks per layer.
+      at different layers, or at layers and outside them, or with different ranks per layer;
+      a ``modules_to_save`` copy or LoRA factors of an output head that ``params`` tie to the
+      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding.
+
+  >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
+  >>> cfg = lorax_jax.LoraConfig(r=2, targets=["dense"])
+  >>> lora = lorax_jax.init_lora(params, cfg, jax.random.key(0))
+  >>> directory = os.path.join(tempfile.mkdtemp(), "adapter")
+  >>> lorax_jax.save_adapter(directory, lora, cfg, params)
+  >>> back, back_cfg = lorax_jax.load_adapter(directory, params)
+  >>> jax.tree.map(jnp.shape, back), back_cfg.r
+  ({'dense': {'kernel': {'a': (2, 4), 'b': (2, 3)}}}, 2)
+  >>> all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lora)))
+  True
   """
   for pickled in PICKLED_NAMES:
     if (os.path.isfile(os.path.join(directory, pickled))
@@ -195,7 +242,11 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
 def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, param_dtype: Any,
           kernel_axes: Mapping[str, tuple[int, int]] | None) -> tuple[Lora, LoraConfig]:
   config_path, weights_path = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
-  with _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory") as config_file:
+  try:
+    config_file = _open(dir_fd, directory, CONFIG_NAME, ": not a PEFT adapter directory")
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}{_subfolder_hint(directory)}") from None
+  with config_file:
     config = read_config(read_limited(config_file, config_path, MAX_CONFIG_BYTES, "PEFT adapter config"),
                          config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
@@ -204,6 +255,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     _check_tied_saved({k.removeprefix(PREFIX).rpartition(".")[0] for k in saved}, _ties(params, path_map),
                       weights_path)
     infos = {k: v for k, v in all_infos.items() if k not in saved}
+    _check_tied_head(infos, config, _ties(params, path_map), path_map, weights_path)
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
     if not pairs:
@@ -321,12 +373,23 @@ def _check_tied(targets: Mapping[Path, Target], names: Mapping[Path, Module], cf
     name = names[path].name
     if name in ties and not any(re.fullmatch(k, path_str(path)) and tuple(v) == LOOKUP_ONLY
                                 for k, v in uses.items()):
+      limited = targets[path].uses
+      head = ties[name].removesuffix(".weight")
+      if limited is None:
+        what = (f"cfg adapts it at every use: the token lookup and the head {head} (the same table), "
+                "while PEFT would apply the update at the lookup only")
+      else:
+        at_head = [u for u in limited if u != "lookup"]
+        what = (f"cfg limits it to target_uses {tuple(limited)!r}"
+                + (f", so the update reaches the head {head} ({'/'.join(at_head)} of the same table)" if at_head
+                   else "") + (" and not the token lookup" if "lookup" not in limited else "")
+                + ", while PEFT would apply it at the token lookup only")
       raise ValueError(
           f"LoRA target {path_str(path)} is the embedding {name}, which these params tie to the output head "
-          f"{ties[name]} (there is no separate head), and cfg adapts it at every use, the head included. "
-          "PEFT adapts a tied embedding at the token lookup only, so it would load this adapter wrongly: "
-          f"train it with target_uses={{{re.escape(path_str(path))!r}: ('lookup',)}} in the LoraConfig, "
-          "or leave the embedding out of the targets")
+          f"{ties[name]} (there is no separate head leaf): {what}, so PEFT would load this adapter as a "
+          f"different model. Train it with target_uses={{{re.escape(path_str(path))!r}: ('lookup',)}} in the "
+          "LoraConfig (PEFT's tied embedding), or leave the embedding out of the targets; to adapt the head "
+          "alone, untie it (give the params their own head leaf, the embedding's table) and target that leaf")
 
 
 def _check_tied_saved(saved_modules: Iterable[str], ties: Mapping[str, str], where: str) -> None:
@@ -342,6 +405,55 @@ def _check_tied_saved(saved_modules: Iterable[str], ties: Mapping[str, str], whe
         f"{ties[name]}. PEFT trains its copy at the token lookup only and keeps the original at the head; "
         "lorax_jax would use the copy at both, so the logits would differ. Untie the head (give the params "
         "their own head leaf) or adapt the embedding with LoRA (target_uses lookup) instead")
+
+
+def _check_tied_head(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], ties: Mapping[str, str],
+                     path_map: PathMap | None, where: str) -> None:
+  """A file naming the output head of params that tie it to the embedding (no head leaf here).
+
+  Raises:
+    ValueError: a ``modules_to_save`` copy or LoRA factors of the tied head, saying which
+      embedding it is tied to and how to load the adapter (untie the head).
+  """
+  for embedding, head_weight in sorted(ties.items()):
+    head = head_weight.removesuffix(".weight")
+    keys = [k for k in infos if k.removeprefix(PREFIX) == head_weight
+            or k.removeprefix(PREFIX).startswith(head + ".lora_")]
+    if not keys:
+      continue
+    flax = path_map.to_flax(head_weight) if path_map is not None else None
+    untie = (f"untie the head: give the params their own head leaf {flax[0] if flax else head_weight} holding "
+             f"the embedding's table ({'transposed, ' if flax and flax[1] == 'linear' else ''}as the path map "
+             "lays it out), as the model has with tie_word_embeddings=False, and load again")
+    if any(k.removeprefix(PREFIX) == head_weight for k in keys):
+      raise ValueError(
+          f"{where}: modules_to_save {config.get('modules_to_save')!r} saves the output head {head} "
+          f"({', '.join(sorted(keys))}), but these params tie the head to the embedding {embedding} "
+          f"(tie_word_embeddings: there is no {head} leaf, the head reuses {embedding}'s table). PEFT trains a "
+          f"copy of {head} used at the head only. To load it, {untie}; to train the shared table instead, "
+          f"adapt {embedding} (a LoRA target with target_uses ('lookup',), as PEFT does), or untie and save {head}")
+    raise ValueError(
+        f"{where} has LoRA factors of the output head {head} ({', '.join(sorted(keys))}), but these params tie "
+        f"the head to the embedding {embedding} (tie_word_embeddings: there is no {head} leaf, the head "
+        f"reuses {embedding}'s table). PEFT adapts {head} as its own module, the update at the head only (the "
+        f"token lookup stays as it is); lorax_jax adapts leaves, so to load it {untie}. An adapter of "
+        f"{embedding} itself loads onto tied params (limited to the token lookup, as in PEFT)")
+
+
+def _subfolder_hint(directory: str) -> str:
+  """``"; did you mean <directory>/<name>?"`` for the subfolders of ``directory`` holding an
+  adapter (PEFT's ``save_pretrained`` writes an adapter not named ``"default"``, and each of
+  ``selected_adapters``, to ``<directory>/<name>``); ``""`` if none."""
+  try:
+    names = sorted(e.name for e in os.scandir(directory)
+                   if e.is_dir() and os.path.isfile(os.path.join(directory, e.name, CONFIG_NAME)))
+  except OSError:
+    return ""
+  if not names:
+    return ""
+  found = " or ".join(os.path.join(directory, n) for n in names)
+  return (f"; its subfolder{'s' if len(names) > 1 else ''} {', '.join(names)} hold{'' if len(names) > 1 else 's'} "
+          f"an adapter (PEFT saves a named adapter to <directory>/<name>): did you mean {found}?")
 
 
 PairKeys = tuple[Module, str, str]
