@@ -129,7 +129,7 @@ def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: 
 
   from lorax_jax.models.hf import tensors_from_params
   from lorax_jax.models.llama import LLAMA_PATH_MAP
-  from lorax_jax.targets import path_str
+  from lorax_jax.paths import path_str
 
   base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
   state = {k: torch.tensor(np.asarray(v)) for k, v in tensors_from_params(params, LLAMA_PATH_MAP).items()}

@@ -36,7 +36,7 @@ import lorax_jax
 from bench import cases as cases_lib
 from bench.measure import compile_variant
 from bench.variants import DROPOUT, Setup, build
-from lorax_jax.targets import get_path
+from lorax_jax.paths import get_path
 
 TOLERANCE = 0.05  # |attributed − XLA| / XLA bytes accessed
 PEERS = ("lower_bound", "nnx_lora", "qwix_lora")

@@ -34,7 +34,7 @@ import optax
 
 import lorax_jax as lj
 from bench.main import chat_batch, finetune_max_targets
-from lorax_jax import quantize as Q
+from lorax_jax import qarray as Q
 from lorax_jax.apps import finetune
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 

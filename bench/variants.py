@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import lorax_jax
-from lorax_jax.targets import get_path, path_str, set_path
+from lorax_jax.paths import get_path, path_str, set_path
 
 TRAIN = ("lower_bound", "factored", "factored_dropout", "reference", "full", "nnx_lora", "qwix_lora",
          "qwix_lora_dropout", "dora", "dora_dropout")

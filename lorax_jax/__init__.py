@@ -9,14 +9,15 @@
 from lorax_jax.adapters import stack_adapters, swap_adapter, unstack_adapters
 from lorax_jax.combine import combine
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import check_lora, init_lora, init_lora_and_base, on_original_base
+from lorax_jax.lora_tree import check_lora
+from lorax_jax.init import init_lora, init_lora_and_base, on_original_base
 from lorax_jax.io import load_adapter, load_kohya, save_adapter
 from lorax_jax.merge import delta, merge, unmerge
 from lorax_jax.optim import loraplus, per_adapter
 from lorax_jax.params import (count, filter_params, join_params, lora_count, size, split_params, summary,
                               trainable_mask)
 from lorax_jax.pathmap import PathMap
-from lorax_jax.quantize import QArray, dequantize, is_quantized
+from lorax_jax.qarray import QArray, dequantize, is_quantized, quantize
 from lorax_jax.sharding import lora_shardings, shard_params
 from lorax_jax.targets import Target, find_targets
 from lorax_jax.transform import axes_from_use, lora_transform

@@ -45,10 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import SAVED_KEY, Lora, check_lora, factor_names
 from lorax_jax.io.modules import exact_config
-from lorax_jax.targets import (Path, Target, accumulation_dtype, find_targets, get_path, leaves_with_paths, path_str,
-                               set_path)
+from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, factor_names
+from lorax_jax.paths import Path, get_path, path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.targets import Target, accumulation_dtype, find_targets
 
 SCALE = "scale"
 SHARED_FIELDS = ("dropout", "dropout_seed", "branch_dtype", "shared_dropout")  # one value runs a stacked tree
@@ -78,7 +79,7 @@ def stack_adapters(params: Any, loras: Sequence[Lora] | Sequence[Adapter], cfgs:
     target at its padded rank with scale 1).
 
   Raises:
-    ValueError: no adapters; an adapter that does not fit its config (from `check_lora`, naming
+    ValueError: no adapters; an adapter that does not fit its config (from `check_factors`, naming
       the adapter); adapters that target different kernels, read one with different layouts,
       uses or layers, mix DoRA and plain LoRA, differ in dropout settings or factor dtypes; an
       adapter of PiSSA/OLoRA (residual base) or with ``modules_to_save``; a rank above
@@ -251,7 +252,7 @@ def adapter_targets(params: Any, lora: Lora, cfg: LoraConfig, j: int, who: str) 
   """The targets of adapter ``j``, checked to be a plain adapter tree that fits them.
 
   Raises:
-    ValueError: from `check_lora` (prefixed with ``who`` and the adapter); PiSSA/OLoRA (whose
+    ValueError: from `check_factors` (prefixed with ``who`` and the adapter); PiSSA/OLoRA (whose
       factors apply to a residual base); ``modules_to_save`` copies.
   """
   targets = _config_targets(params, cfg, j, who)
@@ -271,7 +272,7 @@ def _check_factors(targets: Mapping[Path, Target], lora: Lora, j: int, who: str)
     raise ValueError(f"{who}: adapter {j} holds {SAVED_KEY} copies (modules trained in full), which only "
                      "single adapters support")
   try:
-    check_lora(targets, lora)
+    check_factors(targets, lora)
   except (ValueError, TypeError) as e:
     raise type(e)(f"{who}: adapter {j}: {e}") from None
 

@@ -97,7 +97,7 @@ def generate_main(argv: Sequence[str]) -> None:
   p.add_argument("--top-p", type=float)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  from lorax_jax.generate import Sampling, generate
+  from lorax_jax.models.generate import Sampling, generate
 
   try:
     Sampling(args.temperature, args.top_k, args.top_p)

@@ -56,8 +56,11 @@ import jax.numpy as jnp
 
 from lorax_jax.adapters import READING_FIELDS, adapter_targets, check_same_reading, unit_config
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, target_factors, torch_matrices
-from lorax_jax.targets import Path, Target, accumulation_dtype, leaves_with_paths, set_path
+from lorax_jax.init import torch_matrices
+from lorax_jax.lora_tree import Lora, target_factors
+from lorax_jax.paths import Path, set_path
+from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.targets import Target, accumulation_dtype
 
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")

@@ -38,7 +38,7 @@ with those copies in place of the frozen leaves.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -46,12 +46,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from lorax_jax.config import PISSA_NITER, LoraConfig
-from lorax_jax.quantize import is_quantized
-from lorax_jax.targets import (Path, Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
-                               path_str, saved_leaves, set_path)
-
-Lora = dict[str, Any]
-SAVED_KEY = "modules_to_save"
+from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
+from lorax_jax.merge import unmerge
+from lorax_jax.paths import Path, get_path, set_path
+from lorax_jax.qarray import is_quantized, leaves_with_paths
+from lorax_jax.targets import Target, accumulation_dtype, find_targets, saved_leaves
 
 
 def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
@@ -154,7 +153,6 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
     set_path(lora.setdefault(SAVED_KEY, {}), path, copy)
   if not cfg.changes_base:
     return lora, params
-  from lorax_jax.merge import unmerge  # merge builds on this module
   return lora, unmerge(params, _nested(targets, exact), cfg.replace(use_dora=False))  # W_res = W - s·A₀⊗B₀
 
 
@@ -179,7 +177,7 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
     config (ranks and alphas doubled, ``init="kaiming"``).
 
   Raises:
-    ValueError: ``lora`` or ``initial`` does not fit ``cfg``'s targets (from `check_lora`).
+    ValueError: ``lora`` or ``initial`` does not fit ``cfg``'s targets (from `check_factors`).
 
   >>> import jax, jax.numpy as jnp, lorax_jax
   >>> params = {"dense": {"kernel": jnp.arange(48.0).reshape(8, 6) / 10}}
@@ -323,103 +321,3 @@ def svd_lowrank(w: jax.Array, sketch: jax.Array, niter: int) -> tuple[jax.Array,
   return (u, s, vh) if w.shape[0] >= w.shape[1] else (vh.T, s, u.T)
 
 
-def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
-  """``(target, a, b)`` for every target, after `check_lora`."""
-  check_lora(targets, lora)
-  for path, t in targets.items():
-    node = get_path(lora, path)
-    yield t, *t.masked(node["a"], node["b"])
-
-
-def factor_names(t: Target) -> set[str]:
-  """The leaves of a target's LoRA node: ``{"a", "b"}``, and ``"m"`` for DoRA."""
-  return {"a", "b", "m"} if t.dora else {"a", "b"}
-
-
-def check_lora(targets: Mapping[Path, Target], lora: Lora) -> None:
-  """Raise an error naming the path unless ``lora`` holds exactly the targets' factors
-  (and DoRA magnitudes).
-
-  Args:
-    targets: the targets, `find_targets`'s output.
-    lora: a LoRA tree (``modules_to_save`` copies apart: see `check_saved`).
-
-  Raises:
-    ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
-    TypeError: a factor that is not an array (a Python list, say).
-
-  >>> import jax.numpy as jnp, lorax_jax
-  >>> params = {"dense": {"kernel": jnp.zeros((8, 6))}}
-  >>> targets = lorax_jax.find_targets(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))
-  >>> lorax_jax.check_lora(targets, {"dense": {"kernel": {"a": jnp.zeros((2, 8)), "b": jnp.zeros((2, 6))}}})
-  >>> lorax_jax.check_lora(targets, {"dense": {"kernel": {"a": jnp.zeros((3, 8)), "b": jnp.zeros((2, 6))}}})
-  Traceback (most recent call last):
-  ...
-  ValueError: LoRA factor dense/kernel/a has shape (3, 8), expected (2, 8) for kernel (8, 6)
-  """
-  seen = set()
-  for path, node in _lora_nodes(lora, ()):
-    name = path_str(path)
-    if path not in targets:
-      raise ValueError(f"LoRA tree has an unexpected entry {name} (no such target in the params)")
-    seen.add(path)
-    t = targets[path]
-    if not isinstance(node, Mapping) or set(node) != factor_names(t):
-      got = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      hint = (" (LoraConfig.use_dora=True: DoRA's magnitude 'm' too)" if t.dora
-              else " (a DoRA tree needs LoraConfig(use_dora=True))" if isinstance(node, Mapping) and "m" in node
-              else "")
-      want = "{" + ", ".join(map(repr, sorted(factor_names(t)))) + "}"
-      raise ValueError(f"LoRA entry {name} must be {want}, got {got}{hint}")
-    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape))[:len(factor_names(t))]:
-      x = node[k]
-      if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "
-                        "wrap it with jnp.asarray")
-      if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"LoRA factor {name}/{k} must be a float array, got dtype {x.dtype}")
-      got = tuple(jnp.shape(x))
-      if got != want:
-        raise ValueError(f"LoRA factor {name}/{k} has shape {got}, expected {want} for kernel {t.shape}")
-  missing = [path_str(p) for p in targets if p not in seen]
-  if missing:
-    raise ValueError(f"LoRA tree is missing the factors of {', '.join(missing)}")
-
-
-def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
-  """The saved leaves' paths mapped to their trained copies in ``lora[SAVED_KEY]``.
-
-  Raises:
-    ValueError: a missing, unexpected or mis-shaped copy (naming its path), or params with a
-      top-level key `SAVED_KEY` (it would be ambiguous).
-  """
-  saved = saved_leaves(params, cfg)
-  if saved and isinstance(params, Mapping) and SAVED_KEY in params:
-    raise ValueError(f"params have a top-level key {SAVED_KEY!r}, which LoRA trees reserve for modules_to_save")
-  tree = lora.get(SAVED_KEY, {}) if isinstance(lora, Mapping) else {}
-  copies = dict(leaves_with_paths(tree))
-  extra = [path_str(p) for p in copies if p not in saved]
-  missing = [path_str(p) for p in saved if p not in copies]
-  if extra or missing:
-    raise ValueError(f"LoRA tree's {SAVED_KEY} does not match modules_to_save: "
-                     + (f"missing {', '.join(missing[:5])}" if missing else "")
-                     + ("; " if extra and missing else "") + (f"unexpected {', '.join(extra[:5])}" if extra else ""))
-  for path, leaf in saved.items():
-    got = (tuple(jnp.shape(copies[path])), jnp.result_type(copies[path]))
-    want = (tuple(jnp.shape(leaf)), jnp.result_type(leaf))
-    if got != want:
-      raise ValueError(f"LoRA tree's {SAVED_KEY} copy of {path_str(path)} is {got[0]} {got[1]}, expected "
-                       f"{want[0]} {want[1]} (the frozen leaf's shape and dtype)")
-  return copies
-
-
-def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
-  """The ``{"a", "b"}`` (DoRA: ``{"a", "b", "m"}``) nodes of a LoRA tree (and anything malformed in
-  their place); the saved leaves (`SAVED_KEY`, checked by `check_saved`) are skipped."""
-  if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
-    for k, v in tree.items():
-      if not prefix and k == SAVED_KEY:
-        continue
-      yield from _lora_nodes(v, (*prefix, str(k)))
-  else:
-    yield prefix, tree

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, check_saved, target_factors
-from lorax_jax.quantize import is_quantized, requantize as quantize_like
-from lorax_jax.targets import Path, accumulation_dtype, find_targets, get_path, leaves_with_paths, tree_path
+from lorax_jax.lora_tree import Lora, check_saved, target_factors
+from lorax_jax.paths import Path, get_path, tree_path
+from lorax_jax.qarray import is_quantized, leaves_with_paths, requantize as quantize_like
+from lorax_jax.targets import accumulation_dtype, find_targets
 
 
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
@@ -35,7 +36,7 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
 
   Raises:
     ValueError: ``cfg`` matches no parameter, or ``lora`` does not hold its targets' factors
-      (as `find_targets`, `check_lora`).
+      (as `find_targets`, `check_factors`).
 
   >>> import jax.numpy as jnp, lorax_jax
   >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
@@ -71,7 +72,7 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
     lora: the trained LoRA tree, with the ``modules_to_save`` copies if any.
     cfg: the config ``lora`` was made with.
     requantize: quantize each merged kernel again in its `QArray`'s format, block size and axis
-      (`lorax_jax.quantize.requantize`; on the host, not under ``jit``) and keep the other
+      (`lorax_jax.qarray.requantize`; on the host, not under ``jit``) and keep the other
       quantized kernels as they are.
     all_uses: merge targets limited to some uses (`LoraConfig.target_uses`) too. ``W'`` then
       reaches *every* use of the weight: for a tied embedding with a lookup-only adapter the

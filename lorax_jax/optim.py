@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from lorax_jax.adapters import SCALE
-from lorax_jax.targets import tree_path
+from lorax_jax.paths import tree_path
 
 LearningRate = float | optax.Schedule
 

@@ -15,8 +15,10 @@ import jax
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
-from lorax_jax.targets import Path, find_targets, leaves_with_paths, path_str, saved_leaves, set_path
+from lorax_jax.lora_tree import SAVED_KEY, Lora, check_lora
+from lorax_jax.paths import Path, path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.targets import find_targets, saved_leaves
 
 LORA_KEY = "lora"
 
@@ -55,8 +57,7 @@ def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
   frozen, lora = _split(tree, ())
   if saved is not None:
     lora[SAVED_KEY] = saved
-  check_lora(find_targets(frozen, cfg), lora)
-  check_saved(frozen, cfg, lora)
+  check_lora(frozen, lora, cfg)
   return frozen, lora
 
 

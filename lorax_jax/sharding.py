@@ -40,9 +40,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import SAVED_KEY, Lora
-from lorax_jax.quantize import QArray, is_quantized
-from lorax_jax.targets import Path, Target, find_targets, leaves_with_paths, path_str, saved_leaves, set_path, tree_path
+from lorax_jax.lora_tree import SAVED_KEY, Lora
+from lorax_jax.paths import Path, path_str, set_path, tree_path
+from lorax_jax.qarray import QArray, is_quantized, leaves_with_paths
+from lorax_jax.targets import Target, find_targets, saved_leaves
 
 
 def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:

@@ -20,7 +20,7 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax.config import LoraConfig
+from lorax_jax.paths import KERNEL_LEAVES, Path, matches, path_str
+from lorax_jax.qarray import leaves_with_paths
 
-Path = tuple[str, ...]
 
-KERNEL_LEAVES = ("kernel", "weight", "w", "embedding")
 QUERY_NAMES = ("query", "q_proj", "wq", "q", "to_q", "q_lin")
 KEY_NAMES = ("key", "k_proj", "wk", "k", "to_k", "k_lin")
 VALUE_NAMES = ("value", "v_proj", "wv", "v", "to_v", "v_lin")
@@ -158,49 +158,6 @@ def low_rank_update(subscripts: tuple[str, str, str], a: jax.Array, b: jax.Array
 def accumulation_dtype(*xs: Any) -> Any:
   """The dtype a merge accumulates in: float32, or wider when an input is wider."""
   return jnp.promote_types(jnp.float32, jnp.result_type(*xs))
-
-
-def path_str(path: Path) -> str:
-  return "/".join(path)
-
-
-def get_path(tree: Any, path: Path) -> Any:
-  """The node of nested ``tree`` at ``path``."""
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-def set_path(tree: dict, path: Path, value: Any) -> None:
-  """Put ``value`` at ``path`` in nested dicts ``tree``, creating the dicts on the way."""
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def key_str(key: Any) -> str:
-  """One pytree path entry as a string (dict key, attribute, or sequence index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def tree_path(keys: Sequence[Any]) -> Path:
-  """A pytree key path as a tuple of strings; NNX's trailing ``.value`` is dropped."""
-  if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-    keys = keys[:-1]
-  return tuple(key_str(k) for k in keys)
-
-
-def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf, in `jax.tree_util` order, paths as tuples of strings.
-
-  A quantized kernel (`lorax_jax.quantize.QArray`) is one leaf: it stands for one float array.
-  """
-  from lorax_jax.quantize import is_quantized  # quantize imports this module
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-  return [(tree_path(kp), leaf) for kp, leaf in flat]
 
 
 def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> dict[Path, Target]:
@@ -378,23 +335,6 @@ def _check_layers(found: Mapping[Path, Target], layer_of: Mapping[Path, tuple[in
   if missing and not stacked:
     raise ValueError(f"LoraConfig.layers_to_transform: layer {missing[0]} is out of range; the params' layers "
                      f"(layers_pattern {cfg.layers_pattern!r}) are {sorted(present)}")
-
-
-def matches(patterns: str | Sequence[str], name: str) -> bool:
-  """A regex full-matches ``name``, or a listed suffix ends it at a ``/`` boundary."""
-  if isinstance(patterns, str):
-    return re.fullmatch(patterns, name) is not None or _suffix_match(patterns, name)
-  return any(_suffix_match(p, name) or re.fullmatch(p, name) is not None for p in patterns)
-
-
-def _suffix_match(suffix: str, name: str) -> bool:
-  module = _module_path(name)
-  return any(n == suffix or n.endswith("/" + suffix) for n in (name, module))
-
-
-def _module_path(name: str) -> str:
-  head, _, leaf = name.rpartition("/")
-  return head if leaf in KERNEL_LEAVES else name
 
 
 def _lookup(pattern: Mapping[str, Any], name: str, default: Any) -> Any:

@@ -40,7 +40,7 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
-7. A quantized kernel (a `lorax_jax.quantize.QArray` leaf, targeted or not) is traced as its
+7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its
    float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
    reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
    custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
@@ -82,11 +82,11 @@ from jax import lax
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import check_key, dropout_bilinear, dropout_einsum, keep_mask
-from lorax_jax.init import SAVED_KEY, Lora, check_lora, check_saved
+from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, check_saved
 from lorax_jax.merge import merge
-from lorax_jax.quantize import QArray, is_quantized
-from lorax_jax.targets import (Target, accumulation_dtype, find_targets, get_path, leaves_with_paths,
-                               low_rank_update, matches, path_str, saved_leaves)
+from lorax_jax.paths import get_path, matches, path_str
+from lorax_jax.qarray import QArray, is_quantized, leaves_with_paths
+from lorax_jax.targets import Target, accumulation_dtype, find_targets, low_rank_update, saved_leaves
 
 # Each axis of a kernel in flight is labelled ``(side, i)`` by where the factors hold it:
 #   ("s", i): stack axis i, shared by a and b (axis i of both);
@@ -232,7 +232,7 @@ class LoraApply:
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                **kwargs: Any) -> Any:
-    check_lora(self.targets, lora)
+    check_factors(self.targets, lora)
     self._check_params(params)
     if self.saved or SAVED_KEY in lora:
       check_saved(params, self.cfg, lora)
@@ -366,7 +366,7 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
     def reference_apply(params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
                         **kwargs: Any) -> Any:
       del rng  # the merged path has no branch input to drop out
-      check_lora(targets, lora)
+      check_factors(targets, lora)
       return apply_fn(merge(params, lora, cfg), *args, **kwargs)
     return reference_apply
   if mode != "factored":

@@ -10,7 +10,7 @@ import pytest
 
 from lorax_jax import (LoraConfig, delta, find_targets, init_lora, load_adapter, per_adapter, save_adapter,
                        stack_adapters, swap_adapter, unstack_adapters)
-from lorax_jax.targets import get_path, path_str
+from lorax_jax.paths import get_path, path_str
 from test_io import NET_MAP, assert_tree_equal, random_lora
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "embed_tokens", "conv_in"]

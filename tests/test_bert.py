@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorax_jax.models.bert import (BERT_PATH_MAP, BertConfig, BertForSequenceClassification,
-                                   load_bert, load_tokenizer, minilm_directory, sentence_embedding)
+from lorax_jax.models.bert import (BERT_PATH_MAP, BertConfig, BertForSequenceClassification, load_bert, load_tokenizer,
+                                   minilm_directory, sentence_embedding)
 from lorax_jax.models.hf import save_hf_checkpoint
 
 torch = pytest.importorskip("torch")

@@ -18,7 +18,7 @@ import classify  # noqa: E402
 
 import lorax_jax  # noqa: E402
 from lorax_jax.apps import fortunes  # noqa: E402
-from lorax_jax.init import SAVED_KEY  # noqa: E402
+from lorax_jax.lora_tree import SAVED_KEY  # noqa: E402
 from lorax_jax.models.bert import BertConfig, BertForSequenceClassification  # noqa: E402
 
 TOPICS = ("computers", "politics", "science")

@@ -17,7 +17,7 @@ import pytest
 import lorax_jax
 from lorax_jax import cli
 from lorax_jax.apps import finetune
-from lorax_jax.generate import generate
+from lorax_jax.models.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.models.tokenizer import load_tokenizer
 

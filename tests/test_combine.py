@@ -15,7 +15,8 @@ from lorax_jax import LoraConfig, combine, delta, find_targets, init_lora, load_
 from lorax_jax.io.factors import factors_to_torch
 from lorax_jax.models.hf import params_from_tensors
 from lorax_jax.pathmap import to_torch
-from lorax_jax.targets import leaves_with_paths, path_str
+from lorax_jax.paths import path_str
+from lorax_jax.qarray import leaves_with_paths
 from test_io import NET_MAP, random_lora
 from test_peft import TorchNet, randomize_lora, state, torch_net
 

@@ -17,7 +17,7 @@ import pytest
 
 import lorax_jax as lj
 import zoo
-from lorax_jax.targets import get_path, set_path
+from lorax_jax.paths import get_path, set_path
 
 TOL = 1e-5
 
@@ -334,7 +334,7 @@ def test_finetune_use_dora_setting():
 def test_dora_on_a_quantized_base_equals_dora_on_the_dequantized_one(dropout):
   """QDoRA: an nf4 base through the engine (norms and dropped-out base from the dequantized kernel)
   gives the outputs and gradients (a, b, m) of DoRA on ``dequantize(qparams)``, strict."""
-  from lorax_jax.quantize import quantize
+  from lorax_jax.qarray import quantize
   rng = np.random.default_rng(0)
   params = {"w1": jnp.asarray(rng.normal(size=(64, 128)), jnp.float32),
             "w2": jnp.asarray(rng.normal(size=(128, 64)), jnp.float32)}

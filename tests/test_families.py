@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 from lorax_jax import LoraConfig, lora_transform
-from lorax_jax.generate import generate
 from lorax_jax.io import load_adapter, save_adapter
+from lorax_jax.models.generate import generate
 from lorax_jax.models.hf import read_config
-from lorax_jax.models.llama import (LLAMA_PATH_MAP, Llama, LlamaConfig, RopeScaling, load_llama, save_llama,
-                                    stack_layers)
+from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, RopeScaling, load_llama, save_llama, stack_layers
 from test_io import random_lora
 from test_peft import TOL, max_diff, randomize_lora, torch_logits
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lorax_jax import LoraConfig, init_lora, merge
-from lorax_jax.generate import Sampling, filter_logits, generate, sample
+from lorax_jax.models.generate import Sampling, filter_logits, generate, sample
 from lorax_jax.models.llama import Llama, LlamaConfig
 
 CONFIG = LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -13,8 +13,8 @@ import struct
 import numpy as np
 import pytest
 
-from lorax_jax.generate import generate
 from lorax_jax.models import gguf as G
+from lorax_jax.models.generate import generate
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -201,7 +201,7 @@ def test_quantized_load_keeps_the_files_q4_1_blocks(smollm2, smollm2_quantized):
   """210 projection kernels as the file's Q4_1 blocks, the embedding as its Q8_0 rows; dequantized,
   exactly the float32 load."""
   import jax
-  from lorax_jax import quantize as Q
+  from lorax_jax import qarray as Q
   params, qparams = smollm2[2], smollm2_quantized[2]
   quantized = [x for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x)]
   assert len(quantized) == 211 and sorted({q.fmt for q in quantized}) == ["Q4_1", "Q8_0"]

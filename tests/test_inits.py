@@ -17,8 +17,8 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
-from lorax_jax import (LoraConfig, find_targets, init_lora, init_lora_and_base, load_adapter, lora_transform,
-                       loraplus, merge, on_original_base, save_adapter)
+from lorax_jax import (LoraConfig, find_targets, init_lora, init_lora_and_base, load_adapter, lora_transform, loraplus,
+                       merge, on_original_base, save_adapter)
 from lorax_jax.init import orthogonal_factors, svd_lowrank
 from lorax_jax.models.hf import tensors_from_params
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama

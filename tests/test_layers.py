@@ -17,12 +17,12 @@ from safetensors.numpy import load_file
 
 import lorax_jax
 from lorax_jax import LoraConfig, axes_from_use, find_targets, init_lora, lora_transform, merge
-from lorax_jax.init import SAVED_KEY
 from lorax_jax.io import load_adapter, save_adapter
+from lorax_jax.lora_tree import SAVED_KEY
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
 from lorax_jax.models.llama import LLAMA_PATH_MAP, DecoderLayer, RMSNorm, load_llama
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import path_str
+from lorax_jax.paths import path_str
 from test_io import random_lora
 from test_peft import LLAMA_TOKENS, TOL, llama_dir, max_diff, randomize_lora, torch_llama, torch_logits  # noqa: F401
 from zoo import ScanTransformer

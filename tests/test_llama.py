@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from lorax_jax.models.hf import read_config, tensors_from_params
-from lorax_jax.models.llama import (LLAMA_PATH_MAP, Llama, LlamaConfig, hf_shapes, load_llama, rope,
-                                    save_llama)
+from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, hf_shapes, load_llama, rope, save_llama
 
 HF_CONFIG = {"model_type": "llama", "vocab_size": 61, "hidden_size": 32, "intermediate_size": 48,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

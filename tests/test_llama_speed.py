@@ -120,7 +120,7 @@ def test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i():
     for side in ("a", "b"):
       np.testing.assert_array_equal(stacked[side][i], layer[side])
   # A quantized base stacks its stored blocks: dequantizing commutes with stacking.
-  q = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+  q = lorax_jax.quantize(params, "nf4", block_size=16)
   up = lambda tree: tree["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]
   np.testing.assert_array_equal(up(lorax_jax.dequantize(stack_layers(q))),
                                 up(stack_layers(lorax_jax.dequantize(q))))
@@ -134,7 +134,7 @@ def test_scanned_quantized_or_dora_equals_the_unrolled_model(variant):
   the unrolled model's loss (strict: the engine follows both into the scan, no fallback)."""
   model, params, cfg, lora = setup(False)
   if variant == "nf4":
-    params = lorax_jax.quantize.quantize(params, "nf4", block_size=16)
+    params = lorax_jax.quantize(params, "nf4", block_size=16)
   else:
     cfg = cfg.replace(use_dora=True)
     lora = jax.tree.map(lambda x: x + 0.05, lorax_jax.init_lora(params, cfg, jax.random.key(1)))

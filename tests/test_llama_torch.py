@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorax_jax.generate import generate
 from lorax_jax.models import gguf as G
+from lorax_jax.models.generate import generate
 from lorax_jax.models.hf import tensors_from_params
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, save_llama
 

@@ -95,8 +95,7 @@ def test_bad_lora_trees_name_the_path_and_shapes():
   with pytest.raises(ValueError, match=r"params/fc2/kernel/a has shape \(3, 7\), expected \(3, 32\) for kernel \(32, 32\)"):
     apply(case.params, wrong, *case.inputs)
   with pytest.raises(ValueError, match="must be {'a', 'b'}"):
-    lj.check_lora(lj.find_targets(case.params, case.cfg),
-                  {"params": {"fc1": {"kernel": {"a": 1}}, "fc2": lora["params"]["fc2"]}})
+    lj.check_lora(case.params, {"params": {"fc1": {"kernel": {"a": 1}}, "fc2": lora["params"]["fc2"]}}, case.cfg)
 
 
 def test_init_factors_follow_peft():

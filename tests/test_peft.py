@@ -17,9 +17,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from lorax_jax import LoraConfig, find_targets, init_lora, lora_transform, merge
-from lorax_jax.init import target_factors
 from lorax_jax.io import load_adapter, save_adapter
-from lorax_jax.models.bert import BERT_MODEL_PATH_MAP, BERT_PATH_MAP, BertForSequenceClassification, BertModel, load_bert
+from lorax_jax.lora_tree import target_factors
+from lorax_jax.models.bert import (BERT_MODEL_PATH_MAP, BERT_PATH_MAP, BertForSequenceClassification, BertModel,
+                                   load_bert)
 from lorax_jax.models.hf import params_from_tensors, tensors_from_params
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, save_llama
 from test_io import NET_MAP, Net, random_lora

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import lorax_jax as lj
-from lorax_jax import quantize as Q
+from lorax_jax import qarray as Q
 from lorax_jax.models.llama import Llama, LlamaConfig
 
 import zoo

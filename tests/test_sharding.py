@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 
 import lorax_jax as lj
 from lorax_jax import sharding as S
-from lorax_jax.targets import Target, get_path, tree_path
+from lorax_jax.paths import get_path, tree_path
+from lorax_jax.targets import Target
 
 import zoo
 

@@ -40,9 +40,9 @@ import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import MAX_TEXT_BYTES, check_destination, read_regular, write_atomic, write_text_atomic
-from lorax_jax.generate import generate
 from lorax_jax.io.tensors import open_safetensors, read_header, read_metadata, read_tensors
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
+from lorax_jax.models.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -170,7 +170,7 @@ def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tup
     raise FileNotFoundError(f"model {name!r} is neither smollm2, a Hugging Face Llama directory "
                             "nor a .gguf file")
   if quantize in ("nf4", "int8"):
-    params = lorax_jax.quantize.quantize(params, quantize, block_size=64 if quantize == "nf4" else None)
+    params = lorax_jax.quantize(params, quantize, block_size=64 if quantize == "nf4" else None)
   return model, params, tokenizer
 
 

@@ -18,7 +18,8 @@ import math
 
 import numpy as np
 
-from lorax_jax.targets import Target, path_str
+from lorax_jax.paths import path_str
+from lorax_jax.targets import Target
 
 
 def torch_shapes(t: Target, kind: str) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -26,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora
 from lorax_jax.io.factors import factors_from_torch, fit, torch_shapes
 from lorax_jax.io.modules import Module, by_name, exact_config, modules, parts_by_module
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, open_safetensors, read_header, read_tensors
+from lorax_jax.lora_tree import Lora
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Path, find_targets, set_path
+from lorax_jax.paths import Path, set_path
+from lorax_jax.targets import find_targets
 
 # Kohya prefix -> the prefix of the Hugging Face module names it stands for.
 DEFAULT_PREFIXES = {"lora_unet_": "", "lora_te_": "", "lora_te1_": "", "lora_te2_": ""}

@@ -29,7 +29,8 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import KERNEL_LEAVES, Path, leaves_with_paths, path_str
+from lorax_jax.paths import KERNEL_LEAVES, Path, path_str
+from lorax_jax.qarray import leaves_with_paths
 
 ADAPTABLE_KINDS = ("linear", "conv", "embedding")
 

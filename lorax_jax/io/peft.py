@@ -46,7 +46,7 @@ import numpy as np
 from lorax_jax import pathmap
 from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_writer, write_dir_atomic
-from lorax_jax.init import SAVED_KEY, Lora, init_lora_and_base, on_original_base, target_factors
+from lorax_jax.init import init_lora_and_base, on_original_base
 from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
@@ -54,8 +54,11 @@ from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatche
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
+from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Path, Target, find_targets, get_path, leaves_with_paths, path_str, set_path
+from lorax_jax.paths import Path, get_path, path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.targets import Target, find_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

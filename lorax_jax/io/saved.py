@@ -23,10 +23,11 @@ import numpy as np
 
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
-from lorax_jax.init import Lora, check_saved
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo
+from lorax_jax.lora_tree import Lora, check_saved
 from lorax_jax.pathmap import PathMap
-from lorax_jax.targets import Path, get_path, leaves_with_paths, path_str, set_path
+from lorax_jax.paths import Path, get_path, path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
 
 PREFIX = "base_model.model."
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from lorax_jax.io.modules import Module
-from lorax_jax.targets import Path, Target, matches, path_str
+from lorax_jax.paths import Path, matches, path_str
+from lorax_jax.targets import Target
 
 
 def layer_target(t: Target) -> Target:

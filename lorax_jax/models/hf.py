@@ -17,7 +17,8 @@ import numpy as np
 from lorax_jax.files import MAX_CONFIG_BYTES, MAX_TEXT_BYTES, read_regular, text_writer, write_dir_atomic
 from lorax_jax.io.tensors import PICKLE_SUFFIXES, pickle_refusal, read_safetensors, safetensors_writer
 from lorax_jax.pathmap import PathMap, from_torch, to_torch
-from lorax_jax.targets import leaves_with_paths, path_str, set_path
+from lorax_jax.paths import path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what `write_checkpoint` writes besides its files
 

@@ -47,7 +47,7 @@ import numpy as np
 from lorax_jax.config import LoraConfig
 from lorax_jax.models import hf
 from lorax_jax.pathmap import PathMap
-from lorax_jax.quantize import QArray, is_quantized
+from lorax_jax.qarray import QArray, is_quantized
 from lorax_jax.targets import find_targets
 
 Cache = dict[str, Any]
@@ -607,7 +607,7 @@ def stack_layers(tree: Any) -> Any:
   What `Llama` with ``scan_layers`` takes (its LoRA config: `stack_config`). It works on any tree
   that mirrors the params: the params, a LoRA tree (the factors ``a [r, in]``, ``b [r, out]`` of
   layer ``i`` become slice ``i`` of ``a [n, r, in]``, ``b [n, r, out]``: the ``"sio"`` layout of a
-  stacked kernel), an optimizer state, a cache. A quantized kernel (`lorax_jax.quantize.QArray`)
+  stacked kernel), an optimizer state, a cache. A quantized kernel (`lorax_jax.QArray`)
   stacks its stored arrays.
   One copy, made once, outside any jitted step. `unstack_layers` is its inverse.
 

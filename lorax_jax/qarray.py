@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax_jax.targets import leaves_with_paths, matches, path_str, tree_path
+from lorax_jax.paths import Path, matches, path_str, tree_path
 
 QUANTIZE_FORMATS = ("nf4", "int4", "int8")
 GGUF_FORMATS = ("Q4_0", "Q4_1", "Q8_0")
@@ -407,3 +407,12 @@ def _unpack_ggml(data: jax.Array) -> jax.Array:
   """ggml's 4-bit blocks: byte ``j`` of a 32-block holds element ``j`` (low) and ``j + 16`` (high)."""
   d = data.reshape(*data.shape[:-1], -1, GGUF_BLOCK // 2)
   return jnp.concatenate([d & 15, d >> 4], -1).reshape(*data.shape[:-1], -1)
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
+  """``(path, leaf)`` for every leaf, in `jax.tree_util` order, paths as tuples of strings.
+
+  A quantized kernel (`lorax_jax.QArray`) is one leaf: it stands for one float array.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+  return [(tree_path(kp), leaf) for kp, leaf in flat]
