@@ -49,17 +49,21 @@ def check_factors(targets: Mapping[Path, Target], lora: Lora) -> None:
 
   Raises:
     ValueError: an unexpected, missing or mis-shaped entry, or a non-float factor.
-    TypeError: a factor that is not an array (a Python list, say).
+    TypeError: ``lora`` is not a mapping, or a factor is not an array (a Python list, say).
 
   >>> import jax.numpy as jnp, lorax_jax
+  >>> from lorax_jax.lora_tree import check_factors
   >>> params = {"dense": {"kernel": jnp.zeros((8, 6))}}
   >>> targets = lorax_jax.find_targets(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))
-  >>> lorax_jax.check_factors(targets, {"dense": {"kernel": {"a": jnp.zeros((2, 8)), "b": jnp.zeros((2, 6))}}})
-  >>> lorax_jax.check_factors(targets, {"dense": {"kernel": {"a": jnp.zeros((3, 8)), "b": jnp.zeros((2, 6))}}})
+  >>> check_factors(targets, {"dense": {"kernel": {"a": jnp.zeros((2, 8)), "b": jnp.zeros((2, 6))}}})
+  >>> check_factors(targets, {"dense": {"kernel": {"a": jnp.zeros((3, 8)), "b": jnp.zeros((2, 6))}}})
   Traceback (most recent call last):
   ...
   ValueError: LoRA factor dense/kernel/a has shape (3, 8), expected (2, 8) for kernel (8, 6)
   """
+  if not isinstance(lora, Mapping):
+    raise TypeError(f"lora must be a mapping (a LoRA tree of nested dicts, as init_lora or load_adapter "
+                    f"return it), got {type(lora).__name__}")
   seen = set()
   for path, node in _lora_nodes(lora, ()):
     name = path_str(path)
@@ -94,6 +98,11 @@ def check_lora(params: Any, lora: Lora, cfg: LoraConfig) -> None:
   exactly the targets' factors (`check_factors`) and, with ``modules_to_save``, their copies
   (`check_saved`).
 
+  Args:
+    params: the params tree the adapter is for.
+    lora: the LoRA tree.
+    cfg: its config.
+
   >>> import jax, jax.numpy as jnp, lorax_jax
   >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
   >>> cfg = lorax_jax.LoraConfig(r=2, targets="dense")
@@ -107,7 +116,7 @@ def check_lora(params: Any, lora: Lora, cfg: LoraConfig) -> None:
   Raises:
     ValueError: an unexpected, missing or mis-shaped entry, a non-float factor, or a
       ``modules_to_save`` copy that does not match.
-    TypeError: a factor that is not an array (a Python list, say).
+    TypeError: ``lora`` is not a mapping, or a factor is not an array (a Python list, say).
   """
   check_factors(find_targets(params, cfg), lora)
   check_saved(params, cfg, lora)
