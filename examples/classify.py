@@ -16,7 +16,7 @@ reports test accuracy and trainable parameters for
 
 on the same split, as the tables of the LoRA paper do.
 
-    python examples/classify.py                       # lorax_jax/apps/configs/classify.yaml
+    python examples/classify.py                       # configs/classify.yaml
     python examples/classify.py --epochs 2 --lora_targets all-linear
     python examples/classify.py --methods [lora] --pooling pooler --adapter_dir /tmp/fortunes-lora
 """

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "lorax_jax")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "lorax_jax", "configs")
 QUIET = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ""}
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,14 @@ def run(*argv: str, cwd: str, env: dict | None = None) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> str:
-  """The wheel, built from a copy of the sources (so the checkout gets no build/ or egg-info)."""
+  """The wheel, built from a copy of the sources (so the checkout gets no build/ or egg-info); links
+  stay links, as in the checkout (``lorax_jax/apps/configs`` is a link to the top-level ``configs/``)."""
   src = tmp_path_factory.mktemp("src")
   for name in SOURCES:
-    copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
-    copy(os.path.join(ROOT, name), src / name)
+    if os.path.isdir(os.path.join(ROOT, name)):
+      shutil.copytree(os.path.join(ROOT, name), src / name, symlinks=True)
+    else:
+      shutil.copy(os.path.join(ROOT, name), src / name)
   dist = tmp_path_factory.mktemp("dist")
   result = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(src),
                cwd=str(src))
@@ -76,8 +79,12 @@ def test_wheel_holds_the_package_data_and_metadata(wheel):
     names = set(z.namelist())
     metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-  assert {"lorax_jax/py.typed", "lorax_jax/apps/configs/finetune.yaml", "lorax_jax/apps/configs/pydoc.yaml",
-          "lorax_jax/cli.py"} <= names
+  configs = {f"lorax_jax/apps/configs/{f}" for f in os.listdir(os.path.join(ROOT, "configs"))}
+  assert configs and {"lorax_jax/py.typed", "lorax_jax/cli.py", *configs} <= names
+  with zipfile.ZipFile(wheel) as z:  # the files themselves, from the one source, configs/
+    for name in configs:
+      with open(os.path.join(ROOT, "configs", os.path.basename(name)), "rb") as f:
+        assert z.read(name) == f.read(), name
   assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
   assert "License-Expression: Apache-2.0" in metadata and "Requires-Python: >=3.11" in metadata
   requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]

@@ -1,6 +1,6 @@
 """Settings of the applications: a typed, frozen dataclass filled from YAML files and flags.
 
-A run's settings are, in order: the packaged defaults (``lorax_jax/apps/configs/NAME.yaml``),
+A run's settings are, in order: the packaged defaults (``configs/NAME.yaml``, packaged as ``lorax_jax/apps/configs``),
 then ``--config FILE`` (a path, or the name of a packaged config such as ``pydoc``), then
 ``--key value`` flags. Every value is converted to its field's type (``int``, ``float``,
 ``str``, ``bool`` or ``tuple[str, ...]``) the same way whether it came from YAML or a flag, so
