@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-.PHONY: setup finetune test bench bench-quick bench-main
+.PHONY: setup finetune test test-all coverage bench bench-quick bench-main
 
 setup:
 	@bash scripts/setup.sh
@@ -13,10 +13,23 @@ finetune:
 	@bash scripts/setup.sh finetune
 	$(VENV)/bin/lorax-jax finetune $(ARGS)
 
+# The tiers (tests/conftest.py says which test is in which): `make test` the fast tier, every module
+# exercised, PEFT parity on tiny models included (under 10 minutes on 2 cores); `make test-all` the
+# whole suite with hypothesis' CI profile and the slowest tests listed (CI runs it: .ci/run).
 # pytest exits 5 when it collected no tests: a broken checkout, not a pass.
+PYTEST = $(PY) -m pytest -q -p no:cacheprovider
+NO_TESTS = if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests (is tests/ there?)" >&2; fi; exit $$rc
+
 test: setup
-	@$(PY) -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (is tests/ there?)" >&2; fi; exit $$rc
+	@$(PYTEST) -m "not slow" $(ARGS); rc=$$?; $(NO_TESTS)
+
+test-all: setup
+	@HYPOTHESIS_PROFILE=ci $(PYTEST) --durations=25 $(ARGS); rc=$$?; $(NO_TESTS)
+
+# The fast tier's line coverage of lorax_jax/ (at least 85%).
+coverage: setup
+	@$(PYTEST) -m "not slow" --cov=lorax_jax --cov-report=term:skip-covered --cov-fail-under=85 $(ARGS); rc=$$?; \
+	  $(NO_TESTS)
 
 bench: setup
 	$(PY) -m bench.run $(ARGS)

@@ -1,4 +1,13 @@
-"""Fixtures shared by the test modules: SmolLM2, and a tiny random Llama checkpoint directory."""
+"""Fixtures shared by the test modules (SmolLM2, a tiny random Llama checkpoint directory), the
+test tiers and hypothesis' profiles.
+
+Tiers: `make test` runs every test not marked ``slow`` (the fast tier: every module exercised,
+PEFT parity on tiny models included, under 10 minutes on 2 cores); `make test-all` and CI run all.
+`SLOW` lists the slow tier in one place, each entry with its measured time.
+
+Hypothesis: the ``fast`` profile (few examples) by default, ``ci`` (more) under ``make test-all``
+(``HYPOTHESIS_PROFILE=ci``); both derandomized, so a run is repeatable.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +18,34 @@ import os
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import HealthCheck, settings
 
 from lorax_jax.models import gguf
 from lorax_jax.models.llama import Llama, LlamaConfig, save_llama
+
+settings.register_profile("fast", max_examples=12, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+settings.register_profile("ci", settings.get_profile("fast"), max_examples=60)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# The slow tier: node id prefixes (a file, or a file::test) and why. Everything else is fast.
+SLOW: dict[str, str] = {
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+  """Mark the tests of `SLOW` ``slow`` (what ``-m "not slow"``, `make test`, leaves out); when
+  the whole suite is collected, an entry that names no test is an error (a renamed test)."""
+  unused = set(SLOW)
+  for item in items:
+    for prefix in SLOW:
+      if item.nodeid == prefix or item.nodeid.startswith(prefix + "::") or item.nodeid.startswith(prefix + "["):
+        item.add_marker(pytest.mark.slow)
+        unused.discard(prefix)
+  if unused and not config.option.keyword and config.args in ([], ["tests"]):
+    raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {sorted(unused)}")
+
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -14,7 +14,8 @@ formed by hand (`zoo_frameworks.delta`). Checked per example:
   ``max(|x|, |out|) · max(1, r / min(dim))`` or than the kernel or a factor (when the kernel is
   concatenated with itself, ``r`` doubled and the factors 4×: block factors, one block-diagonal).
 
-CI runs ``max_examples=60`` examples, derandomized (the same ones on every run).
+Examples: hypothesis' profile (tests/conftest.py): 12 in `make test`, 60 in CI, derandomized (the
+same ones on every run).
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
 
 import lorax_jax as lj
 import zoo_frameworks as zf
 
-MAX_EXAMPLES = 60
 R_MAX = 3
 
 
@@ -172,8 +172,6 @@ def _sizes(jaxpr: jex.core.Jaxpr) -> list[int]:
   return out
 
 
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(use=uses(), seed=st.integers(0, 2**16))
 def test_random_dot_general_uses(use: Use, seed: int):
   keys = jax.random.split(jax.random.key(seed), 4)
