@@ -28,8 +28,113 @@ settings.register_profile("fast", max_examples=12, deadline=None, derandomize=Tr
 settings.register_profile("ci", settings.get_profile("fast"), max_examples=60)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
-# The slow tier: node id prefixes (a file, or a file::test) and why. Everything else is fast.
+# The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
+# time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_packaging.py":
+        "builds the wheel and installs it into fresh venvs (minutes)",
+    "tests/test_bench.py::test_gpu_script_dry_run_on_the_cpu":
+        "bench/gpu.sh end to end at tiny sizes, with PEFT and Qwix (minutes)",
+    "tests/test_bench.py::test_passes_attribute_every_byte_and_name_the_small_rank_dots":
+        "two compiled GPT steps analysed pass by pass",
+    "tests/test_examples.py":
+        "the example scripts end to end: a fine-tune, then generation three ways",
+    "tests/test_sharding.py::test_eight_host_devices_in_a_subprocess":
+        "every layout on 8 host devices, in a subprocess (minutes)",
+    "tests/test_readme.py::test_quickstart_agrees_three_ways":
+        "trains SmolLM2 (135M)",
+    "tests/test_llama_torch.py::test_smollm2_logits_match_torch":
+        "SmolLM2 (135M) in torch and JAX",
+    "tests/test_llama_torch.py::test_smollm2_greedy_generation_matches_torch":
+        "SmolLM2 (135M) in torch and JAX",
+    "tests/test_llama_torch.py::test_smollm2_weights_and_tokenizer_match_transformers_gguf_loader":
+        "SmolLM2 (135M) through transformers' GGUF loader",
+    "tests/test_engine_cost.py::test_smollm2_tied_embedding_at_all_uses":
+        "compiles SmolLM2's train step",
+    "tests/test_gguf.py::test_quantized_smollm2_logits_through_the_engine":
+        "SmolLM2 (135M), quantized",
+    "tests/test_gguf.py::test_conversion_cache_is_written_whole":
+        "converts SmolLM2's GGUF again",
+    "tests/test_gguf.py::test_reader_agrees_with_the_gguf_package":
+        "the gguf package's reader on SmolLM2 (5-8 s alone)",
+    "tests/test_gguf.py::test_smollm2_answers_coherently":
+        "generates with SmolLM2",
+    "tests/test_gguf.py::test_quantized_load_keeps_the_files_q4_1_blocks":
+        "SmolLM2's blocks, all of them",
+    "tests/test_finetune.py::test_work_saving_options_train_the_same":
+        "the main job four ways",
+    "tests/test_finetune.py::test_training_lowers_held_out_loss_and_writes_outputs":
+        "the main job end to end",
+    "tests/test_finetune.py::test_base_changing_init_and_loraplus_runs_save_an_adapter_for_the_original_base":
+        "the main job twice",
+    "tests/test_finetune.py::test_evaluation_has_no_dropout_and_no_warning":
+        "the main job end to end",
+    "tests/test_llama_speed.py::test_scanned_layers_equal_the_unrolled_model":
+        "scanned and unrolled Llama steps compiled",
+    "tests/test_llama_speed.py::test_options_equal_the_plain_loss_and_lora_grads":
+        "the work-saving options' steps compiled",
+    "tests/test_llama_speed.py::test_remat_gives_the_same_loss_and_grads":
+        "remat steps compiled",
+    "tests/test_llama_speed.py::test_broken_preconditions_give_nan_loss_and_grads":
+        "several Llama steps compiled",
+    "tests/test_llama_speed.py::test_stack_layers_round_trips_and_lays_out_layer_i_at_slice_i":
+        "several Llama steps compiled",
+    "tests/test_llama_speed.py::test_after_prefix_is_the_hidden_state_of_each_whole_row":
+        "four layouts, row by row",
+    "tests/test_llama_speed.py::test_scanned_quantized_or_dora_equals_the_unrolled_model":
+        "scanned and unrolled steps compiled",
+    "tests/test_hostile_io.py::test_two_writers_and_a_reader":
+        "concurrent processes for seconds",
+    "tests/test_hostile_io.py::test_a_save_between_any_two_steps_of_a_load":
+        "a save at every step of a load",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[mha_transformer]":
+        "zoo model; the fast tier keeps [mlp]",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[fused_qkv_attention]":
+        "zoo model",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[scan_remat_transformer]":
+        "zoo model",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[einsum_attention]":
+        "zoo model",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[cnn]":
+        "zoo model",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[torch_style_mlp]":
+        "zoo model",
+    "tests/test_dora.py::test_factored_dora_equals_hand_merged_weight[mup_scaled]":
+        "zoo model",
+    "tests/test_dora.py::test_dora_train_step_flops_near_lora":
+        "compiles DoRA and LoRA train steps",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[plain_moe_ragged_dot]":
+        "zoo model; the fast tier keeps most cases",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[haiku_transform]":
+        "zoo model (Haiku stays fast elsewhere)",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[equinox_model]":
+        "zoo model (Equinox stays fast elsewhere)",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[linen_dense_general_einsum]":
+        "zoo model",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[linen_scan]":
+        "zoo model",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[plain_fused_qkv_split]":
+        "zoo model",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[linen_conv_stride_dilation]":
+        "zoo model",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[linen_optimized_lstm]":
+        "zoo model",
+    "tests/test_inits.py::test_pissa_olora_init_equals_peft":
+        "SVD/QR inits against PEFT on every layout",
+    "tests/test_inits.py::test_trained_here_saved_converted_runs_in_peft":
+        "trains, converts, runs PEFT",
+    "tests/test_classify.py::test_lora_step_trains_only_lora_and_head":
+        "MiniLM train steps",
+    "tests/test_layers.py::test_stacked_unselected_slices_stay_zero_through_training":
+        "trains a scanned stack",
+    "tests/test_cli.py::test_generate_with_an_adapter_is_the_library_call":
+        "the CLI's generate in a subprocess",
+    "tests/test_generate.py::test_decode_step_compiles_once_per_batch_and_cache_length":
+        "compiles decode steps per shape",
+    "tests/test_bert.py::test_minilm_sentence_embedding_matches_torch":
+        "MiniLM in torch and JAX",
+    "tests/test_peft.py::test_llama_adapter_trained_here_runs_in_peft":
+        "trains a Llama, then runs PEFT",
 }
 
 
