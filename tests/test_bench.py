@@ -12,7 +12,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 def test_gpu_script_dry_run_on_the_cpu(tmp_path):
   """``bench/gpu.sh --dry-run``: the GPU machine's script, on the CPU at tiny sizes, so it cannot rot
   before a GPU is lent. Its main-job rows agree with PEFT's loss and its suite case with itself."""
@@ -47,7 +46,6 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
   assert "Qwix, dropout 0.05" in rows
 
 
-@pytest.mark.slow
 def test_passes_attribute_every_byte_and_name_the_small_rank_dots():
   """`bench.passes` on a tiny GPT: the bytes charged to passes add up to XLA's bytes accessed for
   both steps, and the small-rank dots it finds carry exactly the FLOPs of the six adapter dots
@@ -64,7 +62,7 @@ def test_passes_attribute_every_byte_and_name_the_small_rank_dots():
     assert abs(attributed - r["bytes"]) <= passes.TOLERANCE * r["bytes"], name
   s, _ = setup(case)
   n, rank = case.batch * case.seq, case.r
-  kernels = [lorax_jax.targets.get_path(s.params, t.path).shape for t in lorax_jax.find_targets(s.params, s.cfg).values()]
+  kernels = [lorax_jax.paths.get_path(s.params, t.path).shape for t in lorax_jax.find_targets(s.params, s.cfg).values()]
   fan_in, fan_out = sum(k[0] for k in kernels), sum(k[1] for k in kernels)
   by_pass = lambda name, kind: {k: p for k, p in result[name]["passes"].items() if k[0] == kind}
   mflop = lambda name, kind: sum(p.mflop for p in by_pass(name, kind).values())

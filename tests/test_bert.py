@@ -104,7 +104,6 @@ def test_unsupported_config_is_named(tmp_path):
     load_bert(str(tmp_path / "m"))
 
 
-@pytest.mark.slow
 def test_minilm_sentence_embedding_matches_torch():
   """all-MiniLM-L6-v2 from its package: mean-pooled, normalised embeddings as in torch."""
   pytest.importorskip("tokenizers")

@@ -131,7 +131,7 @@ def test_query_key_value_switches():
   raw = {"attn": {"q": {"kernel": np.zeros((4, 4))}, "k": {"kernel": np.zeros((4, 4))}},
          "mlp": {"q": {"kernel": np.zeros((4, 4))}}}
   found = lj.find_targets(raw, lj.LoraConfig(target_value=False))
-  assert sorted(lj.targets.path_str(p) for p in found) == ["attn/k/kernel", "attn/q/kernel"]
+  assert sorted(lj.paths.path_str(p) for p in found) == ["attn/k/kernel", "attn/q/kernel"]
 
 
 def test_peft_style_targets_exclude_and_patterns():

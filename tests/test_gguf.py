@@ -158,7 +158,6 @@ def test_chat_template_is_chatml(smollm2):
   assert tok.chat("Hi there") == tok.encode(expected)
 
 
-@pytest.mark.slow
 def test_smollm2_answers_coherently(smollm2):
   """A wrong q/k permutation, norm or RoPE garbles the text; the real model knows this."""
   _, model, params, tok = smollm2
@@ -170,7 +169,6 @@ def test_smollm2_answers_coherently(smollm2):
   assert out[0][-1] == tok.eos_id
 
 
-@pytest.mark.slow
 def test_conversion_cache_is_written_whole(smollm2, tmp_path):
   path = G.smollm2_path()
   config, _, params, tok = G.load_gguf(path, cache=str(tmp_path))

@@ -139,7 +139,6 @@ else:
 """
 
 
-@pytest.mark.slow
 def test_two_writers_and_a_reader(tmp_path):
   """Before: two savers mixed the pair in a few percent of rounds, and a reader got a mismatched
   alpha and factors in about one load in ten. Writers save until the reader has loaded 200 times."""

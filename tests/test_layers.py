@@ -130,7 +130,7 @@ def test_stacked_unselected_slices_stay_zero_through_training(scanned):
   lora, state, _ = step(lora, state)
   for t in targets.values():
     for side in ("a", "b"):
-      g, x = (np.asarray(lorax_jax.targets.get_path(tree, t.path)[side]) for tree in (grads, lora))
+      g, x = (np.asarray(lorax_jax.paths.get_path(tree, t.path)[side]) for tree in (grads, lora))
       assert not g[[0, 2]].any() and not x[[0, 2]].any(), (t.name, side)  # exactly zero
       assert x[1].any() and x[3].any(), (t.name, side)
   got = apply(params, lora, ids)
@@ -276,7 +276,7 @@ def test_scanned_llama_loads_a_peft_layers_adapter(tmp_path, llama_dir, scanned_
   assert {t.name for t in targets.values()} == {f"params/model/layers/{m}/kernel" for m in
                                                 ("self_attn/q_proj", "self_attn/v_proj", "mlp/down_proj")}
   for t in targets.values():
-    node = lorax_jax.targets.get_path(lora, t.path)
+    node = lorax_jax.paths.get_path(lora, t.path)
     assert t.axes == "sio" and not np.asarray(node["a"][0]).any() and np.asarray(node["b"][1]).any()
   got = lora_transform(apply, params, cfg)(params, lora, jnp.asarray(LLAMA_TOKENS))
   assert max_diff(got, torch_logits(model, LLAMA_TOKENS)) < TOL

@@ -64,7 +64,6 @@ def smollm2(smollm2):
   return config, model, params, tok, torch_llama(config, params)
 
 
-@pytest.mark.slow
 def test_smollm2_logits_match_torch(smollm2):
   config, model, params, tok, reference = smollm2
   tokens = np.asarray([tok.chat("Give me three tips for staying healthy.")])
@@ -74,7 +73,6 @@ def test_smollm2_logits_match_torch(smollm2):
   assert got[0, -1].argmax() == expected[0, -1].argmax()
 
 
-@pytest.mark.slow
 def test_smollm2_greedy_generation_matches_torch(smollm2):
   _, model, params, tok, reference = smollm2
   prompts = [tok.chat("Write a haiku about the sea."), tok.chat("Name a fruit.")]
@@ -86,7 +84,6 @@ def test_smollm2_greedy_generation_matches_torch(smollm2):
     assert got == out[0, len(prompt):].tolist()
 
 
-@pytest.mark.slow
 def test_smollm2_weights_and_tokenizer_match_transformers_gguf_loader(smollm2):
   """transformers dequantizes and un-permutes the same GGUF file by its own code."""
   _, _, params, tok, _ = smollm2

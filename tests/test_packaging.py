@@ -17,7 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "lorax_jax", "configs")
 QUIET = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ""}
 
-pytestmark = pytest.mark.slow
 
 USE = """
 import os, sys

@@ -218,7 +218,6 @@ def test_llama_peft_adapter_runs_here(tmp_path, llama_dir, peft_kwargs, use_rslo
   assert max_diff(want, torch_logits(torch_llama(llama_dir), LLAMA_TOKENS)) > 1e-2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_llama_adapter_trained_here_runs_in_peft(tmp_path, llama_dir, use_rslora):
   _, flax_model, params = load_llama(llama_dir)

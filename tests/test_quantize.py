@@ -204,7 +204,7 @@ def test_default_selection_skips_embeddings_norms_and_integers():
   qp = Q.quantize(params, "int8", block_size=None)
   quantized = {jax.tree_util.keystr(p, simple=True, separator="/").removesuffix("/data")
                for p, x in jax.tree_util.tree_flatten_with_path(qp)[0] if getattr(p[-1], "name", None) == "data"}
-  want = {"/".join(path) for path, x in lj.targets.leaves_with_paths(case.params)
+  want = {"/".join(path) for path, x in lj.qarray.leaves_with_paths(case.params)
           if x.ndim >= 2 and "embed" not in "/".join(path)}
   assert quantized == want and any("attn/query" in name for name in want)
   assert not Q.is_quantized(qp["params"]["embed"]["embedding"])
@@ -365,11 +365,11 @@ def test_merge_and_adapters_on_a_quantized_base(tmp_path):
     np.testing.assert_array_equal(a, b)
   again = lj.merge(qparams, lora, cfg, requantize=True)
   path = ("params", "model", "layers_0", "self_attn", "q_proj", "kernel")
-  q = lj.targets.get_path(again, path)
+  q = lj.paths.get_path(again, path)
   assert Q.is_quantized(q) and (q.fmt, q.block_size, q.axis) == ("nf4", 64, 0)
-  want = Q.quantize({"w": lj.targets.get_path(merged, path)}, "nf4")["w"]
+  want = Q.quantize({"w": lj.paths.get_path(merged, path)}, "nf4")["w"]
   np.testing.assert_array_equal(q.data, want.data)
-  assert lj.targets.get_path(again, path[:-2] + ("k_proj", "kernel")) is lj.targets.get_path(qparams, path[:-2] + ("k_proj", "kernel"))
+  assert lj.paths.get_path(again, path[:-2] + ("k_proj", "kernel")) is lj.paths.get_path(qparams, path[:-2] + ("k_proj", "kernel"))
   lj.save_adapter(str(tmp_path / "q"), lora, cfg, qparams, LLAMA_PATH_MAP)
   lj.save_adapter(str(tmp_path / "f"), lora, cfg, deq, LLAMA_PATH_MAP)
   for name in ("adapter_model.safetensors", "adapter_config.json"):

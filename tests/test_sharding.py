@@ -87,7 +87,6 @@ def test_docstring_example():
   assert doctest.testmod(S).failed == 0
 
 
-@pytest.mark.slow
 def test_eight_host_devices_in_a_subprocess():
   if EIGHT:
     pytest.skip("already on 8 devices: the test_mesh_* tests run here")
