@@ -41,7 +41,7 @@ SLOW: dict[str, str] = {
         "the example scripts end to end: a fine-tune, then generation three ways",
     "tests/test_sharding.py::test_eight_host_devices_in_a_subprocess":
         "every layout on 8 host devices, in a subprocess (minutes)",
-    "tests/test_readme.py::test_quickstart_agrees_three_ways":
+    "tests/test_docs.py::test_quickstart_agrees_three_ways":
         "trains SmolLM2 (135M)",
     "tests/test_llama_torch.py::test_smollm2_logits_match_torch":
         "SmolLM2 (135M) in torch and JAX",
