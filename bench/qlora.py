@@ -3,7 +3,7 @@
     python -m bench.qlora [--no-time] [--no-qwix] [--remat both|off|on]
 
 Each base is one params tree; the quantized ones hold `QArray` leaves (``int8`` per output
-channel and ``nf4`` blocks of 64 from `lorax_jax.quantize.quantize` of the float32 load; ``gguf``
+channel and ``nf4`` blocks of 64 from `lorax_jax.quantize` of the float32 load; ``gguf``
 the file's own Q4_1 projection and Q8_0 embedding blocks) and go through
 ``lora_transform(model.apply, params, cfg)`` as they are: each quantized kernel is dequantized at
 its use, again in the backward pass. The step is the main job's (``lorax-jax finetune``

@@ -93,7 +93,7 @@ class QArray:
   ``tree_map`` (use `is_quantized` as ``is_leaf`` to treat it as one leaf).
 
   >>> import jax.numpy as jnp, lorax_jax
-  >>> from lorax_jax.quantize import quantize
+  >>> from lorax_jax import quantize
   >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
   >>> q = params["dense"]["kernel"]
   >>> q
@@ -199,7 +199,7 @@ def is_quantized(x: Any) -> bool:
     ``True`` for a `QArray`, else ``False``.
 
   >>> import jax.numpy as jnp, lorax_jax
-  >>> from lorax_jax.quantize import quantize
+  >>> from lorax_jax import quantize
   >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
   >>> lorax_jax.is_quantized(params["dense"]["kernel"]), lorax_jax.is_quantized(jnp.zeros(3))
   (True, False)
@@ -222,7 +222,7 @@ def dequantize(tree: Any) -> Any:
     A tree of the same structure with float arrays in the `QArray`\\ s' logical shape and dtype.
 
   >>> import jax.numpy as jnp, lorax_jax
-  >>> from lorax_jax.quantize import quantize
+  >>> from lorax_jax import quantize
   >>> params = quantize({"dense": {"kernel": jnp.arange(12.0).reshape(4, 3) / 10}}, "int8", block_size=None)
   >>> kernel = lorax_jax.dequantize(params)["dense"]["kernel"]
   >>> kernel.shape, kernel.dtype, bool(jnp.allclose(kernel, jnp.arange(12.0).reshape(4, 3) / 10, atol=0.01))

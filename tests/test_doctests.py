@@ -18,7 +18,7 @@ import lorax_jax
 PUBLIC_MODULES = [
     "lorax_jax.adapters", "lorax_jax.combine", "lorax_jax.config", "lorax_jax.init", "lorax_jax.io.kohya",
     "lorax_jax.io.peft", "lorax_jax.merge", "lorax_jax.optim", "lorax_jax.params", "lorax_jax.pathmap",
-    "lorax_jax.quantize", "lorax_jax.sharding", "lorax_jax.targets",
+    "lorax_jax.lora_tree", "lorax_jax.qarray", "lorax_jax.sharding", "lorax_jax.targets",
 ]
 # Defined elsewhere (lorax_jax.transform): documented by their own owners.
 EXEMPT = {"lora_transform", "axes_from_use"}

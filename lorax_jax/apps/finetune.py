@@ -151,7 +151,7 @@ def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tup
 
   ``quantize``: ``"none"`` (float params), ``"gguf"`` (the GGUF file's quantized blocks kept as
   stored: `lorax_jax.models.gguf.load_gguf` with ``quantized=True``), ``"nf4"`` (blocks of 64) or
-  ``"int8"`` (per output channel): `lorax_jax.quantize.quantize` of the projection kernels.
+  ``"int8"`` (per output channel): `lorax_jax.quantize` of the projection kernels.
   """
   from lorax_jax.models import gguf
 
