@@ -44,11 +44,11 @@ def hash_masks() -> Iterator[None]:
   def bernoulli(key: jax.Array, p: float, shape: tuple[int, ...]) -> jax.Array:
     return keep_mask(key, shape, 1.0 - p)
 
-  transform.jax.random.bernoulli = bernoulli
+  jax.random.bernoulli = bernoulli
   try:
     yield
   finally:
-    transform.jax.random.bernoulli = draw
+    jax.random.bernoulli = draw
 
 
 def train_step(engine: Any, model: Any, params: Any, cfg: lorax_jax.LoraConfig) -> Callable[..., Any]:
