@@ -274,7 +274,7 @@ def _step_memory(loss, lora, qparams, ids):
   return stats.temp_size_in_bytes
 
 
-# --- the engine taking QArrays (QLoRA, lorax_jax/transform.py) ---------------------------
+# --- the engine taking QArrays (QLoRA, lorax_jax/transform/quantized.py) -----------------
 
 
 @pytest.mark.parametrize("case", QLORA_CASES, ids=[c.name for c in QLORA_CASES])
@@ -291,7 +291,7 @@ def test_engine_qlora_equals_merged_dequantized(case):
 
 def test_engine_step_keeps_no_float_copy_of_the_kernels():
   """The compiled QLoRA step holds the float step's temporaries plus a few kernels in float, not
-  all of them: dropping the dequantization's ordering (`transform._after`) fails this."""
+  all of them: dropping the dequantization's ordering (`transform.quantized._after`) fails this."""
   model, params, ids = tiny_llama()
   qparams = Q.quantize(params, "nf4")
   float_bytes = sum(x.size * 4 for x in jax.tree.leaves(qparams, is_leaf=Q.is_quantized) if Q.is_quantized(x))
@@ -327,10 +327,10 @@ def gguf_llama(config: LlamaConfig, seed: int = 0):
 def test_engine_quantized_embedding_lookup_and_tied_head(chunk_bytes, monkeypatch):
   """A Q8_0 embedding: its lookup gathers the rows' blocks (targeted too: LoRA on the lookup and
   the tied head ``h @ Eᵀ`` dequantized at its use), equal to the merged dequantized model. With
-  ``chunk_bytes`` (a table over ``transform._CHUNK_BYTES`` in float) the head runs as a map over
-  chunks of the table's rows (`transform._chunked_dot`): the same outputs and gradients."""
+  ``chunk_bytes`` (a table over ``transform.quantized._CHUNK_BYTES`` in float) the head runs as a map over
+  chunks of the table's rows (`transform.quantized._chunked_dot`): the same outputs and gradients."""
   if chunk_bytes is not None:
-    monkeypatch.setattr(lj.transform, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(lj.transform.quantized, "_CHUNK_BYTES", chunk_bytes)
   config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
   model, qparams, ids = gguf_llama(config)
@@ -407,7 +407,7 @@ def test_main_job_step_memory_on_a_gguf_base():
   the float step's temporaries are 0.27x its arguments (full size: 0.19x, so the argument share, and
   with it the saving, is larger there): argument bytes <= 0.25x (measured 0.187x), temporaries at
   most the float step's plus a quarter of the kernels in float (measured 17.6 MB against 17.5 MB; no
-  float copy of the kernels, the tied head's table in chunks, `transform._chunked_dot`), argument +
+  float copy of the kernels, the tied head's table in chunks, `transform.quantized._chunked_dot`), argument +
   temporaries <= 0.45x (measured 0.361x; full size 0.327x, BENCHMARKS.md from ``python -m bench.qlora``).
   At 2 layers the temporaries are 0.46x the arguments, harder than full size: 0.453x."""
   from bench.main import chat_batch

@@ -1,0 +1,80 @@
+"""`lora_transform`: the factored LoRA engine, a small package around one rule registry.
+
+``lora_transform(apply_fn, params, cfg)`` returns ``lora_apply(params, lora, *args, rng=None,
+**kwargs)``, which computes ``apply_fn(params, *args, **kwargs)`` as if every targeted
+kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
+
+1. Trace ``apply_fn`` to a jaxpr, inside a ``jax.jit`` cached per argument structure
+   (Python scalars among the arguments are static).
+2. Evaluate the jaxpr equation by equation. A targeted kernel enters as a `LoraKernel`:
+   the frozen ``w`` with its factors ``a``, ``b`` and a record of which of the kernel's
+   current axes belong to ``a`` (input), to ``b`` (output) or to both (stacked layers, experts);
+   the layout is the target's ``kernel_axes`` (`axes_from_use` reads it off the uses).
+   The jaxpr's inputs are the array leaves only; call-time params must have the tree, shapes and
+   dtypes the transform was built for.
+3. Followed on the factors (lazily where possible): float casts of >= 16 bits (any other cast is
+   merged for that use), transposes, reshapes, ``slice``/``dynamic_slice``, ``split`` (a fused
+   QKV or gate-up kernel: each piece carries its slice of the factor owning the split axis),
+   ``concatenate`` of kernels (``nn.OptimizedLSTMCell``: one kernel with factors block-diagonal
+   over the summed rank), ``neg`` (the scale negated), ``mul``/``div`` by a scalar or an array
+   varying along one side's axes (muP, per-channel gains: that side's factor scaled, as
+   `merge` would).
+4. Where the kernel is consumed, the low-rank branch is added, in the factors' dtype by default
+   (``LoraConfig.branch_dtype``), honouring the use's ``precision``, ``preferred_element_type``
+   and ``out_sharding``:
+   ``dot_general(x, W) + s · (dropout(x) · F) · G`` where ``F`` is the factor owning the kernel
+   axes ``x`` contracts (``a`` for ``x @ W``, ``b`` for a tied LM head ``h @ E.T`` or ``x @ W.T``
+   with ``W`` stored ``[out, in]``), so no intermediate is larger than ``x``'s free axes times
+   ``r``; a dot contracting axes of both factors is merged for that use. ``ragged_dot`` with an
+   expert stack ``[E, in, out]``: two ragged dots with the same group sizes. For
+   ``conv_general_dilated`` ``A`` is a conv with the layer's window into ``r`` channels and
+   ``B`` a 1×1 conv; for an embedding ``gather`` the rows of the factor owning the indexed
+   axes are gathered, then multiplied by the other. A target limited by
+   ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
+   DoRA (``LoraConfig.use_dora``) is a per-output scale on the same uses: ``g ⊙ (x·W + branch)``
+   with ``g = m / ‖W + s · A ⊗ B‖`` computed once per call from ``A·W`` and ``A·Aᵀ``
+   (`dora.dora_scale`); a use contracting the output axes (a tied head), a ``ragged_dot``, an
+   ``[out, in]`` embedding lookup or a concatenation is merged for that use.
+5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
+   kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
+   ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
+6. A kernel that reaches any other operation is merged for that use only
+   (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
+7. A quantized kernel (a `lorax_jax.quantize.QArray` leaf, targeted or not) is traced as its
+   float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
+   reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
+   custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
+   residual (QLoRA: ``y = x·deq(Q) + s·(x·A)·B``). An embedding lookup of a table blocked along
+   its features gathers the rows' blocks and dequantizes only those (and a product with a
+   table over 4 MiB in float along its rows, the tied head, runs over chunks of its rows); scan slices the stored
+   blocks of a stacked kernel.
+
+The compiled programs are cached per argument structure and the type and value of each static
+(non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
+
+Dropout is applied to the branch input ``x`` with a key folded from ``rng``, the
+target's index, its use and, inside loops, the iteration (with ``shared_dropout``: one key per
+distinct input tensor, shared by the targets reading it). ``rng=None`` uses
+``jax.random.key(cfg.dropout_seed)`` when ``cfg.dropout_seed`` is set, else no dropout (with a
+one-time warning when ``cfg.dropout > 0``). Under ``jax.vmap`` a key shared by the batch gives
+every example the same mask; to draw one mask per example, vmap over per-example keys
+(``jax.vmap(lambda x, k: apply(params, lora, x, rng=k))(xs, jax.random.split(key, n))``).
+
+`axes_from_use` traces a model abstractly and fills ``kernel_axes`` from each target's uses.
+The package: `registry` holds the one table of rules, keyed by primitive (`Rule`: what the
+evaluator, the quantized kernels' binding and the axes walk do with it), each rule registered
+beside its definition with `registry.rule`; `core` is the evaluator and the axes walk, both driven
+by it, re-emitting each equation in its source context (the model's scope names stay in the
+compiled program); the rules by concern: `layout` (3.), `contract` (4.), `control` (5.), `dora`,
+`quantized` (7.); `kernels` the values in flight; `apply` `lora_transform`; `axes` `axes_from_use`.
+"""
+
+# The rule modules register their rules on import.
+from lorax_jax.transform import contract, control, layout, quantized  # noqa: F401
+from lorax_jax.transform.apply import CACHE_SIZE, LoraApply, lora_transform
+from lorax_jax.transform.axes import axes_from_use
+from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel
+from lorax_jax.transform.registry import RULES, Rule, overridden, register, rule
+
+__all__ = ["CACHE_SIZE", "RULES", "LoraApply", "LoraKernel", "QuantizedKernel", "Rule", "axes_from_use",
+           "lora_transform", "overridden", "register", "rule"]

@@ -1,0 +1,173 @@
+"""`lora_transform` and the function it returns, `LoraApply`: the model traced to a jaxpr per
+argument structure, its targeted kernels entered as `LoraKernel`s, evaluated by `core.evaluate`."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lorax_jax.config import LoraConfig
+from lorax_jax.dropout import check_key
+from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, check_saved
+from lorax_jax.merge import merge
+from lorax_jax.paths import get_path, path_str
+from lorax_jax.qarray import is_quantized, leaves_with_paths
+from lorax_jax.targets import Target, find_targets, saved_leaves
+from lorax_jax.transform.core import Context, as_array, evaluate
+from lorax_jax.transform.dora import dora_scale
+from lorax_jax.transform.kernels import Label, LoraKernel, QuantizedKernel
+
+CACHE_SIZE = 32  # compiled programs kept per `LoraApply` (least recently used evicted)
+
+
+class LoraApply:
+  """``lora_apply(params, lora, *args, rng=None, **kwargs)``; see `lora_transform`."""
+
+  def __init__(self, apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, strict: bool):
+    self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
+    self.targets = find_targets(params, cfg)
+    self.saved = list(saved_leaves(params, cfg))
+    self.fallbacks: set[tuple[str, str]] = set()
+    self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
+    self._treedef = jax.tree_util.tree_structure(params, is_leaf=is_quantized)
+    self._paths = [path for path, _ in leaves_with_paths(params)]
+    self._leaf_index = {path: self._paths.index(path) for path in [*self.targets, *self.saved]}
+    self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
+                   for path, x in leaves_with_paths(params) if path in self._leaf_index}
+    self._warned_no_key = False
+
+  def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
+               **kwargs: Any) -> Any:
+    check_factors(self.targets, lora)
+    self._check_params(params)
+    if self.saved or SAVED_KEY in lora:
+      check_saved(params, self.cfg, lora)
+    check_key(rng)
+    if rng is None and self.cfg.dropout_seed is not None:
+      rng = jax.random.key(self.cfg.dropout_seed)
+    if rng is None and self.cfg.dropout > 0 and not self._warned_no_key:
+      warnings.warn(f"lorax_jax: LoraConfig.dropout={self.cfg.dropout} but no key reaches the call "
+                    "(rng=None and no dropout_seed): running without LoRA dropout", stacklevel=2)
+      self._warned_no_key = True
+    leaves, treedef = jax.tree_util.tree_flatten((params, args, kwargs), is_leaf=is_quantized)
+    dynamic = tuple(is_array(x) for x in leaves)
+    statics = tuple(x for x, d in zip(leaves, dynamic) if not d)
+    key = (treedef, dynamic, tuple((type(x), x) for x in statics))
+    try:
+      run = self._compiled.get(key)
+    except TypeError:  # an unhashable static argument: evaluate without the cache
+      key, run = None, None
+    if run is None:
+      run = functools.partial(self._run, treedef, dynamic, statics)
+      if key is not None:
+        run = self._compiled[key] = jax.jit(run)
+        if len(self._compiled) > CACHE_SIZE:
+          self._compiled.popitem(last=False)
+    elif key is not None:
+      self._compiled.move_to_end(key)
+    return run([x for x, d in zip(leaves, dynamic) if d], lora, rng)
+
+  def _check_params(self, params: Any) -> None:
+    """Raise a ValueError naming the path if ``params`` is not the tree the transform was built for."""
+    if jax.tree_util.tree_structure(params, is_leaf=is_quantized) != self._treedef:
+      paths = [path for path, _ in leaves_with_paths(params)]
+      missing = [path_str(p) for p in self._paths if p not in paths]
+      extra = [path_str(p) for p in paths if p not in self._paths]
+      raise ValueError(
+          "lora_apply: params differ in structure from the tree given to lora_transform"
+          + (f"; missing {', '.join(missing[:5])}" if missing else "")
+          + (f"; unexpected {', '.join(extra[:5])}" if extra else "")
+          + ". Build the transform with the params you call it with")
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
+    for path, i in self._leaf_index.items():
+      got = (tuple(np.shape(leaves[i])), jnp.result_type(leaves[i]))
+      if not is_array(leaves[i]) or got != self._avals[path]:
+        raise ValueError(
+            f"lora_apply: target {path_str(path)} is {got[0]} {got[1]} (a {type(leaves[i]).__name__}), "
+            f"but lora_transform was built for {self._avals[path][0]} {self._avals[path][1]}")
+
+  def _run(self, treedef: Any, dynamic: tuple[bool, ...], statics: tuple[Any, ...],
+           dyn: list[Any], lora: Lora, rng: jax.Array | None) -> Any:
+    """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches."""
+    def fn(*dyn_leaves):
+      p, a, kw = jax.tree_util.tree_unflatten(treedef, interleave(dynamic, dyn_leaves, statics))
+      return self.apply_fn(p, *a, **kw)
+    # A quantized kernel is traced as its float array and enters as a `QuantizedKernel`.
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(*[x.aval() if is_quantized(x) else x for x in dyn])
+    # The jaxpr's inputs are the array leaves only: a target's position counts those before it.
+    dyn_index = np.cumsum(dynamic) - 1
+    invals = [QuantizedKernel.of(x) if is_quantized(x) else x for x in dyn]
+    for n, (path, t) in enumerate(self.targets.items()):
+      node = get_path(lora, path)
+      i = int(dyn_index[self._leaf_index[path]])
+      w = invals[i] if isinstance(invals[i], QuantizedKernel) else jnp.asarray(invals[i])
+      a, b = t.masked(node["a"], node["b"])
+      invals[i] = LoraKernel(w, a, b, _labels(t), n, t.scale, t.uses)
+      if t.dora:
+        invals[i] = dataclasses.replace(invals[i], g=dora_scale(invals[i], node["m"]))
+    for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
+      invals[int(dyn_index[self._leaf_index[path]])] = get_path(lora[SAVED_KEY], path)
+    ctx = Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
+                  self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
+    outs = evaluate(closed.jaxpr, closed.consts, invals, ctx)
+    outs = [as_array(x, ctx, "the output") for x in outs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
+
+
+
+def interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
+  """The flat leaves again, from the array leaves and the static (Python) ones."""
+  dyn_it, static_it = iter(dyn), iter(statics)
+  return [next(dyn_it) if d else next(static_it) for d in dynamic]
+
+
+def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *,
+                   mode: Literal["factored", "reference"] = "factored",
+                   strict: bool = False) -> Callable[..., Any]:
+  """``apply_fn`` with LoRA: ``lora_apply(params, lora, *args, rng=None, **kwargs)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. a linen ``model.apply`` or
+      ``lambda state, x: nnx.merge(graphdef, state)(x)``.
+    params: the frozen params (their structure and shapes decide the targets).
+    cfg: the `LoraConfig`.
+    mode: ``"factored"`` (the engine, never forms ``W'``) or ``"reference"``
+      (``apply_fn(merge(params, lora, cfg), ...)``; no LoRA dropout).
+    strict: raise instead of merging a kernel that reaches an unsupported operation.
+
+  Returns:
+    A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
+    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged.
+  """
+  if mode == "reference":
+    targets = find_targets(params, cfg)
+
+    def reference_apply(params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
+                        **kwargs: Any) -> Any:
+      del rng  # the merged path has no branch input to drop out
+      check_factors(targets, lora)
+      return apply_fn(merge(params, lora, cfg), *args, **kwargs)
+    return reference_apply
+  if mode != "factored":
+    raise ValueError(f"lora_transform: mode must be 'factored' or 'reference', got {mode!r}")
+  return LoraApply(apply_fn, params, cfg, strict)
+
+
+def _labels(t: Target) -> tuple[Label, ...]:
+  """The `LoraKernel` labels of a target's layout: its n-th ``s``/``i``/``o`` axis is
+  ``("s", n)`` / ``("a", n)`` / ``("b", n)``."""
+  side = {"s": "s", "i": "a", "o": "b"}
+  return tuple((side[c], t.axes[:j].count(c)) for j, c in enumerate(t.axes))
+
+
+def is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+

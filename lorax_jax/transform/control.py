@@ -1,0 +1,142 @@
+"""Control-flow rules: the kernel followed into nested ``jit`` (inlined), ``remat``/``checkpoint``,
+``scan``, ``cond`` and ``while``, which are re-emitted through ``jax.checkpoint`` and ``jax.lax``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+from jax import lax
+
+from lorax_jax.transform.core import Context, Tracked, Walk, as_array, evaluate
+from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel, on_g
+from lorax_jax.transform.quantized import slice_quantized
+from lorax_jax.transform.registry import rule
+
+
+def _jit_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
+  return walk(eqn.params["jaxpr"].jaxpr, ins)
+
+
+@rule("pjit", "jit", "closed_call", "core_call", kind="nested", walk=_jit_walk)
+def _jit_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """A nested ``jit``: evaluated inline (the outer trace compiles it as one program)."""
+  closed = eqn.params["jaxpr"]
+  return evaluate(closed.jaxpr, closed.consts, invals, ctx)
+
+
+def _remat_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
+  return walk(eqn.params["jaxpr"], ins)
+
+
+@rule("remat2", "checkpoint", kind="nested", walk=_remat_walk)
+def _remat_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """``jax.checkpoint`` re-emitted with the same policy, the factors saved like the kernel."""
+  jaxpr = eqn.params["jaxpr"]
+  body = jax.checkpoint(lambda *args: evaluate(jaxpr, (), args, ctx),
+                        prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+  return body(*invals)
+
+
+def _scan_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> None:
+  """The scanned axis of a kernel is stacked; the body sees the kernel without it."""
+  p = eqn.params
+  k = p["num_consts"] + p["num_carry"]
+  for x in ins[k:]:
+    if x is not None:
+      for j in x[1][0]:
+        walk.roles[x[0]].setdefault(j, {})["scan"] = "stack"
+  walk(p["jaxpr"].jaxpr, [x if q < k or x is None else (x[0], x[1][1:]) for q, x in enumerate(ins)])
+
+
+@rule("scan", kind="nested", walk=_scan_walk)
+def _scan_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """``lax.scan`` re-emitted; a stacked kernel is sliced with its factors, per iteration."""
+  p = eqn.params
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+  init = [as_array(x, ctx, "a scan carry") for x in init]
+  sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else slice_quantized(x)
+            if isinstance(x, QuantizedKernel) else (x, None) for x in xs]
+  closed = p["jaxpr"]
+
+  def body(carry, step):
+    i, x_leaves = step
+    xs_now = [rebuild(x) if rebuild else x for x, (_, rebuild) in zip(x_leaves, sliced)]
+    outs = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *xs_now], ctx.fold(i))
+    outs = [as_array(x, ctx, "a scan output") for x in outs]
+    return outs[:n_carry], outs[n_carry:]
+
+  steps = (jnp.arange(p["length"]), [x for x, _ in sliced])
+  carry, ys = lax.scan(body, init, steps, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+def _slice_leading(k: LoraKernel) -> tuple[dict[str, Any], Callable[[dict[str, Any]], LoraKernel]]:
+  """What scan slices for a kernel scanned over its axis 0, and how to rebuild the slice.
+
+  A stack axis slices ``w``, ``a`` and ``b``; an ``a`` (``b``) axis slices ``w`` and ``a``
+  (``b``), and the other factor is closed over.
+  """
+  side, i = k.labels[0]
+  axis = k.factor_axis((side, i))
+  w, rebuild_w = slice_quantized(k.w) if isinstance(k.w, QuantizedKernel) else (k.w, None)
+  leaves = {"w": w,
+            "a": jnp.moveaxis(k.a, axis, 0) if side in "sa" else None,
+            "b": jnp.moveaxis(k.b, axis, 0) if side in "sb" else None,
+            "g": on_g(k, lambda g: jnp.moveaxis(g, axis, 0)) if side in "sb" else None}
+  labels = tuple((s, n - 1) if s == side and n > i else (s, n) for s, n in k.labels[1:])
+
+  def rebuild(x: dict[str, Any]) -> LoraKernel:
+    return dataclasses.replace(k, w=rebuild_w(x["w"]) if rebuild_w else x["w"], labels=labels,
+                               a=k.a if x["a"] is None else x["a"],
+                               b=k.b if x["b"] is None else x["b"],
+                               g=k.g if x["g"] is None else x["g"])
+  return leaves, rebuild
+
+
+def _cond_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> None:
+  for branch in eqn.params["branches"]:
+    walk(branch.jaxpr, ins[1:])
+
+
+@rule("cond", kind="nested", walk=_cond_walk)
+def _cond_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """``lax.switch`` re-emitted; a kernel leaving a branch is merged."""
+  index, *ops = invals
+  index = as_array(index, ctx, "a cond index")
+
+  def branch(closed):
+    def run(*args):
+      outs = evaluate(closed.jaxpr, closed.consts, args, ctx)
+      return [as_array(x, ctx, "a cond output") for x in outs]
+    return run
+  return list(lax.switch(index, [branch(c) for c in eqn.params["branches"]], *ops))
+
+
+def _while_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> None:
+  walk(eqn.params["body_jaxpr"].jaxpr, ins[eqn.params["cond_nconsts"]:])
+
+
+@rule("while", kind="nested", walk=_while_walk)
+def _while_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """``lax.while_loop`` re-emitted, with an iteration counter for dropout keys."""
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+  init = [as_array(x, ctx, "a while carry") for x in init]
+  cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+
+  def cond_fn(state):
+    _, carry = state
+    return evaluate(cond.jaxpr, cond.consts, [*cond_consts, *carry], ctx)[0]
+
+  def body_fn(state):
+    i, carry = state
+    outs = evaluate(body.jaxpr, body.consts, [*body_consts, *carry], ctx.fold(i))
+    return i + 1, [as_array(x, ctx, "a while carry") for x in outs]
+  return lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), init))[1]

@@ -1,0 +1,187 @@
+"""The interpreter core: the evaluator and the axes walk, both driven by the one rule registry.
+
+`evaluate` runs a jaxpr equation by equation: an equation with a `LoraKernel` operand runs its
+primitive's `Rule.eval` (or is merged for that use, `fallback_rule`); anything else is bound again
+(`bind`), a `QuantizedKernel` operand followed or dequantized there. Each equation is re-emitted in
+its own source context (traceback and name stack), so the compiled program keeps the model's scope
+names. `Walk` follows kernels' axes through a jaxpr by the same rules' `Rule.walk`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend as jex
+# The one use of JAX's source-info machinery, as `jax.core.eval_jaxpr` uses it: `jax.extend`
+# re-exports `jax._src.source_info_util`.
+from jax.extend import source_info_util
+
+from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel, dequantized, rebind
+from lorax_jax.transform.quantized import quantized_use
+from lorax_jax.transform.registry import NO_RULE, RULES
+
+SHARED_KEY = 2**32 - 1  # folded into `rng` for `shared_dropout` keys; no target index reaches it
+
+
+@dataclasses.dataclass
+class Context:
+  """What one evaluation needs besides values: dropout key and rate, strictness, the report."""
+
+  rng: jax.Array | None
+  rate: float
+  strict: bool
+  names: tuple[str, ...]
+  fallbacks: set[tuple[str, str]]
+  branch_dtype: str = "factors"
+  shared_dropout: bool = False
+  uses: dict[int, int] = dataclasses.field(default_factory=dict)
+  inputs: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)
+  producers: dict[Any, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
+
+  def fold(self, i: jax.Array) -> Context:
+    """The context for one iteration ``i`` of a loop: its own dropout keys."""
+    rng = None if self.rng is None else jax.random.fold_in(self.rng, i)
+    return dataclasses.replace(self, rng=rng, uses={}, inputs={})
+
+  def adapts(self, k: LoraKernel, use: str) -> bool:
+    """Whether ``k`` gets its branch at a ``use`` (``"lookup"``, ``"matmul"``, ``"conv"``)."""
+    return k.uses is None or use in k.uses
+
+  def dtype(self, k: LoraKernel) -> Any:
+    """The branch's compute dtype (`LoraConfig.branch_dtype`)."""
+    return k.a.dtype if self.branch_dtype == "factors" else k.w.dtype
+
+  def dropout_key(self, x: jax.Array, k: LoraKernel) -> jax.Array | None:
+    """The dropout key of this use of ``k`` on input ``x`` (None: no dropout): ``rng`` folded
+    with the target and its use count (or, with ``shared_dropout``, the order in which this
+    input tensor first met a branch). The mask itself is `lorax_jax.dropout`'s counter hash.
+
+    Under ``jax.vmap`` over per-example keys the masks differ per example; a key shared by the
+    whole batch gives every example the same mask.
+    """
+    if self.rng is None or self.rate == 0.0:
+      return None
+    if self.shared_dropout:
+      _, n = self.inputs.setdefault(id(x), (x, len(self.inputs)))  # x kept alive: ids stay unique
+      return jax.random.fold_in(jax.random.fold_in(self.rng, SHARED_KEY), n)
+    use = self.uses.get(k.index, 0)
+    self.uses[k.index] = use + 1
+    return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
+
+  def fallback(self, k: LoraKernel, what: str) -> jax.Array:
+    """Merge ``k`` for one use by ``what``, and report it (or raise if strict)."""
+    name = self.names[k.index]
+    if self.strict:
+      raise NotImplementedError(
+          f"lora_transform(strict=True): kernel {name} reaches `{what}`, which the factored engine "
+          "does not handle; it would be merged for that use")
+    if (name, what) not in self.fallbacks:
+      warnings.warn(f"lorax_jax: kernel {name} reaches `{what}`; merged W' for that use", stacklevel=2)
+      self.fallbacks.add((name, what))
+    return k.merged()
+
+
+def evaluate(jaxpr: jex.core.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
+  """``jaxpr``'s outputs on ``args`` (arrays, `LoraKernel`s, `QuantizedKernel`s), each equation by
+  its primitive's rule in `RULES` and in its own source context."""
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.core.Literal) else env[v]
+
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    with source_context(eqn):
+      outvals = _equation(eqn, [read(v) for v in eqn.invars], ctx)
+    for v, x in zip(eqn.outvars, outvals):
+      env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _equation(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """One equation's outputs (see `Rule`)."""
+  rule = RULES.get(eqn.primitive.name, NO_RULE)
+  if any(isinstance(x, LoraKernel) for x in invals):
+    return (rule.eval or fallback_rule)(eqn, invals, ctx)
+  if rule.kind == "nested" and any(isinstance(x, QuantizedKernel) for x in invals):
+    return rule.eval(eqn, invals, ctx)
+  outvals = bind(eqn, invals)
+  if rule.observe is not None:
+    rule.observe(eqn, invals, outvals, ctx)
+  return outvals
+
+
+def source_context(eqn: jex.core.JaxprEqn) -> Any:
+  """The context in which ``eqn`` is re-emitted: its traceback, and its name stack under the
+  current one (the model's module scopes, e.g. ``attn/q_proj``: the compiled program's op
+  metadata), as `jax.core.eval_jaxpr` does. Rules run inside it, so the branch's operations carry
+  the names of the use they adapt."""
+  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+  return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
+
+
+def bind(eqn: jex.core.JaxprEqn, invals: Sequence[Any], **params: Any) -> list[Any]:
+  """``eqn``'s primitive on ``invals`` (with ``params`` overriding its own); a quantized kernel
+  among them is followed or dequantized at this use (`quantized.quantized_use`)."""
+  if any(isinstance(x, QuantizedKernel) for x in invals):
+    return quantized_use(eqn, invals, params)
+  return rebind(eqn, invals, **params)
+
+
+def as_array(x: Any, ctx: Context, what: str) -> Any:
+  """``x`` as a plain array: a `LoraKernel` merged for this use (reported as ``what``), a
+  `QuantizedKernel` dequantized, anything else as is."""
+  return ctx.fallback(x, what) if isinstance(x, LoraKernel) else dequantized(x)
+
+
+def fallback_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context, what: str | None = None) -> list[Any]:
+  """``eqn`` on the merged kernels (reported as ``what``, by default the primitive's name)."""
+  return bind(eqn, [as_array(x, ctx, what or eqn.primitive.name) for x in invals])
+
+
+# --- the axes walk ----------------------------------------------------------------------
+
+AxisMap = tuple[frozenset[int], ...]  # for each axis of a value: the target kernel's axes it spans
+Tracked = tuple[int, AxisMap]  # a value the walk follows: (target number, its AxisMap)
+
+
+class Walk:
+  """Follows `Tracked` values through jaxprs by the registry's `Rule.walk` rules, recording in
+  ``roles[target][axis]`` the role (``"stack"``, ``"input"``, ``"output"``) each use gives each
+  of a target's axes. A primitive without a walk rule ends the walk of its operands."""
+
+  def __init__(self, roles: dict[int, dict[int, dict[str, str]]]):
+    self.roles = roles
+
+  def __call__(self, jaxpr: jex.core.Jaxpr, args: Sequence[Tracked | None]) -> list[Tracked | None]:
+    """``jaxpr``'s outputs as `Tracked` values (None: not a kernel's), its inputs ``args``."""
+    env: dict[Any, Any] = dict(zip(jaxpr.invars, args))
+    read = lambda v: None if isinstance(v, jex.core.Literal) else env.get(v)
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      rule = RULES.get(eqn.primitive.name, NO_RULE)
+      if rule.walk is None or all(x is None for x in ins):
+        continue
+      for v, x in zip(eqn.outvars, rule.walk(eqn, ins, self) or ()):
+        env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+  def note(self, x: Tracked, role_of: Callable[[int], str | None], use: str) -> None:
+    """Record, for each axis ``q`` of the value ``x``, the role ``role_of(q)`` at ``use``."""
+    n, axes = x
+    for pos, originals in enumerate(axes):
+      role = role_of(pos)
+      for j in originals if role else ():
+        self.roles[n].setdefault(j, {})[f"{use} #{len(self.roles[n].get(j, {}))}"] = role
+
+
+def first_tracked(ins: Sequence[Tracked | None]) -> tuple[int, Tracked]:
+  """The position and value of the first tracked operand."""
+  return next((i, x) for i, x in enumerate(ins) if x is not None)
