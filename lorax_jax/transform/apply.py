@@ -134,6 +134,23 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
                    strict: bool = False) -> Callable[..., Any]:
   """``apply_fn`` with LoRA: ``lora_apply(params, lora, *args, rng=None, **kwargs)``.
 
+  Each targeted kernel ``W`` is used as ``W' = W + s · A ⊗ B`` without forming ``W'``: where the
+  model computes ``x @ W`` the engine computes ``x @ W + s · (dropout(x) @ A) @ B``.
+
+  >>> import jax, jax.numpy as jnp, numpy as np, lorax_jax
+  >>> def model(p, x):
+  ...   return jnp.tanh(x @ p["value"]["kernel"])
+  >>> params = {"value": {"kernel": jax.random.normal(jax.random.key(0), (4, 3))}}
+  >>> x = jnp.ones((2, 4))
+  >>> cfg = lorax_jax.LoraConfig(r=2, alpha=4, targets=["value"])
+  >>> lora = jax.tree.map(lambda f: f + 0.1, lorax_jax.init_lora(params, cfg, jax.random.key(1)))
+  >>> apply = lorax_jax.lora_transform(model, params, cfg)
+  >>> y = apply(params, lora, x)
+  >>> bool(np.allclose(y, model(lorax_jax.merge(params, lora, cfg), x), atol=1e-5))
+  True
+  >>> apply.fallbacks  # nothing had to be merged
+  set()
+
   Args:
     apply_fn: ``apply_fn(params, *args, **kwargs)``, e.g. a linen ``model.apply`` or
       ``lambda state, x: nnx.merge(graphdef, state)(x)``.
@@ -146,6 +163,11 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
   Returns:
     A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
     whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged.
+
+  Raises:
+    ValueError: from `find_targets` (a target that matches nothing, a bad rank); ``mode`` unknown.
+      At call time: a LoRA tree or params that do not fit (the path named), ``rng`` not a key,
+      and with ``strict`` a kernel reaching an operation without a rule.
   """
   if mode == "reference":
     targets = find_targets(params, cfg)

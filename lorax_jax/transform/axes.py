@@ -34,6 +34,13 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
   Where a lookup and a matmul disagree (a tied embedding and its LM head) the lookup decides,
   as in PEFT. Axes of a target with no use seen keep their name-based default.
 
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"w": jnp.zeros((6, 4))}  # used as x @ W.T: a torch-style [out, in] weight
+  >>> cfg = lorax_jax.axes_from_use(lambda p, x: x @ p["w"].T, params,
+  ...                               lorax_jax.LoraConfig(r=2, targets=["w"]), jnp.zeros((3, 4)))
+  >>> dict(cfg.kernel_axes)
+  {'w': 'oi'}
+
   Args:
     apply_fn, params: as for `lora_transform`.
     cfg: the config; its explicit ``kernel_axes`` entries win over what the uses say.
