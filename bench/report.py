@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from bench.variants import INFER
+from lorax_jax.files import write_text_atomic
 
 ANALYSIS = os.path.join(os.path.dirname(__file__), "analysis.md")
 PEERS = ("factored", "factored_dropout", "reference", "nnx_lora", "qwix_lora", "qwix_lora_dropout", "full", "dora",
@@ -97,46 +98,49 @@ def plots(results: list[dict[str, Any]], out: str, tag: str) -> list[str]:
   return made
 
 
-def markdown(meta: dict[str, Any], results: list[dict[str, Any]], pngs: list[str], root: str) -> str:
-  out = [
-      "# Benchmarks", "",
-      "Written by `python -m bench.run` (`--quick` for the CI subset; `bench/gpu.sh` on a CUDA "
-      "machine). The tables and plots come from that run; the analysis names the command behind "
-      "each of its other numbers.", "",
-      f"- Machine: {meta['backend']} ({meta['device']}), {meta['cpus']} CPUs, {meta['machine']}; "
-      f"jax {meta['jax']}; {meta['date']}; suite took {meta['total_s']:.0f} s"
-      + (" (quick subset)" if meta["quick"] else "") + ".",
-      "- Wall time: median of the timed rounds after warm-up, every variant once per round, "
-      "round-robin with the order rotated each round; min–max beside it. CPU ms: median process "
-      "CPU time (all threads) of the same calls, which leaves out time spent waiting for a core. "
-      "The machine is shared with other jobs, so wall timings are noisy: compare ratios within a "
-      "case, not across runs.",
-      "- FLOPs and bytes accessed: XLA's cost analysis of the compiled step; temp and argument "
-      "memory: XLA's memory analysis. `×` is the ratio to the frozen lower bound (train steps) "
-      "or to the base model's forward (forward passes).",
-      "- Lower bound: forward plus backward to the activations (gradient w.r.t. an additive zero "
-      "on the embedding output, weights closed over as constants): no weight gradient and no "
-      "optimizer. Every other train step is loss, gradients and an optax adam update.",
-      "- Same weights everywhere: NNX's `LoRALinear` has no `alpha / r`, so it holds "
-      "`lora_a = aᵀ`, `lora_b = (alpha/r)·b`; Qwix holds `kernel_lora_a = aᵀ`, `kernel_lora_b = b` "
-      "with the same `alpha / r`. `b` is random (not zero) so the checks mean something.", "",
-  ]
+def describe(r: dict[str, Any]) -> str:
+  """The case in a line: the model, its shape, the batch and the parameter counts."""
+  c = r["case"]
+  shape = f"d={c['d']}, {c['layers']} layers, " if c["model"] == "gpt" else ""  # others: the model names it
+  return (f"{r['model']}; {shape}r={c['r']}, batch {c['batch']}×{c['seq']} tokens; "
+          f"{r['params'] / 1e6:.1f} M params, {r['lora_params'] / 1e3:.1f} k LoRA params. {c['note']}").rstrip()
+
+
+def case_markdown(meta: dict[str, Any], r: dict[str, Any], tag: str) -> str:
+  """One case's page (``bench/results/<case>-<tag>.md``): its table, checks and adapter timings."""
+  c = r["case"]
+  out = [f"# Case {c['name']} ({meta['backend'].upper()})", "",
+         f"One case of `python -m bench.run` ({meta['date']}, {meta['cpus']}-core {meta['backend'].upper()}, "
+         f"jax {meta['jax']}; the suite took {meta['total_s']:.0f} s). The method, the columns and the analysis "
+         f"are in [BENCHMARKS.md](../../BENCHMARKS.md); the raw numbers in [results-{tag}.json](results-{tag}.json).", "",
+         describe(r), "", case_table(r), ""]
+  checks = ", ".join(f"{k} {v:.1e}" for k, v in r["checks"].items())
+  out += [f"Checks (relative difference to lorax_jax factored): {checks or '–'}.", ""]
+  if r["extras"]:
+    out += ["Adapter: " + ", ".join(f"{k.replace('_s', '')} {v * 1e3:.1f} ms" for k, v in r["extras"].items())
+            + " (merge jitted, after warm-up).", ""]
+  return "\n".join(out)
+
+
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]], pngs: list[str], root: str, out_dir: str,
+             tag: str) -> str:
+  """BENCHMARKS.md: `ANALYSIS` (the conclusions, the method and the analysis, kept by hand), then
+  the summary of this run and a link per case; each case's page is written to ``out_dir``."""
+  out = ["# Benchmarks", ""]
   if os.path.exists(ANALYSIS):
-    with open(ANALYSIS) as f:
+    with open(ANALYSIS, encoding="utf-8") as f:
       out += [f.read().strip(), ""]
-  out += ["## Summary: train-step wall time / lower bound (FLOPs / lower bound)", "", summary_table(results), ""]
+  out += ["## Summary: train-step wall time / lower bound (FLOPs / lower bound)", "",
+          f"{meta['backend']} ({meta['device']}), {meta['cpus']} CPUs, {meta['machine']}; jax {meta['jax']}; "
+          f"{meta['date']}; suite took {meta['total_s']:.0f} s" + (" (quick subset)" if meta["quick"] else "") + ".",
+          "", summary_table(results), ""]
   for png in pngs:
     out += [f"![{os.path.basename(png)}]({os.path.relpath(png, root)})", ""]
-  out += ["## Cases", ""]
+  out += ["## Cases", "", "Each case's table (every variant's compiled FLOPs, bytes accessed, temp and argument "
+          "memory, compile time, wall and CPU time, the checks that all variants compute the same loss and "
+          "gradients) is in its own file:", ""]
   for r in results:
-    c = r["case"]
-    out += [f"### {c['name']}", "",
-            f"{r['model']}; d={c['d']}, {c['layers']} layers, r={c['r']}, batch {c['batch']}×{c['seq']} "
-            f"tokens; {r['params'] / 1e6:.1f} M params, {r['lora_params'] / 1e3:.1f} k LoRA params. "
-            f"{c['note']}", "", case_table(r), ""]
-    checks = ", ".join(f"{k} {v:.1e}" for k, v in r["checks"].items())
-    out += [f"Checks (relative difference to lorax_jax factored): {checks or '–'}.", ""]
-    if r["extras"]:
-      out += ["Adapter: " + ", ".join(f"{k.replace('_s', '')} {v * 1e3:.1f} ms" for k, v in r["extras"].items())
-              + " (merge jitted, after warm-up).", ""]
-  return "\n".join(out)
+    page = os.path.join(out_dir, f"{r['case']['name']}-{tag}.md")
+    write_text_atomic(page, case_markdown(meta, r, tag) + "\n")
+    out.append(f"- [{r['case']['name']}]({os.path.relpath(page, root)}): {describe(r)}")
+  return "\n".join(out) + "\n"

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
       saved = json.load(f)
     pngs = report.plots(saved["results"], os.path.dirname(args.render), _tag(saved["meta"]))
     write_text_atomic(args.md, report.markdown(saved["meta"], saved["results"], pngs,
-                                               os.path.dirname(os.path.abspath(args.md))))
+                                               os.path.dirname(os.path.abspath(args.md)),
+                                               os.path.dirname(args.render), _tag(saved["meta"])))
     return
   t0 = time.perf_counter()
   todo = [c for c in cases_lib.cases(args.quick) if not args.only or c.name in args.only]
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     meta["total_s"] = time.perf_counter() - t0
     write_text_atomic(json_path, json.dumps({"meta": meta, "results": results}, indent=1))
   plots = report.plots(results, args.out, _tag(meta))
-  write_text_atomic(args.md, report.markdown(meta, results, plots, os.path.dirname(os.path.abspath(args.md))))
+  write_text_atomic(args.md, report.markdown(meta, results, plots, os.path.dirname(os.path.abspath(args.md)),
+                                             args.out, _tag(meta)))
   print(f"[bench] wrote {args.md} and {args.out} in {meta['total_s']:.0f}s", flush=True)
 
 
