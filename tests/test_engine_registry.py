@@ -81,6 +81,22 @@ def test_compiled_ops_keep_the_model_scope_names(layers):
   assert all("block/attn/q_proj/" in s for s in scopes[1:]), scopes
 
 
+def test_an_inlined_jit_keeps_its_name():
+  """A nested ``jit`` is evaluated inline, under ``jit(name)`` as JAX names it."""
+  def apply_fn(params, x):
+    @jax.jit
+    def step(h):
+      with jax.named_scope("inner"):
+        return jnp.tanh(h @ params["w"])
+    return step(x)
+  params, x = {"w": jnp.ones((4, 4))}, jnp.ones((2, 4))
+  cfg = lj.LoraConfig(r=2, targets=["w"])
+  apply = lj.lora_transform(apply_fn, params, cfg)
+  scopes = _dot_scopes(jax.jit(apply).lower(params, lj.init_lora(params, cfg, jax.random.key(1)), x)
+                       .as_text(debug_info=True))
+  assert len(scopes) == 3 and all(s.startswith("jit(step)/inner/") for s in scopes), scopes
+
+
 # --- one registry: the evaluator and the walk read the same rules -----------------------
 
 

@@ -122,7 +122,6 @@ class LoraApply:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
 
 
-
 def interleave(dynamic: Sequence[bool], dyn: Sequence[Any], statics: Sequence[Any]) -> list[Any]:
   """The flat leaves again, from the array leaves and the static (Python) ones."""
   dyn_it, static_it = iter(dyn), iter(statics)

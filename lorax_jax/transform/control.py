@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +25,12 @@ def _jit_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> 
 
 @rule("pjit", "jit", "closed_call", "core_call", kind="nested", walk=_jit_walk)
 def _jit_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
-  """A nested ``jit``: evaluated inline (the outer trace compiles it as one program)."""
+  """A nested ``jit``: evaluated inline (the outer trace compiles it as one program), under its
+  name in the name stack (``jit(f)``, as JAX lowers a nested ``jit``)."""
   closed = eqn.params["jaxpr"]
-  return evaluate(closed.jaxpr, closed.consts, invals, ctx)
+  name = eqn.params.get("name")
+  with jax.named_scope(f"jit({name})") if name else contextlib.nullcontext():
+    return evaluate(closed.jaxpr, closed.consts, invals, ctx)
 
 
 def _remat_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
@@ -57,8 +61,8 @@ def _scan_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) ->
 def _scan_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
   """``lax.scan`` re-emitted; a stacked kernel is sliced with its factors, per iteration."""
   p = eqn.params
-  n_consts, n_carry = p["num_consts"], p["num_carry"]
-  consts, init, xs = invals[:n_consts], invals[n_consts:n_consts + n_carry], invals[n_consts + n_carry:]
+  n_carry = p["num_carry"]
+  consts, init, xs = _cut(invals, p["num_consts"], n_carry)
   init = [as_array(x, ctx, "a scan carry") for x in init]
   sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else slice_quantized(x)
             if isinstance(x, QuantizedKernel) else (x, None) for x in xs]
@@ -126,8 +130,7 @@ def _while_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -
 def _while_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
   """``lax.while_loop`` re-emitted, with an iteration counter for dropout keys."""
   p = eqn.params
-  nc, nb = p["cond_nconsts"], p["body_nconsts"]
-  cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
+  cond_consts, body_consts, init = _cut(invals, p["cond_nconsts"], p["body_nconsts"])
   init = [as_array(x, ctx, "a while carry") for x in init]
   cond, body = p["cond_jaxpr"], p["body_jaxpr"]
 
@@ -140,3 +143,12 @@ def _while_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list
     outs = evaluate(body.jaxpr, body.consts, [*body_consts, *carry], ctx.fold(i))
     return i + 1, [as_array(x, ctx, "a while carry") for x in outs]
   return lax.while_loop(cond_fn, body_fn, (jnp.asarray(0, jnp.int32), init))[1]
+
+
+def _cut(xs: list[Any], *sizes: int) -> list[list[Any]]:
+  """``xs`` cut into consecutive pieces of ``sizes``, then the rest (a loop's operands)."""
+  pieces, start = [], 0
+  for n in sizes:
+    pieces.append(xs[start:start + n])
+    start += n
+  return [*pieces, xs[start:]]

@@ -43,6 +43,7 @@ def dora_scale(k: LoraKernel, m: jax.Array) -> jax.Array:
   n = lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
   return jnp.expand_dims(m / n.astype(m.dtype), k.n_stack)
 
+
 def dora_output(k: LoraKernel, ctx: Context, x: jax.Array, key: jax.Array | None, base: jax.Array,
                 branch: jax.Array, use: Callable[[jax.Array, jax.Array], jax.Array] | None,
                 times_g: Callable[[jax.Array], jax.Array]) -> jax.Array:

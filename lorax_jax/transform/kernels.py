@@ -138,7 +138,6 @@ def dequantized(x: Any) -> Any:
   return x.dequantize() if isinstance(x, QuantizedKernel) else x
 
 
-
 def on_g(k: LoraKernel, fn: Callable[[jax.Array], jax.Array]) -> jax.Array | None:
   """``fn(k.g)`` for a DoRA kernel (``g`` moves with ``b``), None otherwise."""
   return None if k.g is None else fn(k.g)

@@ -159,6 +159,7 @@ def _rev_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[A
     k = k.along(k.labels[j], lambda x, axis: lax.rev(x, (axis,)))
   return [k.with_w(bind(eqn, [k.w])[0])]
 
+
 @rule("split", kind="layout", walk=same_axes)
 def _split_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
   """``jnp.split`` of a fused kernel (QKV, gate-up): each piece carries its slice of the factor
