@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,9 +208,7 @@ def test_per_adapter_equals_each_adapter_alone(net_params):
     for j in range(3):
       loras[j], alone[j] = step_alone(loras[j], alone[j], grads[j])
   # unstack_adapters also checks that the scales did not move and the padded rows stayed zero
-  for got, want in zip(unstack_adapters(net_params, stacked, CFGS), loras):
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(list(unstack_adapters(net_params, stacked, CFGS)), list(loras), rtol=1e-6, atol=1e-6)
 
 
 def test_per_adapter_never_couples_adapters(net_params):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,11 +202,11 @@ def test_dare_is_reproducible_and_unbiased():
   run = lambda seed, density: combine(SMALL, loras, cfgs, [1.0, 0.5], "dare_linear_svd", density=density,
                                       key=jax.random.key(seed))[0]
   same = [jax.tree.leaves(run(0, 0.5)), jax.tree.leaves(run(0, 0.5)), jax.tree.leaves(run(1, 0.5))]
-  assert all(bool((x == y).all()) for x, y in zip(same[0], same[1]))
+  chex.assert_trees_all_equal(same[0], same[1])
   assert not all(bool((x == y).all()) for x, y in zip(same[0], same[2]))
   full = combine(SMALL, loras, cfgs, [1.0, 0.5], "dare_linear", density=1.0, key=jax.random.key(0))[0]
   linear = combine(SMALL, loras, cfgs, [1.0, 0.5], "linear")[0]
-  assert all(bool((x == y).all()) for x, y in zip(jax.tree.leaves(full), jax.tree.leaves(linear)))
+  chex.assert_trees_all_equal(full, linear)
   # E[M / density] = 1: the mean of many DARE updates is the linear combination of the updates
   draws = [delta(SMALL, *combine(SMALL, loras, cfgs, [1.0, 0.5], "dare_linear_svd", density=0.5, svd_rank=6,
                                  key=jax.random.key(s))) for s in range(200)]

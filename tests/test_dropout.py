@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,8 +126,7 @@ def test_dropout_einsum_equals_autodiff_through_the_mask(spec, xs, as_, rate):
   loss = lambda f: lambda x, a: jnp.sum(jnp.sin(f(spec, x, a, kd, rate)) * c)
   ours = jax.jit(jax.value_and_grad(loss(dropout_einsum), argnums=(0, 1)))(x, a)
   ref = jax.jit(jax.value_and_grad(loss(_reference), argnums=(0, 1)))(x, a)
-  for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-6, atol=1e-6)
   # some inputs dropped, their gradient exactly zero
   dropped = ~np.asarray(keep_mask(kd, xs, rate))
   assert dropped.any() and np.all(np.asarray(ours[1][0])[dropped] == 0)
@@ -196,8 +196,7 @@ def test_scan_and_remat():
 
   ours = jax.jit(jax.value_and_grad(model(dropout_einsum), argnums=(0, 1)))(x[0], a)
   ref = jax.jit(jax.value_and_grad(model(_reference), argnums=(0, 1)))(x[0], a)
-  for o, r in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_conv_branch_equals_autodiff_through_the_mask():
@@ -210,8 +209,7 @@ def test_conv_branch_equals_autodiff_through_the_mask():
   ref = lambda x, a: jnp.sum(jnp.sin(conv(jnp.where(keep, x * jnp.float32(1 / 0.7), 0), a)))
   ours = lambda x, a: jnp.sum(jnp.sin(dropout_bilinear(conv, x, a, kd, 0.3)))
   got, want = jax.jit(jax.value_and_grad(ours, (0, 1)))(x, a), jax.jit(jax.value_and_grad(ref, (0, 1)))(x, a)
-  for o, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(o, r, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_mixed_precision_keeps_dtypes():

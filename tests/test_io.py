@@ -6,6 +6,7 @@ import json
 import os
 
 import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -84,10 +85,10 @@ def assert_same_targets(params, cfg_a, cfg_b):
 
 
 def assert_tree_equal(x, y):
-  assert jax.tree.structure(x) == jax.tree.structure(y)
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  """Same structure, shapes and dtypes, and bitwise-equal values (compared as float32, bf16 included)."""
+  chex.assert_trees_all_equal_shapes_and_dtypes(x, y)  # checks the structures first
+  as_f32 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float32), t)
+  chex.assert_trees_all_equal(as_f32(x), as_f32(y))
 
 
 # ---- round trips -----------------------------------------------------------------------------

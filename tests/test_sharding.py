@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,7 +209,7 @@ def test_mesh_factors_follow_kernels_and_grads_keep_their_shardings(name, strate
   loss, grads = step(jax.device_put(lora1, shardings), params, *inputs)
   assert jax.tree.map(lambda g: g.sharding, grads) == shardings
   np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-  jax.tree.map(lambda g, g1: np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5), grads, grads1)
+  chex.assert_trees_all_close(grads, grads1, rtol=1e-5, atol=1e-5)
 
 
 @mesh_test
@@ -231,7 +232,7 @@ def test_mesh_pissa_factors_residual_base_and_saved_copies_stay_placed():
   assert lora["params"]["fc1"]["kernel"]["a"].sharding.spec == P(None, "fsdp")
   assert jax.tree.map(lambda x: x.sharding, base) == jax.tree.map(lambda x: x.sharding, params)
   want = lj.init_lora_and_base(case.params, cfg, jax.random.key(0))
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), (lora, base), want)
+  chex.assert_trees_all_close((lora, base), want, rtol=1e-5, atol=1e-6)
 
 
 @mesh_test

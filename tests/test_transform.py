@@ -9,6 +9,7 @@ import sys
 import textwrap
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,11 +30,21 @@ def _loss(apply, case, lora, rng=None):
 
 
 def _close(x, y, tol=1e-5):
-  """Equal within ``tol``, relative to the larger magnitude (and absolute below 1)."""
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+  """Equal within ``tol``, relative to the larger magnitude (and absolute below 1): leaf by leaf,
+  ``|a - b| <= tol * max(1, max|b|)``, a per-leaf atol that chex's elementwise rtol/atol cannot
+  express; chex walks the trees, checks that their structures match and names the leaf that differs."""
+  def check(a, b):
     a, b = np.asarray(a), np.asarray(b)
-    scale = max(1.0, float(np.abs(b).max()))
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * scale)
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+
+  def message(a, b):
+    try:
+      check(a, b)
+    except AssertionError as e:
+      return str(e)
+    return ""
+
+  chex.assert_trees_all_equal_comparator(lambda a, b: not message(a, b), message, x, y)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -401,12 +412,13 @@ def test_shared_dropout_one_mask_per_input_tensor():
 
   shared = lj.lora_transform(f, params, cfg.replace(shared_dropout=True), strict=True)(params, lora, x, rng=rng)
   per_input = [jax.random.fold_in(jax.random.fold_in(rng, 2**32 - 1), i) for i in range(2)]
-  for out, (inp, key) in zip(shared, [(x, per_input[0])] * 3 + [(h, per_input[1])]):
-    np.testing.assert_allclose(out, hand(inp, key), atol=1e-5)
+  chex.assert_trees_all_close(shared, [hand(inp, key) for inp, key in [(x, per_input[0])] * 3 + [(h, per_input[1])]],
+                              rtol=1e-7, atol=1e-5)  # np.testing's default rtol
   own = lj.lora_transform(f, params, cfg, strict=True)(params, lora, x, rng=rng)
   index = {path[0]: i for i, path in enumerate(lj.find_targets(params, cfg))}  # the engine's target order
-  for name, out, inp in zip("qkvo", own, [x, x, x, h]):
-    np.testing.assert_allclose(out, hand(inp, jax.random.fold_in(jax.random.fold_in(rng, index[name]), 0)), atol=1e-5)
+  chex.assert_trees_all_close(
+      own, [hand(inp, jax.random.fold_in(jax.random.fold_in(rng, index[n]), 0)) for n, inp in zip("qkvo", [x, x, x, h])],
+      rtol=1e-7, atol=1e-5)
   assert not np.allclose(own[0], own[1]) and not np.allclose(shared[0], shared[3] - (h - x) @ w)
 
 
@@ -479,7 +491,7 @@ def test_training_learns_and_the_trained_adapter_merges():
 
 SHARDED = textwrap.dedent("""
   import os, sys
-  import jax, jax.numpy as jnp, numpy as np
+  import chex, jax, jax.numpy as jnp, numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   sys.path.insert(0, {tests!r})
   import lorax_jax as lj, zoo
@@ -499,7 +511,7 @@ SHARDED = textwrap.dedent("""
   np.testing.assert_allclose(np.asarray(out), single, atol=1e-5)
   grads = jax.jit(jax.grad(lambda l: apply(params, l, ids).sum()))(lora)
   want = jax.grad(lambda l: apply(case.params, l, *case.inputs).sum())(lora)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads, want)
+  chex.assert_trees_all_close(grads, want, rtol=1e-7, atol=1e-4)  # np.testing's default rtol
 
   # Explicit sharding: the branch takes the use's `out_sharding`, so the adapted output has the
   # sharding the model asked for (data-sharded input, output asked replicated over "data").
@@ -530,3 +542,46 @@ def test_sharded_params_on_eight_host_devices():
   script = SHARDED.format(tests=os.path.dirname(__file__))
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
   assert "SHARDED OK" in result.stdout, result.stderr[-3000:]
+
+
+# --- chex variants: the engine's core paths, eager and under `jit` ---------------------------------
+
+
+class EngineVariantsTest(chex.TestCase):
+  """Factored against the merged-weight reference, outputs and gradients, each run eagerly and under
+  ``jax.jit`` (chex's variants): a Dense MLP, a conv net, a scanned + remat stack, and DoRA."""
+
+  def _factored_matches_reference(self, name, **replace):
+    case = next(c for c in CASES if c.name == name)
+    cfg = case.cfg.replace(**replace)
+    lora = zoo.random_factors(case.params, cfg)
+    factored = lj.lora_transform(case.apply_fn, case.params, cfg, strict=True)
+    reference = lj.lora_transform(case.apply_fn, case.params, cfg, mode="reference")
+
+    def out_and_grad(apply):
+      def f(params, lora, *inputs):
+        loss = lambda l: jnp.mean(jnp.sin(apply(params, l, *inputs)))
+        return apply(params, lora, *inputs), jax.grad(loss)(lora)
+      return self.variant(f)(case.params, lora, *case.inputs)
+
+    got, want = out_and_grad(factored), out_and_grad(reference)
+    chex.assert_tree_all_finite(got)
+    _close(got, want)
+    assert not np.allclose(want[0], case.apply_fn(case.params, *case.inputs), atol=1e-3)  # the update shows
+    assert factored.fallbacks == set()
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dense_mlp(self):
+    self._factored_matches_reference("mlp")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_conv(self):
+    self._factored_matches_reference("cnn")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_scanned_stack(self):
+    self._factored_matches_reference("scan_remat_transformer")
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dora(self):
+    self._factored_matches_reference("mlp", use_dora=True)
