@@ -7,7 +7,6 @@ in each kernel's own layout from the axis split the case states.
 from __future__ import annotations
 
 import equinox as eqx
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,23 +24,7 @@ def _case(name: str) -> zf.Case:
   return next(c for c in CASES if c.name == name)
 
 
-def _close(x, y, tol=1e-5):
-  """Equal within ``tol``, relative to the larger magnitude (and absolute below 1)."""
-  def check(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
-
-  def message(a, b):
-    try:
-      check(a, b)
-    except AssertionError as e:
-      return str(e)
-    return ""
-
-  # chex walks the trees, checks that their structures match and names the leaf that differs; the rule
-  # (relative to the larger magnitude of each leaf) is one chex's elementwise rtol/atol cannot express.
-  chex.assert_trees_all_equal_comparator(lambda a, b: not message(a, b), message, x, y)
+_close = zoo.close
 
 
 def _loss(out):

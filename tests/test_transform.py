@@ -29,22 +29,7 @@ def _loss(apply, case, lora, rng=None):
   return jnp.mean(jnp.sin(apply(case.params, lora, *case.inputs, rng=rng)))
 
 
-def _close(x, y, tol=1e-5):
-  """Equal within ``tol``, relative to the larger magnitude (and absolute below 1): leaf by leaf,
-  ``|a - b| <= tol * max(1, max|b|)``, a per-leaf atol that chex's elementwise rtol/atol cannot
-  express; chex walks the trees, checks that their structures match and names the leaf that differs."""
-  def check(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
-
-  def message(a, b):
-    try:
-      check(a, b)
-    except AssertionError as e:
-      return str(e)
-    return ""
-
-  chex.assert_trees_all_equal_comparator(lambda a, b: not message(a, b), message, x, y)
+_close = zoo.close
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -6,9 +6,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import lorax_jax as lj
@@ -249,3 +251,21 @@ def random_factors(params: Any, cfg: lj.LoraConfig, seed: int = 1, scale: float 
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree_util.tree_unflatten(
       tree, [scale * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def close(x: Any, y: Any, tol: float = 1e-5) -> None:
+  """Assert two trees equal within ``tol``, relative to the larger magnitude (and absolute below 1):
+  leaf by leaf, same shapes, ``|a - b| <= tol * max(1, max|b|)``, a per-leaf atol that chex's
+  elementwise rtol/atol cannot express; chex walks the trees, checks that their structures match
+  and names the leaf that differs."""
+  def message(a: Any, b: Any) -> str:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+      return f"shapes differ: {a.shape} and {b.shape}"
+    try:
+      np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+    except AssertionError as e:
+      return str(e)
+    return ""
+
+  chex.assert_trees_all_equal_comparator(lambda a, b: not message(a, b), message, x, y)
