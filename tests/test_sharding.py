@@ -117,7 +117,7 @@ def _case(name: str) -> zoo.Case:
                  lj.LoraConfig(r=3, alpha=6, targets="all-linear", use_dora=name == "dora"))
   if name == "nf4":
     case = linen(zoo.MLP(), jax.random.normal(key, (4, 16)), lj.LoraConfig(r=2, alpha=4, targets="all-linear"))
-    case.params = lj.quantize.quantize(case.params, "nf4", block_size=4, targets=["fc1", "fc2"], double_quant=True)
+    case.params = lj.quantize(case.params, "nf4", block_size=4, targets=["fc1", "fc2"], double_quant=True)
     return case
   if name == "scan":
     return linen(zoo.ScanTransformer(depth=2), jax.random.randint(key, (2, 7), 0, 40),

@@ -40,7 +40,7 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
-7. A quantized kernel (a `lorax_jax.quantize.QArray` leaf, targeted or not) is traced as its
+7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its
    float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
    reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a
    custom VJP that dequantizes it again in the backward pass, so no float copy of it is a
