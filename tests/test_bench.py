@@ -39,9 +39,10 @@ def test_gpu_script_dry_run_on_the_cpu(tmp_path):
   assert flops["factored"] < 1.1 * flops["lower_bound"] < flops["reference"]
   # Dropout draws masks: more work than without, never less.
   assert flops["factored_dropout"] > flops["factored"]
-  # The report holds one table row per variant, with its compiled FLOPs.
-  md = tmp_path / "BENCHMARKS-gpu.md"
-  rows = {line.split(" | ")[0][2:]: line for line in md.read_text().splitlines() if line.startswith("| ")}
+  # The report links the case's page, which holds one table row per variant, with its compiled FLOPs.
+  (page,) = tmp_path.glob(f"{case['case']['name']}-*.md")
+  assert f"]({page.name})" in (tmp_path / "BENCHMARKS-gpu.md").read_text()
+  rows = {line.split(" | ")[0][2:]: line for line in page.read_text().splitlines() if line.startswith("| ")}
   assert f"| {variants['factored']['flops'] / 1e9:.2f} |" in rows["lorax_jax factored"]
   assert "Qwix, dropout 0.05" in rows
 
