@@ -31,6 +31,36 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_transform.py::test_sharded_params_on_eight_host_devices":
+        "8 host devices in a subprocess",
+    "tests/test_quantize.py::test_main_job_step_memory_on_a_gguf_base":
+        "compiles the main job's step at 4 layers",
+    "tests/test_quantize.py::test_engine_quantized_embedding_lookup_and_tied_head[None]":
+        "compiled QLoRA steps",
+    "tests/test_quantize.py::test_engine_step_keeps_no_float_copy_of_the_kernels":
+        "compiled QLoRA steps",
+    "tests/test_quantize.py::test_engine_qlora_equals_merged_dequantized[fused_qkv_attention]":
+        "zoo model, quantized",
+    "tests/test_quantize.py::test_engine_qlora_equals_merged_dequantized[moe_ragged_dot]":
+        "zoo model, quantized",
+    "tests/test_quantize.py::test_engine_qlora_equals_merged_dequantized[mha_transformer]":
+        "zoo model, quantized",
+    "tests/test_quantize.py::test_engine_qlora_equals_merged_dequantized[scan_remat_transformer]":
+        "zoo model, quantized",
+    "tests/test_quantize.py::test_gguf_q4_1_bit_identical_smollm2":
+        "SmolLM2's blocks",
+    "tests/test_adapters.py::test_stack_unstack_round_trip[None-net]":
+        "round trip through save and load",
+    "tests/test_transform.py::test_training_learns_and_the_trained_adapter_merges":
+        "trains and merges",
+    "tests/test_transform.py::test_init_equals_base_exactly[mha_transformer]":
+        "zoo model",
+    "tests/test_transform.py::test_factored_matches_reference[mha_transformer]":
+        "zoo model",
+    "tests/test_transform.py::test_compiled_flops_near_lower_bound":
+        "compiles every zoo model's steps",
+    "tests/test_layers.py::test_peft_seq_cls_adapter_with_modules_to_save_runs_here":
+        "MiniLM and PEFT",
     "tests/test_packaging.py":
         "builds the wheel and installs it into fresh venvs (minutes)",
     "tests/test_bench.py::test_gpu_script_dry_run_on_the_cpu":
