@@ -10,8 +10,9 @@ formed by hand (`zoo_frameworks.delta`). Checked per example:
 - outputs and LoRA gradients equal within 1e-5 (float32, relative to the larger magnitude);
 - under ``strict=True`` nothing is merged, unless the contracted kernel axes span both factors
   (a use that the engine may merge and report);
-- no value in the jaxpr of the factored gradient step is larger than
-  ``max(|x|, |out|) · max(1, r / min(dim))`` or than the kernel or a factor (when the kernel is
+- no value in the jaxpr of the factored gradient step is larger than ``|x| · max(1, r / min(dim))``,
+  ``|out| · max(1, r / min(dim), r / |G's free axes|)`` (the branch's intermediate: the output's axes but those of
+  the factor on the uncontracted side, plus the rank) or than the kernel or a factor (when the kernel is
   concatenated with itself, ``r`` doubled and the factors 4×: block factors, one block-diagonal).
 
 Examples: hypothesis' profile (tests/conftest.py): 12 in `make test`, 60 in CI, derandomized (the
@@ -200,7 +201,15 @@ def test_random_dot_general_uses(use: Use, seed: int):
   # A self-concatenation may double the rank: block factors, one side stacked, the other block-diagonal.
   blocks = 1 if use.concat_axis is None else 2
   k = max(1.0, blocks * use.r / min(use.shape))
-  bound = max(x.size * k, out_size * k, params["kern"].size, kernel_size,
+  # The branch's intermediate (dropout(x)·F) carries the output's axes but the free axes of G (the
+  # factor on the side not contracted) and adds the rank: |out| · r / |G's free axes|.
+  kernel_shape = jax.eval_shape(use.kernel, params["kern"]).shape
+  (lc, rc), (lb, rb) = use.dims
+  k_used = (*lc, *lb) if use.kernel_lhs else (*rc, *rb)
+  g_side = ({"i", "o"} - use.contracted_sides).pop()
+  g_free = math.prod(n for j, (n, side) in enumerate(zip(kernel_shape, use.labels))
+                     if side == g_side and j not in k_used)
+  bound = max(x.size * k, out_size * max(k, blocks * use.r / g_free), params["kern"].size, kernel_size,
               blocks ** 2 * math.prod(a_shape), blocks ** 2 * math.prod(b_shape))
   step = jax.make_jaxpr(jax.value_and_grad(loss(run)))(lora)
   assert max(_sizes(step.jaxpr)) <= bound, (max(_sizes(step.jaxpr)), bound)
