@@ -165,21 +165,69 @@ SLOW: dict[str, str] = {
         "MiniLM in torch and JAX",
     "tests/test_peft.py::test_llama_adapter_trained_here_runs_in_peft":
         "trains a Llama, then runs PEFT",
+    "tests/test_merge.py::test_merge_then_unmerge_round_trips_and_matches_hand_written_weights":
+        "every zoo model merged and unmerged (the fast tier keeps test_merge's other checks)",
+    "tests/test_quantize.py::test_nf4_bit_identical_to_bitsandbytes_smollm2":
+        "bitsandbytes on all of SmolLM2's kernels (the fast tier keeps the small nf4 checks)",
+    "tests/test_adapters.py::test_per_adapter_equals_each_adapter_alone":
+        "two optimizers' training runs (the fast tier keeps test_per_adapter_never_couples_adapters)",
+    "tests/test_adapters.py::test_stack_unstack_round_trip[None-scanned]":
+        "scanned round trip through save and load",
+    "tests/test_inits.py::test_stacked_and_transposed_kernels_per_slice":
+        "every init on stacked and transposed kernels",
+    "tests/test_llama.py::test_params_paths_mirror_hf_names[True]":
+        "the scanned layout (the fast tier keeps [False])",
+}
+
+
+# Parametrized tests whose fast tier keeps the cases named (one per rule or layout exercised); their
+# other cases are slow. Chosen by the full run's per-test times (docs/testing.md).
+PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
+    "tests/test_transform.py::test_factored_matches_reference":
+        (("mlp", "cnn", "embed_lm", "scan_remat_transformer", "mup_scaled", "torch_style_mlp"),
+         "zoo models: the fast tier keeps one per use rule (dot, conv, gather, scan)"),
+    "tests/test_transform.py::test_init_equals_base_exactly":
+        (("mlp", "nnx", "torch_style_mlp"), "zoo models"),
+    "tests/test_docs.py::test_python_blocks_run_in_order":
+        (("README.md", "docs/engine.md", "docs/from-lorax.md", "docs/index.md", "docs/main-job.md",
+          "docs/qlora.md", "docs/targeting.md", "docs/testing.md"),
+         "the pages that train or load models (adapters, concepts, models, variants) run in CI"),
+    "tests/test_families.py::test_after_prefix_is_the_whole_sequence": (("llama3",), "one family per tier"),
+    "tests/test_families.py::test_greedy_generation_matches_transformers": (("llama3", "qwen3"), "families"),
+    "tests/test_combine.py::test_combine_equals_peft":
+        (("linear-", "cat-", "svd-", "ties-0.7-frequency", "magnitude_prune-0.5", "magnitude_prune_svd-0.6-2",
+          "dare_ties-0.6", "dare_ties_svd-0.5-frequency"), "every method once; the costlier settings in CI"),
+    "tests/test_combine.py::test_stacked_kernel_combines_per_layer":
+        (("linear-kwargs0", "cat-kwargs1", "magnitude_prune_svd-kwargs4"), "combine methods"),
+    "tests/test_dora.py::test_uncovered_dora_use_is_merged_and_reported":
+        (("optimized_lstm-concatenate of DoRA kernels",), "zoo models"),
+    "tests/test_quantize.py::test_engine_qlora_equals_merged_dequantized": (("mlp", "nnx"), "zoo models, quantized"),
+    "tests/test_dropout.py::test_dropout_einsum_equals_autodiff_through_the_mask":
+        (("0.05-ABc,cR->ABR", "0.05-ABcd,cdR->ABR", "0.05-cA,cR->RA", "0.05-lAc,lcR->lAR"), "one rate"),
+    "tests/test_io.py::test_dtypes": (("float32",), "one dtype"),
+    "tests/test_never_destroy.py::test_rng_that_is_not_a_key_is_named": (("0", "seed"), "two of the bad keys"),
 }
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-  """Mark the tests of `SLOW` ``slow`` (what ``-m "not slow"``, `make test`, leaves out); when
-  the whole suite is collected, an entry that names no test is an error (a renamed test)."""
-  unused = set(SLOW)
+  """Mark the tests of `SLOW`, and the cases of `PARTLY_SLOW` that it does not keep, ``slow`` (what
+  ``-m "not slow"``, `make test`, leaves out); when the whole suite is collected, an entry or a kept
+  case that names no test is an error (a renamed test)."""
+  unused = set(SLOW) | {f"{test}[{case}]" for test, (cases, _) in PARTLY_SLOW.items() for case in cases}
   for item in items:
+    test, _, case = item.nodeid.partition("[")
+    if test in PARTLY_SLOW:
+      if case[:-1] in PARTLY_SLOW[test][0]:
+        unused.discard(item.nodeid)
+      else:
+        item.add_marker(pytest.mark.slow)
     for prefix in SLOW:
       if item.nodeid == prefix or item.nodeid.startswith(prefix + "::") or item.nodeid.startswith(prefix + "["):
         item.add_marker(pytest.mark.slow)
         unused.discard(prefix)
   if unused and not config.option.keyword and config.args in ([], ["tests"]):
-    raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {sorted(unused)}")
+    raise pytest.UsageError(f"tests/conftest.py SLOW or PARTLY_SLOW names tests that do not exist: {sorted(unused)}")
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -8,6 +8,7 @@ still a circle.
 from __future__ import annotations
 
 import ast
+import functools
 import pathlib
 
 import pytest
@@ -61,6 +62,7 @@ def _imports(path: pathlib.Path) -> list[tuple[str, list[str], int]]:
   return out
 
 
+@functools.cache
 def _edges() -> dict[str, set[str]]:
   """Module -> the package modules it imports (``from lorax_jax.io import peft`` imports ``io.peft``)."""
   graph: dict[str, set[str]] = {}
