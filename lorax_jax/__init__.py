@@ -6,7 +6,7 @@
     logits = apply(params, lora, batch, rng=key)   # differentiate w.r.t. `lora` only
 """
 
-from lorax_jax.adapters import stack_adapters, swap_adapter, unstack_adapters
+from lorax_jax.adapters import stack_adapters, swap_adapter, take_adapter, unstack_adapters
 from lorax_jax.combine import combine
 from lorax_jax.config import LoraConfig
 from lorax_jax.lora_tree import check_lora
@@ -29,5 +29,5 @@ __all__ = [
     "dequantize", "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
     "load_adapter", "load_kohya", "lora_count", "lora_shardings", "lora_transform", "loraplus", "merge",
     "on_original_base", "per_adapter", "save_adapter", "shard_params", "size", "split_params", "stack_adapters",
-    "summary", "swap_adapter", "trainable_mask", "unmerge", "unstack_adapters",
+    "summary", "swap_adapter", "take_adapter", "trainable_mask", "unmerge", "unstack_adapters",
 ]

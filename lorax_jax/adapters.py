@@ -1,4 +1,5 @@
-"""Many adapters over one base as one tree: `stack_adapters`, `unstack_adapters`, `swap_adapter`.
+"""Many adapters over one base as one tree: `stack_adapters`, `unstack_adapters`, `swap_adapter`,
+`take_adapter`.
 
 (Not `lorax_jax.io.stacked`, which is about ``nn.scan`` *layers* stacked in one kernel.)
 
@@ -24,6 +25,14 @@ for it is reused.
 at rank ``R`` with ``alpha = R`` and no rsLoRA, so its `Target.scale` is 1 and the scale comes from
 the tree alone; ``find_targets(params, cfg)`` gives the shapes of one adapter's slice ``a[j]``,
 ``b[j]``.
+
+One adapter of the tree runs as a plain LoRA tree of that config: `take_adapter` gives
+``{"a": a[j], "b": scale[j] · b[j]}``, traced inside ``jit`` (the scale folded into ``b`` is an
+array, so ``alpha`` and ``r`` are values of the compiled step, not constants of it). Hot swap of a
+single adapter is therefore ``stack_adapters(params, [(lora, cfg)], max_rank=R)`` (``k = 1``),
+a step that calls `take_adapter` on its stacked-tree argument, and `swap_adapter`: every adapter of
+rank ≤ ``R`` at each target, of any alpha, runs in the step compiled once (PEFT's
+``prepare_model_for_compiled_hotswap(model, target_rank=R)`` and ``hotswap_adapter``).
 
 Training: ``scale`` is a constant, not a parameter. `lorax_jax.per_adapter` maps an optax
 optimizer over the adapter axis and holds every ``scale`` leaf fixed (zero update, no state). A
@@ -191,7 +200,8 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
 
   Raises:
     ValueError: ``i`` out of range; ``lora`` does not fit ``cfg``, targets other kernels than
-      the stacked tree (or reads them with other shapes), has a rank above its padded rank,
+      the stacked tree (naming them, with the new adapter's ranks there), reads them with other
+      shapes, has a rank above the padded rank (naming the target and both ranks),
       other factor dtypes, DoRA where the tree has none (or the reverse), PiSSA/OLoRA factors
       or ``modules_to_save`` copies.
 
@@ -208,6 +218,7 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
   who = "swap_adapter"
   (ts,) = _targets(params, [cfg], who)
   _check_factors(ts, lora, i, who)
+  _check_same_kernels(ts, stacked, who)
   k, ranks = _stacked_ranks(stacked, ts, None, who)
   if not (isinstance(i, numbers.Integral) and 0 <= i < k):
     raise ValueError(f"{who}: adapter index {i!r} is out of range for a stacked tree of {k} adapters")
@@ -221,6 +232,82 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
     old = get_path(stacked, path)
     set_path(out, path, {key: old[key].at[i].set(node[key]) for key in old})
   return out
+
+
+def take_adapter(stacked: Lora, i: int | jax.Array) -> Lora:
+  """Adapter ``i`` of a stacked tree as a plain LoRA tree of the stacked config, inside ``jit``.
+
+  Each node ``{"a", "b", "scale"}`` (DoRA: ``"m"``) becomes
+
+      {"a": a[i], "b": scale[i] · b[i]}          (DoRA: "m": m[i])
+
+  a LoRA tree for the config `stack_adapters` returns (every target at its padded rank, scale 1),
+  so ``lora_transform(apply_fn, params, cfg)(params, take_adapter(stacked, i), x)`` runs adapter
+  ``i`` with its own ``ΔW_i = s_i · A_i ⊗ B_i`` exactly (the padded rows are zero). The scale is
+  read from the tree, so a jitted step taking ``stacked`` as an argument runs every adapter
+  `swap_adapter` puts in (any rank up to the padded one, any alpha, rsLoRA or not) without
+  retracing. Gradients reach ``a`` and ``b`` as for the adapter alone (``∂L/∂b_i = s_i ·
+  ∂L/∂b'_i``), zero on padded rows, and exactly zero on ``scale`` (a constant: `per_adapter`
+  holds it fixed). ``b`` keeps its dtype (the product is rounded to it once).
+
+  Args:
+    stacked: the stacked tree (`stack_adapters`, `swap_adapter`).
+    i: the adapter's index: an int, checked to be in range; or a traced int32 scalar, for which
+      an index outside ``0 … k-1`` (negative included) gives NaN factors, so it cannot run
+      another adapter silently.
+
+  Returns:
+    Adapter ``i``'s LoRA tree, factors padded to the stacked tree's ranks.
+
+  Raises:
+    ValueError: a concrete ``i`` out of range; a node that is not a stacked node (no ``scale``
+      beside ``a`` and ``b``, other keys) or leaves without the adapter axis, named.
+
+  >>> import jax, jax.numpy as jnp, lorax_jax
+  >>> params = {"attn": {"query": {"kernel": jnp.ones((4, 6))}}}
+  >>> cfgs = [lorax_jax.LoraConfig(r=1, alpha=2), lorax_jax.LoraConfig(r=3, alpha=3)]
+  >>> loras = [lorax_jax.init_lora(params, c, jax.random.key(j)) for j, c in enumerate(cfgs)]
+  >>> loras = [jax.tree.map(lambda f: f + 1, lora) for lora in loras]
+  >>> stacked, cfg = lorax_jax.stack_adapters(params, loras, cfgs)
+  >>> one = lorax_jax.take_adapter(stacked, 0)
+  >>> one["attn"]["query"]["kernel"]["b"].shape
+  (3, 6)
+  >>> got = lorax_jax.delta(params, one, cfg)[("attn", "query", "kernel")]
+  >>> want = lorax_jax.delta(params, loras[0], cfgs[0])[("attn", "query", "kernel")]
+  >>> bool(jnp.allclose(got, want))
+  True
+  """
+  who = "take_adapter"
+  scales = [(p, x) for p, x in leaves_with_paths(stacked) if p[-1:] == (SCALE,)]
+  if not scales:
+    raise ValueError(f"{who}: the tree has no {SCALE!r} leaves: it is not a stacked tree (stack_adapters makes one)")
+  k = np.shape(scales[0][1])[0] if np.ndim(scales[0][1]) else 0
+  for path, x in leaves_with_paths(stacked):
+    if np.shape(x)[:1] != (k,):
+      raise ValueError(f"{who}: {path_str(path)} has shape {tuple(np.shape(x))}, but {path_str(scales[0][0])} holds "
+                       f"{k} adapters: every leaf of a stacked tree has the adapter axis first")
+  if isinstance(i, jax.core.Tracer):
+    index = jnp.where(i < 0, k, i)  # out of range both ways: `take`'s fill, not a wrap to the last adapter
+  elif np.ndim(i) == 0 and np.issubdtype(np.asarray(i).dtype, np.integer):  # an int, a NumPy or concrete JAX one
+    if not 0 <= int(i) < k:
+      raise ValueError(f"{who}: adapter index {int(i)} is out of range for a stacked tree of {k} adapters")
+    index = int(i)
+  else:
+    raise ValueError(f"{who}: the adapter index must be an integer scalar, got {i!r}")
+  pick = lambda x: jnp.take(x, index, axis=0, mode="fill", fill_value=jnp.nan)
+
+  def node(path: Path, tree: Any) -> Any:
+    if isinstance(tree, Mapping) and SCALE not in tree and not {"a", "b"} & set(tree):
+      return {key: node((*path, key), sub) for key, sub in tree.items()}
+    keys = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+    if not isinstance(tree, Mapping) or not {"a", "b", SCALE} <= set(tree) <= {"a", "b", "m", SCALE}:
+      raise ValueError(f"{who}: {path_str(path)} must be a stacked node {{'a', 'b', 'scale'}} (DoRA: and 'm'), "
+                       f"got {keys}")
+    b = pick(tree["b"])
+    out = {"a": pick(tree["a"]), "b": (b * jax.lax.stop_gradient(pick(tree[SCALE]))).astype(b.dtype)}
+    return {**out, **({"m": pick(tree["m"])} if "m" in tree else {})}
+
+  return node((), stacked)
 
 
 def padded(t: Target, node: Mapping[str, jax.Array], rank: int) -> dict[str, jax.Array]:
@@ -344,6 +431,24 @@ def _check_dtypes(targets: Mapping[Path, Target], lora: Lora, reference: Lora, n
       if got != want:
         raise ValueError(f"{who}: {name}'s factor {t.name}/{k} is {got}, {ref_name}'s {want}; cast it "
                          "(jax.tree.map(lambda x: x.astype(...), lora)) so the stacked tree keeps one dtype")
+
+
+def _check_same_kernels(targets: Mapping[Path, Target], stacked: Lora, who: str) -> None:
+  """The new adapter's ``targets`` are exactly the stacked tree's nodes (parents of its ``scale`` leaves).
+
+  Raises:
+    ValueError: naming the kernels only one of them adapts, with the new adapter's rank at each.
+  """
+  nodes = {p[:-1] for p, _ in leaves_with_paths(stacked) if p[-1:] == (SCALE,)}
+  only_new = [f"{t.name} (rank {t.rank})" for p, t in targets.items() if p not in nodes]
+  only_old = [path_str(p) for p in sorted(nodes) if p not in targets]
+  if only_new or only_old:
+    detail = "; ".join(s for s in (f"the new adapter adapts {', '.join(only_new[:5])}, the stacked tree does not"
+                                   if only_new else "",
+                                   f"the stacked tree adapts {', '.join(only_old[:5])}, the new adapter does not"
+                                   if only_old else "") if s)
+    raise ValueError(f"{who}: the new adapter targets other kernels than the stacked tree ({detail}); an adapter "
+                     "swapped in must adapt exactly the stacked tree's kernels")
 
 
 def _stacked_ranks(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str

@@ -1,4 +1,4 @@
-"""Stacked adapters (`stack_adapters`, `unstack_adapters`, `swap_adapter`) and `per_adapter`."""
+"""Stacked adapters (`stack_adapters`, `unstack_adapters`, `swap_adapter`, `take_adapter`) and `per_adapter`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from lorax_jax import (LoraConfig, delta, find_targets, init_lora, load_adapter, per_adapter, save_adapter,
-                       stack_adapters, swap_adapter, unstack_adapters)
+from lorax_jax import (LoraConfig, delta, find_targets, init_lora, load_adapter, lora_transform, per_adapter,
+                       save_adapter, stack_adapters, swap_adapter, take_adapter, unstack_adapters)
 from lorax_jax.paths import get_path, path_str
 from test_io import NET_MAP, assert_tree_equal, random_lora
 
@@ -117,6 +117,45 @@ def test_swap_adapter_keeps_the_compiled_step(net_params):
   assert_tree_equal(unstack_adapters(net_params, swapped, [CFGS[0], new_cfg, CFGS[2]])[1], new)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_take_adapter_runs_each_adapter_as_alone(net_params, use_dora):
+  """One compiled step with a traced index runs each adapter (patterns, rsLoRA, embedding, conv,
+  DoRA) with its own outputs and gradients; an index out of range gives NaN, or an error."""
+  from test_io import Net
+  cfgs = [c.replace(use_dora=use_dora) for c in CFGS]
+  loras = [jax.tree.map(lambda x: jnp.asarray(0.2 * np.asarray(x)), random_lora(net_params, c, seed))  # outputs ~1
+           for seed, c in enumerate(cfgs)]
+  stacked, cfg = stack_adapters(net_params, loras, cfgs, max_rank=5)
+  args = (jnp.array([[1, 5, 7]]), jax.random.normal(jax.random.key(1), (1, 6, 6, 3)))
+  loss = lambda apply, lora: sum(jnp.sum(jnp.sin(o)) for o in apply(net_params, lora, *args))
+  apply = lora_transform(Net().apply, net_params, cfg)
+  traces = []
+
+  @jax.jit
+  def step(stacked, i):
+    traces.append(1)
+    return jax.value_and_grad(lambda s: loss(apply, take_adapter(s, i)))(stacked)
+
+  for j, (lora, c) in enumerate(zip(loras, cfgs)):
+    value, grads = jax.tree.map(np.asarray, step(stacked, jnp.int32(j)))
+    want, want_grads = jax.value_and_grad(lambda lo: loss(lora_transform(Net().apply, net_params, c), lo))(lora)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for path, t in find_targets(net_params, c).items():
+      node, own = get_path(grads, path), get_path(want_grads, path)
+      assert not node["scale"].any() and not np.delete(node["a"], j, axis=0).any()  # no other adapter's
+      for k in sorted(own):
+        kept, padded = np.split(node[k][j], [t.rank], axis=t.n_stack) if k != "m" else (node[k][j], 0)
+        np.testing.assert_allclose(kept, own[k], rtol=1e-4, atol=1e-5, err_msg=f"{t.name}/{k}")
+        assert not np.any(padded), (t.name, k)
+  assert len(traces) == 1
+  assert np.isnan(step(stacked, jnp.int32(3))[0]) and np.isnan(step(stacked, jnp.int32(-1))[0])
+  with pytest.raises(ValueError, match="take_adapter: adapter index 3 is out of range for a stacked tree of 3"):
+    take_adapter(stacked, 3)
+  with pytest.raises(ValueError, match="take_adapter: params/conv_in/kernel must be a stacked node"):
+    conv = stacked["params"]["conv_in"]["kernel"]
+    take_adapter({"params": {**stacked["params"], "conv_in": {"kernel": {"a": conv["a"], "b": conv["b"]}}}}, 0)
+
+
 def test_swap_adapter_refusals(net_params):
   loras = [random_lora(net_params, c, seed) for seed, c in enumerate(CFGS[:2])]
   stacked, _ = stack_adapters(net_params, loras, CFGS[:2])
@@ -129,7 +168,7 @@ def test_swap_adapter_refusals(net_params):
   with pytest.raises(ValueError, match="the new adapter's factor .* is bfloat16, the stacked tree's float32"):
     swap_adapter(net_params, stacked, 0, half, CFGS[0])
   fewer = CFGS[0].replace(targets=["q_proj"])
-  with pytest.raises(ValueError, match="does not hold these targets' nodes .unexpected params/conv_in/kernel/a"):
+  with pytest.raises(ValueError, match="the stacked tree adapts params/conv_in/kernel, .*the new adapter does not"):
     swap_adapter(net_params, stacked, 0, random_lora(net_params, fewer), fewer)
 
 
