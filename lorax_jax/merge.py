@@ -70,6 +70,11 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
   On a quantized base (`lorax_jax.QArray` leaves) the result is float, ``W' = deq(Q) + s · A ⊗ B``
   and the other quantized kernels dequantized, unless ``requantize``.
 
+  Sharded params and factors merge where they are: every merged kernel keeps the kernel's
+  ``NamedSharding`` (a `QArray`'s float kernel's: `lorax_jax.sharding.kernel_sharding`), in one
+  process or under ``jax.distributed`` (every process calls it). Under ``jit`` the caller's
+  ``out_shardings`` place the result.
+
   Args:
     params: the base params tree (float or `QArray` kernels); not mutated.
     lora: the trained LoRA tree, with the ``modules_to_save`` copies if any.

@@ -97,6 +97,12 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
   the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
 
+  Sharded trees are saved as they are: each factor is gathered to the host once
+  (`lorax_jax.sharding.host_arrays`), so the file holds the bytes an unsharded save writes. Under
+  ``jax.distributed`` every process calls ``save_adapter`` with the same arguments (the gather is
+  collective); process 0 alone writes ``directory`` (on a file system the others see, to read it
+  back) and every process returns once it is written (`lorax_jax.sharding.on_process_zero`).
+
   Args:
     directory: the adapter directory, created or replaced whole.
     lora: the LoRA tree (with ``modules_to_save`` copies if ``cfg`` has any).
@@ -110,6 +116,8 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       converted for the original base.
 
   Raises:
+    RuntimeError: under ``jax.distributed``, in processes other than 0, when process 0 failed
+      to write (process 0 raises its own error).
     ValueError: a target without a module name; a ``directory`` that
       `lorax_jax.files.check_destination` refuses (``""``, the working or home directory, a
       directory holding anything but an adapter's two files: it is replaced whole); a
@@ -185,6 +193,12 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
+  Each factor is placed straight onto its sharding from the file's host array, every device
+  receiving only its slice (``jax.make_array_from_callback``; never a whole copy on one device):
+  ``shardings`` when given, else the rule of `lorax_jax.lora_shardings` for ``params`` (sharded
+  like each kernel if ``params`` are placed, the default device if not). Under
+  ``jax.distributed`` every process reads the file and places its own devices' slices.
+
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
   patterns), and the safetensors header (each key once, a float dtype, the shape the target
   needs); the directory is read through one handle, so a concurrent save is seen whole or
@@ -197,6 +211,9 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
     path_map: the model's `PathMap` (PEFT's module names); None: Flax paths joined with ``.``.
     param_dtype: the factors' dtype (default float32).
     kernel_axes: the ``LoraConfig.kernel_axes`` the adapter was trained with, if any.
+    shardings: where to place the factors: a tree of ``jax.sharding.Sharding``\\ s with the
+      loaded tree's structure (`lorax_jax.lora_shardings`' result for these ``params``), or one
+      ``Sharding`` for every factor; None: `lorax_jax.lora_shardings` of ``params``.
 
   Returns:
     ``(lora, cfg)``, ready for `lora_transform`, `merge` or training on.
@@ -210,7 +227,8 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
       missing, unexpected, non-float or mis-shaped key (each named); stacked kernels adapted
       at different layers, or at layers and outside them, or with different ranks per layer;
       a ``modules_to_save`` copy or LoRA factors of an output head that ``params`` tie to the
-      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding.
+      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding; ``shardings``
+      that do not fit the loaded tree or cannot hold a factor (each named).
 
   >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
   >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
