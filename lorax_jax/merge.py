@@ -4,7 +4,9 @@ A DoRA target (``LoraConfig.use_dora``) merges to ``W' = m ⊙ V / ‖V‖``, ``
 (`Target.dora_weight`); its `delta` is ``W' - W``, and it cannot be unmerged from ``W'`` alone.
 
 Pure and jit-able; the input trees are never mutated. Merging is for inference and
-export; training never forms ``W'`` (see `lorax_jax.transform`).
+export; training never forms ``W'`` (see `lorax_jax.transform`). Merged kernels keep their
+``NamedSharding`` (a `QArray`'s: the one of the float kernel it stands for, `lorax_jax.sharding`),
+in one process or many (``jax.distributed``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.lora_tree import Lora, check_saved, target_factors
-from lorax_jax.paths import Path, get_path, tree_path
+from lorax_jax.paths import Path, get_path, path_str, tree_path
 from lorax_jax.qarray import is_quantized, leaves_with_paths, requantize as quantize_like
+from lorax_jax.sharding import kernel_sharding, shard_quantized
 from lorax_jax.targets import accumulation_dtype, find_targets
 
 
@@ -67,6 +70,11 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
   On a quantized base (`lorax_jax.QArray` leaves) the result is float, ``W' = deq(Q) + s · A ⊗ B``
   and the other quantized kernels dequantized, unless ``requantize``.
 
+  Sharded params and factors merge where they are: every merged kernel keeps the kernel's
+  ``NamedSharding`` (a `QArray`'s float kernel's: `lorax_jax.sharding.kernel_sharding`), in one
+  process or under ``jax.distributed`` (every process calls it). Under ``jit`` the caller's
+  ``out_shardings`` place the result.
+
   Args:
     params: the base params tree (float or `QArray` kernels); not mutated.
     lora: the trained LoRA tree, with the ``modules_to_save`` copies if any.
@@ -103,7 +111,8 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
   copies = check_saved(params, cfg, lora)
   merged = _apply(params, delta(params, lora, cfg), 1.0, requantize)
   if not requantize:
-    merged = jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, merged, is_leaf=is_quantized)
+    merged = jax.tree_util.tree_map_with_path(
+        lambda kp, x: _placed_like(x.dequantize(), x, kp) if is_quantized(x) else x, merged, is_leaf=is_quantized)
   if not copies:
     return merged
   return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged, is_leaf=is_quantized)
@@ -144,11 +153,27 @@ def _apply(params: Any, deltas: dict[Path, jax.Array], sign: float, requantize: 
     d = deltas.get(tree_path(kp))
     if d is None:
       return w
+    kernel = w
     q, w = (w, w.dequantize()) if is_quantized(w) else (None, w)
     out = (jnp.asarray(w, accumulation_dtype(w, d)) + sign * d).astype(jnp.result_type(w))
     _check_finite(out, w, tree_path(kp))
-    return quantize_like(out, q) if requantize and q is not None else out
+    if requantize and q is not None:
+      return _placed_like(quantize_like(out, q), kernel, kp)
+    return _placed_like(out, kernel, kp)
   return jax.tree_util.tree_map_with_path(update, params, is_leaf=is_quantized)
+
+
+def _placed_like(out: Any, kernel: Any, kp: tuple) -> Any:
+  """``out`` (a float array or `QArray`) on the ``NamedSharding`` of the float ``kernel`` (or the
+  one a `QArray` kernel stands for: `lorax_jax.sharding.kernel_sharding`), so that a merge keeps
+  every kernel where it was; as it is when ``kernel`` is unplaced or traced (under ``jit`` the
+  caller's ``out_shardings`` decide)."""
+  if isinstance(out, jax.core.Tracer) or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(kernel)):
+    return out
+  sharding = kernel_sharding(path_str(tree_path(kp)), kernel)
+  if sharding is None:
+    return out
+  return shard_quantized(out, sharding, name=path_str(tree_path(kp))) if is_quantized(out) else jax.device_put(out, sharding)
 
 
 def _check_finite(out: jax.Array, w: Any, path: Path) -> None:

@@ -23,6 +23,12 @@ has the size of the kernel axis it comes from, so a spec valid for the kernel is
 A quantized kernel (`lorax_jax.QArray`) is sharded through its stored arrays (`shard_quantized`);
 its factors follow the same rule from the spec of the float kernel it stands for.
 
+Sharded trees on disk (`lorax_jax.save_adapter`, `lorax_jax.load_adapter`): `host_arrays` brings
+a tree to the host, each array gathered once (one collective for every array spread over
+processes under ``jax.distributed``); `on_process_zero` writes from process 0 alone, every process
+returning once the write is done; `place_host_arrays` puts host arrays on their shardings, each
+device receiving only its slice.
+
 Kernels without a ``NamedSharding`` (NumPy arrays, arrays on one device, abstract arrays without
 a sharding) are *unplaced*: when no target's kernel and no ``modules_to_save`` leaf is placed,
 every factor sits on the default device (``SingleDeviceSharding``), as before sharding existed;
@@ -33,11 +39,13 @@ placed one.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.lora_tree import SAVED_KEY, Lora
@@ -196,6 +204,132 @@ def shard_params(params: Any, shardings: Any) -> Any:
       return shard_quantized(leaf, sharding, name=path_str(tree_path(kp)))
     return jax.device_put(leaf, sharding)
   return jax.tree_util.tree_map_with_path(place, params, shardings, is_leaf=is_quantized)
+
+
+def host_arrays(tree: Any) -> Any:
+  """``tree`` with every leaf a NumPy array holding its whole value, in every process.
+
+  A ``jax.Array`` sharded over devices of this process is copied shard by shard; the arrays that
+  span processes (``jax.distributed``: not fully addressable) are all-gathered in one collective,
+  each once (a replicated one is read from a local copy). Collective when any array spans
+  processes: every process must call it with the same tree.
+
+  Args:
+    tree: any pytree of arrays (`lorax_jax.QArray` leaves are trees of arrays too).
+
+  Returns:
+    ``tree`` with NumPy leaves.
+
+  >>> import jax, numpy as np, lorax_jax.sharding as S
+  >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  >>> mesh = Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  >>> tree = {"a": jax.device_put(np.arange(6.0).reshape(2, 3), NamedSharding(mesh, P(None, "fsdp")))}
+  >>> host = S.host_arrays(tree)
+  >>> type(host["a"]).__name__, host["a"].tolist()
+  ('ndarray', [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]])
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = [i for i, x in enumerate(leaves)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated]
+  if spread:
+    replicated = [_replicated(leaves[i].sharding) for i in spread]
+    gathered = jax.jit(lambda xs: xs, out_shardings=replicated)([leaves[i] for i in spread])
+    for i, x in zip(spread, gathered):
+      leaves[i] = x
+  local = lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+  return jax.tree.unflatten(treedef, [np.asarray(local(x)) for x in leaves])
+
+
+def place_host_arrays(tree: Any, shardings: Any, what: str) -> Any:
+  """The host arrays of ``tree`` placed on ``shardings``, each device given only its slice
+  (``jax.make_array_from_callback``: no whole copy on any one device first). Under
+  ``jax.distributed`` every process holds the whole ``tree`` and places its own devices' slices.
+
+  Args:
+    tree: a pytree of NumPy arrays.
+    shardings: one ``jax.sharding.Sharding`` for every leaf, or a tree of them with ``tree``'s
+      structure (`lora_shardings`' result for a LoRA tree).
+    what: the caller, named in errors.
+
+  Returns:
+    ``tree`` with ``jax.Array`` leaves, each on its sharding.
+
+  Raises:
+    ValueError: ``shardings`` is not a tree of ``Sharding``\\ s with ``tree``'s leaves (naming the
+      leaves that differ), or a sharding that cannot hold its leaf (naming it).
+
+  >>> import jax, numpy as np, lorax_jax.sharding as S
+  >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  >>> s = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("fsdp",)), P(None, "fsdp"))
+  >>> placed = S.place_host_arrays({"a": np.ones((2, 4), np.float32)}, {"a": s}, "example")
+  >>> placed["a"].sharding == s
+  True
+  """
+  if isinstance(shardings, Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  got = dict(jax.tree_util.tree_leaves_with_path(shardings))
+  want = dict(jax.tree_util.tree_leaves_with_path(tree))
+  if set(got) != set(want) or not all(isinstance(s, Sharding) for s in got.values()):
+    name = lambda kp: path_str(tree_path(kp))
+    missing = sorted(name(kp) for kp in set(want) - set(got))
+    extra = sorted(name(kp) for kp in set(got) - set(want))
+    odd = sorted(f"{name(kp)} ({type(s).__name__})" for kp, s in got.items() if not isinstance(s, Sharding))
+    raise ValueError(
+        f"{what}: shardings must hold one jax.sharding.Sharding per leaf of the tree (lorax_jax.lora_shardings "
+        f"gives them for a LoRA tree){'; no sharding for ' + ', '.join(missing[:5]) if missing else ''}"
+        f"{'; no such leaf: ' + ', '.join(extra[:5]) if extra else ''}"
+        f"{'; not a Sharding: ' + ', '.join(odd[:5]) if odd else ''}")
+
+  def place(kp: tuple, x: np.ndarray) -> jax.Array:
+    try:
+      return jax.make_array_from_callback(x.shape, got[kp], lambda index: x[index])
+    except ValueError as e:
+      raise ValueError(f"{what}: {path_str(tree_path(kp))} of shape {x.shape} cannot be placed on {got[kp]}: "
+                       f"{e}") from None
+  return jax.tree_util.tree_map_with_path(place, tree)
+
+
+def on_process_zero(write: Callable[[], None], what: str) -> None:
+  """Run ``write`` in process 0 only; every process returns once it has finished.
+
+  With one process this is ``write()``. Under ``jax.distributed`` process 0 writes and then
+  broadcasts whether it succeeded (a collective: no process gets past it before process 0's
+  ``write`` returned, so what it wrote is visible to all); process 0 raises its own error, the
+  others a ``RuntimeError`` saying so. Every process must call it.
+
+  Args:
+    write: what process 0 does (writing a file).
+    what: what is written, named in the other processes' error.
+
+  Raises:
+    Exception: ``write``'s error, in process 0.
+    RuntimeError: in the other processes, when ``write`` failed in process 0.
+
+  >>> import lorax_jax.sharding as S
+  >>> S.on_process_zero(lambda: print("written once"), "a note")
+  written once
+  """
+  if jax.process_count() == 1:
+    write()
+    return
+  error = None
+  if jax.process_index() == 0:
+    try:
+      write()
+    except Exception as e:  # every process must reach the broadcast below, or the others would hang
+      error = e
+  ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+  if error is not None:
+    raise error
+  if not ok:
+    raise RuntimeError(f"{what}: writing it failed in process 0 (its error is in that process's output)")
+
+
+def _replicated(s: Sharding) -> Sharding:
+  """A sharding holding a whole copy on each device of ``s``."""
+  if isinstance(s, NamedSharding):
+    return NamedSharding(s.mesh, PartitionSpec())
+  return NamedSharding(jax.sharding.Mesh(np.array(sorted(s.device_set, key=lambda d: d.id)), ("all",)), PartitionSpec())
 
 
 def _named(x: Any) -> NamedSharding | None:

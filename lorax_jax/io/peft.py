@@ -58,6 +58,7 @@ from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.sharding import host_arrays, lora_shardings, on_process_zero, place_host_arrays
 from lorax_jax.targets import Target, find_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -96,6 +97,12 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   as PEFT's ``path_initial_model_for_weight_conversion`` does: a plain LoRA of rank ``2r`` on
   the original base (`lorax_jax.init.on_original_base`), ``init_lora_weights: true``.
 
+  Sharded trees are saved as they are: each factor is gathered to the host once
+  (`lorax_jax.sharding.host_arrays`), so the file holds the bytes an unsharded save writes. Under
+  ``jax.distributed`` every process calls ``save_adapter`` with the same arguments (the gather is
+  collective); process 0 alone writes ``directory`` (on a file system the others see, to read it
+  back) and every process returns once it is written (`lorax_jax.sharding.on_process_zero`).
+
   Args:
     directory: the adapter directory, created or replaced whole.
     lora: the LoRA tree (with ``modules_to_save`` copies if ``cfg`` has any).
@@ -109,6 +116,8 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       converted for the original base.
 
   Raises:
+    RuntimeError: under ``jax.distributed``, in processes other than 0, when process 0 failed
+      to write (process 0 raises its own error).
     ValueError: a target without a module name; a ``directory`` that
       `lorax_jax.files.check_destination` refuses (``""``, the working or home directory, a
       directory holding anything but an adapter's two files: it is replaced whole); a
@@ -124,6 +133,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   >>> sorted(os.listdir(directory))
   ['adapter_config.json', 'adapter_model.safetensors']
   """
+  lora, initial = host_arrays((lora, initial))  # sharded: each factor gathered once
   if initial is not None:
     lora, cfg = on_original_base(params, lora, initial, cfg)
   elif cfg.changes_base and cfg.init not in BASE_CHANGING_INITS:
@@ -156,13 +166,13 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
-  write_dir_atomic(directory, {WEIGHTS_NAME: safetensors_writer(tensors),
-                               CONFIG_NAME: text_writer(json.dumps(config, indent=2))})
+  files = {WEIGHTS_NAME: safetensors_writer(tensors), CONFIG_NAME: text_writer(json.dumps(config, indent=2))}
+  on_process_zero(lambda: write_dir_atomic(directory, files), f"the adapter {directory}")
 
 
 def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
                  param_dtype: Any = None, kernel_axes: Mapping[str, tuple[int, int]] | None = None,
-                 ) -> tuple[Lora, LoraConfig]:
+                 shardings: Any = None) -> tuple[Lora, LoraConfig]:
   """A PEFT adapter directory as ``(lora, cfg)`` for ``params``.
 
   The safetensors keys say which modules are adapted; the config gives each its rank and
@@ -183,6 +193,12 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   saved for the model without (or with) its task wrapper's prefix
   (a bare ``BertModel``'s ``encoder.…`` for ``bert.encoder.…``) are recognised.
 
+  Each factor is placed straight onto its sharding from the file's host array, every device
+  receiving only its slice (``jax.make_array_from_callback``; never a whole copy on one device):
+  ``shardings`` when given, else the rule of `lorax_jax.lora_shardings` for ``params`` (sharded
+  like each kernel if ``params`` are placed, the default device if not). Under
+  ``jax.distributed`` every process reads the file and places its own devices' slices.
+
   Everything is checked before a tensor is read: the config's fields (types, ranges, safe
   patterns), and the safetensors header (each key once, a float dtype, the shape the target
   needs); the directory is read through one handle, so a concurrent save is seen whole or
@@ -195,6 +211,9 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
     path_map: the model's `PathMap` (PEFT's module names); None: Flax paths joined with ``.``.
     param_dtype: the factors' dtype (default float32).
     kernel_axes: the ``LoraConfig.kernel_axes`` the adapter was trained with, if any.
+    shardings: where to place the factors: a tree of ``jax.sharding.Sharding``\\ s with the
+      loaded tree's structure (`lorax_jax.lora_shardings`' result for these ``params``), or one
+      ``Sharding`` for every factor; None: `lorax_jax.lora_shardings` of ``params``.
 
   Returns:
     ``(lora, cfg)``, ready for `lora_transform`, `merge` or training on.
@@ -208,7 +227,8 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
       missing, unexpected, non-float or mis-shaped key (each named); stacked kernels adapted
       at different layers, or at layers and outside them, or with different ranks per layer;
       a ``modules_to_save`` copy or LoRA factors of an output head that ``params`` tie to the
-      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding.
+      embedding (no head leaf), or a ``modules_to_save`` copy of such an embedding; ``shardings``
+      that do not fit the loaded tree or cannot hold a factor (each named).
 
   >>> import os, tempfile, jax, jax.numpy as jnp, lorax_jax
   >>> params = {"dense": {"kernel": jnp.zeros((4, 3))}}
@@ -231,15 +251,19 @@ def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
   for _ in range(READ_ATTEMPTS):
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
     try:
-      return _load(dir_fd, directory, params, path_map, param_dtype, kernel_axes)
+      lora, cfg = _load(dir_fd, directory, params, path_map, param_dtype, kernel_axes)
+      break
     except FileNotFoundError:
       if os.path.samestat(os.fstat(dir_fd), os.stat(directory)):
         raise
       # a concurrent save replaced the directory while it was read: read the new one
     finally:
       os.close(dir_fd)
-  raise OSError(f"{directory} was replaced {READ_ATTEMPTS} times while being read; retry when no "
-                "process is saving to it")
+  else:
+    raise OSError(f"{directory} was replaced {READ_ATTEMPTS} times while being read; retry when no "
+                  "process is saving to it")
+  rule = lora_shardings(params, cfg) if shardings is None else shardings
+  return place_host_arrays(lora, rule, f"load_adapter({directory!r})"), cfg
 
 
 def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, param_dtype: Any,
@@ -311,14 +335,15 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     layers.setdefault(m.path, []).append((m, a, b))
   for path, parts in layers.items():  # a stacked kernel: its layers' factors, zeros elsewhere
     a, b = fill_layers(targets[path], parts, dtype) if parts[0][0].layer is not None else parts[0][1:]
-    node = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
+    node = {"a": np.asarray(a, dtype), "b": np.asarray(b, dtype)}
     if path in mags:
-      node["m"] = jnp.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
+      node["m"] = np.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
     set_path(lora, path, node)
   init = config.get("init_lora_weights", True)
   if init in BASE_CHANGING_INITS:
-    initial = init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0]
-    return on_original_base(params, lora, initial, cfg)
+    initial = host_arrays(init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0])
+    lora, cfg = on_original_base(params, lora, initial, cfg)
+    return host_arrays(lora), cfg
   return lora, cfg
 
 
@@ -508,7 +533,7 @@ def _check_base_copies(f: Any, infos: Mapping[str, TensorInfo], copies: Mapping[
   """Each copy of a base weight PEFT saved beside an adapted embedding must equal the one in
   ``params`` (shape checked from the header before its data is read)."""
   for key, m in copies.items():
-    current = pathmap.to_torch(np.asarray(get_path(params, m.path)), m.kind)
+    current = pathmap.to_torch(host_arrays(get_path(params, m.path)), m.kind)
     same = (infos[key].shape == current.shape and infos[key].dtype in FLOAT_DTYPES
             and _same(read_tensors(f, infos, [key])[key], current))
     if not same:

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax import pathmap
@@ -100,10 +99,9 @@ def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], param
 def saved_tree(tensors: Mapping[str, np.ndarray], keys: Mapping[str, tuple[Path, str]], params: Any
                ) -> dict[str, Any]:
   """The LoRA tree's `SAVED_KEY` subtree from the file's tensors, each in its leaf's layout and
-  dtype."""
+  dtype (NumPy arrays, for `lorax_jax.sharding.place_host_arrays`)."""
   tree: dict[str, Any] = {}
   for key, (path, kind) in keys.items():
     leaf = get_path(params, path)
-    x = pathmap.from_torch(tensors[key], kind, np.shape(leaf)).astype(np.dtype(leaf.dtype))
-    set_path(tree, path, jnp.asarray(x))
+    set_path(tree, path, pathmap.from_torch(tensors[key], kind, np.shape(leaf)).astype(np.dtype(leaf.dtype)))
   return tree
