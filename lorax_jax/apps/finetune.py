@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_jax
 from lorax_jax.apps import settings
@@ -44,6 +46,7 @@ from lorax_jax.io.tensors import open_safetensors, read_header, read_metadata, r
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
+from lorax_jax.models.llama_sharding import batch_sharding, make_mesh, mesh_axes, parse_mesh, shard_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -51,7 +54,7 @@ CHECKPOINT = "checkpoint.safetensors"
 ADAPTER = "adapter"
 OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml", CHECKPOINT)  # besides ADAPTER/
 # Settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature")
+RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Settings:
   loss_positions_only: bool
   scan_layers: bool
   remat: bool
+  mesh: str
 
   def __post_init__(self):
     settings.check([
@@ -120,6 +124,8 @@ class Settings:
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
     ])
+    if self.mesh:
+      parse_mesh(self.mesh)  # its ValueError names the problem
     lora_config(self)  # r, alpha, dropout, targets, init and use_dora are LoraConfig's to check
 
 
@@ -334,15 +340,75 @@ def make_optimizer(s: Settings) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where training lives on a mesh: a ``Sharding`` tree for each argument of the train step.
+
+  ``params`` by `lorax_jax.models.llama_sharding.llama_shardings`, ``lora`` by
+  `lorax_jax.lora_shardings` (each factor like its kernel), ``opt_state`` like the factors
+  (`state_shardings`), ``batch`` (token and weight rows) over the batch axes; scalars replicated.
+  """
+
+  mesh: Mesh
+  params: Any
+  lora: Any
+  opt_state: Any
+  batch: NamedSharding
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+
+def state_shardings(state: Any, lora_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state of the factors: a leaf whose tree path ends with a factor's
+  path (Adam's ``mu``, ``nu``) and has its shape gets that factor's sharding; a scalar (a step
+  count) is replicated.
+
+  Raises:
+    ValueError: an array leaf that mirrors no factor (named by its path).
+  """
+  by_path = {jax.tree_util.keystr(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(lora_shardings)[0]}
+
+  def one(kp: tuple, leaf: Any) -> NamedSharding:
+    key = jax.tree_util.keystr(kp)
+    found = [sh for p, sh in by_path.items() if key.endswith(p)]
+    if found:
+      return found[0]
+    if np.ndim(leaf) == 0:
+      return NamedSharding(mesh, PartitionSpec())
+    raise ValueError(f"optimizer state {key} (shape {np.shape(leaf)}) mirrors no LoRA factor, so it has no "
+                     "place on the mesh: an optimizer whose state is per factor (like AdamW's) is needed")
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def place(mesh: Mesh, params: Any, lora: Any, cfg: lorax_jax.LoraConfig, optimizer: optax.GradientTransformation
+          ) -> tuple[Any, Any, Any, Placement]:
+  """``(params, lora, opt_state, placement)`` on ``mesh``: the base by the Llama table (each axis the
+  mesh does not divide kept whole, and said), the factors by `lorax_jax.lora_shardings`, a fresh
+  optimizer state like the factors."""
+  params, notes = shard_llama(params, mesh)
+  for note in notes:
+    say(f"note: {note}")
+  lora_sh = lorax_jax.lora_shardings(params, cfg)
+  lora = jax.device_put(lora, lora_sh)
+  opt_state = optimizer.init(lora)
+  opt_sh = state_shardings(opt_state, lora_sh, mesh)
+  placement = Placement(mesh, jax.tree.map(lambda x: x.sharding, params), lora_sh, opt_sh, batch_sharding(mesh))
+  return params, lora, jax.device_put(opt_state, opt_sh), placement
+
+
 def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
                prefix_len: int = 0, max_targets: int | None = None,
-               eval_apply: Callable[..., Any] | None = None):
+               eval_apply: Callable[..., Any] | None = None, placement: Placement | None = None):
   """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
   and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
   with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
   differentiated, never baked into the compiled code. ``eval_apply`` (default ``lora_apply``)
   is the transform evaluation runs: `eval_transform`'s, so that evaluation, which has no dropout
-  key by design, is not warned about one."""
+  key by design, is not warned about one. With a ``placement`` both are jitted with its
+  in and out shardings (the factors and optimizer state stay where they are; the loss replicated)."""
   def loss_sums(params, lora, tokens, weights, rng, apply=lora_apply):
     return causal_lm_loss_sums(apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
                                max_targets=max_targets)
@@ -359,7 +425,18 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
   def eval_sums(params, lora, tokens, weights):
     return loss_sums(params, lora, tokens, weights, None, eval_apply or lora_apply)
 
-  return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+  if placement is None:
+    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+  p, one = placement, placement.replicated
+  return (jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(p.lora, p.opt_state, p.params, p.batch, p.batch, one),
+                  out_shardings=(p.lora, p.opt_state, one)),
+          jax.jit(eval_sums, in_shardings=(p.params, p.lora, p.batch, p.batch), out_shardings=(one, one)))
+
+
+def put_batch(placement: Placement | None, *rows: np.ndarray) -> tuple[Any, ...]:
+  """Host rows (every process holds the whole batch) as arrays split over the mesh's batch axes;
+  unchanged without a placement."""
+  return rows if placement is None else tuple(jax.device_put(x, placement.batch) for x in rows)
 
 
 def eval_transform(apply_fn: Callable[..., Any], params: Any, cfg: lorax_jax.LoraConfig) -> Callable[..., Any]:
@@ -380,13 +457,14 @@ def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: 
 
 
 def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, examples: Examples,
-             batch_size: int) -> float:
+             batch_size: int, placement: Placement | None = None) -> float:
   """Mean cross-entropy per target token over ``examples``, in batches of ``batch_size`` (the last
-  padded with weightless rows, so one compilation serves every batch)."""
+  padded with weightless rows, so one compilation serves every batch), each on ``placement``'s
+  batch sharding if given."""
   pad = -len(examples) % batch_size
   tokens = np.concatenate([examples.tokens, np.repeat(examples.tokens[:1], pad, 0)])
   weights = np.concatenate([examples.weights, np.zeros((pad, examples.weights.shape[1]), np.float32)])
-  sums = [eval_sums(params, lora, tokens[i:i + batch_size], weights[i:i + batch_size])
+  sums = [eval_sums(params, lora, *put_batch(placement, tokens[i:i + batch_size], weights[i:i + batch_size]))
           for i in range(0, len(tokens), batch_size)]
   total, count = np.sum(np.array(jax.device_get(sums), np.float64), axis=0)
   return float(total / count)
@@ -490,7 +568,39 @@ def restore(path: str, tensors: dict[str, np.ndarray], lora: Any, opt_state: Any
 
 
 # ---------------------------------------------------------------------------------------
-# Outputs
+# Outputs (written by process 0 alone)
+
+
+def primary() -> bool:
+  """Whether this is the process that writes the outputs and prints (process 0; the only one
+  without ``jax.distributed``)."""
+  return jax.process_index() == 0
+
+
+def say(text: str) -> None:
+  """Print ``text`` from process 0 only."""
+  if primary():
+    print(text, flush=True)
+
+
+def gathered(lora: Any) -> Any:
+  """``lora`` as NumPy arrays, each whole on every process (``process_allgather`` of the shards:
+  a collective, so every process calls it). Saving, sampling and the returned factors use it."""
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(lora, tiled=True)
+
+
+def save_trained_adapter(directory: str, lora: Any, cfg: lorax_jax.LoraConfig, params: Any, initial: Any,
+                         base_model_name: str | None) -> None:
+  """The PEFT adapter of ``lora`` (`gathered`) for ``params``, written by process 0; every process
+  returns once it is on disk. ``initial``: PiSSA/OLoRA's starting factors (saved converted)."""
+  from jax.experimental import multihost_utils
+
+  if primary():
+    lorax_jax.save_adapter(directory, lora, cfg, params, LLAMA_PATH_MAP, base_model_name_or_path=base_model_name,
+                           task_type="CAUSAL_LM", initial=initial)
+  multihost_utils.sync_global_devices("lorax_jax finetune: adapter saved")
 
 
 def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]]) -> None:
@@ -523,6 +633,26 @@ def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 # The run
 
 
+def training_mesh(s: Settings) -> Mesh | None:
+  """The mesh ``s.mesh`` spells over every device of every process (None: one device).
+
+  Raises:
+    ValueError: several processes without a mesh; sizes that do not multiply to the device count;
+      a batch the batch axes do not divide.
+  """
+  if not s.mesh:
+    if jax.process_count() > 1:
+      raise ValueError(f"{jax.process_count()} processes need a mesh over their {jax.device_count()} devices: "
+                       f"pass --mesh data={jax.device_count()} (or fsdp/tensor axes)")
+    return None
+  mesh = make_mesh(s.mesh)
+  ways = math.prod(mesh.shape[a] for a in mesh_axes("batch", mesh))
+  if s.batch_size % ways:
+    raise ValueError(f"batch_size={s.batch_size} does not split over the mesh's {ways} batch places (data × fsdp of "
+                     f"{s.mesh}): make it a multiple of {ways}")
+  return mesh
+
+
 def resume_point(s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The checked ``(state, tensors)`` of ``s.out_dir``'s checkpoint (`read_checkpoint`)."""
   path = os.path.join(s.out_dir, CHECKPOINT)
@@ -552,21 +682,29 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
   out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER,))
+  mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
-  print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
+  base = params  # per layer, on one device: sampling after training runs on it
+  say(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
   train_model, params, lora, train_cfg = training_layout(s.scan_layers, model.clone(remat=s.remat), params, lora,
                                                           cfg)
   optimizer = make_optimizer(s)
-  opt_state = optimizer.init(lora)
+  placement = None
+  if mesh is None:
+    opt_state = optimizer.init(lora)
+  else:
+    params, lora, opt_state, placement = place(mesh, params, lora, train_cfg, optimizer)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices of {jax.process_count()} process(es)")
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
   train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out),
-                                     eval_apply=eval_transform(train_model.apply, params, train_cfg))
+                                     eval_apply=eval_transform(train_model.apply, params, train_cfg),
+                                     placement=placement)
   ckpt = os.path.join(out, CHECKPOINT)
 
   if checkpoint is not None:
@@ -574,54 +712,56 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     lora, opt_state = restore(ckpt, tensors, unstack_layers(lora), unstack_layers(opt_state))
     if s.scan_layers:
       lora, opt_state = stack_layers(lora), stack_layers(opt_state)
-    print(f"resuming {ckpt} at step {state['step']}")
+    say(f"resuming {ckpt} at step {state['step']}")
   else:
     if os.path.isfile(ckpt):
-      print(f"note: starting over in {out} (--resume would continue its checkpoint)")
+      say(f"note: starting over in {out} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
-             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size)}
+             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)}
     t_eval = time.perf_counter()
     state["samples_before"] = sample(model, original, tokenizer, s)
-    print(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
+    say(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
           f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
-  os.makedirs(out, exist_ok=True)
-  write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
+  if primary():
+    os.makedirs(out, exist_ok=True)
+    write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
 
-  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
+  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt,
+                                      placement)
   if state["step"] < s.steps:
-    print(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
-    return {**state, "lora": unstack_layers(lora)}
+    say(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
+    return {**state, "lora": gathered(unstack_layers(lora))}
 
   t = time.perf_counter()
-  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size)
-  lora = unstack_layers(lora)
-  samples_after = sample(model, unstack_layers(params), tokenizer, s, lora, cfg)
-  print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
-  lorax_jax.save_adapter(os.path.join(out, ADAPTER), lora, cfg, original, LLAMA_PATH_MAP,
-                         base_model_name_or_path=base_model_name, task_type="CAUSAL_LM", initial=initial)
-  plot_losses(os.path.join(out, "loss.png"), state["history"],
-              [(0, state["eval_before"]), (s.steps, eval_after)])
+  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)
+  lora = gathered(unstack_layers(lora))
+  samples_after = sample(model, base, tokenizer, s, lora, cfg)
+  say(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
+  save_trained_adapter(os.path.join(out, ADAPTER), lora, cfg, original, initial, base_model_name)
   text = samples_text(s.sample_prompts, state["samples_before"], samples_after)
-  write_text_atomic(os.path.join(out, "samples.txt"), text)
   metrics = {"eval_before": state["eval_before"], "eval_after": eval_after, "steps": s.steps,
              "train_seconds": state["train_seconds"],
              "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
              "samples_before": state["samples_before"], "samples_after": samples_after}
-  write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-  print(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
-        f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
-        "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")
+  if primary():
+    plot_losses(os.path.join(out, "loss.png"), state["history"], [(0, state["eval_before"]), (s.steps, eval_after)])
+    write_text_atomic(os.path.join(out, "samples.txt"), text)
+    write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+  say(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
+      f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
+      "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")
   return {**metrics, "lora": lora}
 
 
 def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: Any,
                state: dict[str, Any], train_step: Callable[..., Any], key_dropout: jax.Array,
-               ckpt: str) -> tuple[Any, Any, dict[str, Any]]:
+               ckpt: str, placement: Placement | None = None) -> tuple[Any, Any, dict[str, Any]]:
   """Steps ``state["step"] .. stop``, a checkpoint every ``save_every`` steps and at the end.
 
-  Batch ``k`` is `batch_indices` ``(seed, k)`` and its dropout key ``fold_in(key_dropout, k)``.
+  Batch ``k`` is `batch_indices` ``(seed, k)`` (every process computes the whole batch and
+  `put_batch` keeps its devices' rows) and its dropout key ``fold_in(key_dropout, k)``.
   Tokens per second count the non-padding tokens read, after the first (compiling) step.
   """
   from tqdm import tqdm
@@ -629,11 +769,11 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
   stop = s.stop_at or s.steps
   state = dict(state)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
-             dynamic_ncols=True, file=sys.stdout)
+             dynamic_ncols=True, file=sys.stdout, disable=not primary())
   last, start = None, time.perf_counter()
   for step in bar:
     batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
-    lora, opt_state, loss = train_step(lora, opt_state, params, batch.tokens, batch.weights,
+    lora, opt_state, loss = train_step(lora, opt_state, params, *put_batch(placement, batch.tokens, batch.weights),
                                        jax.random.fold_in(key_dropout, step))
     loss = float(loss)
     now = time.perf_counter()
