@@ -53,10 +53,7 @@ def run(tiny, out_dir, *extra: str, resume: bool = False) -> dict:
 
 
 def losses(out_dir) -> list[float]:
-  from safetensors import safe_open
-  import json
-  with safe_open(os.path.join(out_dir, finetune.CHECKPOINT), "np") as f:
-    return [loss for _, loss in json.loads(f.metadata()["state"])["history"]]
+  return [loss for _, loss in finetune.read_checkpoint(os.path.join(out_dir, finetune.CHECKPOINT), None).state["history"]]
 
 
 def assert_same_adapter(dir_a, dir_b) -> None:

@@ -12,8 +12,8 @@ assistant's answer in the chat format, every token in the text format.
 
 Written to ``out_dir``: ``adapter/`` (PEFT: ``PeftModel.from_pretrained`` loads it onto the
 Hugging Face model), ``loss.png``, ``samples.txt`` (generations before and after),
-``metrics.json``, ``settings.yaml`` and ``checkpoint.safetensors`` (LoRA factors, optimizer
-state, step and history; no pickle). ``out_dir`` must be a directory of its own: a new one, or
+``metrics.json``, ``settings.yaml`` and ``checkpoint/`` (Orbax: LoRA factors and optimizer state,
+sharded as they train, with the step and history as JSON; no pickle). ``out_dir`` must be a directory of its own: a new one, or
 one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The
 data order and dropout keys are pure functions of ``(seed, step)``, so a resumed run continues
 exactly as an uninterrupted one would.
@@ -41,8 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
-from lorax_jax.files import MAX_TEXT_BYTES, check_destination, read_regular, write_atomic, write_text_atomic
-from lorax_jax.io.tensors import open_safetensors, read_header, read_metadata, read_tensors
+from lorax_jax.files import MAX_TEXT_BYTES, check_destination, open_regular, read_regular, write_atomic, write_text_atomic
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
@@ -50,9 +49,9 @@ from lorax_jax.models.llama_sharding import batch_sharding, make_mesh, mesh_axes
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint"  # an Orbax checkpoint directory
 ADAPTER = "adapter"
-OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml", CHECKPOINT)  # besides ADAPTER/
+OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml")  # besides ADAPTER/ and CHECKPOINT/
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature", "mesh")
 
@@ -129,15 +128,47 @@ class Settings:
     lora_config(self)  # r, alpha, dropout, targets, init and use_dora are LoraConfig's to check
 
 
-def _resume_flag(parser: argparse.ArgumentParser) -> None:
+def _flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of a launch rather than of a run's settings: resuming, and the processes."""
   parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in out_dir")
+  parser.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="jax.distributed's coordinator (process 0's address; default $JAX_COORDINATOR_ADDRESS); "
+                           "auto: detect the cluster (TPU pod, SLURM, Open MPI)")
+  parser.add_argument("--num-processes", type=int, help="processes in all (default $JAX_NUM_PROCESSES)")
+  parser.add_argument("--process-id", type=int, help="this process, 0..N-1 (default $JAX_PROCESS_ID)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
   """``(settings, resume)`` from the packaged finetune.yaml, ``--config`` and ``--key value`` flags
   (`lorax_jax.apps.settings.parse`)."""
-  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _resume_flag)
+  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _flags)
   return s, args.resume
+
+
+def start_processes(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+  """Join ``jax.distributed`` when a coordinator is given (or ``$JAX_COORDINATOR_ADDRESS``, with
+  ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID`` as the other two's defaults); ``"auto"`` lets JAX
+  detect the cluster. CPU collectives go through gloo. Without a coordinator: one process, nothing done.
+
+  Raises:
+    ValueError: a process count or id missing where JAX cannot detect them, or out of range.
+  """
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator is None:
+    return
+  env = lambda name: int(os.environ[name]) if os.environ.get(name, "").strip().isdigit() else None
+  num_processes = num_processes if num_processes is not None else env("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else env("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if coordinator == "auto":
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator, num_processes, process_id)
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise ValueError(f"jax.distributed could not start ({' '.join(str(e).split())}): pass --coordinator HOST:PORT "
+                     "--num-processes N --process-id I (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                     "JAX_PROCESS_ID) on every process") from None
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
@@ -483,47 +514,97 @@ def sample(model: Any, params: Any, tokenizer: Tokenizer, s: Settings, lora: Any
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints: tensors in safetensors, everything else as JSON in its metadata
+# Checkpoints: Orbax, each process writing its shards; the state as JSON beside them
 
 
-def _flat(tree: Any) -> dict[str, jax.Array]:
-  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _flat(tree: Any) -> dict[str, Any]:
+  """Leaves by their tree paths joined with ``.`` (``params.model.layers_0.self_attn.q_proj.kernel.a``)."""
+  return {jax.tree_util.keystr(p, simple=True, separator="."): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _manager(path: str) -> Any:
+  """The Orbax ``CheckpointManager`` of the checkpoint directory ``path``: one step kept (a new one
+  is complete on disk before the old one is deleted), written synchronously."""
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+  handlers = {"lora": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+              "state": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=handlers)
 
 
 def save_checkpoint(path: str, lora: Any, opt_state: Any, state: dict[str, Any]) -> None:
-  """LoRA factors and optimizer state leaves (named by their tree paths) plus ``state`` as JSON,
-  in one file written atomically."""
-  from safetensors.numpy import save_file
+  """LoRA factors and optimizer state leaves (named by their tree paths; each process writes the
+  shards on its devices) plus ``state`` as JSON (written by process 0), as step ``state["step"]``
+  of the Orbax checkpoint directory ``path``. A collective: every process calls it. Orbax writes a
+  step into a temporary directory and renames it when every process is done, so a crash leaves
+  the previous step."""
+  import orbax.checkpoint as ocp
 
-  tensors = {f"lora{k}": np.asarray(x) for k, x in _flat(lora).items()}
-  tensors |= {f"opt{k}": np.asarray(x) for k, x in _flat(opt_state).items()}
-  write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(state)}))
+  with _manager(path) as manager:
+    manager.save(state["step"], args=ocp.args.Composite(lora=ocp.args.StandardSave(_flat(lora)),
+                                                        opt=ocp.args.StandardSave(_flat(opt_state)),
+                                                        state=ocp.args.JsonSave(state)), force=True)
 
 
 def _unusable(path: str, problem: str) -> ValueError:
   return ValueError(f"checkpoint {path} {problem}: delete it to start over, or pick another out_dir")
 
 
-def read_checkpoint(path: str, s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """``(state, tensors)`` of `save_checkpoint`'s file, checked before anything is used: the file
-  reads whole, its state has a step and the settings, the step is within ``s.steps``, and the
-  settings other than those in RESUMABLE are ``s``'s. It is read as `lorax_jax.io.tensors` reads
-  adapters: a regular file only, the header checked before any tensor is read.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A checked checkpoint (`read_checkpoint`): its directory, step, state and the shape and dtype
+  of every stored leaf (``infos["lora"]``, ``infos["opt"]``: path -> ``(shape, dtype)``)."""
+
+  path: str
+  step: int
+  state: dict[str, Any]
+  infos: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]]
+
+
+def read_checkpoint(path: str, s: Settings | None) -> Checkpoint:
+  """The checkpoint in directory ``path``, checked before anything else is loaded: its latest step
+  reads, its state has a step (the data position: batch ``k`` is `batch_indices` ``(seed, k)``),
+  the history and the settings, the step is within ``s.steps``, the settings other than those in
+  RESUMABLE are ``s``'s (no check with ``s`` None), and Orbax's metadata gives every leaf's shape.
 
   Raises:
-    FileNotFoundError: no file at ``path``.
-    ValueError: not a regular file; a corrupt or truncated file; not a finetune checkpoint; a step
-      outside ``1..s.steps``; settings that may not change on resume but did (each named).
+    FileNotFoundError: no checkpoint step in ``path``.
+    ValueError: unreadable or truncated files; not a finetune checkpoint; a step outside
+      ``1..s.steps``; settings that may not change on resume but did (each named).
   """
-  with open_safetensors(path) as f:
-    try:
-      text = read_metadata(f, path).get("state")
-      state = json.loads(text) if text is not None else None
-      infos = read_header(f, path)
-    except ValueError as e:  # a corrupt header, invalid JSON
-      raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+  import orbax.checkpoint as ocp
+
+  _check_files(path)
+  try:
+    with _manager(path) as manager:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+      metadata = manager.item_metadata(step)
+      infos = {k: {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in metadata[k].items()} for k in ("lora", "opt")}
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # Orbax and tensorstore raise many kinds on damaged files
+    raise _unusable(path, f"is corrupt or truncated ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+  if state is not None and state.get("step") != step:
+    raise _unusable(path, f"is corrupt: its directory is step {step}, its state says {state.get('step')!r}")
+  if s is not None:
     _check_state(path, state, s)
-    return state, read_tensors(f, infos)
+  return Checkpoint(path, step, state, infos)
+
+
+def _check_files(path: str) -> None:
+  """A ValueError unless ``path`` is a directory whose files are all regular (checked without
+  blocking, `lorax_jax.files.open_regular`: a FIFO or device planted in a checkpoint never hangs Orbax)."""
+  if not os.path.isdir(path):
+    with open_regular(path):  # names a FIFO, socket or device
+      raise _unusable(path, "is a file, not a checkpoint directory")
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open_regular(os.path.join(root, name)):
+        pass
 
 
 def _check_state(path: str, state: Any, s: Settings) -> None:
@@ -540,31 +621,37 @@ def _check_state(path: str, state: Any, s: Settings) -> None:
                        "change), or pick another out_dir")
 
 
-def restore(path: str, tensors: dict[str, np.ndarray], lora: Any, opt_state: Any) -> tuple[Any, Any]:
-  """``(lora, opt_state)`` from a checkpoint's ``tensors``; ``lora`` and ``opt_state`` are templates
-  (fresh ones from ``init_lora`` and ``optimizer.init``) giving the trees' structure, and every
-  leaf must match its template's shape and dtype."""
-  tensors = dict(tensors)
-  fix = "resume with the model and LoRA settings it was made with, or pick another out_dir"
+def restore(checkpoint: Checkpoint, lora: Any, opt_state: Any) -> tuple[Any, Any]:
+  """``(lora, opt_state)`` read from ``checkpoint`` onto the shardings of ``lora`` and ``opt_state``,
+  templates (fresh ones from ``init_lora`` and ``optimizer.init``, placed as training needs them)
+  giving the trees' structure: each process reads the shards on its devices. Every stored leaf must
+  match its template's shape and dtype (checked against the metadata first: Orbax would pad or cut)."""
+  import orbax.checkpoint as ocp
 
-  def rebuild(prefix: str, template: Any) -> Any:
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = []
-    for p, like in paths:
-      key = prefix + jax.tree_util.keystr(p)
-      if key not in tensors:
-        raise ValueError(f"checkpoint {path} lacks {key}, which this model needs: {fix}")
-      if tensors[key].shape != like.shape or tensors[key].dtype != like.dtype:
-        raise ValueError(f"checkpoint {path} was made for another model: {key} is "
-                         f"{tensors[key].dtype}{list(tensors[key].shape)}, this model needs "
-                         f"{like.dtype}{list(like.shape)}; {fix}")
-      leaves.append(jnp.asarray(tensors.pop(key)))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-  lora, opt_state = rebuild("lora", lora), rebuild("opt", opt_state)
-  if tensors:
-    raise ValueError(f"checkpoint {path} has {', '.join(sorted(tensors))}, which this model lacks: {fix}")
-  return lora, opt_state
+  path, fix = checkpoint.path, "resume with the model and LoRA settings it was made with, or pick another out_dir"
+  targets = {}
+  for item, template in (("lora", lora), ("opt", opt_state)):
+    stored, flat = dict(checkpoint.infos[item]), _flat(template)
+    for key, like in flat.items():
+      if key not in stored:
+        raise ValueError(f"checkpoint {path} lacks {item}.{key}, which this model needs: {fix}")
+      shape, dtype = stored.pop(key)
+      if shape != like.shape or dtype != like.dtype:
+        raise ValueError(f"checkpoint {path} was made for another model: {item}.{key} is {dtype}{list(shape)}, "
+                         f"this model needs {like.dtype}{list(like.shape)}; {fix}")
+    if stored:
+      raise ValueError(f"checkpoint {path} has {', '.join(f'{item}.{k}' for k in sorted(stored))}, which this "
+                       f"model lacks: {fix}")
+    targets[item] = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in flat.items()}
+  try:
+    with _manager(path) as manager:
+      read = manager.restore(checkpoint.step, args=ocp.args.Composite(
+          lora=ocp.args.StandardRestore(targets["lora"]), opt=ocp.args.StandardRestore(targets["opt"])))
+  except Exception as e:
+    raise _unusable(path, f"is corrupt or truncated ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+  rebuild = lambda template, values: jax.tree_util.tree_unflatten(jax.tree.structure(template),
+                                                                  [values[k] for k in _flat(template)])
+  return rebuild(lora, read["lora"]), rebuild(opt_state, read["opt"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -653,16 +740,16 @@ def training_mesh(s: Settings) -> Mesh | None:
   return mesh
 
 
-def resume_point(s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """The checked ``(state, tensors)`` of ``s.out_dir``'s checkpoint (`read_checkpoint`)."""
+def resume_point(s: Settings) -> Checkpoint:
+  """The checked checkpoint of ``s.out_dir`` (`read_checkpoint`)."""
   path = os.path.join(s.out_dir, CHECKPOINT)
-  if not os.path.exists(path):
+  if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
   return read_checkpoint(path, s)
 
 
 def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
-        checkpoint: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None,
+        checkpoint: Checkpoint | None = None,
         base_model_name: str | None = None) -> dict[str, Any]:
   """Fine-tune ``model``'s LoRA as ``s`` says; write everything into ``s.out_dir``.
 
@@ -681,7 +768,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   train, held_out = make_examples(s, tokenizer)
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
-  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER,))
+  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, CHECKPOINT))
   mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
   original = params
@@ -708,13 +795,15 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   ckpt = os.path.join(out, CHECKPOINT)
 
   if checkpoint is not None:
-    state, tensors = checkpoint
-    lora, opt_state = restore(ckpt, tensors, unstack_layers(lora), unstack_layers(opt_state))
+    state = dict(checkpoint.state)
+    lora, opt_state = restore(checkpoint, unstack_layers(lora), unstack_layers(opt_state))
     if s.scan_layers:
       lora, opt_state = stack_layers(lora), stack_layers(opt_state)
+    if placement is not None:
+      lora, opt_state = jax.device_put(lora, placement.lora), jax.device_put(opt_state, placement.opt_state)
     say(f"resuming {ckpt} at step {state['step']}")
   else:
-    if os.path.isfile(ckpt):
+    if os.path.isdir(ckpt):
       say(f"note: starting over in {out} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
@@ -751,7 +840,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
   say(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
       f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
-      "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")
+      "samples.txt, metrics.json, settings.yaml, checkpoint/")
   return {**metrics, "lora": lora}
 
 
@@ -793,11 +882,13 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """``lorax-jax finetune``: settings, then the checkpoint (with ``--resume``), then the model, then the run."""
-  s, resume = parse_args(argv)
-  checkpoint = resume_point(s) if resume else None
+  """``lorax-jax finetune``: settings, then the processes (`start_processes`), then the checkpoint
+  (with ``--resume``), then the model, then the run."""
+  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _flags)
+  start_processes(args.coordinator, args.num_processes, args.process_id)
+  checkpoint = resume_point(s) if args.resume else None
   t = time.perf_counter()
   model, params, tokenizer = load_model(s.model, s.dtype, s.quantize)
-  print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
+  say(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
   run(s, model, params, tokenizer, checkpoint=checkpoint,
       base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)
