@@ -16,6 +16,7 @@ import itertools
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -330,3 +331,40 @@ def test_mesh_compiled_step_moves_factors_only_by_their_gradient_reduction(tiny_
   allowance = sum(x.nbytes for x in jax.tree.leaves(lora)) + uses * 2 * s.batch_size * s.seq_len * s.r * 4
   total = check_factor_collectives(lora_hlo, frozen_hlo, mesh, lora, LS.mesh_axes("batch", mesh), allowance)
   print(f"collective bytes: LoRA step {total['lora']:,}, frozen step {total['frozen']:,}, allowance {allowance:,}")
+
+
+# ---------------------------------------------------------------------------------------
+# Two processes
+
+
+def launch_two(tiny, out_dir, *extra: str) -> None:
+  """``lorax-jax finetune`` as two ``jax.distributed`` processes on localhost, 4 host devices each."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  argv = [sys.executable, "-m", "lorax_jax", "finetune", *args(tiny, out_dir, "--mesh", MESH, *extra),
+          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+
+
+def test_two_processes_equal_one(tiny_llama, tmp_path):
+  """Two processes train the same 10 steps as one process on one device, and save one adapter; a
+  checkpoint the two wrote at step 5 resumes in one process and in two, to the same end."""
+  run(tiny_llama, tmp_path / "one")
+  launch_two(tiny_llama, tmp_path / "two")
+  launch_two(tiny_llama, tmp_path / "stopped", "--stop_at", "5")
+  shutil.copytree(tmp_path / "stopped", tmp_path / "resumed_in_one")
+  run(tiny_llama, tmp_path / "resumed_in_one", resume=True)
+  launch_two(tiny_llama, tmp_path / "stopped", "--resume")
+  want = losses(tmp_path / "one")
+  for name in ("two", "resumed_in_one", "stopped"):
+    got = losses(tmp_path / name)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
+    assert_same_adapter(tmp_path / "one", tmp_path / name)
+  assert sorted(os.listdir(tmp_path / "two")) == sorted([*finetune.OUTPUT_FILES, finetune.ADAPTER, finetune.CHECKPOINT])
