@@ -353,8 +353,8 @@ def launch_two(tiny, out_dir, *extra: str) -> None:
 
 
 def test_two_processes_equal_one(tiny_llama, tmp_path):
-  """Two processes train the same 10 steps as one process on one device, and save one adapter; a
-  checkpoint the two wrote at step 5 resumes in one process and in two, to the same end."""
+  """Two processes train the same 10 steps as one process on one device, and save one adapter (that
+  PEFT loads); a checkpoint the two wrote at step 5 resumes in one process and in two, to the same end."""
   run(tiny_llama, tmp_path / "one")
   launch_two(tiny_llama, tmp_path / "two")
   launch_two(tiny_llama, tmp_path / "stopped", "--stop_at", "5")
@@ -368,3 +368,13 @@ def test_two_processes_equal_one(tiny_llama, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, err_msg=name)
     assert_same_adapter(tmp_path / "one", tmp_path / name)
   assert sorted(os.listdir(tmp_path / "two")) == sorted([*finetune.OUTPUT_FILES, finetune.ADAPTER, finetune.CHECKPOINT])
+  # One adapter, which PEFT loads: its logits are lorax_jax's with the same adapter.
+  pytest.importorskip("peft")
+  import peft
+  from test_peft import LLAMA_TOKENS, TOL, max_diff, torch_llama, torch_logits
+
+  _, model, params = load_llama(tiny_llama[0])
+  lora, cfg = lorax_jax.load_adapter(str(tmp_path / "two" / "adapter"), params, finetune.LLAMA_PATH_MAP)
+  torch_model = peft.PeftModel.from_pretrained(torch_llama(tiny_llama[0]), str(tmp_path / "two" / "adapter")).eval()
+  got = lorax_jax.lora_transform(model.apply, params, cfg)(params, lora, np.asarray(LLAMA_TOKENS))
+  assert max_diff(got, torch_logits(torch_model, LLAMA_TOKENS)) < TOL

@@ -393,7 +393,7 @@ class Placement:
 
 def state_shardings(state: Any, lora_shardings: Any, mesh: Mesh) -> Any:
   """Shardings for an optimizer state of the factors: a leaf whose tree path ends with a factor's
-  path (Adam's ``mu``, ``nu``) and has its shape gets that factor's sharding; a scalar (a step
+  path (Adam's ``mu``, ``nu``; the longest such path) gets that factor's sharding; a scalar (a step
   count) is replicated.
 
   Raises:
@@ -403,9 +403,9 @@ def state_shardings(state: Any, lora_shardings: Any, mesh: Mesh) -> Any:
 
   def one(kp: tuple, leaf: Any) -> NamedSharding:
     key = jax.tree_util.keystr(kp)
-    found = [sh for p, sh in by_path.items() if key.endswith(p)]
+    found = [p for p in by_path if key.endswith(p)]
     if found:
-      return found[0]
+      return by_path[max(found, key=len)]
     if np.ndim(leaf) == 0:
       return NamedSharding(mesh, PartitionSpec())
     raise ValueError(f"optimizer state {key} (shape {np.shape(leaf)}) mirrors no LoRA factor, so it has no "
@@ -757,9 +757,12 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   ``metrics.json``) plus ``"lora"``, the trained factors. With a PiSSA/OLoRA ``init`` the factors
   train on the residual base (`lorax_jax.init_lora_and_base`, re-derived on resume) and the
   adapter is saved converted for the original base (``save_adapter(..., initial=...)``).
+  With ``s.mesh`` the base, factors, optimizer state and batches live on that mesh (`place`),
+  over every device of every ``jax.distributed`` process; ``"lora"`` is then gathered to NumPy
+  (`gathered`), and process 0 alone prints and writes the outputs.
 
   Raises:
-    ValueError: unusable data or settings; an ``out_dir`` that `lorax_jax.files.check_destination`
+    ValueError: unusable data or settings (a mesh that does not fit the devices or the batch); an ``out_dir`` that `lorax_jax.files.check_destination`
       refuses (``""``, the working or home directory, a directory holding files the run does not
       write), checked before any training or evaluation.
   """
