@@ -74,7 +74,7 @@ SLOW: dict[str, str] = {
     "tests/test_mesh.py::test_eight_host_devices_in_a_subprocess":
         "the main job on 8 host devices twice and two compiled steps, in a subprocess (3 min)",
     "tests/test_mesh.py::test_two_processes_equal_one":
-        "the main job as two jax.distributed processes (3 launches) and as one (11 min)",
+        "the main job as two jax.distributed processes (3 launches) and as one, then PEFT (10 min)",
     "tests/test_docs.py::test_quickstart_agrees_three_ways":
         "trains SmolLM2 (135M)",
     "tests/test_llama_torch.py::test_smollm2_logits_match_torch":
