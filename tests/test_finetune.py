@@ -14,10 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors import safe_open
 from safetensors.numpy import load_file
-
-from safetensors.numpy import save_file
 
 from lorax_jax import cli, init_lora, init_lora_and_base, load_adapter, lora_transform
 from lorax_jax.apps import finetune, settings
@@ -109,10 +106,8 @@ def test_work_saving_options_train_the_same(tiny, tmp_path):
   np.testing.assert_allclose([fast["eval_before"], fast["eval_after"]],
                              [plain["eval_before"], plain["eval_after"]], rtol=1e-5)
   # Trained on stacked layers, saved per layer: the checkpoints and adapters name the same tensors.
-  fast_ckpt, plain_ckpt = (load_file(str(tmp_path / d / finetune.CHECKPOINT)) for d in ("fast", "plain"))
-  assert fast_ckpt.keys() == plain_ckpt.keys() and any("layers_1" in k for k in fast_ckpt)
-  for k in fast_ckpt:
-    assert fast_ckpt[k].shape == plain_ckpt[k].shape, k
+  fast_ckpt, plain_ckpt = (checkpoint(tmp_path / d).infos for d in ("fast", "plain"))
+  assert fast_ckpt == plain_ckpt and any("layers_1" in k for k in fast_ckpt["lora"])
   adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors"))
               for d in ("fast", "plain")]
   assert adapters[0].keys() == adapters[1].keys()
@@ -142,9 +137,27 @@ def test_evaluation_has_no_dropout_and_no_warning(tiny):
     lora_apply(params, lora, tokens)
 
 
+def checkpoint(out) -> finetune.Checkpoint:
+  return finetune.read_checkpoint(str(out / finetune.CHECKPOINT), None)
+
+
 def checkpoint_state(out) -> dict:
-  with safe_open(str(out / finetune.CHECKPOINT), "np") as f:
-    return json.loads(f.metadata()["state"])
+  return checkpoint(out).state
+
+
+def checkpoint_arrays(out) -> dict[str, np.ndarray]:
+  """Every array of the checkpoint in ``out``, read by Orbax without a template."""
+  import orbax.checkpoint as ocp
+
+  step = checkpoint(out).step
+  with ocp.StandardCheckpointer() as reader:
+    return {f"{item}.{k}": np.asarray(v) for item in ("lora", "opt")
+            for k, v in reader.restore(out / finetune.CHECKPOINT / str(step) / item).items()}
+
+
+def state_file(out):
+  """The JSON file of the checkpoint's state (Orbax's ``state`` item)."""
+  return out / finetune.CHECKPOINT / str(checkpoint(out).step) / "state" / "metadata"
 
 
 def test_resume_continues_exactly(tiny, straight, stopped, tmp_path):
@@ -157,9 +170,8 @@ def test_resume_continues_exactly(tiny, straight, stopped, tmp_path):
     assert resumed[key] == result[key], key
   assert checkpoint_state(tmp_path)["history"] == checkpoint_state(straight_dir)["history"]
   # The whole state, optimizer moments included, matches too.
-  a = load_file(str(straight_dir / finetune.CHECKPOINT))
-  b = load_file(str(tmp_path / finetune.CHECKPOINT))
-  assert a.keys() == b.keys() and any(k.startswith("opt") for k in a)
+  a, b = checkpoint_arrays(straight_dir), checkpoint_arrays(tmp_path)
+  assert a.keys() == b.keys() and any(k.startswith("opt.") and ".mu." in k for k in a)
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
@@ -314,20 +326,23 @@ def test_resume_errors(tiny, stopped, capsys, tmp_path):
   assert f"made with model={tiny[0]!r}" in err
 
 
-def _checkpoint_copy(stopped, tmp_path, damage) -> None:
+def _checkpoint_copy(stopped, tmp_path, item, damage) -> None:
+  """``stopped``'s run in ``tmp_path``, the first file of ``item`` in its checkpoint damaged."""
   shutil.copytree(stopped[0], tmp_path, dirs_exist_ok=True)
-  path = tmp_path / finetune.CHECKPOINT
+  path = state_file(tmp_path) if item == "state" else sorted(state_file(tmp_path).parent.parent.glob(item))[0]
   path.write_bytes(damage(path.read_bytes()))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: np.random.default_rng(1).integers(0, 256, len(b), np.uint8).tobytes(), "is corrupt or truncated"),
-    (lambda b: b[:len(b) - 100], "is corrupt or truncated"),
-    (lambda b: b[:40], "is corrupt or truncated"),
+@pytest.mark.parametrize("item, damage, message", [
+    ("state", lambda b: np.random.default_rng(1).integers(0, 256, len(b), np.uint8).tobytes(),
+     "is corrupt or truncated"),
+    ("state", lambda b: b[:len(b) - 100], "is corrupt or truncated"),
+    ("lora/_METADATA", lambda b: b[:40], "is corrupt or truncated"),
+    ("opt/_METADATA", lambda b: b"", "is corrupt or truncated"),
 ])
 def test_resume_refuses_a_damaged_checkpoint_before_loading_the_model(tiny, stopped, capsys, tmp_path,
-                                                                      monkeypatch, damage, message):
-  _checkpoint_copy(stopped, tmp_path, damage)
+                                                                      monkeypatch, item, damage, message):
+  _checkpoint_copy(stopped, tmp_path, item, damage)
   monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
   err = error_of(args(tiny, tmp_path, "--resume"), capsys)
   assert f"checkpoint {tmp_path / finetune.CHECKPOINT} {message}" in err and "delete it" in err
@@ -340,12 +355,10 @@ def test_resume_refuses_foreign_checkpoints_and_steps_beyond_the_run(tiny, stopp
   # stopped at step 4: resuming a run of 3 steps would claim a finished run it never made
   err = error_of(args(tiny, tmp_path, "--resume", "--steps", "3"), capsys)
   assert f"checkpoint {path} is at step 4, outside this run's 1..steps=3" in err
-  tensors = load_file(str(path))
-  with safe_open(str(path), "np") as f:
-    state = json.loads(f.metadata()["state"])
-  for metadata in ({}, {"state": json.dumps({k: v for k, v in state.items() if k != "settings"})},
-                   {"state": "[1, 2]"}):
-    save_file(tensors, str(path), metadata=metadata)
+  state = checkpoint_state(tmp_path)
+  for text in (json.dumps({k: v for k, v in state.items() if k != "settings"}),
+               json.dumps({k: v for k, v in state.items() if k != "history"})):
+    state_file(tmp_path).write_text(text)
     err = error_of(args(tiny, tmp_path, "--resume"), capsys)
     assert f"checkpoint {path} is not a lorax-jax finetune checkpoint" in err
 
@@ -356,9 +369,8 @@ def test_checkpoint_of_another_model(tiny, stopped):
   _, params, _ = finetune.load_model(s.model, s.dtype)
   lora = init_lora(params, finetune.lora_config(s), jax.random.key(0))
   opt_state = finetune.make_optimizer(s).init(lora)
-  tensors = load_file(str(stopped[0] / finetune.CHECKPOINT))
   with pytest.raises(ValueError, match="was made for another model: lora.*this model needs"):
-    finetune.restore(str(stopped[0] / finetune.CHECKPOINT), tensors, lora, opt_state)
+    finetune.restore(checkpoint(stopped[0]), lora, opt_state)
 
 
 @pytest.mark.parametrize("extra", [("--init", "pissa"), ("--init", "olora", "--loraplus_ratio", "16")])

@@ -12,8 +12,8 @@ assistant's answer in the chat format, every token in the text format.
 
 Written to ``out_dir``: ``adapter/`` (PEFT: ``PeftModel.from_pretrained`` loads it onto the
 Hugging Face model), ``loss.png``, ``samples.txt`` (generations before and after),
-``metrics.json``, ``settings.yaml`` and ``checkpoint.safetensors`` (LoRA factors, optimizer
-state, step and history; no pickle). ``out_dir`` must be a directory of its own: a new one, or
+``metrics.json``, ``settings.yaml`` and ``checkpoint/`` (Orbax: LoRA factors and optimizer state,
+sharded as they train, with the step and history as JSON; no pickle). ``out_dir`` must be a directory of its own: a new one, or
 one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The
 data order and dropout keys are pure functions of ``(seed, step)``, so a resumed run continues
 exactly as an uninterrupted one would.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -35,23 +36,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
-from lorax_jax.files import MAX_TEXT_BYTES, check_destination, read_regular, write_atomic, write_text_atomic
-from lorax_jax.io.tensors import open_safetensors, read_header, read_metadata, read_tensors
+from lorax_jax.files import MAX_TEXT_BYTES, check_destination, open_regular, read_regular, write_atomic, write_text_atomic
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
+from lorax_jax.models.llama_sharding import batch_sharding, make_mesh, mesh_axes, parse_mesh, shard_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint"  # an Orbax checkpoint directory
 ADAPTER = "adapter"
-OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml", CHECKPOINT)  # besides ADAPTER/
+OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml")  # besides ADAPTER/ and CHECKPOINT/
 # Settings that may differ between a checkpoint and the run resuming it.
-RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature")
+RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature", "mesh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Settings:
   loss_positions_only: bool
   scan_layers: bool
   remat: bool
+  mesh: str
 
   def __post_init__(self):
     settings.check([
@@ -120,18 +123,52 @@ class Settings:
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
     ])
+    if self.mesh:
+      parse_mesh(self.mesh)  # its ValueError names the problem
     lora_config(self)  # r, alpha, dropout, targets, init and use_dora are LoraConfig's to check
 
 
-def _resume_flag(parser: argparse.ArgumentParser) -> None:
+def _flags(parser: argparse.ArgumentParser) -> None:
+  """The flags of a launch rather than of a run's settings: resuming, and the processes."""
   parser.add_argument("--resume", action="store_true", help="go on from the checkpoint in out_dir")
+  parser.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="jax.distributed's coordinator (process 0's address; default $JAX_COORDINATOR_ADDRESS); "
+                           "auto: detect the cluster (TPU pod, SLURM, Open MPI)")
+  parser.add_argument("--num-processes", type=int, help="processes in all (default $JAX_NUM_PROCESSES)")
+  parser.add_argument("--process-id", type=int, help="this process, 0..N-1 (default $JAX_PROCESS_ID)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, bool]:
   """``(settings, resume)`` from the packaged finetune.yaml, ``--config`` and ``--key value`` flags
   (`lorax_jax.apps.settings.parse`)."""
-  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _resume_flag)
+  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _flags)
   return s, args.resume
+
+
+def start_processes(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+  """Join ``jax.distributed`` when a coordinator is given (or ``$JAX_COORDINATOR_ADDRESS``, with
+  ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID`` as the other two's defaults); ``"auto"`` lets JAX
+  detect the cluster. CPU collectives go through gloo. Without a coordinator: one process, nothing done.
+
+  Raises:
+    ValueError: a process count or id missing where JAX cannot detect them, or out of range.
+  """
+  coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if coordinator is None:
+    return
+  env = lambda name: int(os.environ[name]) if os.environ.get(name, "").strip().isdigit() else None
+  num_processes = num_processes if num_processes is not None else env("JAX_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else env("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    if coordinator == "auto":
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(coordinator, num_processes, process_id)
+  except (ValueError, TypeError, RuntimeError) as e:
+    raise ValueError(f"jax.distributed could not start ({' '.join(str(e).split())}): pass --coordinator HOST:PORT "
+                     "--num-processes N --process-id I (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                     "JAX_PROCESS_ID) on every process") from None
 
 
 def lora_config(s: Settings) -> lorax_jax.LoraConfig:
@@ -334,15 +371,75 @@ def make_optimizer(s: Settings) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where training lives on a mesh: a ``Sharding`` tree for each argument of the train step.
+
+  ``params`` by `lorax_jax.models.llama_sharding.llama_shardings`, ``lora`` by
+  `lorax_jax.lora_shardings` (each factor like its kernel), ``opt_state`` like the factors
+  (`state_shardings`), ``batch`` (token and weight rows) over the batch axes; scalars replicated.
+  """
+
+  mesh: Mesh
+  params: Any
+  lora: Any
+  opt_state: Any
+  batch: NamedSharding
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+
+def state_shardings(state: Any, lora_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state of the factors: a leaf whose tree path ends with a factor's
+  path (Adam's ``mu``, ``nu``; the longest such path) gets that factor's sharding; a scalar (a step
+  count) is replicated.
+
+  Raises:
+    ValueError: an array leaf that mirrors no factor (named by its path).
+  """
+  by_path = {jax.tree_util.keystr(p): sh for p, sh in jax.tree_util.tree_flatten_with_path(lora_shardings)[0]}
+
+  def one(kp: tuple, leaf: Any) -> NamedSharding:
+    key = jax.tree_util.keystr(kp)
+    found = [p for p in by_path if key.endswith(p)]
+    if found:
+      return by_path[max(found, key=len)]
+    if np.ndim(leaf) == 0:
+      return NamedSharding(mesh, PartitionSpec())
+    raise ValueError(f"optimizer state {key} (shape {np.shape(leaf)}) mirrors no LoRA factor, so it has no "
+                     "place on the mesh: an optimizer whose state is per factor (like AdamW's) is needed")
+
+  return jax.tree_util.tree_map_with_path(one, state)
+
+
+def place(mesh: Mesh, params: Any, lora: Any, cfg: lorax_jax.LoraConfig, optimizer: optax.GradientTransformation
+          ) -> tuple[Any, Any, Any, Placement]:
+  """``(params, lora, opt_state, placement)`` on ``mesh``: the base by the Llama table (each axis the
+  mesh does not divide kept whole, and said), the factors by `lorax_jax.lora_shardings`, a fresh
+  optimizer state like the factors."""
+  params, notes = shard_llama(params, mesh)
+  for note in notes:
+    say(f"note: {note}")
+  lora_sh = lorax_jax.lora_shardings(params, cfg)
+  lora = jax.device_put(lora, lora_sh)
+  opt_state = optimizer.init(lora)
+  opt_sh = state_shardings(opt_state, lora_sh, mesh)
+  placement = Placement(mesh, jax.tree.map(lambda x: x.sharding, params), lora_sh, opt_sh, batch_sharding(mesh))
+  return params, lora, jax.device_put(opt_state, opt_sh), placement
+
+
 def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
                prefix_len: int = 0, max_targets: int | None = None,
-               eval_apply: Callable[..., Any] | None = None):
+               eval_apply: Callable[..., Any] | None = None, placement: Placement | None = None):
   """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
   and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
   with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
   differentiated, never baked into the compiled code. ``eval_apply`` (default ``lora_apply``)
   is the transform evaluation runs: `eval_transform`'s, so that evaluation, which has no dropout
-  key by design, is not warned about one."""
+  key by design, is not warned about one. With a ``placement`` both are jitted with its
+  in and out shardings (the factors and optimizer state stay where they are; the loss replicated)."""
   def loss_sums(params, lora, tokens, weights, rng, apply=lora_apply):
     return causal_lm_loss_sums(apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
                                max_targets=max_targets)
@@ -359,7 +456,18 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
   def eval_sums(params, lora, tokens, weights):
     return loss_sums(params, lora, tokens, weights, None, eval_apply or lora_apply)
 
-  return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+  if placement is None:
+    return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
+  p, one = placement, placement.replicated
+  return (jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(p.lora, p.opt_state, p.params, p.batch, p.batch, one),
+                  out_shardings=(p.lora, p.opt_state, one)),
+          jax.jit(eval_sums, in_shardings=(p.params, p.lora, p.batch, p.batch), out_shardings=(one, one)))
+
+
+def put_batch(placement: Placement | None, *rows: np.ndarray) -> tuple[Any, ...]:
+  """Host rows (every process holds the whole batch) as arrays split over the mesh's batch axes;
+  unchanged without a placement."""
+  return rows if placement is None else tuple(jax.device_put(x, placement.batch) for x in rows)
 
 
 def eval_transform(apply_fn: Callable[..., Any], params: Any, cfg: lorax_jax.LoraConfig) -> Callable[..., Any]:
@@ -380,13 +488,14 @@ def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: 
 
 
 def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, examples: Examples,
-             batch_size: int) -> float:
+             batch_size: int, placement: Placement | None = None) -> float:
   """Mean cross-entropy per target token over ``examples``, in batches of ``batch_size`` (the last
-  padded with weightless rows, so one compilation serves every batch)."""
+  padded with weightless rows, so one compilation serves every batch), each on ``placement``'s
+  batch sharding if given."""
   pad = -len(examples) % batch_size
   tokens = np.concatenate([examples.tokens, np.repeat(examples.tokens[:1], pad, 0)])
   weights = np.concatenate([examples.weights, np.zeros((pad, examples.weights.shape[1]), np.float32)])
-  sums = [eval_sums(params, lora, tokens[i:i + batch_size], weights[i:i + batch_size])
+  sums = [eval_sums(params, lora, *put_batch(placement, tokens[i:i + batch_size], weights[i:i + batch_size]))
           for i in range(0, len(tokens), batch_size)]
   total, count = np.sum(np.array(jax.device_get(sums), np.float64), axis=0)
   return float(total / count)
@@ -405,47 +514,97 @@ def sample(model: Any, params: Any, tokenizer: Tokenizer, s: Settings, lora: Any
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints: tensors in safetensors, everything else as JSON in its metadata
+# Checkpoints: Orbax, each process writing its shards; the state as JSON beside them
 
 
-def _flat(tree: Any) -> dict[str, jax.Array]:
-  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def _flat(tree: Any) -> dict[str, Any]:
+  """Leaves by their tree paths joined with ``.`` (``params.model.layers_0.self_attn.q_proj.kernel.a``)."""
+  return {jax.tree_util.keystr(p, simple=True, separator="."): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _manager(path: str) -> Any:
+  """The Orbax ``CheckpointManager`` of the checkpoint directory ``path``: one step kept (a new one
+  is complete on disk before the old one is deleted), written synchronously."""
+  import orbax.checkpoint as ocp
+
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False, create=True)
+  handlers = {"lora": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+              "state": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(path), options=options, item_handlers=handlers)
 
 
 def save_checkpoint(path: str, lora: Any, opt_state: Any, state: dict[str, Any]) -> None:
-  """LoRA factors and optimizer state leaves (named by their tree paths) plus ``state`` as JSON,
-  in one file written atomically."""
-  from safetensors.numpy import save_file
+  """LoRA factors and optimizer state leaves (named by their tree paths; each process writes the
+  shards on its devices) plus ``state`` as JSON (written by process 0), as step ``state["step"]``
+  of the Orbax checkpoint directory ``path``. A collective: every process calls it. Orbax writes a
+  step into a temporary directory and renames it when every process is done, so a crash leaves
+  the previous step."""
+  import orbax.checkpoint as ocp
 
-  tensors = {f"lora{k}": np.asarray(x) for k, x in _flat(lora).items()}
-  tensors |= {f"opt{k}": np.asarray(x) for k, x in _flat(opt_state).items()}
-  write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(state)}))
+  with _manager(path) as manager:
+    manager.save(state["step"], args=ocp.args.Composite(lora=ocp.args.StandardSave(_flat(lora)),
+                                                        opt=ocp.args.StandardSave(_flat(opt_state)),
+                                                        state=ocp.args.JsonSave(state)), force=True)
 
 
 def _unusable(path: str, problem: str) -> ValueError:
   return ValueError(f"checkpoint {path} {problem}: delete it to start over, or pick another out_dir")
 
 
-def read_checkpoint(path: str, s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """``(state, tensors)`` of `save_checkpoint`'s file, checked before anything is used: the file
-  reads whole, its state has a step and the settings, the step is within ``s.steps``, and the
-  settings other than those in RESUMABLE are ``s``'s. It is read as `lorax_jax.io.tensors` reads
-  adapters: a regular file only, the header checked before any tensor is read.
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A checked checkpoint (`read_checkpoint`): its directory, step, state and the shape and dtype
+  of every stored leaf (``infos["lora"]``, ``infos["opt"]``: path -> ``(shape, dtype)``)."""
+
+  path: str
+  step: int
+  state: dict[str, Any]
+  infos: dict[str, dict[str, tuple[tuple[int, ...], np.dtype]]]
+
+
+def read_checkpoint(path: str, s: Settings | None) -> Checkpoint:
+  """The checkpoint in directory ``path``, checked before anything else is loaded: its latest step
+  reads, its state has a step (the data position: batch ``k`` is `batch_indices` ``(seed, k)``),
+  the history and the settings, the step is within ``s.steps``, the settings other than those in
+  RESUMABLE are ``s``'s (no check with ``s`` None), and Orbax's metadata gives every leaf's shape.
 
   Raises:
-    FileNotFoundError: no file at ``path``.
-    ValueError: not a regular file; a corrupt or truncated file; not a finetune checkpoint; a step
-      outside ``1..s.steps``; settings that may not change on resume but did (each named).
+    FileNotFoundError: no checkpoint step in ``path``.
+    ValueError: unreadable or truncated files; not a finetune checkpoint; a step outside
+      ``1..s.steps``; settings that may not change on resume but did (each named).
   """
-  with open_safetensors(path) as f:
-    try:
-      text = read_metadata(f, path).get("state")
-      state = json.loads(text) if text is not None else None
-      infos = read_header(f, path)
-    except ValueError as e:  # a corrupt header, invalid JSON
-      raise _unusable(path, f"is corrupt or truncated ({' '.join(str(e).split())})") from None
+  import orbax.checkpoint as ocp
+
+  _check_files(path)
+  try:
+    with _manager(path) as manager:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"]
+      metadata = manager.item_metadata(step)
+      infos = {k: {name: (tuple(m.shape), np.dtype(m.dtype)) for name, m in metadata[k].items()} for k in ("lora", "opt")}
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # Orbax and tensorstore raise many kinds on damaged files
+    raise _unusable(path, f"is corrupt or truncated ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+  if state is not None and state.get("step") != step:
+    raise _unusable(path, f"is corrupt: its directory is step {step}, its state says {state.get('step')!r}")
+  if s is not None:
     _check_state(path, state, s)
-    return state, read_tensors(f, infos)
+  return Checkpoint(path, step, state, infos)
+
+
+def _check_files(path: str) -> None:
+  """A ValueError unless ``path`` is a directory whose files are all regular (checked without
+  blocking, `lorax_jax.files.open_regular`: a FIFO or device planted in a checkpoint never hangs Orbax)."""
+  if not os.path.isdir(path):
+    with open_regular(path):  # names a FIFO, socket or device
+      raise _unusable(path, "is a file, not a checkpoint directory")
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open_regular(os.path.join(root, name)):
+        pass
 
 
 def _check_state(path: str, state: Any, s: Settings) -> None:
@@ -462,35 +621,73 @@ def _check_state(path: str, state: Any, s: Settings) -> None:
                        "change), or pick another out_dir")
 
 
-def restore(path: str, tensors: dict[str, np.ndarray], lora: Any, opt_state: Any) -> tuple[Any, Any]:
-  """``(lora, opt_state)`` from a checkpoint's ``tensors``; ``lora`` and ``opt_state`` are templates
-  (fresh ones from ``init_lora`` and ``optimizer.init``) giving the trees' structure, and every
-  leaf must match its template's shape and dtype."""
-  tensors = dict(tensors)
-  fix = "resume with the model and LoRA settings it was made with, or pick another out_dir"
+def restore(checkpoint: Checkpoint, lora: Any, opt_state: Any) -> tuple[Any, Any]:
+  """``(lora, opt_state)`` read from ``checkpoint`` onto the shardings of ``lora`` and ``opt_state``,
+  templates (fresh ones from ``init_lora`` and ``optimizer.init``, placed as training needs them)
+  giving the trees' structure: each process reads the shards on its devices. Every stored leaf must
+  match its template's shape and dtype (checked against the metadata first: Orbax would pad or cut)."""
+  import orbax.checkpoint as ocp
 
-  def rebuild(prefix: str, template: Any) -> Any:
-    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
-    leaves = []
-    for p, like in paths:
-      key = prefix + jax.tree_util.keystr(p)
-      if key not in tensors:
-        raise ValueError(f"checkpoint {path} lacks {key}, which this model needs: {fix}")
-      if tensors[key].shape != like.shape or tensors[key].dtype != like.dtype:
-        raise ValueError(f"checkpoint {path} was made for another model: {key} is "
-                         f"{tensors[key].dtype}{list(tensors[key].shape)}, this model needs "
-                         f"{like.dtype}{list(like.shape)}; {fix}")
-      leaves.append(jnp.asarray(tensors.pop(key)))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-  lora, opt_state = rebuild("lora", lora), rebuild("opt", opt_state)
-  if tensors:
-    raise ValueError(f"checkpoint {path} has {', '.join(sorted(tensors))}, which this model lacks: {fix}")
-  return lora, opt_state
+  path, fix = checkpoint.path, "resume with the model and LoRA settings it was made with, or pick another out_dir"
+  targets = {}
+  for item, template in (("lora", lora), ("opt", opt_state)):
+    stored, flat = dict(checkpoint.infos[item]), _flat(template)
+    for key, like in flat.items():
+      if key not in stored:
+        raise ValueError(f"checkpoint {path} lacks {item}.{key}, which this model needs: {fix}")
+      shape, dtype = stored.pop(key)
+      if shape != like.shape or dtype != like.dtype:
+        raise ValueError(f"checkpoint {path} was made for another model: {item}.{key} is {dtype}{list(shape)}, "
+                         f"this model needs {like.dtype}{list(like.shape)}; {fix}")
+    if stored:
+      raise ValueError(f"checkpoint {path} has {', '.join(f'{item}.{k}' for k in sorted(stored))}, which this "
+                       f"model lacks: {fix}")
+    targets[item] = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in flat.items()}
+  try:
+    with _manager(path) as manager:
+      read = manager.restore(checkpoint.step, args=ocp.args.Composite(
+          lora=ocp.args.StandardRestore(targets["lora"]), opt=ocp.args.StandardRestore(targets["opt"])))
+  except Exception as e:
+    raise _unusable(path, f"is corrupt or truncated ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+  rebuild = lambda template, values: jax.tree_util.tree_unflatten(jax.tree.structure(template),
+                                                                  [values[k] for k in _flat(template)])
+  return rebuild(lora, read["lora"]), rebuild(opt_state, read["opt"])
 
 
 # ---------------------------------------------------------------------------------------
-# Outputs
+# Outputs (written by process 0 alone)
+
+
+def primary() -> bool:
+  """Whether this is the process that writes the outputs and prints (process 0; the only one
+  without ``jax.distributed``)."""
+  return jax.process_index() == 0
+
+
+def say(text: str) -> None:
+  """Print ``text`` from process 0 only."""
+  if primary():
+    print(text, flush=True)
+
+
+def gathered(lora: Any) -> Any:
+  """``lora`` as NumPy arrays, each whole on every process (``process_allgather`` of the shards:
+  a collective, so every process calls it). Saving, sampling and the returned factors use it."""
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(lora, tiled=True)
+
+
+def save_trained_adapter(directory: str, lora: Any, cfg: lorax_jax.LoraConfig, params: Any, initial: Any,
+                         base_model_name: str | None) -> None:
+  """The PEFT adapter of ``lora`` (`gathered`) for ``params``, written by process 0; every process
+  returns once it is on disk. ``initial``: PiSSA/OLoRA's starting factors (saved converted)."""
+  from jax.experimental import multihost_utils
+
+  if primary():
+    lorax_jax.save_adapter(directory, lora, cfg, params, LLAMA_PATH_MAP, base_model_name_or_path=base_model_name,
+                           task_type="CAUSAL_LM", initial=initial)
+  multihost_utils.sync_global_devices("lorax_jax finetune: adapter saved")
 
 
 def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]]) -> None:
@@ -523,16 +720,36 @@ def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[
 # The run
 
 
-def resume_point(s: Settings) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """The checked ``(state, tensors)`` of ``s.out_dir``'s checkpoint (`read_checkpoint`)."""
+def training_mesh(s: Settings) -> Mesh | None:
+  """The mesh ``s.mesh`` spells over every device of every process (None: one device).
+
+  Raises:
+    ValueError: several processes without a mesh; sizes that do not multiply to the device count;
+      a batch the batch axes do not divide.
+  """
+  if not s.mesh:
+    if jax.process_count() > 1:
+      raise ValueError(f"{jax.process_count()} processes need a mesh over their {jax.device_count()} devices: "
+                       f"pass --mesh data={jax.device_count()} (or fsdp/tensor axes)")
+    return None
+  mesh = make_mesh(s.mesh)
+  ways = math.prod(mesh.shape[a] for a in mesh_axes("batch", mesh))
+  if s.batch_size % ways:
+    raise ValueError(f"batch_size={s.batch_size} does not split over the mesh's {ways} batch places (data × fsdp of "
+                     f"{s.mesh}): make it a multiple of {ways}")
+  return mesh
+
+
+def resume_point(s: Settings) -> Checkpoint:
+  """The checked checkpoint of ``s.out_dir`` (`read_checkpoint`)."""
   path = os.path.join(s.out_dir, CHECKPOINT)
-  if not os.path.exists(path):
+  if not os.path.isdir(path):
     raise FileNotFoundError(f"no checkpoint to resume at {path}: run without --resume first")
   return read_checkpoint(path, s)
 
 
 def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
-        checkpoint: tuple[dict[str, Any], dict[str, np.ndarray]] | None = None,
+        checkpoint: Checkpoint | None = None,
         base_model_name: str | None = None) -> dict[str, Any]:
   """Fine-tune ``model``'s LoRA as ``s`` says; write everything into ``s.out_dir``.
 
@@ -540,9 +757,12 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   ``metrics.json``) plus ``"lora"``, the trained factors. With a PiSSA/OLoRA ``init`` the factors
   train on the residual base (`lorax_jax.init_lora_and_base`, re-derived on resume) and the
   adapter is saved converted for the original base (``save_adapter(..., initial=...)``).
+  With ``s.mesh`` the base, factors, optimizer state and batches live on that mesh (`place`),
+  over every device of every ``jax.distributed`` process; ``"lora"`` is then gathered to NumPy
+  (`gathered`), and process 0 alone prints and writes the outputs.
 
   Raises:
-    ValueError: unusable data or settings; an ``out_dir`` that `lorax_jax.files.check_destination`
+    ValueError: unusable data or settings (a mesh that does not fit the devices or the batch); an ``out_dir`` that `lorax_jax.files.check_destination`
       refuses (``""``, the working or home directory, a directory holding files the run does not
       write), checked before any training or evaluation.
   """
@@ -551,77 +771,89 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   train, held_out = make_examples(s, tokenizer)
   held_out = held_out.take(slice(s.eval_examples))
   cfg = lora_config(s)
-  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER,))
+  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, CHECKPOINT))
+  mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
-  print(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
+  base = params  # per layer, on one device: sampling after training runs on it
+  say(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
         f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
         f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
         f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
   train_model, params, lora, train_cfg = training_layout(s.scan_layers, model.clone(remat=s.remat), params, lora,
                                                           cfg)
   optimizer = make_optimizer(s)
-  opt_state = optimizer.init(lora)
+  placement = None
+  if mesh is None:
+    opt_state = optimizer.init(lora)
+  else:
+    params, lora, opt_state, placement = place(mesh, params, lora, train_cfg, optimizer)
+    say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices of {jax.process_count()} process(es)")
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
   train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out),
-                                     eval_apply=eval_transform(train_model.apply, params, train_cfg))
+                                     eval_apply=eval_transform(train_model.apply, params, train_cfg),
+                                     placement=placement)
   ckpt = os.path.join(out, CHECKPOINT)
 
   if checkpoint is not None:
-    state, tensors = checkpoint
-    lora, opt_state = restore(ckpt, tensors, unstack_layers(lora), unstack_layers(opt_state))
+    state = dict(checkpoint.state)
+    lora, opt_state = restore(checkpoint, unstack_layers(lora), unstack_layers(opt_state))
     if s.scan_layers:
       lora, opt_state = stack_layers(lora), stack_layers(opt_state)
-    print(f"resuming {ckpt} at step {state['step']}")
+    if placement is not None:
+      lora, opt_state = jax.device_put(lora, placement.lora), jax.device_put(opt_state, placement.opt_state)
+    say(f"resuming {ckpt} at step {state['step']}")
   else:
-    if os.path.isfile(ckpt):
-      print(f"note: starting over in {out} (--resume would continue its checkpoint)")
+    if os.path.isdir(ckpt):
+      say(f"note: starting over in {out} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
-             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size)}
+             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)}
     t_eval = time.perf_counter()
     state["samples_before"] = sample(model, original, tokenizer, s)
-    print(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
+    say(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
           f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
-  os.makedirs(out, exist_ok=True)
-  write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
+  if primary():
+    os.makedirs(out, exist_ok=True)
+    write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
 
-  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt)
+  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt,
+                                      placement)
   if state["step"] < s.steps:
-    print(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
-    return {**state, "lora": unstack_layers(lora)}
+    say(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
+    return {**state, "lora": gathered(unstack_layers(lora))}
 
   t = time.perf_counter()
-  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size)
-  lora = unstack_layers(lora)
-  samples_after = sample(model, unstack_layers(params), tokenizer, s, lora, cfg)
-  print(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
-  lorax_jax.save_adapter(os.path.join(out, ADAPTER), lora, cfg, original, LLAMA_PATH_MAP,
-                         base_model_name_or_path=base_model_name, task_type="CAUSAL_LM", initial=initial)
-  plot_losses(os.path.join(out, "loss.png"), state["history"],
-              [(0, state["eval_before"]), (s.steps, eval_after)])
+  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)
+  lora = gathered(unstack_layers(lora))
+  samples_after = sample(model, base, tokenizer, s, lora, cfg)
+  say(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
+  save_trained_adapter(os.path.join(out, ADAPTER), lora, cfg, original, initial, base_model_name)
   text = samples_text(s.sample_prompts, state["samples_before"], samples_after)
-  write_text_atomic(os.path.join(out, "samples.txt"), text)
   metrics = {"eval_before": state["eval_before"], "eval_after": eval_after, "steps": s.steps,
              "train_seconds": state["train_seconds"],
              "tokens_per_second": state["train_tokens"] / max(state["train_seconds"], 1e-9),
              "samples_before": state["samples_before"], "samples_after": samples_after}
-  write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-  print(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
-        f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
-        "samples.txt, metrics.json, settings.yaml, checkpoint.safetensors")
+  if primary():
+    plot_losses(os.path.join(out, "loss.png"), state["history"], [(0, state["eval_before"]), (s.steps, eval_after)])
+    write_text_atomic(os.path.join(out, "samples.txt"), text)
+    write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
+  say(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
+      f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
+      "samples.txt, metrics.json, settings.yaml, checkpoint/")
   return {**metrics, "lora": lora}
 
 
 def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: Any,
                state: dict[str, Any], train_step: Callable[..., Any], key_dropout: jax.Array,
-               ckpt: str) -> tuple[Any, Any, dict[str, Any]]:
+               ckpt: str, placement: Placement | None = None) -> tuple[Any, Any, dict[str, Any]]:
   """Steps ``state["step"] .. stop``, a checkpoint every ``save_every`` steps and at the end.
 
-  Batch ``k`` is `batch_indices` ``(seed, k)`` and its dropout key ``fold_in(key_dropout, k)``.
+  Batch ``k`` is `batch_indices` ``(seed, k)`` (every process computes the whole batch and
+  `put_batch` keeps its devices' rows) and its dropout key ``fold_in(key_dropout, k)``.
   Tokens per second count the non-padding tokens read, after the first (compiling) step.
   """
   from tqdm import tqdm
@@ -629,11 +861,11 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
   stop = s.stop_at or s.steps
   state = dict(state)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
-             dynamic_ncols=True, file=sys.stdout)
+             dynamic_ncols=True, file=sys.stdout, disable=not primary())
   last, start = None, time.perf_counter()
   for step in bar:
     batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
-    lora, opt_state, loss = train_step(lora, opt_state, params, batch.tokens, batch.weights,
+    lora, opt_state, loss = train_step(lora, opt_state, params, *put_batch(placement, batch.tokens, batch.weights),
                                        jax.random.fold_in(key_dropout, step))
     loss = float(loss)
     now = time.perf_counter()
@@ -653,11 +885,13 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  """``lorax-jax finetune``: settings, then the checkpoint (with ``--resume``), then the model, then the run."""
-  s, resume = parse_args(argv)
-  checkpoint = resume_point(s) if resume else None
+  """``lorax-jax finetune``: settings, then the processes (`start_processes`), then the checkpoint
+  (with ``--resume``), then the model, then the run."""
+  s, args = settings.parse(Settings, "finetune", argv, __doc__.split("\n")[0], _flags)
+  start_processes(args.coordinator, args.num_processes, args.process_id)
+  checkpoint = resume_point(s) if args.resume else None
   t = time.perf_counter()
   model, params, tokenizer = load_model(s.model, s.dtype, s.quantize)
-  print(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
+  say(f"loaded {s.model} in {time.perf_counter() - t:.0f}s")
   run(s, model, params, tokenizer, checkpoint=checkpoint,
       base_model_name=SMOLLM2_NAME if s.model == "smollm2" else s.model)
