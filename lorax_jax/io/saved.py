@@ -7,8 +7,10 @@ saves each of its tensors under the module's own name, in torch's layout:
                                                base_model.model.classifier.bias    [labels]
 
 (in memory PEFT calls them ``<module>.modules_to_save.default.<leaf>``) and lists the modules in
-``adapter_config.json``'s ``modules_to_save``; loading matches a module by
-``module_name.endswith(entry)``. Here those copies are the LoRA tree's `SAVED_KEY` subtree
+``adapter_config.json``'s ``modules_to_save``. PEFT wraps every module whose name ends with an
+entry (``key.endswith(entry)``, plain string suffix), so an entry may name a parent module:
+``["pooler"]`` on BERT wraps ``bert.pooler`` and saves ``bert.pooler.dense.weight`` and ``.bias``;
+loading takes a tensor when any of its enclosing modules (`enclosing_modules`) ends with an entry. Here those copies are the LoRA tree's `SAVED_KEY` subtree
 (`lorax_jax.init`); a tensor name is the path map's name of the leaf (without a map: the Flax
 path joined with ``.``, layout unchanged).
 """
@@ -85,8 +87,7 @@ def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], param
     name = key.removeprefix(PREFIX)
     if not key.startswith(PREFIX) or name not in table:
       continue
-    module = name.rpartition(".")[0] or name
-    if not any(module.endswith(e) for e in entries):
+    if not any(m.endswith(e) for m in enclosing_modules(name) for e in entries):
       continue
     path, kind = table[name]
     want = pathmap.torch_shape(shapes[path], kind)
@@ -95,6 +96,14 @@ def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], param
                        f"needs a float tensor of shape {want}")
     found[key] = (path, kind)
   return found
+
+
+def enclosing_modules(name: str) -> list[str]:
+  """The module names enclosing the tensor ``name``, innermost first, as PEFT's ``named_modules``
+  lists them (``"bert.pooler.dense.weight"``: ``bert.pooler.dense``, ``bert.pooler``, ``bert``); a
+  name without ``.`` is its own module."""
+  parts = name.split(".")
+  return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)] or [name]
 
 
 def saved_tree(tensors: Mapping[str, np.ndarray], keys: Mapping[str, tuple[Path, str]], params: Any

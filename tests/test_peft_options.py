@@ -1,0 +1,117 @@
+"""PEFT options beyond plain LoRA, each both ways against real PEFT (issue 23).
+
+For every option: a PEFT adapter (random factors) loads here with PEFT's outputs, and an adapter
+saved here loads in PEFT with no missing or unexpected key, the same outputs, and exactly the
+tensor keys of PEFT's own ``get_peft_model_state_dict``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from lorax_jax import LoraConfig, lora_transform
+from lorax_jax.io import load_adapter, save_adapter
+from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
+from test_io import random_lora
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-4
+WEIGHTS = "adapter_model.safetensors"
+
+
+def max_diff(x, y) -> float:
+  return float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+
+
+def randomize(model, seed=0):
+  """Every trainable PEFT tensor random (PEFT starts lora_B at zero, copies equal to the base)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      if p.requires_grad:
+        p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def peft_loads(base, directory):
+  """``base`` with the adapter in ``directory`` loaded by PEFT, checked: no missing adapter key
+  (PEFT's warning), no unexpected key, and the file's keys exactly PEFT's own state dict's."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = peft.PeftModel.from_pretrained(base, str(directory)).eval()
+  assert not [w for w in caught if "missing adapter keys" in str(w.message)]
+  ours = load_file(str(directory / WEIGHTS))
+  result = peft.set_peft_model_state_dict(model, ours)
+  assert result.unexpected_keys == []
+  assert set(ours) == set(peft.get_peft_model_state_dict(model))
+  return model
+
+
+# ---- BERT ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=40, max_position_embeddings=16, num_labels=3,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  directory = tmp_path_factory.mktemp("bert")
+  transformers.BertForSequenceClassification(config).save_pretrained(str(directory))
+  return str(directory)
+
+
+BERT_IDS = np.random.default_rng(0).integers(0, 50, size=(2, 6))
+
+
+def torch_bert(directory):
+  return transformers.BertForSequenceClassification.from_pretrained(directory).eval()
+
+
+def bert_logits_torch(model):
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(BERT_IDS), attention_mask=torch.ones(BERT_IDS.shape)).logits.numpy()
+
+
+def bert_logits_jax(bert_dir, params, lora, cfg):
+  bert_config, _ = load_bert(bert_dir)
+  apply_fn = BertForSequenceClassification(bert_config).apply
+  ids = jnp.asarray(BERT_IDS)
+  return lora_transform(apply_fn, params, cfg)(params, lora, ids, jnp.ones_like(ids))
+
+
+def bert_both_ways(tmp_path, bert_dir, peft_cfg, cfg):
+  """PEFT → here and here → PEFT on the BERT classifier, each within TOL, each changing the logits."""
+  _, params = load_bert(bert_dir)
+  plain = bert_logits_torch(torch_bert(bert_dir))
+  model = peft.get_peft_model(torch_bert(bert_dir), peft_cfg)
+  randomize(model)
+  model.save_pretrained(str(tmp_path / "peft"))
+  lora, loaded_cfg = load_adapter(str(tmp_path / "peft"), params, BERT_PATH_MAP)
+  want = bert_logits_torch(model.eval())
+  assert max_diff(bert_logits_jax(bert_dir, params, lora, loaded_cfg), want) < TOL
+  assert max_diff(want, plain) > 1e-3
+
+  lora = random_lora(params, cfg)
+  save_adapter(str(tmp_path / "ours"), lora, cfg, params, BERT_PATH_MAP)
+  model = peft_loads(torch_bert(bert_dir), tmp_path / "ours")
+  want = bert_logits_torch(model)
+  assert max_diff(bert_logits_jax(bert_dir, params, lora, cfg), want) < TOL
+  assert max_diff(want, plain) > 1e-3
+  return loaded_cfg
+
+
+def test_modules_to_save_parent_module(tmp_path, bert_dir):
+  """``modules_to_save=["pooler"]`` wraps the whole ``bert.pooler`` (PEFT saves its
+  ``dense.weight``/``.bias``). Before: refused as unexpected keys."""
+  cfg = bert_both_ways(tmp_path, bert_dir,
+                       peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["pooler"]),
+                       LoraConfig(r=4, alpha=8, targets=["query"], modules_to_save=["pooler"]))
+  assert cfg.modules_to_save is not None
