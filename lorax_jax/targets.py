@@ -163,14 +163,17 @@ def accumulation_dtype(*xs: Any) -> Any:
 def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> dict[Path, Target]:
   """The targets of ``cfg`` in ``params``, keyed by path, in tree order.
 
-  ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
+  A rank may exceed a kernel's input or output size (PEFT accepts it: ``ΔW = s·A⊗B`` is then of full
+  rank at most, and the math holds), except with a PiSSA or OLoRA init, which takes ``r`` singular or
+  QR directions of the kernel. ``check_rank=False`` skips that check (`axes_from_use` runs before the
+  layouts are known).
 
   Args:
     params: the params tree (arrays, `QArray`\\ s or ``jax.ShapeDtypeStruct``\\ s: only shapes
       and dtypes are read).
     cfg: what to adapt (`LoraConfig`'s ``target_fn``, ``targets`` or switches, ``exclude``,
       patterns, layers).
-    check_rank: check that each rank fits its kernel.
+    check_rank: check that each rank fits its kernel (PiSSA and OLoRA inits only).
 
   Returns:
     ``{path: Target}``, ``path`` a tuple of strings.
@@ -178,7 +181,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   Raises:
     ValueError: nothing matched (the message lists a sample of the available paths),
       a matched leaf is not a float array of rank >= 2, its ``kernel_axes`` do not fit its
-      shape, or its rank ``r`` exceeds its input or output size.
+      shape, or (PiSSA, OLoRA) its rank ``r`` exceeds its input or output size.
 
   >>> import jax.numpy as jnp, lorax_jax
   >>> params = {"attn": {"query": {"kernel": jnp.zeros((8, 8))}, "out": {"kernel": jnp.zeros((8, 8))}},
@@ -218,11 +221,11 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
       t = _select_layers(t, layer_of[path], cfg)
       if t is None:
         continue
-    if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
+    if check_rank and cfg.changes_base and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
       raise ValueError(
           f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "
-          f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}); lower r or "
-          "rank_pattern for it")
+          f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}), and init={cfg.init!r} takes "
+          "that many singular or QR directions of the kernel; lower r or rank_pattern for it")
     found[path] = t
   if layered:
     _check_layers(found, layer_of, cfg)

@@ -38,7 +38,7 @@ def randomize(model, seed=0):
   with torch.no_grad():
     for _, p in model.named_parameters():
       if p.requires_grad:
-        p.add_(0.1 * torch.randn(p.shape, generator=gen))
+        p.add_(0.5 * torch.randn(p.shape, generator=gen))
 
 
 def peft_loads(base, directory):
@@ -115,3 +115,11 @@ def test_modules_to_save_parent_module(tmp_path, bert_dir):
                        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], modules_to_save=["pooler"]),
                        LoraConfig(r=4, alpha=8, targets=["query"], modules_to_save=["pooler"]))
   assert cfg.modules_to_save is not None
+
+
+def test_rank_above_the_smaller_dimension(tmp_path, bert_dir):
+  """``rank_pattern`` rank 40 on the 32×32 query (PEFT accepts it; ``ΔW = s·B@A`` still holds).
+  Before: refused as a rank exceeding the input size."""
+  bert_both_ways(tmp_path, bert_dir,
+                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"query": 40}),
+                 LoraConfig(r=4, alpha=8, targets=["query", "value"], rank_pattern={"query": 40}))
