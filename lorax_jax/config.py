@@ -28,6 +28,7 @@ BASE_CHANGING_INITS = ("pissa", "olora")  # and "pissa_niter_<K>": their factors
 PISSA_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]+)")
 BRANCH_DTYPES = ("factors", "kernel")
 TARGET_USES = ("lookup", "matmul", "conv")
+BIAS_MODES = ("none", "lora_only", "all")
 MAX_RANK = 65536
 SEED_RANGE = (-2**63, 2**63)  # what `jax.random.key` accepts
 
@@ -132,6 +133,10 @@ class LoraConfig:
       ``targets``) of modules trained in full, e.g. ``("classifier",)``. Every leaf under a
       matching module is copied into the LoRA tree (`lorax_jax.init.SAVED_KEY`) and used in
       place of the frozen one; such leaves are never LoRA targets.
+    bias: PEFT's ``bias``: which frozen biases are trained in full beside the factors. ``"none"``;
+      ``"lora_only"``: the ``bias`` leaf beside each target's kernel; ``"all"``: every leaf named
+      ``bias``. Each is a trainable copy in the LoRA tree, held and used like a ``modules_to_save``
+      leaf (`lorax_jax.init.SAVED_KEY`), saved under PEFT's key for it.
     use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
       output unit over the input axes (stacked axes apart) and detached from the gradient, with a
       trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
@@ -172,6 +177,7 @@ class LoraConfig:
   layers_pattern: str | tuple[str, ...] | None = None
   modules_to_save: tuple[str, ...] | None = None
   use_dora: bool = False
+  bias: Literal["none", "lora_only", "all"] = "none"
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -205,6 +211,7 @@ class LoraConfig:
     if not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
       _choice("init", self.init, (*INIT_SCHEMES, "pissa_niter_<K>"))
     _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
+    _choice("bias", self.bias, BIAS_MODES)
     if self.target_fn is not None:
       _check_target_fn(self.target_fn)
     if self.layers_pattern is not None and self.layers_to_transform is None:

@@ -248,14 +248,39 @@ def _warn_unmatched_patterns(cfg: LoraConfig, found: Mapping[Path, Target]) -> N
 
 
 def saved_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
-  """The leaves of ``params`` under a module named by ``cfg.modules_to_save``, keyed by path in
-  tree order (a module matches as in `matches`: a regex full-matching its ``/``-joined path, or a
-  name suffix of it; the leaf itself counts as a module).
+  """The leaves of ``params`` trained in full, keyed by path in tree order: those under a module
+  named by ``cfg.modules_to_save`` (a module matches as in `matches`: a regex full-matching its
+  ``/``-joined path, or a name suffix of it; the leaf itself counts as a module) and the biases
+  ``cfg.bias`` trains (`trained_biases`).
 
   Raises:
     ValueError: a name that matches no module (the message lists the top-level modules), or a
       matched leaf that is not a float array.
   """
+  modules = module_leaves(params, cfg)
+  if cfg.bias == "none":
+    return modules
+  biases = trained_biases(params, cfg)
+  return {path: leaf for path, leaf in leaves_with_paths(params) if path in modules or path in biases}
+
+
+def trained_biases(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
+  """The biases PEFT's ``bias`` option trains, keyed by path in tree order: for ``"all"`` every float
+  leaf named ``bias`` (PEFT: every parameter ``bias`` or ``*.bias``), for ``"lora_only"`` the ``bias``
+  leaf beside each target's kernel (PEFT: the bias of each adapted layer that has one), for
+  ``"none"`` none."""
+  if cfg.bias == "none":
+    return {}
+  if cfg.bias == "lora_only":
+    wanted = {(*path[:-1], "bias") for path in find_targets(params, cfg.replace(bias="none"))}
+  else:
+    wanted = {path for path, _ in leaves_with_paths(params) if path[-1] == "bias"}
+  return {path: leaf for path, leaf in leaves_with_paths(params)
+          if path in wanted and hasattr(leaf, "shape") and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)}
+
+
+def module_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
+  """The leaves of ``params`` under a module named by ``cfg.modules_to_save`` (see `saved_leaves`)."""
   if not cfg.modules_to_save:
     return {}
   found, used = {}, set()

@@ -123,3 +123,13 @@ def test_rank_above_the_smaller_dimension(tmp_path, bert_dir):
   bert_both_ways(tmp_path, bert_dir,
                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], rank_pattern={"query": 40}),
                  LoraConfig(r=4, alpha=8, targets=["query", "value"], rank_pattern={"query": 40}))
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases(tmp_path, bert_dir, bias):
+  """``bias="lora_only"`` trains the adapted layers' biases (PEFT saves ``<m>.base_layer.bias``),
+  ``"all"`` every bias (LayerNorms and the classifier too). Before: refused."""
+  cfg = bert_both_ways(tmp_path, bert_dir,
+                       peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias),
+                       LoraConfig(r=4, alpha=8, targets=["query", "value"], bias=bias))
+  assert cfg.bias == bias

@@ -54,7 +54,7 @@ from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatche
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
-from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
+from lorax_jax.lora_tree import SAVED_KEY, Lora, check_saved, target_factors
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
@@ -134,7 +134,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
   names = {path: ms[0] for path, ms in mods.items()}
   _check_tied(targets, names, cfg, _ties(params, path_map))
-  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
+  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map, [m.name for ms in mods.values() for m in ms])
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
@@ -152,7 +152,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
+      "bias": cfg.bias, "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
@@ -254,10 +254,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
                          config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
     all_infos = read_header(weights_file, weights_path)
-    saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
+    saved, biases = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save, bias
     _check_tied_saved({k.removeprefix(PREFIX).rpartition(".")[0] for k in saved}, _ties(params, path_map),
                       weights_path)
-    infos = {k: v for k, v in all_infos.items() if k not in saved}
+    infos = {k: v for k, v in all_infos.items() if k not in saved and k not in biases}
     _check_tied_head(infos, config, _ties(params, path_map), path_map, weights_path)
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
@@ -290,6 +290,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+                       bias=config.get("bias") or "none",
                        **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
@@ -303,8 +304,9 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
                            + list(mags.values()))
-    saved_values = read_tensors(weights_file, all_infos, list(saved))
-  lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
+    trained = {**saved, **biases}
+    saved_values = read_tensors(weights_file, all_infos, list(trained))
+  lora: Lora = {SAVED_KEY: saved_tree(saved_values, trained, params)} if trained else {}
   layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], module_target(targets[m.path], m), m.kind)
@@ -315,11 +317,26 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     if path in mags:
       node["m"] = jnp.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
     set_path(lora, path, node)
+  _check_trained(params, cfg, lora, weights_path)
   init = config.get("init_lora_weights", True)
   if init in BASE_CHANGING_INITS:
     initial = init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0]
     return on_original_base(params, lora, initial, cfg)
   return lora, cfg
+
+
+def _check_trained(params: Any, cfg: LoraConfig, lora: Lora, where: str) -> None:
+  """The file holds exactly the leaves ``cfg`` trains in full (``modules_to_save``, ``bias``).
+
+  Raises:
+    ValueError: naming ``where`` and the leaves missing from it (a ``bias="all"`` adapter for a model
+      with more biases than these params, say).
+  """
+  try:
+    check_saved(params, cfg, lora)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e} (the adapter's modules_to_save and bias={cfg.bias!r} train these "
+                     "leaves of the params; load it onto the model it was trained for)") from None
 
 
 def _magnitude_key(key_a: str) -> str:

@@ -19,6 +19,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lorax_jax.config import BIAS_MODES
+
 MAX_UNBOUNDED = 3
 MAX_PATTERN_CHARS = 1000
 
@@ -92,7 +94,7 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
     compile_pattern(config["target_modules"], f"{path}: target_modules")
   if isinstance(config.get("exclude_modules"), str):
     compile_pattern(config["exclude_modules"], f"{path}: exclude_modules")
-  field("bias", config.get("bias", "none") in (None, "none"), '"none" (lorax_jax adapts no biases)')
+  field("bias", config.get("bias", "none") in (None, *BIAS_MODES), f"one of {BIAS_MODES}")
   init = config.get("init_lora_weights", True)
   field("init_lora_weights", isinstance(init, (bool, str)), "true, false or a PEFT init name")
   if not any(init is v if isinstance(v, bool) else init == v for v in LOADABLE_INITS):

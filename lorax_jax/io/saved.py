@@ -17,7 +17,7 @@ path joined with ``.``, layout unchanged).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -30,8 +30,10 @@ from lorax_jax.lora_tree import Lora, check_saved
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
+from lorax_jax.targets import module_leaves
 
 PREFIX = "base_model.model."
+BASE_LAYER = "base_layer."
 
 
 def leaf_names(params: Any, path_map: PathMap | None) -> dict[str, tuple[Path, str]]:
@@ -45,56 +47,68 @@ def leaf_names(params: Any, path_map: PathMap | None) -> dict[str, tuple[Path, s
   return out
 
 
-def saved_tensors(lora: Lora, cfg: LoraConfig, params: Any, path_map: PathMap | None
-                  ) -> tuple[dict[str, np.ndarray], list[str] | None]:
+def saved_tensors(lora: Lora, cfg: LoraConfig, params: Any, path_map: PathMap | None,
+                  adapted: Iterable[str] = ()) -> tuple[dict[str, np.ndarray], list[str] | None]:
   """``(tensors, modules)``: the trained copies in ``lora`` as PEFT saves them, and the module
-  names for ``adapter_config.json``'s ``modules_to_save`` (None without any).
+  names for ``adapter_config.json``'s ``modules_to_save`` (None without any). A bias trained by
+  ``cfg.bias`` outside those modules is saved under its own name, or ``<module>.base_layer.bias``
+  for a module of ``adapted`` (the LoRA modules: PEFT's wrapper holds the layer as ``base_layer``).
 
   Raises:
     ValueError: a saved leaf the path map does not name, or a `check_saved` error.
   """
   copies = check_saved(params, cfg, lora)
-  if not copies:
-    return {}, None
   names = {path: (name, kind) for name, (path, kind) in leaf_names(params, path_map).items()}
+  in_modules, adapted = module_leaves(params, cfg), set(adapted)
   tensors, modules = {}, set()
   for path, x in copies.items():
     if path not in names:
       raise ValueError(f"modules_to_save leaf {path_str(path)} has no Hugging Face name in the path map; "
                        "add a rule for it")
     name, kind = names[path]
+    module, _, leaf = name.rpartition(".")
+    if path in in_modules:
+      modules.add(module or name)
+    elif module in adapted:
+      name = f"{module}.{BASE_LAYER}{leaf}"
     tensors[PREFIX + name] = np.ascontiguousarray(pathmap.to_torch(np.asarray(x), kind))
-    modules.add(name.rpartition(".")[0] or name)
-  return tensors, sorted(modules)
+  return tensors, sorted(modules) or None
 
 
 def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], params: Any,
-               path_map: PathMap | None, where: str) -> dict[str, tuple[Path, str]]:
-  """``{key: (path, kind)}`` of the file's ``modules_to_save`` tensors: keys ``PREFIX + name``
-  with ``name`` a leaf of ``params`` whose module ends with an entry of the config's
-  ``modules_to_save`` (PEFT's test). Each is checked against its leaf before anything is read.
+               path_map: PathMap | None, where: str) -> tuple[dict[str, tuple[Path, str]], dict[str, tuple[Path, str]]]:
+  """``({key: (path, kind)} of the file's ``modules_to_save`` tensors, the same of its trained
+  biases)``. A ``modules_to_save`` key is ``PREFIX + name`` with ``name`` a leaf of ``params``
+  enclosed by a module ending with an entry of the config's ``modules_to_save`` (PEFT's test); with
+  the config's ``bias`` ``"lora_only"`` or ``"all"``, a bias key is any other ``PREFIX + name`` or
+  ``PREFIX + <module>.base_layer.bias`` naming a leaf ``bias`` of ``params``. Each is checked
+  against its leaf before anything is read.
 
   Raises:
     ValueError: a non-float tensor, or one whose shape is not the leaf's in torch's layout.
   """
   entries = config.get("modules_to_save") or []
-  if not entries:
-    return {}
+  biases = config.get("bias") not in (None, "none")
   table = leaf_names(params, path_map)
   shapes = {path: np.shape(x) for path, x in leaves_with_paths(params)}
-  found = {}
+  found: tuple[dict[str, tuple[Path, str]], dict[str, tuple[Path, str]]] = ({}, {})
   for key, info in infos.items():
     name = key.removeprefix(PREFIX)
-    if not key.startswith(PREFIX) or name not in table:
+    if not key.startswith(PREFIX):
       continue
-    if not any(m.endswith(e) for m in enclosing_modules(name) for e in entries):
-      continue
+    if name in table and any(m.endswith(e) for m in enclosing_modules(name) for e in entries):
+      kept = found[0]
+    else:
+      name = name.replace(f".{BASE_LAYER}bias", ".bias") if name.endswith(f".{BASE_LAYER}bias") else name
+      if not (biases and name in table and name.rpartition(".")[2] == "bias"):
+        continue
+      kept = found[1]
     path, kind = table[name]
     want = pathmap.torch_shape(shapes[path], kind)
     if info.dtype not in FLOAT_DTYPES or info.shape != want:
-      raise ValueError(f"{where}: {key} is {info.dtype} {info.shape}; modules_to_save leaf {path_str(path)} "
+      raise ValueError(f"{where}: {key} is {info.dtype} {info.shape}; the trained leaf {path_str(path)} "
                        f"needs a float tensor of shape {want}")
-    found[key] = (path, kind)
+    kept[key] = (path, kind)
   return found
 
 
