@@ -261,6 +261,9 @@ def adapter_targets(params: Any, lora: Lora, cfg: LoraConfig, j: int, who: str) 
 
 
 def _config_targets(params: Any, cfg: LoraConfig, j: int, who: str) -> dict[Path, Target]:
+  if cfg.lora_bias or cfg.bias != "none":
+    raise ValueError(f"{who}: adapter {j} trains biases (lora_bias={cfg.lora_bias}, bias={cfg.bias!r}), which add "
+                     "to the frozen bias and so cannot differ per example; only single adapters support them")
   if cfg.changes_base:
     raise ValueError(f"{who}: adapter {j} has init={cfg.init!r}, whose factors apply to a residual base; convert "
                      "it to a plain LoRA of the original base first (lorax_jax.on_original_base)")

@@ -137,6 +137,10 @@ class LoraConfig:
       ``"lora_only"``: the ``bias`` leaf beside each target's kernel; ``"all"``: every leaf named
       ``bias``. Each is a trainable copy in the LoRA tree, held and used like a ``modules_to_save``
       leaf (`lorax_jax.init.SAVED_KEY`), saved under PEFT's key for it.
+    lora_bias: PEFT's ``lora_bias``: ``lora_B`` has a bias ``c`` (the LoRA leaf ``"bias"``, shape
+      `Target.m_shape`, initialised to zero), so the layer computes ``x·W + β + s·((dropout(x)·A)·B + c)``
+      with ``β`` the frozen bias beside the kernel (which must exist, as in PEFT). ``s·c`` does not
+      depend on ``x``, so it is added to ``β`` before the call (and by `merge`), PEFT's own merge.
     use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
       output unit over the input axes (stacked axes apart) and detached from the gradient, with a
       trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
@@ -178,6 +182,7 @@ class LoraConfig:
   modules_to_save: tuple[str, ...] | None = None
   use_dora: bool = False
   bias: Literal["none", "lora_only", "all"] = "none"
+  lora_bias: bool = False
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -201,7 +206,7 @@ class LoraConfig:
     }
     normal |= {name: _bool(name, getattr(self, name))
                for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout",
-                                                   "use_dora")}
+                                                   "use_dora", "lora_bias")}
     for name, value in normal.items():
       object.__setattr__(self, name, value)
     if not 0.0 <= self.dropout < 1.0:

@@ -140,6 +140,8 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
       nodes.append({"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)})
       if t.dora:
         nodes[-1]["m"] = t.magnitude(_float(kernel)).astype(cfg.param_dtype)
+      if t.lora_bias:  # PEFT's zero init of lora_B.bias
+        nodes[-1]["bias"] = jnp.zeros(t.m_shape, cfg.param_dtype)
     return nodes, exact if cfg.changes_base else []
 
   placed = [get_path(shardings, path) for path in targets]
@@ -199,6 +201,8 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
     node = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis), "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis)}
     if t.dora:  # m ⊙ V/‖V‖ with the same V = W + s·(A⊗B - A₀⊗B₀): m carries over
       node["m"] = get_path(lora, t.path)["m"]
+    if t.lora_bias:
+      node["bias"] = get_path(lora, t.path)["bias"]
     set_path(out, t.path, node)
   if SAVED_KEY in lora:
     out[SAVED_KEY] = lora[SAVED_KEY]

@@ -2,7 +2,8 @@
 
 The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding only
 the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in `lorax_jax.targets`),
-plus DoRA's magnitude ``"m"`` (shape `Target.m_shape`). With ``LoraConfig.modules_to_save`` it
+plus DoRA's magnitude ``"m"`` and ``lora_B``'s bias ``"bias"`` (`LoraConfig.lora_bias`), both of shape
+`Target.m_shape`. With ``LoraConfig.modules_to_save`` it
 also holds, under the top-level key `SAVED_KEY` (``"modules_to_save"``), a nested dict mirroring
 ``params`` with a trainable copy of every saved leaf.
 """
@@ -35,8 +36,8 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
 
 
 def factor_names(t: Target) -> set[str]:
-  """The leaves of a target's LoRA node: ``{"a", "b"}``, and ``"m"`` for DoRA."""
-  return {"a", "b", "m"} if t.dora else {"a", "b"}
+  """The leaves of a target's LoRA node: ``{"a", "b"}``, ``"m"`` for DoRA, ``"bias"`` with ``lora_bias``."""
+  return {"a", "b"} | ({"m"} if t.dora else set()) | ({"bias"} if t.lora_bias else set())
 
 
 def check_factors(targets: Mapping[Path, Target], lora: Lora) -> None:
@@ -78,7 +79,9 @@ def check_factors(targets: Mapping[Path, Target], lora: Lora) -> None:
               else "")
       want = "{" + ", ".join(map(repr, sorted(factor_names(t)))) + "}"
       raise ValueError(f"LoRA entry {name} must be {want}, got {got}{hint}")
-    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape))[:len(factor_names(t))]:
+    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape), ("bias", t.m_shape)):
+      if k not in factor_names(t):
+        continue
       x = node[k]
       if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "

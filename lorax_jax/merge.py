@@ -24,7 +24,9 @@ from lorax_jax.targets import accumulation_dtype, find_targets
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path.
 
-  For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight.
+  For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight. With
+  ``lora_bias`` the frozen bias beside each kernel gets ``s · c`` (``c`` ``lora_B``'s bias), keyed by
+  its own path.
 
   Args:
     params: the params tree (`QArray` kernels are dequantized for DoRA's norm).
@@ -56,6 +58,9 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
       out[t.path] = t.dora_weight(w, a, b, get_path(lora, t.path)["m"]) - jnp.asarray(w, accumulation_dtype(w, a, b))
     else:
       out[t.path] = t.delta(a, b)
+    if t.lora_bias:  # lora_B's bias: s·c added to the frozen bias beside the kernel
+      c = get_path(lora, t.path)["bias"]
+      out[t.bias_path] = t.scale * jnp.asarray(c, accumulation_dtype(c))
   return out
 
 
@@ -101,12 +106,12 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
         "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
         "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
   copies = check_saved(params, cfg, lora)
+  if copies:  # first, so that lora_bias adds to a trained bias (bias="all") as it does in the forward pass
+    params = jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), params, is_leaf=is_quantized)
   merged = _apply(params, delta(params, lora, cfg), 1.0, requantize)
   if not requantize:
     merged = jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, merged, is_leaf=is_quantized)
-  if not copies:
-    return merged
-  return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged, is_leaf=is_quantized)
+  return merged
 
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:

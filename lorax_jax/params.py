@@ -95,7 +95,7 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
     for key, value in sub.items():
       if key not in node:
         raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
-      if isinstance(value, Mapping) and set(value) in ({"a", "b"}, {"a", "b", "m"}):
+      if isinstance(value, Mapping) and {"a", "b"} <= set(value) <= {"a", "b", "m", "bias"}:
         out.setdefault(LORA_KEY, {})[key] = value
       else:
         out[key] = join(node[key], value)
@@ -232,7 +232,7 @@ def lora_count(params: Any, cfg: LoraConfig) -> int:
   >>> lorax_jax.lora_count(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))  # 2·4 + 2·3
   14
   """
-  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + (math.prod(t.m_shape) if t.dora else 0)
+  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + math.prod(t.m_shape) * (t.dora + t.lora_bias)
               for t in find_targets(params, cfg).values())
           + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
 

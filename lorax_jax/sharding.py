@@ -54,7 +54,7 @@ def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:
     spec: the kernel's spec; missing trailing entries are None.
 
   Returns:
-    ``{"a": ..., "b": ...}``, with ``"m"`` for DoRA.
+    ``{"a": ..., "b": ...}``, with ``"m"`` for DoRA and ``"bias"`` with ``lora_bias``.
 
   Raises:
     ValueError: ``spec`` has more entries than the kernel has axes.
@@ -64,6 +64,8 @@ def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:
   specs = {"a": PartitionSpec(*side("s"), None, *side("i")), "b": PartitionSpec(*side("s"), None, *side("o"))}
   if t.dora:
     specs["m"] = PartitionSpec(*side("s"), *side("o"))
+  if t.lora_bias:
+    specs["bias"] = PartitionSpec(*side("s"), *side("o"))
   return specs
 
 

@@ -65,6 +65,7 @@ class Target:
   uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
   layers: tuple[int, ...] | None = None  # adapted slices of the first stack axis; None: all
   dora: bool = False  # `LoraConfig.use_dora`: the factors come with a magnitude ``m``
+  lora_bias: bool = False  # `LoraConfig.lora_bias`: ``lora_B``'s bias ``"bias"`` (shape `m_shape`)
 
   def _sizes(self, letter: str) -> tuple[int, ...]:
     return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
@@ -101,6 +102,11 @@ class Target:
   def m_shape(self) -> tuple[int, ...]:
     """DoRA's magnitude: one per output unit, ``S + O``."""
     return (*self.stack_shape, *self.out_shape)
+
+  @property
+  def bias_path(self) -> Path:
+    """The frozen bias beside the kernel, which ``lora_B``'s bias (`LoraConfig.lora_bias`) adds to."""
+    return (*self.path[:-1], "bias")
 
   @property
   def name(self) -> str:
@@ -216,7 +222,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
           f"{shape}, with at least one 'i' and one 'o'")
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
-               None if uses is None else tuple(uses), dora=cfg.use_dora)
+               None if uses is None else tuple(uses), dora=cfg.use_dora, lora_bias=cfg.lora_bias)
     if layered:
       t = _select_layers(t, layer_of[path], cfg)
       if t is None:
@@ -229,11 +235,33 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
     found[path] = t
   if layered:
     _check_layers(found, layer_of, cfg)
+  if cfg.lora_bias:
+    _check_lora_bias(params, found)
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
   _warn_unmatched_patterns(cfg, found)
   return found
+
+
+def _check_lora_bias(params: Any, found: Mapping[Path, Target]) -> None:
+  """Each target of a ``lora_bias`` config has a float bias of shape ``S + O`` beside its kernel
+  (PEFT refuses ``lora_bias`` on a layer without a bias) and is adapted at every layer.
+
+  Raises:
+    ValueError: naming the target and what is wrong.
+  """
+  leaves = dict(leaves_with_paths(params))
+  for t in found.values():
+    bias = leaves.get(t.bias_path)
+    if bias is None or tuple(np.shape(bias)) != t.m_shape or not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+      got = "none" if bias is None else f"{tuple(np.shape(bias))} {jnp.result_type(bias)}"
+      raise ValueError(f"LoraConfig.lora_bias: target {t.name} needs a float bias {path_str(t.bias_path)} of shape "
+                       f"{t.m_shape} beside its kernel (lora_B's bias adds to it), got {got}; PEFT refuses "
+                       "lora_bias on a layer without a bias too: leave such layers out of the targets")
+    if t.layers is not None:
+      raise ValueError(f"LoraConfig.lora_bias: target {t.name} is a stacked kernel adapted at some layers only "
+                       "(layers_to_transform); lora_bias needs every layer of it")
 
 
 def _warn_unmatched_patterns(cfg: LoraConfig, found: Mapping[Path, Target]) -> None:

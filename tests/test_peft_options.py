@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from lorax_jax import LoraConfig, lora_transform
+from lorax_jax import LoraConfig, lora_transform, merge
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
 from test_io import random_lora
@@ -133,3 +133,18 @@ def test_trained_biases(tmp_path, bert_dir, bias):
                        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias),
                        LoraConfig(r=4, alpha=8, targets=["query", "value"], bias=bias))
   assert cfg.bias == bias
+
+
+def test_lora_bias(tmp_path, bert_dir):
+  """``lora_bias=True``: PEFT's ``lora_B`` has a bias ``c`` and the layer adds ``s·(B(A x) + c)``;
+  here ``s·c`` adds to the frozen bias. Checked against PEFT both ways and against `merge`. Before: refused."""
+  cfg = LoraConfig(r=4, alpha=8, targets=["query", "value"], lora_bias=True)
+  loaded = bert_both_ways(tmp_path, bert_dir,
+                          peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True), cfg)
+  assert loaded.lora_bias
+  _, params = load_bert(bert_dir)
+  lora = random_lora(params, cfg)
+  bert_config, _ = load_bert(bert_dir)
+  ids = jnp.asarray(BERT_IDS)
+  merged = BertForSequenceClassification(bert_config).apply(merge(params, lora, cfg), ids, jnp.ones_like(ids))
+  assert max_diff(bert_logits_jax(bert_dir, params, lora, cfg), merged) < TOL

@@ -47,7 +47,8 @@ from lorax_jax import pathmap
 from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_writer, write_dir_atomic
 from lorax_jax.init import init_lora_and_base, on_original_base
-from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
+from lorax_jax.io.factors import (check_shape, factors_from_torch, factors_to_torch, lora_bias_shape, magnitude_shape,
+                                  torch_shapes)
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
@@ -66,7 +67,7 @@ PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB]"
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_B\.bias|lora_embedding_[AB]"
                   r"|lora_magnitude_vector)")
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -145,6 +146,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
         mag = np.asarray(get_path(lora, t.path)["m"])
         tensors[_magnitude_key(key_a)] = (mag if m.layer is None else mag[m.layer]).reshape(
             magnitude_shape(t_m, m.kind))
+      if t.lora_bias:
+        _check_bias_module(m, "save")
+        tensors[_bias_key(key_b)] = np.asarray(get_path(lora, t.path)["bias"]).reshape(lora_bias_shape(t_m, m.kind))
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
@@ -152,7 +156,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
-      "bias": cfg.bias, "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
+      "bias": cfg.bias, "lora_bias": cfg.lora_bias, "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
@@ -290,7 +294,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
-                       bias=config.get("bias") or "none",
+                       bias=config.get("bias") or "none", lora_bias=bool(config.get("lora_bias")),
                        **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
@@ -301,9 +305,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", t_m)
       check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", t_m)
     mags = _check_magnitudes(infos, pairs, targets, cfg.use_dora, weights_path)
+    lora_biases = _check_lora_biases(infos, pairs, targets, cfg.lora_bias, weights_path)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
-                           + list(mags.values()))
+                           + list(mags.values()) + list(lora_biases.values()))
     trained = {**saved, **biases}
     saved_values = read_tensors(weights_file, all_infos, list(trained))
   lora: Lora = {SAVED_KEY: saved_tree(saved_values, trained, params)} if trained else {}
@@ -316,6 +321,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     node = {"a": jnp.asarray(a, dtype), "b": jnp.asarray(b, dtype)}
     if path in mags:
       node["m"] = jnp.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
+    if path in lora_biases:
+      node["bias"] = jnp.asarray(tensors[lora_biases[path]].reshape(targets[path].m_shape), dtype)
     set_path(lora, path, node)
   _check_trained(params, cfg, lora, weights_path)
   init = config.get("init_lora_weights", True)
@@ -342,6 +349,41 @@ def _check_trained(params: Any, cfg: LoraConfig, lora: Lora, where: str) -> None
 def _magnitude_key(key_a: str) -> str:
   """The key of DoRA's magnitude beside the factor key ``key_a`` (PEFT's ``<m>.lora_magnitude_vector``)."""
   return f"{key_a.rsplit('.lora_', 1)[0]}.{MAGNITUDE}"
+
+
+def _bias_key(key_b: str) -> str:
+  """The key of ``lora_B``'s bias beside the factor key ``key_b`` (PEFT's ``<m>.lora_B.bias``)."""
+  return key_b.removesuffix(".weight") + ".bias"
+
+
+def _check_bias_module(m: Module, doing: str) -> None:
+  if m.layer is not None or m.kind == "embedding":
+    what = "an embedding (PEFT refuses lora_bias there)" if m.kind == "embedding" else "a layer of a stacked kernel"
+    raise ValueError(f"{doing}: lora_bias on module {m.name}, {what}, is not supported; with a stacked kernel, "
+                     "load onto params with one leaf per layer")
+
+
+def _check_lora_biases(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
+                       lora_bias: bool, path: str) -> dict[Path, str]:
+  """``{target path: lora_B bias key}``: each adapted module has one (float, PEFT's shape) exactly when
+  the config says ``lora_bias``; otherwise a ValueError naming the keys."""
+  keys = {m.path: _bias_key(key_b) for m, _, key_b in pairs}
+  present = {p: k for p, k in keys.items() if k in infos}
+  if not lora_bias:
+    if present:
+      raise ValueError(f"{path} holds lora_B biases ({', '.join(sorted(present.values())[:3])}) but its "
+                       "adapter_config.json has lora_bias false: fix the config")
+    return {}
+  missing = sorted(k for p, k in keys.items() if p not in present)
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has lora_bias true)")
+  for m, _, _ in pairs:
+    _check_bias_module(m, path)
+    key = present[m.path]
+    if infos[key].dtype not in FLOAT_DTYPES:
+      raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
+    check_shape(infos[key].shape, lora_bias_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
+  return present
 
 
 def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
@@ -503,7 +545,7 @@ def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
       continue
     m = found[aligned[name]]
     want = _keys(m, name)
-    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]))]
+    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]), _bias_key(want[1]))]
     missing += [key for key in want if key not in p.values()]
     pairs.append((m, *want))
   if unexpected:

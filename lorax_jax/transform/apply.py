@@ -39,7 +39,9 @@ class LoraApply:
     self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
     self._treedef = jax.tree_util.tree_structure(params, is_leaf=is_quantized)
     self._paths = [path for path, _ in leaves_with_paths(params)]
-    self._leaf_index = {path: self._paths.index(path) for path in [*self.targets, *self.saved]}
+    self._biased = {t.path: t.bias_path for t in self.targets.values() if t.lora_bias}
+    self._leaf_index = {path: self._paths.index(path)
+                        for path in dict.fromkeys([*self.targets, *self.saved, *self._biased.values()])}
     self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
                    for path, x in leaves_with_paths(params) if path in self._leaf_index}
     self._warned_no_key = False
@@ -115,6 +117,9 @@ class LoraApply:
         invals[i] = dataclasses.replace(invals[i], g=dora_scale(invals[i], node["m"]))
     for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
       invals[int(dyn_index[self._leaf_index[path]])] = get_path(lora[SAVED_KEY], path)
+    for path, bias_path in self._biased.items():  # lora_B's bias c: s·c adds to the frozen bias (x-independent)
+      i = int(dyn_index[self._leaf_index[bias_path]])
+      invals[i] = (invals[i] + self.targets[path].scale * get_path(lora, path)["bias"]).astype(invals[i].dtype)
     ctx = Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
                   self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = evaluate(closed.jaxpr, closed.consts, invals, ctx)
