@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from lorax_jax import LoraConfig, lora_transform, merge
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
+from lorax_jax.models.hf import params_from_tensors, tensors_from_params
+from lorax_jax.pathmap import PathMap
 from test_io import random_lora
 
 torch = pytest.importorskip("torch")
@@ -148,3 +150,66 @@ def test_lora_bias(tmp_path, bert_dir):
   ids = jnp.asarray(BERT_IDS)
   merged = BertForSequenceClassification(bert_config).apply(merge(params, lora, cfg), ids, jnp.ones_like(ids))
   assert max_diff(bert_logits_jax(bert_dir, params, lora, cfg), merged) < TOL
+
+
+# ---- GPT-2's Conv1D (fan_in_fan_out) ---------------------------------------------------------------
+
+class TorchConv1DNet(torch.nn.Module):
+  """Two transformers ``Conv1D`` layers (weights stored ``[in, out]``, as GPT-2's) and a Linear."""
+
+  def __init__(self):
+    super().__init__()
+    from transformers.pytorch_utils import Conv1D
+    self.c_attn, self.c_proj = Conv1D(12, 8), Conv1D(8, 12)  # Conv1D(nf=out, nx=in)
+    self.head = torch.nn.Linear(8, 5)
+
+  def forward(self, x):
+    return self.head(x + self.c_proj(torch.tanh(self.c_attn(x))))
+
+
+def conv1d_net(p, x):
+  """`TorchConv1DNet` in JAX, kernels ``[in, out]``."""
+  dense = lambda name, h: h @ p["params"][name]["kernel"] + p["params"][name]["bias"]
+  return dense("head", x + dense("c_proj", jnp.tanh(dense("c_attn", x))))
+
+
+CONV1D_MAP = PathMap(tuple((f"params/{n}/kernel", f"{n}.weight", "conv1d") for n in ("c_attn", "c_proj"))
+                     + (("params/head/kernel", "head.weight", "linear"),)
+                     + tuple((f"params/{n}/bias", f"{n}.bias", "param") for n in ("c_attn", "c_proj", "head")))
+
+
+def test_fan_in_fan_out_conv1d(tmp_path):
+  """PEFT's ``fan_in_fan_out=True`` on ``Conv1D`` layers (``lora_A [r, in]``, ``lora_B [out, r]`` as for a
+  Linear; the delta transposed onto the ``[in, out]`` weight): path-map kind ``"conv1d"``. Before: refused."""
+  torch.manual_seed(0)
+  base = TorchConv1DNet().eval()
+  weights = {k: v.detach().numpy().copy() for k, v in base.state_dict().items()}
+  params = params_from_tensors(weights, CONV1D_MAP)
+  x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+  run_torch = lambda m: m(torch.from_numpy(x)).detach().numpy()
+  fresh = lambda: _loaded(weights)
+  model = peft.get_peft_model(fresh(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"],
+                                                       fan_in_fan_out=True))
+  randomize(model)
+  model.save_pretrained(str(tmp_path / "peft"))
+  lora, cfg = load_adapter(str(tmp_path / "peft"), params, CONV1D_MAP)
+  want = run_torch(model.eval())
+  assert max_diff(lora_transform(conv1d_net, params, cfg)(params, lora, jnp.asarray(x)), want) < TOL
+  assert max_diff(want, run_torch(base)) > 1e-2
+
+  cfg = LoraConfig(r=3, alpha=6, targets=["c_attn", "c_proj", "head"], rank_pattern={"c_proj": 2})
+  lora = random_lora(params, cfg)
+  save_adapter(str(tmp_path / "ours"), lora, cfg, params, CONV1D_MAP)
+  model = peft_loads(fresh(), tmp_path / "ours")
+  want = run_torch(model)
+  assert max_diff(lora_transform(conv1d_net, params, cfg)(params, lora, jnp.asarray(x)), want) < TOL
+  assert max_diff(want, run_torch(base)) > 1e-2
+  merged = tensors_from_params(merge(params, lora, cfg), CONV1D_MAP)
+  for k, v in model.merge_and_unload().state_dict().items():
+    assert max_diff(merged[k], v.numpy()) < 1e-5, k
+
+
+def _loaded(weights):
+  model = TorchConv1DNet().eval()
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+  return model

@@ -156,7 +156,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
-      "bias": cfg.bias, "lora_bias": cfg.lora_bias, "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
+      "bias": cfg.bias, "lora_bias": cfg.lora_bias,
+      "fan_in_fan_out": any(m.kind == "conv1d" for ms in mods.values() for m in ms),  # GPT-2's Conv1D [in, out]
+      "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }

@@ -26,7 +26,7 @@ MAX_PATTERN_CHARS = 1000
 
 # PEFT options that change what the adapter computes and that lorax_jax does not implement;
 # each must be absent, null, false or empty.
-UNSUPPORTED = ("fan_in_fan_out", "layer_replication",
+UNSUPPORTED = ("layer_replication",
                "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
 # init_lora_weights values that load: the plain ones apply to the base as it is; "pissa" and
@@ -73,7 +73,7 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
   field("lora_alpha", _is_number(config["lora_alpha"]), "a finite number")
   dropout = config.get("lora_dropout")
   field("lora_dropout", dropout is None or (_is_number(dropout) and 0 <= dropout < 1), "a number in [0, 1)")
-  for key in ("use_rslora", "use_dora", "lora_bias"):
+  for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
     field(key, config.get(key) is None or isinstance(config[key], bool), "true or false")
   field("modules_to_save", config.get("modules_to_save") is None or _is_list(config["modules_to_save"], str),
         "a list of module names")
