@@ -46,7 +46,7 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.io.modules import exact_config
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, factor_names
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_factors, factor_names
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
 from lorax_jax.targets import Target, accumulation_dtype, find_targets
@@ -271,6 +271,9 @@ def _config_targets(params: Any, cfg: LoraConfig, j: int, who: str) -> dict[Path
 
 
 def _check_factors(targets: Mapping[Path, Target], lora: Lora, j: int, who: str) -> None:
+  if isinstance(lora, Mapping) and TOKENS_KEY in lora:
+    raise ValueError(f"{who}: adapter {j} holds {TOKENS_KEY} rows (trainable_token_indices), which only single "
+                     "adapters support")
   if isinstance(lora, Mapping) and SAVED_KEY in lora:
     raise ValueError(f"{who}: adapter {j} holds {SAVED_KEY} copies (modules trained in full), which only "
                      "single adapters support")

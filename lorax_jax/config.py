@@ -141,6 +141,10 @@ class LoraConfig:
       `Target.m_shape`, initialised to zero), so the layer computes ``x·W + β + s·((dropout(x)·A)·B + c)``
       with ``β`` the frozen bias beside the kernel (which must exist, as in PEFT). ``s·c`` does not
       depend on ``x``, so it is added to ``β`` before the call (and by `merge`), PEFT's own merge.
+    trainable_token_indices: PEFT's ``trainable_token_indices`` (dict form): embedding tables keyed like
+      ``rank_pattern`` (``{"embed_tokens": (3, 7)}``), each with the token rows trained in full. The
+      LoRA tree holds the rows (`lorax_jax.lora_tree.TOKENS_KEY`, ``[n, *row]``, initialised to the
+      table's), and the table is used with those rows replaced at every use, a tied output head too.
     use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
       output unit over the input axes (stacked axes apart) and detached from the gradient, with a
       trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
@@ -183,6 +187,7 @@ class LoraConfig:
   use_dora: bool = False
   bias: Literal["none", "lora_only", "all"] = "none"
   lora_bias: bool = False
+  trainable_token_indices: Mapping[str, tuple[int, ...]] = FrozenDict()
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -200,6 +205,7 @@ class LoraConfig:
                                   lambda name, v: _alpha(name, v, alpha_limit)),
         "kernel_axes": _mapping("kernel_axes", self.kernel_axes, _axes),
         "target_uses": _mapping("target_uses", self.target_uses, _uses),
+        "trainable_token_indices": _mapping("trainable_token_indices", self.trainable_token_indices, _indices),
         "layers_to_transform": _layers(self.layers_to_transform),
         "layers_pattern": _patterns("layers_pattern", self.layers_pattern),
         "modules_to_save": _patterns("modules_to_save", self.modules_to_save),
@@ -350,6 +356,13 @@ def _uses(name: str, value: Any) -> tuple[str, ...]:
       or not all(isinstance(u, str) and u in TARGET_USES for u in value)):
     _fail(name, value, f"a non-empty tuple of distinct uses from {TARGET_USES}")
   return tuple(value)
+
+
+def _indices(name: str, value: Any) -> tuple[int, ...]:
+  if (not isinstance(value, (tuple, list)) or not value or len(set(value)) != len(value)
+      or not all(_is_int(i) and i >= 0 for i in value)):
+    _fail(name, value, "a non-empty tuple of distinct token indices >= 0")
+  return tuple(int(i) for i in value)
 
 
 def _check_target_fn(fn: Any) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.lora_tree import Lora, check_saved, target_factors
+from lorax_jax.lora_tree import Lora, check_saved, check_tokens, target_factors, with_tokens
 from lorax_jax.paths import Path, get_path, tree_path
 from lorax_jax.qarray import is_quantized, leaves_with_paths, requantize as quantize_like
 from lorax_jax.targets import accumulation_dtype, find_targets
@@ -106,6 +106,7 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
         "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
         "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
   copies = check_saved(params, cfg, lora)
+  params = with_tokens(params, check_tokens(params, cfg, lora))
   if copies:  # first, so that lora_bias adds to a trained bias (bias="all") as it does in the forward pass
     params = jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), params, is_leaf=is_quantized)
   merged = _apply(params, delta(params, lora, cfg), 1.0, requantize)

@@ -15,17 +15,18 @@ import jax
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_lora
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_lora
 from lorax_jax.paths import Path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
-from lorax_jax.targets import find_targets, saved_leaves
+from lorax_jax.targets import find_targets, saved_leaves, token_rows
 
 LORA_KEY = "lora"
 
 
 def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
   """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`; the
-  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree.
+  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) and `TOKENS_KEY` (trainable token rows)
+  go to the lora tree.
 
   Args:
     tree: a combined params tree (`join_params`'s output): each factor pair under ``"lora"`` in
@@ -53,17 +54,16 @@ def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
     raise TypeError(f"split_params: cfg must be a LoraConfig, got {type(cfg).__name__} (call "
                     "split_params(combined_tree, cfg); join_params(params, lora) is the inverse)")
   tree = dict(tree)
-  saved = tree.pop(SAVED_KEY, None)
+  kept = {key: tree.pop(key) for key in (SAVED_KEY, TOKENS_KEY) if key in tree}
   frozen, lora = _split(tree, ())
-  if saved is not None:
-    lora[SAVED_KEY] = saved
+  lora.update(kept)
   check_lora(frozen, lora, cfg)
   return frozen, lora
 
 
 def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """The inverse of `split_params`: put each factor pair beside its kernel (and the
-  ``modules_to_save`` copies at the top level, under `SAVED_KEY`).
+  ``modules_to_save`` copies and trainable token rows at the top level, under `SAVED_KEY` and `TOKENS_KEY`).
 
   Args:
     params: the frozen params tree.
@@ -86,8 +86,9 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """
   check_mapping(params, "params", "the params tree")
   check_mapping(lora, "lora", "the LoRA tree init_lora or load_adapter returns")
-  if SAVED_KEY in lora:
-    return {**join_params(params, {k: v for k, v in lora.items() if k != SAVED_KEY}), SAVED_KEY: lora[SAVED_KEY]}
+  kept = {key: lora[key] for key in (SAVED_KEY, TOKENS_KEY) if key in lora}
+  if kept:
+    return {**join_params(params, {k: v for k, v in lora.items() if k not in kept}), **kept}
   def join(node: Any, sub: Any) -> Any:
     if not isinstance(sub, Mapping):
       return node
@@ -234,7 +235,9 @@ def lora_count(params: Any, cfg: LoraConfig) -> int:
   """
   return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + math.prod(t.m_shape) * (t.dora + t.lora_bias)
               for t in find_targets(params, cfg).values())
-          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
+          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values())
+          + sum(len(idx) * math.prod(np.shape(x)[1:]) for (path, x) in leaves_with_paths(params)
+                for p, idx in token_rows(params, cfg).items() if p == path))
 
 
 def summary(params: Any, cfg: LoraConfig) -> str:

@@ -307,6 +307,40 @@ def trained_biases(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
           if path in wanted and hasattr(leaf, "shape") and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)}
 
 
+def token_rows(params: Any, cfg: LoraConfig) -> dict[Path, tuple[int, ...]]:
+  """``{table path: token indices}`` of ``cfg.trainable_token_indices``, in tree order: each key matches
+  (as in ``rank_pattern``) float tables ``[vocab, *row]`` whose rows are indexed on the first axis.
+
+  Raises:
+    ValueError: a key matching no leaf, a table that is not a float array of rank >= 2, an index
+      past its vocabulary, or a table that is also a LoRA target or a ``modules_to_save`` leaf.
+  """
+  if not cfg.trainable_token_indices:
+    return {}
+  found, used = {}, set()
+  for path, leaf in leaves_with_paths(params):
+    key = next((k for k in cfg.trainable_token_indices if matches(k, path_str(path))), None)
+    if key is None:
+      continue
+    used.add(key)
+    idx = cfg.trainable_token_indices[key]
+    shape = tuple(np.shape(leaf))
+    if len(shape) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating) or max(idx) >= shape[0]:
+      raise ValueError(f"LoraConfig.trainable_token_indices {key!r}: {path_str(path)} must be a float table "
+                       f"[vocab, ...] with every index below its vocabulary, got shape {shape} and indices {idx}")
+    found[path] = idx
+  unused = [k for k in cfg.trainable_token_indices if k not in used]
+  if unused:
+    raise ValueError(f"LoraConfig.trainable_token_indices {unused[0]!r} matches no leaf of the params")
+  plain = cfg.replace(trainable_token_indices={})
+  clash = [path_str(p) for p in found if p in saved_leaves(params, plain)]
+  clash += [path_str(p) for p in found if p in find_targets(params, plain)] if not clash else []
+  if clash:
+    raise ValueError(f"LoraConfig.trainable_token_indices: {clash[0]} is also a LoRA target or trained in full "
+                     "(modules_to_save); PEFT refuses both on one layer too: pick one")
+  return found
+
+
 def module_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
   """The leaves of ``params`` under a module named by ``cfg.modules_to_save`` (see `saved_leaves`)."""
   if not cfg.modules_to_save:

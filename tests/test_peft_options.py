@@ -7,6 +7,7 @@ tensor keys of PEFT's own ``get_peft_model_state_dict``.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from lorax_jax import LoraConfig, lora_transform, merge
+from lorax_jax import LoraConfig, init_lora, lora_transform, merge
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert
+from lorax_jax.lora_tree import TOKENS_KEY
 from lorax_jax.models.hf import params_from_tensors, tensors_from_params
+from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.pathmap import PathMap
 from test_io import random_lora
 
@@ -77,21 +80,24 @@ def torch_bert(directory):
   return transformers.BertForSequenceClassification.from_pretrained(directory).eval()
 
 
-def bert_logits_torch(model):
+def _bert_logits_torch(model, ids=BERT_IDS):
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(BERT_IDS), attention_mask=torch.ones(BERT_IDS.shape)).logits.numpy()
+    return model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(ids.shape)).logits.numpy()
 
 
-def bert_logits_jax(bert_dir, params, lora, cfg):
+def _bert_logits_jax(bert_dir, params, lora, cfg, ids=BERT_IDS):
   bert_config, _ = load_bert(bert_dir)
   apply_fn = BertForSequenceClassification(bert_config).apply
-  ids = jnp.asarray(BERT_IDS)
+  ids = jnp.asarray(ids)
   return lora_transform(apply_fn, params, cfg)(params, lora, ids, jnp.ones_like(ids))
 
 
-def bert_both_ways(tmp_path, bert_dir, peft_cfg, cfg):
-  """PEFT → here and here → PEFT on the BERT classifier, each within TOL, each changing the logits."""
+def bert_both_ways(tmp_path, bert_dir, peft_cfg, cfg, ids=BERT_IDS):
+  """PEFT → here and here → PEFT on the BERT classifier (token ``ids``), each within TOL, each changing
+  the logits; returns the config `load_adapter` gave the PEFT adapter."""
   _, params = load_bert(bert_dir)
+  bert_logits_torch = functools.partial(_bert_logits_torch, ids=ids)
+  bert_logits_jax = functools.partial(_bert_logits_jax, ids=ids)
   plain = bert_logits_torch(torch_bert(bert_dir))
   model = peft.get_peft_model(torch_bert(bert_dir), peft_cfg)
   randomize(model)
@@ -149,7 +155,7 @@ def test_lora_bias(tmp_path, bert_dir):
   bert_config, _ = load_bert(bert_dir)
   ids = jnp.asarray(BERT_IDS)
   merged = BertForSequenceClassification(bert_config).apply(merge(params, lora, cfg), ids, jnp.ones_like(ids))
-  assert max_diff(bert_logits_jax(bert_dir, params, lora, cfg), merged) < TOL
+  assert max_diff(_bert_logits_jax(bert_dir, params, lora, cfg), merged) < TOL
 
 
 # ---- GPT-2's Conv1D (fan_in_fan_out) ---------------------------------------------------------------
@@ -213,3 +219,53 @@ def _loaded(weights):
   model = TorchConv1DNet().eval()
   model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
   return model
+
+
+# ---- trainable tokens ---------------------------------------------------------------------------
+
+def test_trainable_tokens_bert(tmp_path, bert_dir):
+  """``trainable_token_indices=[3, 5]`` (PEFT 0.15): those rows of the word embeddings trained in full
+  (PEFT saves ``...word_embeddings.token_adapter.trainable_tokens_delta``). Before: refused."""
+  ids = BERT_IDS.copy()
+  ids[:, :2] = [3, 5]  # the trained rows are looked up
+  cfg = LoraConfig(r=4, alpha=8, targets=["query"], trainable_token_indices={"word_embeddings": (3, 5)})
+  loaded = bert_both_ways(tmp_path, bert_dir,
+                          peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], trainable_token_indices=[3, 5]),
+                          cfg, ids)
+  assert list(loaded.trainable_token_indices.values()) == [(3, 5)]
+
+
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                    rope_theta=500.0, tie_word_embeddings=True)
+  directory = str(tmp_path_factory.mktemp("tied_llama"))
+  transformers.LlamaForCausalLM(config).save_pretrained(directory)
+  return directory
+
+
+def test_trainable_tokens_with_a_tied_head(tmp_path, tied_llama_dir):
+  """On a tied Llama PEFT ties the head to the token adapter: the trained rows reach the lookup and
+  the head; here the table's rows are replaced at both uses. Both ways."""
+  tokens = np.array([[1, 7, 9, 2, 7], [9, 3, 1, 1, 4]])
+  torch_model = lambda: transformers.LlamaForCausalLM.from_pretrained(tied_llama_dir).eval()
+  logits = lambda m: m(torch.from_numpy(tokens)).logits.detach().numpy()
+  _, flax_model, params = load_llama(tied_llama_dir)
+  ours = lambda lora, cfg: lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(tokens))
+  model = peft.get_peft_model(torch_model(), peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                             target_modules=["q_proj"], trainable_token_indices=[7, 9]))
+  randomize(model)
+  model.save_pretrained(str(tmp_path / "peft"))
+  lora, cfg = load_adapter(str(tmp_path / "peft"), params, LLAMA_PATH_MAP)
+  assert max_diff(ours(lora, cfg), logits(model)) < TOL
+
+  cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"], trainable_token_indices={"embed_tokens": (7, 9)})
+  lora = random_lora(params, cfg)
+  save_adapter(str(tmp_path / "ours"), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  model = peft_loads(torch_model(), tmp_path / "ours")
+  want = logits(model)
+  assert max_diff(ours(lora, cfg), want) < TOL
+  untouched = lora | {TOKENS_KEY: init_lora(params, cfg, jax.random.key(0))[TOKENS_KEY]}
+  assert max_diff(ours(untouched, cfg)[..., [7, 9]], want[..., [7, 9]]) > 1e-2  # the head sees the rows

@@ -52,10 +52,10 @@ from lorax_jax.io.factors import (check_shape, factors_from_torch, factors_to_to
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
-from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
+from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree, token_keys, token_tensors
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_saved, target_factors
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_saved, target_factors
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
@@ -137,6 +137,8 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   _check_tied(targets, names, cfg, _ties(params, path_map))
   tensors, saved_modules = saved_tensors(lora, cfg, params, path_map, [m.name for ms in mods.values() for m in ms])
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
+  token_values, token_indices = token_tensors(lora, cfg, params, path_map)
+  tensors |= token_values
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
       t_m, a_m, b_m = module_factors(t, a, b, m)
@@ -158,7 +160,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
       "bias": cfg.bias, "lora_bias": cfg.lora_bias,
       "fan_in_fan_out": any(m.kind == "conv1d" for ms in mods.values() for m in ms),  # GPT-2's Conv1D [in, out]
-      "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
+      "use_dora": cfg.use_dora, "modules_to_save": saved_modules, "trainable_token_indices": token_indices,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
@@ -263,7 +265,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     saved, biases = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save, bias
     _check_tied_saved({k.removeprefix(PREFIX).rpartition(".")[0] for k in saved}, _ties(params, path_map),
                       weights_path)
-    infos = {k: v for k, v in all_infos.items() if k not in saved and k not in biases}
+    tokens = token_keys(all_infos, config, params, path_map, weights_path)
+    infos = {k: v for k, v in all_infos.items() if k not in saved and k not in biases and k not in tokens}
     _check_tied_head(infos, config, _ties(params, path_map), path_map, weights_path)
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
@@ -297,6 +300,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
                        bias=config.get("bias") or "none", lora_bias=bool(config.get("lora_bias")),
+                       trainable_token_indices={exact_regex([p]): idx for p, idx in tokens.values()},
                        **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
@@ -312,8 +316,11 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
                            + list(mags.values()) + list(lora_biases.values()))
     trained = {**saved, **biases}
-    saved_values = read_tensors(weights_file, all_infos, list(trained))
+    saved_values = read_tensors(weights_file, all_infos, list(trained) + list(tokens))
   lora: Lora = {SAVED_KEY: saved_tree(saved_values, trained, params)} if trained else {}
+  for key, (path, _) in tokens.items():
+    leaf = get_path(params, path)
+    set_path(lora.setdefault(TOKENS_KEY, {}), path, jnp.asarray(saved_values[key].astype(np.dtype(leaf.dtype))))
   layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], module_target(targets[m.path], m), m.kind)

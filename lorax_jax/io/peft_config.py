@@ -27,7 +27,7 @@ MAX_PATTERN_CHARS = 1000
 # PEFT options that change what the adapter computes and that lorax_jax does not implement;
 # each must be absent, null, false or empty.
 UNSUPPORTED = ("layer_replication",
-               "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+               "target_parameters", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
 # init_lora_weights values that load: the plain ones apply to the base as it is; "pissa" and
 # "olora" to a residual base re-derived from the original one (`load_adapter`). The others
@@ -80,6 +80,10 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
   for key in ("target_modules", "exclude_modules", "layers_pattern"):
     value = config.get(key)
     field(key, value is None or isinstance(value, str) or _is_list(value, str), "a string or a list of strings")
+  tokens = config.get("trainable_token_indices")
+  field("trainable_token_indices", tokens is None or _is_list(tokens, int) or (
+      isinstance(tokens, dict) and all(_is_list(v, int) for v in tokens.values())),
+        "a list of token indices or an object mapping module names to such lists")
   layers = config.get("layers_to_transform")
   field("layers_to_transform", layers is None or _is_int(layers) or _is_list(layers, int),
         "an integer or a list of integers")

@@ -26,7 +26,7 @@ import numpy as np
 from lorax_jax import pathmap
 from lorax_jax.config import LoraConfig
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo
-from lorax_jax.lora_tree import Lora, check_saved
+from lorax_jax.lora_tree import Lora, check_saved, check_tokens
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
@@ -34,6 +34,7 @@ from lorax_jax.targets import module_leaves
 
 PREFIX = "base_model.model."
 BASE_LAYER = "base_layer."
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 
 
 def leaf_names(params: Any, path_map: PathMap | None) -> dict[str, tuple[Path, str]]:
@@ -109,6 +110,67 @@ def saved_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], param
       raise ValueError(f"{where}: {key} is {info.dtype} {info.shape}; the trained leaf {path_str(path)} "
                        f"needs a float tensor of shape {want}")
     kept[key] = (path, kind)
+  return found
+
+
+def token_tensors(lora: Lora, cfg: LoraConfig, params: Any, path_map: PathMap | None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, list[int]] | None]:
+  """``(tensors, indices)``: the trainable token rows in ``lora`` as PEFT saves them
+  (``<module>.token_adapter.trainable_tokens_delta``, ``[n, *row]``) and ``adapter_config.json``'s
+  ``trainable_token_indices`` (``{module: indices}``; None without any).
+
+  Raises:
+    ValueError: a table the path map does not name, or a `check_tokens` error.
+  """
+  names = {path: name for name, (path, _) in leaf_names(params, path_map).items()}
+  tensors, indices = {}, {}
+  for path, (idx, rows) in check_tokens(params, cfg, lora).items():
+    if path not in names:
+      raise ValueError(f"trainable_token_indices table {path_str(path)} has no Hugging Face name in the path map; "
+                       "add a rule for it")
+    module = names[path].removesuffix(".weight")
+    tensors[f"{PREFIX}{module}{TOKEN_DELTA}"] = np.ascontiguousarray(np.asarray(rows))
+    indices[module] = list(idx)
+  return tensors, indices or None
+
+
+def token_keys(infos: Mapping[str, TensorInfo], config: Mapping[str, Any], params: Any, path_map: PathMap | None,
+               where: str) -> dict[str, tuple[Path, tuple[int, ...]]]:
+  """``{key: (table path, indices)}`` of the file's trainable token rows, the indices from the config's
+  ``trainable_token_indices`` (a list: the one table the file holds rows of; a dict: the entry its module
+  name ends with, as PEFT matches it), each checked against its table before anything is read.
+
+  Raises:
+    ValueError: rows without indices in the config, or of a table that ``params`` lack, or of the wrong
+      shape or dtype; indices in the config without rows in the file.
+  """
+  entries = config.get("trainable_token_indices")
+  keys = [k for k in infos if k.startswith(PREFIX) and k.endswith(TOKEN_DELTA)]
+  if not keys and not entries:
+    return {}
+  table = leaf_names(params, path_map)
+  shapes = {path: np.shape(x) for path, x in leaves_with_paths(params)}
+  if isinstance(entries, list) and len(keys) != 1:
+    raise ValueError(f"{where}: trainable_token_indices is a list (the input embedding's) but the file holds the "
+                     f"rows of {len(keys)} tables ({', '.join(keys) or 'none'})")
+  found = {}
+  for key in keys:
+    module = key.removeprefix(PREFIX).removesuffix(TOKEN_DELTA)
+    idx = entries if isinstance(entries, list) else next(
+        (v for k, v in (entries or {}).items() if module.endswith(k)), None)
+    if idx is None or f"{module}.weight" not in table:
+      raise ValueError(f"{where}: {key} holds trainable token rows of {module}, which "
+                       + ("the adapter config's trainable_token_indices does not name" if idx is None
+                          else "these params have no table for (load it with the model's path map)"))
+    path, _ = table[f"{module}.weight"]
+    want = (len(idx), *shapes[path][1:])
+    if infos[key].dtype not in FLOAT_DTYPES or infos[key].shape != want:
+      raise ValueError(f"{where}: {key} is {infos[key].dtype} {infos[key].shape}; the {len(idx)} trainable tokens "
+                       f"of {path_str(path)} need a float tensor of shape {want}")
+    found[key] = (path, tuple(idx))
+  if entries and not found:
+    raise ValueError(f"{where}: the adapter config's trainable_token_indices {entries!r} has no rows in the file "
+                     f"(no key ending in {TOKEN_DELTA})")
   return found
 
 
