@@ -269,3 +269,13 @@ def test_trainable_tokens_with_a_tied_head(tmp_path, tied_llama_dir):
   assert max_diff(ours(lora, cfg), want) < TOL
   untouched = lora | {TOKENS_KEY: init_lora(params, cfg, jax.random.key(0))[TOKENS_KEY]}
   assert max_diff(ours(untouched, cfg)[..., [7, 9]], want[..., [7, 9]]) > 1e-2  # the head sees the rows
+
+
+def test_layer_replication_refused_with_its_reason(tmp_path, tied_llama_dir):
+  """PEFT's layer_replication adapter names layers the checkpoint does not have: refused, saying why."""
+  base = transformers.LlamaForCausalLM.from_pretrained(tied_llama_dir).eval()
+  model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]]))
+  model.save_pretrained(str(tmp_path))
+  _, _, params = load_llama(tied_llama_dir)
+  with pytest.raises(ValueError, match=r"layer_replication=\[\[0, 2\], \[1, 2\]\].*never adds layers"):
+    load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)

@@ -25,7 +25,18 @@ MAX_UNBOUNDED = 3
 MAX_PATTERN_CHARS = 1000
 
 # PEFT options that change what the adapter computes and that lorax_jax does not implement;
-# each must be absent, null, false or empty.
+# each must be absent, null, false or empty. Those with a reason say why and what to do.
+REFUSAL_REASONS = {
+    "layer_replication": (
+        "PEFT's layer_replication builds a deeper model than the checkpoint by repeating base layers (the "
+        "repeats share their base weights, each has its own LoRA), so the adapter's module names index layers "
+        "the checkpoint does not have; lorax_jax adapts the params tree it is given and never adds layers to "
+        "a model. Merge it in PEFT (merge_and_unload) and save the deeper model, or build params with the "
+        "replicated layers and load a copy of the adapter without that field"),
+    "target_parameters": (
+        "LoRA on nn.Parameters (PEFT 0.17: MoE experts stored [E, in, out]) is not supported yet; target "
+        "the experts' modules or merge the adapter in PEFT first"),
+}
 UNSUPPORTED = ("layer_replication",
                "target_parameters", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
@@ -104,6 +115,9 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
   if not any(init is v if isinstance(v, bool) else init == v for v in LOADABLE_INITS):
     raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights. {CONVERSION_RECIPE}")
   bad = [f"{k}={_short(config[k])}" for k in UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
+  for option, reason in REFUSAL_REASONS.items():
+    if config.get(option) not in (None, False, [], {}, ""):
+      raise ValueError(f"{path} uses {option}={_short(config[option])}, which lorax_jax refuses: {reason}")
   if bad:
     raise ValueError(f"{path} uses options lorax_jax cannot honour: {', '.join(bad)}")
   return config
