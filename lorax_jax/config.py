@@ -223,6 +223,8 @@ class LoraConfig:
       _choice("init", self.init, (*INIT_SCHEMES, "pissa_niter_<K>"))
     _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
     _choice("bias", self.bias, BIAS_MODES)
+    if self.lora_bias and self.use_dora:
+      _fail("lora_bias", self.lora_bias, "False with use_dora (lorax_jax does not implement DoRA with lora_B's bias)")
     if self.target_fn is not None:
       _check_target_fn(self.target_fn)
     if self.layers_pattern is not None and self.layers_to_transform is None:

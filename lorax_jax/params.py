@@ -233,11 +233,11 @@ def lora_count(params: Any, cfg: LoraConfig) -> int:
   >>> lorax_jax.lora_count(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))  # 2·4 + 2·3
   14
   """
+  leaves = dict(leaves_with_paths(params))
   return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + math.prod(t.m_shape) * (t.dora + t.lora_bias)
               for t in find_targets(params, cfg).values())
           + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values())
-          + sum(len(idx) * math.prod(np.shape(x)[1:]) for (path, x) in leaves_with_paths(params)
-                for p, idx in token_rows(params, cfg).items() if p == path))
+          + sum(len(idx) * math.prod(np.shape(leaves[path])[1:]) for path, idx in token_rows(params, cfg).items()))
 
 
 def summary(params: Any, cfg: LoraConfig) -> str:
@@ -268,6 +268,7 @@ def summary(params: Any, cfg: LoraConfig) -> str:
   width = max(len(t.name) for t in found.values())
   lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
   lines += [f"{path_str(p)}  (modules_to_save)  {np.shape(x)}" for p, x in saved_leaves(params, cfg).items()]
+  lines += [f"{path_str(p)}  (trainable tokens {list(idx)})" for p, idx in token_rows(params, cfg).items()]
   lines.append(
       f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
       f"trainable%: {100 * trainable / (total + trainable):.4f}")

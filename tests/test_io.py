@@ -268,7 +268,7 @@ def test_module_missing_from_file(saved, params):
     ({"fan_in_fan_out": "yes"}, "field 'fan_in_fan_out' is 'yes'"),
     ({"bias": "some"}, "field 'bias' is 'some'"),
     ({"bias": "all"}, r"missing .*q_proj/bias.*bias='all' train these leaves"),
-    ({"lora_bias": True}, r"missing keys .*q_proj.lora_B.bias.* \(the config has lora_bias true\)"),
+    ({"lora_bias": True}, r"lora_bias: target params/embed_tokens/embedding needs a float bias"),
     ({"modules_to_save": "lm_head"}, "field 'modules_to_save' is 'lm_head'; it must be a list of module names"),
     ({"layer_replication": [[0, 1]]}, "layer_replication"),
     ({"rank_pattern": {"q_proj": 4, "conv_in": 3}}, r"q_proj.lora_A.weight has shape \(2, 8\), expected \(4, 8\)"),
