@@ -67,7 +67,9 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
 def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
           requantize: bool = False) -> Any:
   """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype),
-  and every ``modules_to_save`` leaf by its trained copy in ``lora``.
+  and every ``modules_to_save`` leaf (and bias trained by ``bias``) by its trained copy in ``lora``;
+  with ``lora_bias`` each kernel's bias gets ``s · c``, and with ``trainable_token_indices`` each table
+  its trained rows.
 
   On a quantized base (`lorax_jax.QArray` leaves) the result is float, ``W' = deq(Q) + s · A ⊗ B``
   and the other quantized kernels dequantized, unless ``requantize``.
@@ -117,7 +119,8 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
   """The inverse of `merge`: ``W' - s · A ⊗ B``, exact up to float rounding
-  (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``).
+  (``modules_to_save`` leaves, trained biases and trainable token rows stay as they are: the frozen
+  originals are not in ``lora``; ``lora_bias``'s ``s · c`` is subtracted from its bias).
 
   Args:
     params: the merged params tree (`merge`'s output).
