@@ -55,7 +55,7 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.io.modules import exact_config
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, factor_names
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_factors, factor_names
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
 from lorax_jax.targets import Target, accumulation_dtype, find_targets
@@ -348,6 +348,9 @@ def adapter_targets(params: Any, lora: Lora, cfg: LoraConfig, j: int, who: str) 
 
 
 def _config_targets(params: Any, cfg: LoraConfig, j: int, who: str) -> dict[Path, Target]:
+  if cfg.lora_bias or cfg.bias != "none":
+    raise ValueError(f"{who}: adapter {j} trains biases (lora_bias={cfg.lora_bias}, bias={cfg.bias!r}), which add "
+                     "to the frozen bias and so cannot differ per example; only single adapters support them")
   if cfg.changes_base:
     raise ValueError(f"{who}: adapter {j} has init={cfg.init!r}, whose factors apply to a residual base; convert "
                      "it to a plain LoRA of the original base first (lorax_jax.on_original_base)")
@@ -355,6 +358,9 @@ def _config_targets(params: Any, cfg: LoraConfig, j: int, who: str) -> dict[Path
 
 
 def _check_factors(targets: Mapping[Path, Target], lora: Lora, j: int, who: str) -> None:
+  if isinstance(lora, Mapping) and TOKENS_KEY in lora:
+    raise ValueError(f"{who}: adapter {j} holds {TOKENS_KEY} rows (trainable_token_indices), which only single "
+                     "adapters support")
   if isinstance(lora, Mapping) and SAVED_KEY in lora:
     raise ValueError(f"{who}: adapter {j} holds {SAVED_KEY} copies (modules trained in full), which only "
                      "single adapters support")

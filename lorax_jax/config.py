@@ -28,6 +28,7 @@ BASE_CHANGING_INITS = ("pissa", "olora")  # and "pissa_niter_<K>": their factors
 PISSA_NITER = re.compile(r"pissa_niter_(?P<niter>[0-9]+)")
 BRANCH_DTYPES = ("factors", "kernel")
 TARGET_USES = ("lookup", "matmul", "conv")
+BIAS_MODES = ("none", "lora_only", "all")
 MAX_RANK = 65536
 SEED_RANGE = (-2**63, 2**63)  # what `jax.random.key` accepts
 
@@ -132,6 +133,18 @@ class LoraConfig:
       ``targets``) of modules trained in full, e.g. ``("classifier",)``. Every leaf under a
       matching module is copied into the LoRA tree (`lorax_jax.init.SAVED_KEY`) and used in
       place of the frozen one; such leaves are never LoRA targets.
+    bias: PEFT's ``bias``: which frozen biases are trained in full beside the factors. ``"none"``;
+      ``"lora_only"``: the ``bias`` leaf beside each target's kernel; ``"all"``: every leaf named
+      ``bias``. Each is a trainable copy in the LoRA tree, held and used like a ``modules_to_save``
+      leaf (`lorax_jax.init.SAVED_KEY`), saved under PEFT's key for it.
+    lora_bias: PEFT's ``lora_bias``: ``lora_B`` has a bias ``c`` (the LoRA leaf ``"bias"``, shape
+      `Target.m_shape`, initialised to zero), so the layer computes ``x·W + β + s·((dropout(x)·A)·B + c)``
+      with ``β`` the frozen bias beside the kernel (which must exist, as in PEFT). ``s·c`` does not
+      depend on ``x``, so it is added to ``β`` before the call (and by `merge`), PEFT's own merge.
+    trainable_token_indices: PEFT's ``trainable_token_indices`` (dict form): embedding tables keyed like
+      ``rank_pattern`` (``{"embed_tokens": (3, 7)}``), each with the token rows trained in full. The
+      LoRA tree holds the rows (`lorax_jax.lora_tree.TOKENS_KEY`, ``[n, *row]``, initialised to the
+      table's), and the table is used with those rows replaced at every use, a tied output head too.
     use_dora: DoRA (PEFT's ``use_dora``): ``W' = m ⊙ (W + s·A⊗B) / ‖W + s·A⊗B‖``, the norm per
       output unit over the input axes (stacked axes apart) and detached from the gradient, with a
       trainable magnitude ``m`` per output unit (the LoRA leaf ``"m"``, initialised to ``‖W‖``).
@@ -172,6 +185,9 @@ class LoraConfig:
   layers_pattern: str | tuple[str, ...] | None = None
   modules_to_save: tuple[str, ...] | None = None
   use_dora: bool = False
+  bias: Literal["none", "lora_only", "all"] = "none"
+  lora_bias: bool = False
+  trainable_token_indices: Mapping[str, tuple[int, ...]] = FrozenDict()
 
   def __post_init__(self):
     dtype = _float_dtype(self.param_dtype)
@@ -189,13 +205,14 @@ class LoraConfig:
                                   lambda name, v: _alpha(name, v, alpha_limit)),
         "kernel_axes": _mapping("kernel_axes", self.kernel_axes, _axes),
         "target_uses": _mapping("target_uses", self.target_uses, _uses),
+        "trainable_token_indices": _mapping("trainable_token_indices", self.trainable_token_indices, _indices),
         "layers_to_transform": _layers(self.layers_to_transform),
         "layers_pattern": _patterns("layers_pattern", self.layers_pattern),
         "modules_to_save": _patterns("modules_to_save", self.modules_to_save),
     }
     normal |= {name: _bool(name, getattr(self, name))
                for name in ("target_query", "target_key", "target_value", "use_rslora", "shared_dropout",
-                                                   "use_dora")}
+                                                   "use_dora", "lora_bias")}
     for name, value in normal.items():
       object.__setattr__(self, name, value)
     if not 0.0 <= self.dropout < 1.0:
@@ -205,6 +222,9 @@ class LoraConfig:
     if not (isinstance(self.init, str) and PISSA_NITER.fullmatch(self.init)):
       _choice("init", self.init, (*INIT_SCHEMES, "pissa_niter_<K>"))
     _choice("branch_dtype", self.branch_dtype, BRANCH_DTYPES)
+    _choice("bias", self.bias, BIAS_MODES)
+    if self.lora_bias and self.use_dora:
+      _fail("lora_bias", self.lora_bias, "False with use_dora (lorax_jax does not implement DoRA with lora_B's bias)")
     if self.target_fn is not None:
       _check_target_fn(self.target_fn)
     if self.layers_pattern is not None and self.layers_to_transform is None:
@@ -338,6 +358,13 @@ def _uses(name: str, value: Any) -> tuple[str, ...]:
       or not all(isinstance(u, str) and u in TARGET_USES for u in value)):
     _fail(name, value, f"a non-empty tuple of distinct uses from {TARGET_USES}")
   return tuple(value)
+
+
+def _indices(name: str, value: Any) -> tuple[int, ...]:
+  if (not isinstance(value, (tuple, list)) or not value or len(set(value)) != len(value)
+      or not all(_is_int(i) and i >= 0 for i in value)):
+    _fail(name, value, "a non-empty tuple of distinct token indices >= 0")
+  return tuple(int(i) for i in value)
 
 
 def _check_target_fn(fn: Any) -> None:

@@ -46,11 +46,11 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from lorax_jax.config import PISSA_NITER, LoraConfig
-from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, target_factors
 from lorax_jax.merge import unmerge
 from lorax_jax.paths import Path, get_path, set_path
 from lorax_jax.qarray import is_quantized, leaves_with_paths
-from lorax_jax.targets import Target, accumulation_dtype, find_targets, saved_leaves
+from lorax_jax.targets import Target, accumulation_dtype, find_targets, saved_leaves, token_rows
 
 
 def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array) -> Lora:
@@ -140,6 +140,8 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
       nodes.append({"a": a.astype(cfg.param_dtype), "b": b.astype(cfg.param_dtype)})
       if t.dora:
         nodes[-1]["m"] = t.magnitude(_float(kernel)).astype(cfg.param_dtype)
+      if t.lora_bias:  # PEFT's zero init of lora_B.bias
+        nodes[-1]["bias"] = jnp.zeros(t.m_shape, cfg.param_dtype)
     return nodes, exact if cfg.changes_base else []
 
   placed = [get_path(shardings, path) for path in targets]
@@ -151,6 +153,8 @@ def init_lora_and_base(params: Any, cfg: LoraConfig, rng: jax.Array) -> tuple[Lo
   for path, leaf in saved.items():
     copy = jax.device_put(leaf, get_path(shardings, (SAVED_KEY, *path)), may_alias=False)
     set_path(lora.setdefault(SAVED_KEY, {}), path, copy)
+  for path, idx in token_rows(params, cfg).items():  # PEFT starts trainable tokens at the table's rows
+    set_path(lora.setdefault(TOKENS_KEY, {}), path, jnp.asarray(kernels[path])[jnp.asarray(idx)])
   if not cfg.changes_base:
     return lora, params
   return lora, unmerge(params, _nested(targets, exact), cfg.replace(use_dora=False))  # W_res = W - s·A₀⊗B₀
@@ -199,9 +203,12 @@ def on_original_base(params: Any, lora: Lora, initial: Lora, cfg: LoraConfig) ->
     node = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis), "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis)}
     if t.dora:  # m ⊙ V/‖V‖ with the same V = W + s·(A⊗B - A₀⊗B₀): m carries over
       node["m"] = get_path(lora, t.path)["m"]
+    if t.lora_bias:
+      node["bias"] = get_path(lora, t.path)["bias"]
     set_path(out, t.path, node)
-  if SAVED_KEY in lora:
-    out[SAVED_KEY] = lora[SAVED_KEY]
+  for key in (SAVED_KEY, TOKENS_KEY):
+    if key in lora:
+      out[key] = lora[key]
   factor = math.sqrt(2.0) if cfg.use_rslora else 2.0
   doubled = cfg.replace(r=2 * cfg.r, alpha=factor * cfg.alpha, init="kaiming",
                         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},

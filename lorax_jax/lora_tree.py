@@ -2,9 +2,12 @@
 
 The LoRA tree mirrors the params tree as nested dicts keyed by the path strings, holding only
 the targeted kernels, each replaced by ``{"a": a, "b": b}`` (layouts in `lorax_jax.targets`),
-plus DoRA's magnitude ``"m"`` (shape `Target.m_shape`). With ``LoraConfig.modules_to_save`` it
+plus DoRA's magnitude ``"m"`` and ``lora_B``'s bias ``"bias"`` (`LoraConfig.lora_bias`), both of shape
+`Target.m_shape`. With ``LoraConfig.modules_to_save`` it
 also holds, under the top-level key `SAVED_KEY` (``"modules_to_save"``), a nested dict mirroring
-``params`` with a trainable copy of every saved leaf.
+``params`` with a trainable copy of every saved leaf; with ``LoraConfig.trainable_token_indices``,
+under `TOKENS_KEY` (``"trainable_tokens"``), the trained rows of each table (``[n, *row]``, PEFT's
+``trainable_tokens_delta``), which replace those rows of the table at every use.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.paths import Path, get_path, path_str
 from lorax_jax.qarray import leaves_with_paths
-from lorax_jax.targets import Target, find_targets, saved_leaves
+from lorax_jax.paths import Path, get_path, path_str, tree_path
+from lorax_jax.targets import Target, find_targets, saved_leaves, token_rows
 
 Lora = dict[str, Any]
 
 
 SAVED_KEY = "modules_to_save"
+TOKENS_KEY = "trainable_tokens"  # `LoraConfig.trainable_token_indices`: {table path...: rows [n, *row]}
 
 
 def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
@@ -35,8 +39,8 @@ def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple
 
 
 def factor_names(t: Target) -> set[str]:
-  """The leaves of a target's LoRA node: ``{"a", "b"}``, and ``"m"`` for DoRA."""
-  return {"a", "b", "m"} if t.dora else {"a", "b"}
+  """The leaves of a target's LoRA node: ``{"a", "b"}``, ``"m"`` for DoRA, ``"bias"`` with ``lora_bias``."""
+  return {"a", "b"} | ({"m"} if t.dora else set()) | ({"bias"} if t.lora_bias else set())
 
 
 def check_factors(targets: Mapping[Path, Target], lora: Lora) -> None:
@@ -78,7 +82,9 @@ def check_factors(targets: Mapping[Path, Target], lora: Lora) -> None:
               else "")
       want = "{" + ", ".join(map(repr, sorted(factor_names(t)))) + "}"
       raise ValueError(f"LoRA entry {name} must be {want}, got {got}{hint}")
-    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape))[:len(factor_names(t))]:
+    for k, want in (("a", t.a_shape), ("b", t.b_shape), ("m", t.m_shape), ("bias", t.m_shape)):
+      if k not in factor_names(t):
+        continue
       x = node[k]
       if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"LoRA factor {name}/{k} must be an array, got {type(x).__name__}: "
@@ -120,6 +126,7 @@ def check_lora(params: Any, lora: Lora, cfg: LoraConfig) -> None:
   """
   check_factors(find_targets(params, cfg), lora)
   check_saved(params, cfg, lora)
+  check_tokens(params, cfg, lora)
 
 
 def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
@@ -149,12 +156,47 @@ def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
   return copies
 
 
+def check_tokens(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, tuple[tuple[int, ...], Any]]:
+  """``{table path: (token indices, trained rows)}`` of ``cfg.trainable_token_indices`` in ``lora[TOKENS_KEY]``.
+
+  Raises:
+    ValueError: missing, unexpected or mis-shaped rows (naming the path), or params with a top-level
+      key `TOKENS_KEY`.
+  """
+  want = token_rows(params, cfg)
+  if want and isinstance(params, Mapping) and TOKENS_KEY in params:
+    raise ValueError(f"params have a top-level key {TOKENS_KEY!r}, which LoRA trees reserve for trainable tokens")
+  rows = dict(leaves_with_paths(lora.get(TOKENS_KEY, {}) if isinstance(lora, Mapping) else {}))
+  leaves = dict(leaves_with_paths(params))
+  if set(rows) != set(want):
+    raise ValueError(f"LoRA tree's {TOKENS_KEY} must hold the rows of {sorted(map(path_str, want))} "
+                     f"(LoraConfig.trainable_token_indices), got {sorted(map(path_str, rows))}")
+  for path, idx in want.items():
+    shape = (len(idx), *jnp.shape(leaves[path])[1:])
+    if tuple(jnp.shape(rows[path])) != shape or not jnp.issubdtype(jnp.result_type(rows[path]), jnp.floating):
+      raise ValueError(f"LoRA tree's {TOKENS_KEY} rows of {path_str(path)} are {jnp.shape(rows[path])} "
+                       f"{jnp.result_type(rows[path])}, expected float {shape}")
+  return {path: (idx, rows[path]) for path, idx in want.items()}
+
+
+def with_tokens(params: Any, tokens: Mapping[Path, tuple[tuple[int, ...], Any]]) -> Any:
+  """``params`` with each table's trained rows in place (`check_tokens`'s output), in the table's dtype."""
+  if not tokens:
+    return params
+  def put(path: Path, w: Any) -> Any:
+    if path not in tokens:
+      return w
+    idx, rows = tokens[path]
+    return jnp.asarray(w).at[jnp.asarray(idx)].set(jnp.asarray(rows).astype(jnp.result_type(w)))
+  return jax.tree_util.tree_map_with_path(lambda kp, w: put(tree_path(kp), w), params)
+
+
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:
   """The ``{"a", "b"}`` (DoRA: ``{"a", "b", "m"}``) nodes of a LoRA tree (and anything malformed in
   their place); the saved leaves (`SAVED_KEY`, checked by `check_saved`) are skipped."""
   if isinstance(tree, Mapping) and not ({"a", "b"} & set(tree)):
     for k, v in tree.items():
-      if not prefix and k == SAVED_KEY:
+      if not prefix and k in (SAVED_KEY, TOKENS_KEY):
         continue
       yield from _lora_nodes(v, (*prefix, str(k)))
   else:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.lora_tree import Lora, check_saved, target_factors
+from lorax_jax.lora_tree import Lora, check_saved, check_tokens, target_factors, with_tokens
 from lorax_jax.paths import Path, get_path, path_str, tree_path
 from lorax_jax.qarray import is_quantized, leaves_with_paths, requantize as quantize_like
 from lorax_jax.sharding import kernel_sharding, shard_quantized
@@ -27,7 +27,9 @@ from lorax_jax.targets import accumulation_dtype, find_targets
 def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
   """``s · A ⊗ B`` for every target, kernel-shaped (float32, or float64 factors' dtype), keyed by path.
 
-  For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight.
+  For a DoRA target the change `merge` makes: ``W' - W`` with ``W'`` DoRA's merged weight. With
+  ``lora_bias`` the frozen bias beside each kernel gets ``s · c`` (``c`` ``lora_B``'s bias), keyed by
+  its own path.
 
   Args:
     params: the params tree (`QArray` kernels are dequantized for DoRA's norm).
@@ -59,13 +61,18 @@ def delta(params: Any, lora: Lora, cfg: LoraConfig) -> dict[Path, jax.Array]:
       out[t.path] = t.dora_weight(w, a, b, get_path(lora, t.path)["m"]) - jnp.asarray(w, accumulation_dtype(w, a, b))
     else:
       out[t.path] = t.delta(a, b)
+    if t.lora_bias:  # lora_B's bias: s·c added to the frozen bias beside the kernel
+      c = get_path(lora, t.path)["bias"]
+      out[t.bias_path] = t.scale * jnp.asarray(c, accumulation_dtype(c))
   return out
 
 
 def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
           requantize: bool = False) -> Any:
   """``params`` with every targeted kernel replaced by ``W' = W + s · A ⊗ B`` (in W's dtype),
-  and every ``modules_to_save`` leaf by its trained copy in ``lora``.
+  and every ``modules_to_save`` leaf (and bias trained by ``bias``) by its trained copy in ``lora``;
+  with ``lora_bias`` each kernel's bias gets ``s · c``, and with ``trainable_token_indices`` each table
+  its trained rows.
 
   On a quantized base (`lorax_jax.QArray` leaves) the result is float, ``W' = deq(Q) + s · A ⊗ B``
   and the other quantized kernels dequantized, unless ``requantize``.
@@ -109,18 +116,20 @@ def merge(params: Any, lora: Lora, cfg: LoraConfig, *, all_uses: bool = False,
         "merged weight reaches all its uses (a tied embedding's head too), so it cannot carry that "
         "update. Keep the factored model (lora_transform), or pass all_uses=True to merge anyway")
   copies = check_saved(params, cfg, lora)
+  params = with_tokens(params, check_tokens(params, cfg, lora))
+  if copies:  # first, so that lora_bias adds to a trained bias (bias="all") as it does in the forward pass
+    params = jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), params, is_leaf=is_quantized)
   merged = _apply(params, delta(params, lora, cfg), 1.0, requantize)
   if not requantize:
     merged = jax.tree_util.tree_map_with_path(
         lambda kp, x: _placed_like(x.dequantize(), x, kp) if is_quantized(x) else x, merged, is_leaf=is_quantized)
-  if not copies:
-    return merged
-  return jax.tree_util.tree_map_with_path(lambda kp, w: copies.get(tree_path(kp), w), merged, is_leaf=is_quantized)
+  return merged
 
 
 def unmerge(params: Any, lora: Lora, cfg: LoraConfig) -> Any:
   """The inverse of `merge`: ``W' - s · A ⊗ B``, exact up to float rounding
-  (``modules_to_save`` leaves stay as they are: the frozen originals are not in ``lora``).
+  (``modules_to_save`` leaves, trained biases and trainable token rows stay as they are: the frozen
+  originals are not in ``lora``; ``lora_bias``'s ``s · c`` is subtracted from its bias).
 
   Args:
     params: the merged params tree (`merge`'s output).

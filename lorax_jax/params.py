@@ -15,17 +15,18 @@ import jax
 import numpy as np
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_lora
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_lora
 from lorax_jax.paths import Path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
-from lorax_jax.targets import find_targets, saved_leaves
+from lorax_jax.targets import find_targets, saved_leaves, token_rows
 
 LORA_KEY = "lora"
 
 
 def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
   """A combined tree into ``(frozen params, lora tree)``, ready for `lora_transform`; the
-  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) goes to the lora tree.
+  combined tree's top-level `SAVED_KEY` (``modules_to_save`` copies) and `TOKENS_KEY` (trainable token rows)
+  go to the lora tree.
 
   Args:
     tree: a combined params tree (`join_params`'s output): each factor pair under ``"lora"`` in
@@ -53,17 +54,16 @@ def split_params(tree: Mapping[str, Any], cfg: LoraConfig) -> tuple[dict, Lora]:
     raise TypeError(f"split_params: cfg must be a LoraConfig, got {type(cfg).__name__} (call "
                     "split_params(combined_tree, cfg); join_params(params, lora) is the inverse)")
   tree = dict(tree)
-  saved = tree.pop(SAVED_KEY, None)
+  kept = {key: tree.pop(key) for key in (SAVED_KEY, TOKENS_KEY) if key in tree}
   frozen, lora = _split(tree, ())
-  if saved is not None:
-    lora[SAVED_KEY] = saved
+  lora.update(kept)
   check_lora(frozen, lora, cfg)
   return frozen, lora
 
 
 def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """The inverse of `split_params`: put each factor pair beside its kernel (and the
-  ``modules_to_save`` copies at the top level, under `SAVED_KEY`).
+  ``modules_to_save`` copies and trainable token rows at the top level, under `SAVED_KEY` and `TOKENS_KEY`).
 
   Args:
     params: the frozen params tree.
@@ -86,8 +86,9 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
   """
   check_mapping(params, "params", "the params tree")
   check_mapping(lora, "lora", "the LoRA tree init_lora or load_adapter returns")
-  if SAVED_KEY in lora:
-    return {**join_params(params, {k: v for k, v in lora.items() if k != SAVED_KEY}), SAVED_KEY: lora[SAVED_KEY]}
+  kept = {key: lora[key] for key in (SAVED_KEY, TOKENS_KEY) if key in lora}
+  if kept:
+    return {**join_params(params, {k: v for k, v in lora.items() if k not in kept}), **kept}
   def join(node: Any, sub: Any) -> Any:
     if not isinstance(sub, Mapping):
       return node
@@ -95,7 +96,7 @@ def join_params(params: Mapping[str, Any], lora: Lora) -> dict:
     for key, value in sub.items():
       if key not in node:
         raise ValueError(f"join_params: LoRA path {key!r} is not in the params")
-      if isinstance(value, Mapping) and set(value) in ({"a", "b"}, {"a", "b", "m"}):
+      if isinstance(value, Mapping) and {"a", "b"} <= set(value) <= {"a", "b", "m", "bias"}:
         out.setdefault(LORA_KEY, {})[key] = value
       else:
         out[key] = join(node[key], value)
@@ -232,9 +233,11 @@ def lora_count(params: Any, cfg: LoraConfig) -> int:
   >>> lorax_jax.lora_count(params, lorax_jax.LoraConfig(r=2, targets=["dense"]))  # 2·4 + 2·3
   14
   """
-  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + (math.prod(t.m_shape) if t.dora else 0)
+  leaves = dict(leaves_with_paths(params))
+  return (sum(math.prod(t.a_shape) + math.prod(t.b_shape) + math.prod(t.m_shape) * (t.dora + t.lora_bias)
               for t in find_targets(params, cfg).values())
-          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values()))
+          + sum(int(np.size(x)) for x in saved_leaves(params, cfg).values())
+          + sum(len(idx) * math.prod(np.shape(leaves[path])[1:]) for path, idx in token_rows(params, cfg).items()))
 
 
 def summary(params: Any, cfg: LoraConfig) -> str:
@@ -265,6 +268,7 @@ def summary(params: Any, cfg: LoraConfig) -> str:
   width = max(len(t.name) for t in found.values())
   lines = [f"{t.name:<{width}}  r={t.rank:<3} alpha={t.alpha:g}  {t.shape}" for t in found.values()]
   lines += [f"{path_str(p)}  (modules_to_save)  {np.shape(x)}" for p, x in saved_leaves(params, cfg).items()]
+  lines += [f"{path_str(p)}  (trainable tokens {list(idx)})" for p, idx in token_rows(params, cfg).items()]
   lines.append(
       f"trainable params: {trainable:,} || all params: {total + trainable:,} || "
       f"trainable%: {100 * trainable / (total + trainable):.4f}")

@@ -48,10 +48,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from lorax_jax.config import LoraConfig
-from lorax_jax.lora_tree import SAVED_KEY, Lora
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora
 from lorax_jax.paths import Path, path_str, set_path, tree_path
 from lorax_jax.qarray import QArray, is_quantized, leaves_with_paths
-from lorax_jax.targets import Target, find_targets, saved_leaves
+from lorax_jax.targets import Target, find_targets, saved_leaves, token_rows
 
 
 def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:
@@ -62,7 +62,7 @@ def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:
     spec: the kernel's spec; missing trailing entries are None.
 
   Returns:
-    ``{"a": ..., "b": ...}``, with ``"m"`` for DoRA.
+    ``{"a": ..., "b": ...}``, with ``"m"`` for DoRA and ``"bias"`` with ``lora_bias``.
 
   Raises:
     ValueError: ``spec`` has more entries than the kernel has axes.
@@ -72,6 +72,8 @@ def factor_specs(t: Target, spec: PartitionSpec) -> dict[str, PartitionSpec]:
   specs = {"a": PartitionSpec(*side("s"), None, *side("i")), "b": PartitionSpec(*side("s"), None, *side("o"))}
   if t.dora:
     specs["m"] = PartitionSpec(*side("s"), *side("o"))
+  if t.lora_bias:
+    specs["bias"] = PartitionSpec(*side("s"), *side("o"))
   return specs
 
 
@@ -108,11 +110,13 @@ def lora_shardings(params: Any, cfg: LoraConfig) -> Lora:
     ValueError: from `lorax_jax.find_targets`; a quantized kernel whose shards would cut its
       blocks.
   """
-  return target_shardings(params, find_targets(params, cfg), saved_leaves(params, cfg))
+  return target_shardings(params, find_targets(params, cfg), saved_leaves(params, cfg), token_rows(params, cfg))
 
 
-def target_shardings(params: Any, targets: Mapping[Path, Target], saved: Mapping[Path, Any]) -> Lora:
-  """`lora_shardings` for the ``targets`` and ``saved`` leaves already found in ``params``."""
+def target_shardings(params: Any, targets: Mapping[Path, Target], saved: Mapping[Path, Any],
+                     tokens: Mapping[Path, Any] | None = None) -> Lora:
+  """`lora_shardings` for the ``targets``, ``saved`` leaves and trainable-token ``tokens`` tables already
+  found in ``params``."""
   leaves = dict(leaves_with_paths(params))
   placed = {path: kernel_sharding(path_str(path), leaves[path]) for path in (*targets, *saved)}
   mesh = next((s.mesh for s in placed.values() if s is not None), None)
@@ -124,6 +128,11 @@ def target_shardings(params: Any, targets: Mapping[Path, Target], saved: Mapping
     set_path(tree, path, {k: unplaced if s is None else NamedSharding(s.mesh, spec) for k, spec in specs.items()})
   for path in saved:
     set_path(tree.setdefault(SAVED_KEY, {}), path, placed[path] or unplaced)
+  for path in tokens or {}:  # a table's trained rows: its row axis replicated (a handful of rows)
+    s = kernel_sharding(path_str(path), leaves[path])
+    row_specs = None if s is None else _entries(s.spec, leaves[path].ndim, path_str(path))[1:]
+    set_path(tree.setdefault(TOKENS_KEY, {}), path,
+             unplaced if s is None else NamedSharding(s.mesh, PartitionSpec(None, *row_specs)))
   return tree
 
 

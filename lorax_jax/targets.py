@@ -65,6 +65,7 @@ class Target:
   uses: tuple[str, ...] | None = None  # `LoraConfig.target_uses`; None: every use
   layers: tuple[int, ...] | None = None  # adapted slices of the first stack axis; None: all
   dora: bool = False  # `LoraConfig.use_dora`: the factors come with a magnitude ``m``
+  lora_bias: bool = False  # `LoraConfig.lora_bias`: ``lora_B``'s bias ``"bias"`` (shape `m_shape`)
 
   def _sizes(self, letter: str) -> tuple[int, ...]:
     return tuple(n for n, c in zip(self.shape, self.axes) if c == letter)
@@ -101,6 +102,11 @@ class Target:
   def m_shape(self) -> tuple[int, ...]:
     """DoRA's magnitude: one per output unit, ``S + O``."""
     return (*self.stack_shape, *self.out_shape)
+
+  @property
+  def bias_path(self) -> Path:
+    """The frozen bias beside the kernel, which ``lora_B``'s bias (`LoraConfig.lora_bias`) adds to."""
+    return (*self.path[:-1], "bias")
 
   @property
   def name(self) -> str:
@@ -163,14 +169,17 @@ def accumulation_dtype(*xs: Any) -> Any:
 def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> dict[Path, Target]:
   """The targets of ``cfg`` in ``params``, keyed by path, in tree order.
 
-  ``check_rank=False`` skips the rank check (`axes_from_use` runs before the layouts are known).
+  A rank may exceed a kernel's input or output size (PEFT accepts it: ``ΔW = s·A⊗B`` is then of full
+  rank at most, and the math holds), except with a PiSSA or OLoRA init, which takes ``r`` singular or
+  QR directions of the kernel. ``check_rank=False`` skips that check (`axes_from_use` runs before the
+  layouts are known).
 
   Args:
     params: the params tree (arrays, `QArray`\\ s or ``jax.ShapeDtypeStruct``\\ s: only shapes
       and dtypes are read).
     cfg: what to adapt (`LoraConfig`'s ``target_fn``, ``targets`` or switches, ``exclude``,
       patterns, layers).
-    check_rank: check that each rank fits its kernel.
+    check_rank: check that each rank fits its kernel (PiSSA and OLoRA inits only).
 
   Returns:
     ``{path: Target}``, ``path`` a tuple of strings.
@@ -178,7 +187,7 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   Raises:
     ValueError: nothing matched (the message lists a sample of the available paths),
       a matched leaf is not a float array of rank >= 2, its ``kernel_axes`` do not fit its
-      shape, or its rank ``r`` exceeds its input or output size.
+      shape, or (PiSSA, OLoRA) its rank ``r`` exceeds its input or output size.
 
   >>> import jax.numpy as jnp, lorax_jax
   >>> params = {"attn": {"query": {"kernel": jnp.zeros((8, 8))}, "out": {"kernel": jnp.zeros((8, 8))}},
@@ -213,24 +222,46 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
           f"{shape}, with at least one 'i' and one 'o'")
     uses = _lookup(cfg.target_uses, name, None)
     t = Target(path, shape, rank, alpha, cfg.scale(rank, alpha), axes,
-               None if uses is None else tuple(uses), dora=cfg.use_dora)
+               None if uses is None else tuple(uses), dora=cfg.use_dora, lora_bias=cfg.lora_bias)
     if layered:
       t = _select_layers(t, layer_of[path], cfg)
       if t is None:
         continue
-    if check_rank and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
+    if check_rank and cfg.changes_base and rank > min(math.prod(t.in_shape), math.prod(t.out_shape)):
       raise ValueError(
           f"LoRA target {name}: rank {rank} exceeds its input size {math.prod(t.in_shape)} or "
-          f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}); lower r or "
-          "rank_pattern for it")
+          f"output size {math.prod(t.out_shape)} (shape {shape}, axes {axes!r}), and init={cfg.init!r} takes "
+          "that many singular or QR directions of the kernel; lower r or rank_pattern for it")
     found[path] = t
   if layered:
     _check_layers(found, layer_of, cfg)
+  if cfg.lora_bias:
+    _check_lora_bias(params, found)
   if not found:
     sample = ", ".join(all_paths[:12]) + (", ..." if len(all_paths) > 12 else "")
     raise ValueError(f"LoraConfig matches no parameter; available kernels: {sample or '(none)'}")
   _warn_unmatched_patterns(cfg, found)
   return found
+
+
+def _check_lora_bias(params: Any, found: Mapping[Path, Target]) -> None:
+  """Each target of a ``lora_bias`` config has a float bias of shape ``S + O`` beside its kernel
+  (PEFT refuses ``lora_bias`` on a layer without a bias) and is adapted at every layer.
+
+  Raises:
+    ValueError: naming the target and what is wrong.
+  """
+  leaves = dict(leaves_with_paths(params))
+  for t in found.values():
+    bias = leaves.get(t.bias_path)
+    if bias is None or tuple(np.shape(bias)) != t.m_shape or not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+      got = "none" if bias is None else f"{tuple(np.shape(bias))} {jnp.result_type(bias)}"
+      raise ValueError(f"LoraConfig.lora_bias: target {t.name} needs a float bias {path_str(t.bias_path)} of shape "
+                       f"{t.m_shape} beside its kernel (lora_B's bias adds to it), got {got}; PEFT refuses "
+                       "lora_bias on a layer without a bias too: leave such layers out of the targets")
+    if t.layers is not None:
+      raise ValueError(f"LoraConfig.lora_bias: target {t.name} is a stacked kernel adapted at some layers only "
+                       "(layers_to_transform); lora_bias needs every layer of it")
 
 
 def _warn_unmatched_patterns(cfg: LoraConfig, found: Mapping[Path, Target]) -> None:
@@ -245,14 +276,73 @@ def _warn_unmatched_patterns(cfg: LoraConfig, found: Mapping[Path, Target]) -> N
 
 
 def saved_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
-  """The leaves of ``params`` under a module named by ``cfg.modules_to_save``, keyed by path in
-  tree order (a module matches as in `matches`: a regex full-matching its ``/``-joined path, or a
-  name suffix of it; the leaf itself counts as a module).
+  """The leaves of ``params`` trained in full, keyed by path in tree order: those under a module
+  named by ``cfg.modules_to_save`` (a module matches as in `matches`: a regex full-matching its
+  ``/``-joined path, or a name suffix of it; the leaf itself counts as a module) and the biases
+  ``cfg.bias`` trains (`trained_biases`).
 
   Raises:
     ValueError: a name that matches no module (the message lists the top-level modules), or a
       matched leaf that is not a float array.
   """
+  modules = module_leaves(params, cfg)
+  if cfg.bias == "none":
+    return modules
+  biases = trained_biases(params, cfg)
+  return {path: leaf for path, leaf in leaves_with_paths(params) if path in modules or path in biases}
+
+
+def trained_biases(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
+  """The biases PEFT's ``bias`` option trains, keyed by path in tree order: for ``"all"`` every float
+  leaf named ``bias`` (PEFT: every parameter ``bias`` or ``*.bias``), for ``"lora_only"`` the ``bias``
+  leaf beside each target's kernel (PEFT: the bias of each adapted layer that has one), for
+  ``"none"`` none."""
+  if cfg.bias == "none":
+    return {}
+  if cfg.bias == "lora_only":
+    wanted = {(*path[:-1], "bias") for path in find_targets(params, cfg.replace(bias="none"))}
+  else:
+    wanted = {path for path, _ in leaves_with_paths(params) if path[-1] == "bias"}
+  return {path: leaf for path, leaf in leaves_with_paths(params)
+          if path in wanted and hasattr(leaf, "shape") and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)}
+
+
+def token_rows(params: Any, cfg: LoraConfig) -> dict[Path, tuple[int, ...]]:
+  """``{table path: token indices}`` of ``cfg.trainable_token_indices``, in tree order: each key matches
+  (as in ``rank_pattern``) float tables ``[vocab, *row]`` whose rows are indexed on the first axis.
+
+  Raises:
+    ValueError: a key matching no leaf, a table that is not a float array of rank >= 2, an index
+      past its vocabulary, or a table that is also a LoRA target or a ``modules_to_save`` leaf.
+  """
+  if not cfg.trainable_token_indices:
+    return {}
+  found, used = {}, set()
+  for path, leaf in leaves_with_paths(params):
+    key = next((k for k in cfg.trainable_token_indices if matches(k, path_str(path))), None)
+    if key is None:
+      continue
+    used.add(key)
+    idx = cfg.trainable_token_indices[key]
+    shape = tuple(np.shape(leaf))
+    if len(shape) < 2 or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating) or max(idx) >= shape[0]:
+      raise ValueError(f"LoraConfig.trainable_token_indices {key!r}: {path_str(path)} must be a float table "
+                       f"[vocab, ...] with every index below its vocabulary, got shape {shape} and indices {idx}")
+    found[path] = idx
+  unused = [k for k in cfg.trainable_token_indices if k not in used]
+  if unused:
+    raise ValueError(f"LoraConfig.trainable_token_indices {unused[0]!r} matches no leaf of the params")
+  plain = cfg.replace(trainable_token_indices={})
+  clash = [path_str(p) for p in found if p in saved_leaves(params, plain)]
+  clash += [path_str(p) for p in found if p in find_targets(params, plain)] if not clash else []
+  if clash:
+    raise ValueError(f"LoraConfig.trainable_token_indices: {clash[0]} is also a LoRA target or trained in full "
+                     "(modules_to_save); PEFT refuses both on one layer too: pick one")
+  return found
+
+
+def module_leaves(params: Any, cfg: LoraConfig) -> dict[Path, Any]:
+  """The leaves of ``params`` under a module named by ``cfg.modules_to_save`` (see `saved_leaves`)."""
   if not cfg.modules_to_save:
     return {}
   found, used = {}, set()

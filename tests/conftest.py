@@ -31,6 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_peft_options.py::test_lora_bias":
+        "BERT both ways and a merged reference (28 s on 2 loaded cores)",
     "tests/test_transform.py::test_sharded_params_on_eight_host_devices":
         "8 host devices in a subprocess",
     "tests/test_quantize.py::test_main_job_step_memory_on_a_gguf_base":

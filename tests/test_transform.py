@@ -191,9 +191,12 @@ def test_call_time_params_are_checked_against_the_transform():
     apply(half, lora, *case.inputs)
 
 
-def test_rank_above_kernel_size_is_rejected():
-  with pytest.raises(ValueError, match="rank 5 exceeds its input size 4"):
-    lj.find_targets({"w": jnp.zeros((4, 16))}, lj.LoraConfig(r=5, targets=["w"]))
+def test_rank_above_kernel_size_only_refused_where_the_init_needs_it():
+  """PEFT accepts r above a kernel's smaller size (tests/test_peft_options.py); PiSSA and OLoRA take r
+  directions of the kernel, so they refuse it."""
+  assert lj.find_targets({"w": jnp.zeros((4, 16))}, lj.LoraConfig(r=5, targets=["w"]))[("w",)].rank == 5
+  with pytest.raises(ValueError, match="rank 5 exceeds its input size 4.*init='pissa'"):
+    lj.find_targets({"w": jnp.zeros((4, 16))}, lj.LoraConfig(r=5, targets=["w"], init="pissa"))
 
 
 def test_dropout_without_a_key_warns_once():

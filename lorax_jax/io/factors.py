@@ -75,6 +75,12 @@ def magnitude_shape(t: Target, kind: str) -> tuple[int, ...]:
   return (*t.stack_shape, math.prod(t.out_shape))
 
 
+def lora_bias_shape(t: Target, kind: str) -> tuple[int, ...]:
+  """The torch shape of ``lora_B.bias`` (`lorax_jax.LoraConfig.lora_bias`) for target ``t``: ``S + (prod(O),)``
+  (linear), ``(cout,)`` (conv); lorax_jax's ``"bias"`` is `Target.m_shape`, a reshape of it."""
+  return (t.out_shape[0],) if kind == "conv" else (*t.stack_shape, math.prod(t.out_shape))
+
+
 def _check_conv(t: Target) -> None:
   if t.n_stack or len(t.out_shape) != 1 or len(t.in_shape) < 2:
     raise ValueError(f"LoRA target {path_str(t.path)} is a conv but its kernel {t.shape} is not "

@@ -47,14 +47,15 @@ from lorax_jax import pathmap
 from lorax_jax.config import BASE_CHANGING_INITS, LoraConfig
 from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_writer, write_dir_atomic
 from lorax_jax.init import init_lora_and_base, on_original_base
-from lorax_jax.io.factors import check_shape, factors_from_torch, factors_to_torch, magnitude_shape, torch_shapes
+from lorax_jax.io.factors import (check_shape, factors_from_torch, factors_to_torch, lora_bias_shape, magnitude_shape,
+                                  torch_shapes)
 from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
                                   modules, parts_by_module)
 from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
-from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree
+from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree, token_keys, token_tensors
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
 from lorax_jax.io.tensors import FLOAT_DTYPES, TensorInfo, pickle_refusal, read_header, read_tensors, safetensors_writer
-from lorax_jax.lora_tree import SAVED_KEY, Lora, target_factors
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_saved, target_factors
 from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
@@ -67,7 +68,7 @@ PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt")
 LOOKUP_ONLY = ("lookup",)
 READ_ATTEMPTS = 20
 _BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
-_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_embedding_[AB]"
+_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<part>lora_[AB]\.weight|lora_B\.bias|lora_embedding_[AB]"
                   r"|lora_magnitude_vector)")
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -144,8 +145,10 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   mods = by_target(modules(params, path_map), targets)  # a stacked kernel: one module per adapted layer
   names = {path: ms[0] for path, ms in mods.items()}
   _check_tied(targets, names, cfg, _ties(params, path_map))
-  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map)
+  tensors, saved_modules = saved_tensors(lora, cfg, params, path_map, [m.name for ms in mods.values() for m in ms])
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
+  token_values, token_indices = token_tensors(lora, cfg, params, path_map)
+  tensors |= token_values
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
       t_m, a_m, b_m = module_factors(t, a, b, m)
@@ -155,6 +158,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
         mag = np.asarray(get_path(lora, t.path)["m"])
         tensors[_magnitude_key(key_a)] = (mag if m.layer is None else mag[m.layer]).reshape(
             magnitude_shape(t_m, m.kind))
+      if t.lora_bias:
+        _check_bias_module(m, "save")
+        tensors[_bias_key(key_b)] = np.asarray(get_path(lora, t.path)["bias"]).reshape(lora_bias_shape(t_m, m.kind))
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
@@ -162,7 +168,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
-      "bias": "none", "fan_in_fan_out": False, "use_dora": cfg.use_dora, "modules_to_save": saved_modules,
+      "bias": cfg.bias, "lora_bias": cfg.lora_bias,
+      "fan_in_fan_out": any(m.kind == "conv1d" for ms in mods.values() for m in ms),  # GPT-2's Conv1D [in, out]
+      "use_dora": cfg.use_dora, "modules_to_save": saved_modules, "trainable_token_indices": token_indices,
       "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
       "init_lora_weights": True if cfg.init == "kaiming" else cfg.init, "inference_mode": True, "revision": None,
   }
@@ -278,10 +286,11 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
                          config_path)
   with _open(dir_fd, directory, WEIGHTS_NAME) as weights_file:
     all_infos = read_header(weights_file, weights_path)
-    saved = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save
+    saved, biases = saved_keys(all_infos, config, params, path_map, weights_path)  # modules_to_save, bias
     _check_tied_saved({k.removeprefix(PREFIX).rpartition(".")[0] for k in saved}, _ties(params, path_map),
                       weights_path)
-    infos = {k: v for k, v in all_infos.items() if k not in saved}
+    tokens = token_keys(all_infos, config, params, path_map, weights_path)
+    infos = {k: v for k, v in all_infos.items() if k not in saved and k not in biases and k not in tokens}
     _check_tied_head(infos, config, _ties(params, path_map), path_map, weights_path)
     mods = modules(params, path_map)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
@@ -314,6 +323,8 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     cfg = exact_config(ranks, alphas, config["r"], config["lora_alpha"], param_dtype=dtype,
                        dropout=float(config.get("lora_dropout") or 0.0),
                        use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")),
+                       bias=config.get("bias") or "none", lora_bias=bool(config.get("lora_bias")),
+                       trainable_token_indices={exact_regex([p]): idx for p, idx in tokens.values()},
                        **{"kernel_axes": dict(kernel_axes or {}), **stacked},
                        **({"target_uses": uses} if uses else {}),
                        **({"modules_to_save": [exact_regex([p for p, _ in saved.values()])]} if saved else {}))
@@ -324,11 +335,16 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
       check_shape(infos[key_a].shape, want_a, f"{weights_path}: {key_a}", t_m)
       check_shape(infos[key_b].shape, want_b, f"{weights_path}: {key_b}", t_m)
     mags = _check_magnitudes(infos, pairs, targets, cfg.use_dora, weights_path)
+    lora_biases = _check_lora_biases(infos, pairs, targets, cfg.lora_bias, weights_path)
     _check_base_copies(weights_file, infos, copies, weights_path, params)
     tensors = read_tensors(weights_file, infos, [k for _, key_a, key_b in pairs for k in (key_a, key_b)]
-                           + list(mags.values()))
-    saved_values = read_tensors(weights_file, all_infos, list(saved))
-  lora: Lora = {SAVED_KEY: saved_tree(saved_values, saved, params)} if saved else {}
+                           + list(mags.values()) + list(lora_biases.values()))
+    trained = {**saved, **biases}
+    saved_values = read_tensors(weights_file, all_infos, list(trained) + list(tokens))
+  lora: Lora = {SAVED_KEY: saved_tree(saved_values, trained, params)} if trained else {}
+  for key, (path, _) in tokens.items():
+    leaf = get_path(params, path)
+    set_path(lora.setdefault(TOKENS_KEY, {}), path, jnp.asarray(saved_values[key].astype(np.dtype(leaf.dtype))))
   layers: dict[Path, list[tuple[Module, np.ndarray, np.ndarray]]] = {}
   for m, key_a, key_b in pairs:
     a, b = factors_from_torch(tensors[key_a], tensors[key_b], module_target(targets[m.path], m), m.kind)
@@ -338,7 +354,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     node = {"a": np.asarray(a, dtype), "b": np.asarray(b, dtype)}
     if path in mags:
       node["m"] = np.asarray(tensors[mags[path]].reshape(targets[path].m_shape), dtype)
+    if path in lora_biases:
+      node["bias"] = np.asarray(tensors[lora_biases[path]].reshape(targets[path].m_shape), dtype)
     set_path(lora, path, node)
+  _check_trained(params, cfg, lora, weights_path)
   init = config.get("init_lora_weights", True)
   if init in BASE_CHANGING_INITS:
     initial = host_arrays(init_lora_and_base(params, cfg.replace(init=init), jax.random.key(0))[0])
@@ -347,9 +366,58 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
   return lora, cfg
 
 
+def _check_trained(params: Any, cfg: LoraConfig, lora: Lora, where: str) -> None:
+  """The file holds exactly the leaves ``cfg`` trains in full (``modules_to_save``, ``bias``).
+
+  Raises:
+    ValueError: naming ``where`` and the leaves missing from it (a ``bias="all"`` adapter for a model
+      with more biases than these params, say).
+  """
+  try:
+    check_saved(params, cfg, lora)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e} (the adapter's modules_to_save and bias={cfg.bias!r} train these "
+                     "leaves of the params; load it onto the model it was trained for)") from None
+
+
 def _magnitude_key(key_a: str) -> str:
   """The key of DoRA's magnitude beside the factor key ``key_a`` (PEFT's ``<m>.lora_magnitude_vector``)."""
   return f"{key_a.rsplit('.lora_', 1)[0]}.{MAGNITUDE}"
+
+
+def _bias_key(key_b: str) -> str:
+  """The key of ``lora_B``'s bias beside the factor key ``key_b`` (PEFT's ``<m>.lora_B.bias``)."""
+  return key_b.removesuffix(".weight") + ".bias"
+
+
+def _check_bias_module(m: Module, doing: str) -> None:
+  if m.layer is not None or m.kind == "embedding":
+    what = "an embedding (PEFT refuses lora_bias there)" if m.kind == "embedding" else "a layer of a stacked kernel"
+    raise ValueError(f"{doing}: lora_bias on module {m.name}, {what}, is not supported; with a stacked kernel, "
+                     "load onto params with one leaf per layer")
+
+
+def _check_lora_biases(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
+                       lora_bias: bool, path: str) -> dict[Path, str]:
+  """``{target path: lora_B bias key}``: each adapted module has one (float, PEFT's shape) exactly when
+  the config says ``lora_bias``; otherwise a ValueError naming the keys."""
+  keys = {m.path: _bias_key(key_b) for m, _, key_b in pairs}
+  present = {p: k for p, k in keys.items() if k in infos}
+  if not lora_bias:
+    if present:
+      raise ValueError(f"{path} holds lora_B biases ({', '.join(sorted(present.values())[:3])}) but its "
+                       "adapter_config.json has lora_bias false: fix the config")
+    return {}
+  missing = sorted(k for p, k in keys.items() if p not in present)
+  if missing:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has lora_bias true)")
+  for m, _, _ in pairs:
+    _check_bias_module(m, path)
+    key = present[m.path]
+    if infos[key].dtype not in FLOAT_DTYPES:
+      raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
+    check_shape(infos[key].shape, lora_bias_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
+  return present
 
 
 def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
@@ -511,7 +579,7 @@ def _pairs(infos: Mapping[str, TensorInfo], path: str, mods: list[Module]
       continue
     m = found[aligned[name]]
     want = _keys(m, name)
-    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]))]
+    unexpected += [key for key in p.values() if key not in (*want, _magnitude_key(want[0]), _bias_key(want[1]))]
     missing += [key for key in want if key not in p.values()]
     pairs.append((m, *want))
   if unexpected:

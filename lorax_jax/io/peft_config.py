@@ -19,13 +19,26 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from lorax_jax.config import BIAS_MODES
+
 MAX_UNBOUNDED = 3
 MAX_PATTERN_CHARS = 1000
 
 # PEFT options that change what the adapter computes and that lorax_jax does not implement;
-# each must be absent, null, false or empty.
-UNSUPPORTED = ("fan_in_fan_out", "lora_bias", "layer_replication",
-               "target_parameters", "trainable_token_indices", "use_qalora", "alora_invocation_tokens",
+# each must be absent, null, false or empty. Those with a reason say why and what to do.
+REFUSAL_REASONS = {
+    "layer_replication": (
+        "PEFT's layer_replication builds a deeper model than the checkpoint by repeating base layers (the "
+        "repeats share their base weights, each has its own LoRA), so the adapter's module names index layers "
+        "the checkpoint does not have; lorax_jax adapts the params tree it is given and never adds layers to "
+        "a model. Merge it in PEFT (merge_and_unload) and save the deeper model, or build params with the "
+        "replicated layers and load a copy of the adapter without that field"),
+    "target_parameters": (
+        "LoRA on nn.Parameters (PEFT 0.17: MoE experts stored [E, in, out]) is not supported yet; target "
+        "the experts' modules or merge the adapter in PEFT first"),
+}
+UNSUPPORTED = ("layer_replication",
+               "target_parameters", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
 # init_lora_weights values that load: the plain ones apply to the base as it is; "pissa" and
 # "olora" to a residual base re-derived from the original one (`load_adapter`). The others
@@ -71,13 +84,17 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
   field("lora_alpha", _is_number(config["lora_alpha"]), "a finite number")
   dropout = config.get("lora_dropout")
   field("lora_dropout", dropout is None or (_is_number(dropout) and 0 <= dropout < 1), "a number in [0, 1)")
-  for key in ("use_rslora", "use_dora"):
+  for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
     field(key, config.get(key) is None or isinstance(config[key], bool), "true or false")
   field("modules_to_save", config.get("modules_to_save") is None or _is_list(config["modules_to_save"], str),
         "a list of module names")
   for key in ("target_modules", "exclude_modules", "layers_pattern"):
     value = config.get(key)
     field(key, value is None or isinstance(value, str) or _is_list(value, str), "a string or a list of strings")
+  tokens = config.get("trainable_token_indices")
+  field("trainable_token_indices", tokens is None or _is_list(tokens, int) or (
+      isinstance(tokens, dict) and all(_is_list(v, int) for v in tokens.values())),
+        "a list of token indices or an object mapping module names to such lists")
   layers = config.get("layers_to_transform")
   field("layers_to_transform", layers is None or _is_int(layers) or _is_list(layers, int),
         "an integer or a list of integers")
@@ -92,12 +109,15 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
     compile_pattern(config["target_modules"], f"{path}: target_modules")
   if isinstance(config.get("exclude_modules"), str):
     compile_pattern(config["exclude_modules"], f"{path}: exclude_modules")
-  field("bias", config.get("bias", "none") in (None, "none"), '"none" (lorax_jax adapts no biases)')
+  field("bias", config.get("bias", "none") in (None, *BIAS_MODES), f"one of {BIAS_MODES}")
   init = config.get("init_lora_weights", True)
   field("init_lora_weights", isinstance(init, (bool, str)), "true, false or a PEFT init name")
   if not any(init is v if isinstance(v, bool) else init == v for v in LOADABLE_INITS):
     raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights. {CONVERSION_RECIPE}")
   bad = [f"{k}={_short(config[k])}" for k in UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
+  for option, reason in REFUSAL_REASONS.items():
+    if config.get(option) not in (None, False, [], {}, ""):
+      raise ValueError(f"{path} uses {option}={_short(config[option])}, which lorax_jax refuses: {reason}")
   if bad:
     raise ValueError(f"{path} uses options lorax_jax cannot honour: {', '.join(bad)}")
   return config

@@ -16,11 +16,11 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import check_key
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, check_saved
+from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_factors, check_saved, check_tokens
 from lorax_jax.merge import merge
 from lorax_jax.paths import get_path, path_str
 from lorax_jax.qarray import is_quantized, leaves_with_paths
-from lorax_jax.targets import Target, find_targets, saved_leaves
+from lorax_jax.targets import Target, find_targets, saved_leaves, token_rows
 from lorax_jax.transform.core import Context, as_array, evaluate
 from lorax_jax.transform.dora import dora_scale
 from lorax_jax.transform.kernels import Label, LoraKernel, QuantizedKernel
@@ -35,11 +35,14 @@ class LoraApply:
     self.apply_fn, self.cfg, self.strict = apply_fn, cfg, strict
     self.targets = find_targets(params, cfg)
     self.saved = list(saved_leaves(params, cfg))
+    self.tokens = token_rows(params, cfg)
     self.fallbacks: set[tuple[str, str]] = set()
     self._compiled: collections.OrderedDict[Any, Callable[..., Any]] = collections.OrderedDict()
     self._treedef = jax.tree_util.tree_structure(params, is_leaf=is_quantized)
     self._paths = [path for path, _ in leaves_with_paths(params)]
-    self._leaf_index = {path: self._paths.index(path) for path in [*self.targets, *self.saved]}
+    self._biased = {t.path: t.bias_path for t in self.targets.values() if t.lora_bias}
+    self._leaf_index = {path: self._paths.index(path)
+                        for path in dict.fromkeys([*self.targets, *self.saved, *self._biased.values(), *self.tokens])}
     self._avals = {path: (tuple(np.shape(x)), jnp.result_type(x))
                    for path, x in leaves_with_paths(params) if path in self._leaf_index}
     self._warned_no_key = False
@@ -50,6 +53,8 @@ class LoraApply:
     self._check_params(params)
     if self.saved or SAVED_KEY in lora:
       check_saved(params, self.cfg, lora)
+    if self.tokens or TOKENS_KEY in lora:
+      check_tokens(params, self.cfg, lora)
     check_key(rng)
     if rng is None and self.cfg.dropout_seed is not None:
       rng = jax.random.key(self.cfg.dropout_seed)
@@ -115,6 +120,12 @@ class LoraApply:
         invals[i] = dataclasses.replace(invals[i], g=dora_scale(invals[i], node["m"]))
     for path in self.saved:  # modules_to_save: the trained copies in place of the frozen leaves
       invals[int(dyn_index[self._leaf_index[path]])] = get_path(lora[SAVED_KEY], path)
+    for path, idx in self.tokens.items():  # trainable tokens: the trained rows in place, at every use
+      i = int(dyn_index[self._leaf_index[path]])
+      invals[i] = invals[i].at[jnp.asarray(idx)].set(get_path(lora[TOKENS_KEY], path).astype(invals[i].dtype))
+    for path, bias_path in self._biased.items():  # lora_B's bias c: s·c adds to the frozen bias (x-independent)
+      i = int(dyn_index[self._leaf_index[bias_path]])
+      invals[i] = (invals[i] + self.targets[path].scale * get_path(lora, path)["bias"]).astype(invals[i].dtype)
     ctx = Context(rng, self.cfg.dropout, self.strict, tuple(t.name for t in self.targets.values()),
                   self.fallbacks, self.cfg.branch_dtype, self.cfg.shared_dropout)
     outs = evaluate(closed.jaxpr, closed.consts, invals, ctx)
