@@ -1,6 +1,7 @@
 """The Llama-shaped families against transformers and PEFT: Llama 3.x (llama3/linear RoPE scaling,
 attention and MLP biases), Qwen2 (q/k/v biases, per-layer sliding windows), Qwen3 (per-head q/k
-RMSNorm, explicit head_dim) and Mistral (a sliding window shorter than the sequences).
+RMSNorm, explicit head_dim), Mistral (a sliding window shorter than the sequences) and Phi-3 (fused
+qkv_proj and gate_up_proj, partial RoPE, a sliding window).
 
 Each family is a tiny random checkpoint written by transformers' own model class; lorax_jax loads
 it with `load_llama` and must give its logits, its greedy generation and, with an adapter trained
@@ -42,12 +43,16 @@ FAMILIES = {
                                               max_window_layers=1, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, sliding_window=4, partial_rotary_factor=0.5,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 ABLATIONS = {  # the option each family adds, removed: the logits must then differ
     "llama3": dict(rope_scaling=None), "llama-linear": dict(rope_scaling=None),
     "qwen2": dict(sliding_window=None, layer_types=None), "mistral": dict(sliding_window=None),
+    "phi3": dict(sliding_window=None, partial_rotary_factor=1.0),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's modules
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))  # longer than the sliding windows (4)
 
 
@@ -102,6 +107,11 @@ def test_greedy_generation_matches_transformers(checkpoint):
     assert got == out[0, len(prompt):].tolist()
 
 
+def targets(family: str) -> list[str]:
+  """Every projection of the family's layers, PEFT's module names."""
+  return FUSED_TARGETS if family == "phi3" else TARGETS
+
+
 def assert_adapted_logits_are_peft(directory, flax_model, params, lora, cfg, peft_model) -> None:
   """The adapted logits here are PEFT's, and the adapter changes them (it tests something)."""
   got = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS))
@@ -111,9 +121,9 @@ def assert_adapted_logits_are_peft(directory, flax_model, params, lora, cfg, pef
 
 
 def test_peft_adapter_runs_here(checkpoint, tmp_path):
-  directory, _ = checkpoint
+  directory, family = checkpoint
   model = peft.get_peft_model(torch_model(directory), peft.LoraConfig(
-      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS))
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets(family)))
   randomize_lora(model)
   model.save_pretrained(str(tmp_path))
   _, flax_model, params = load_llama(directory)
@@ -122,9 +132,9 @@ def test_peft_adapter_runs_here(checkpoint, tmp_path):
 
 
 def test_adapter_saved_here_runs_in_peft(checkpoint, tmp_path):
-  directory, _ = checkpoint
+  directory, family = checkpoint
   _, flax_model, params = load_llama(directory)
-  cfg = LoraConfig(r=4, alpha=8, targets=TARGETS)
+  cfg = LoraConfig(r=4, alpha=8, targets=targets(family))
   lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
   save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
   model = peft.PeftModel.from_pretrained(torch_model(directory), str(tmp_path)).eval()
@@ -158,6 +168,9 @@ def test_llama3_frequencies_are_transformers():
     ({"model_type": "qwen3", "use_sliding_window": False,
       "layer_types": ["sliding_attention", "full_attention"]}, "sliding_window is None"),
     ({"rope_interleaved": True}, "rope_interleaved=True"),
+    ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                             "long_factor": [2.0] * 6}}, "rope_type='longrope' is not implemented"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),  # Phi-3's option, not Llama's
 ])
 def test_config_refuses_what_no_family_implements(change, message):
   base = {"model_type": "llama", **{k: v for k, v in SMALL.items() if k != "initializer_range"}}

@@ -1,8 +1,8 @@
 """A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
-Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral.
+Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral, Phi-3.
 
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
 one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 ``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
 ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
@@ -13,6 +13,10 @@ one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 - Qwen3: an RMSNorm over ``head_dim`` of each query and key head (``q_norm``/``k_norm``) before RoPE,
   an explicit ``head_dim``, ``attention_bias``; per-layer sliding windows.
 - Mistral: a sliding window on every layer.
+- Phi-3 (and Phi-4-mini): fused projections, one ``qkv_proj`` (kernel ``[D, (H + 2 H_kv) head_dim]``,
+  split into q, k, v after the matmul) and one ``gate_up_proj`` (``[D, 2 I]``, gate first), so a
+  PEFT adapter on ``qkv_proj`` is one LoRA on the fused kernel, as in PEFT; RoPE on the first
+  ``partial_rotary_factor`` of each head; Mistral's sliding window.
 
 Calling convention::
 
@@ -62,6 +66,7 @@ class _Family:
   fields: frozenset[str]
   qkv_bias: bool = False  # q/k/v biases always (Qwen2), not by attention_bias
   qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+  fused: bool = False  # one qkv_proj and one gate_up_proj kernel (Phi-3)
 
 
 _QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
@@ -72,6 +77,9 @@ FAMILIES: dict[str, _Family] = {
     "qwen2": _Family("Qwen2ForCausalLM", _QWEN_WINDOWS, qkv_bias=True),
     "qwen3": _Family("Qwen3ForCausalLM", _QWEN_WINDOWS | {"attention_bias"}, qk_norm=True),
     "mistral": _Family("MistralForCausalLM", frozenset({"sliding_window"})),
+    # original_max_position_embeddings: read by Phi-3's longrope RoPE only, which is refused.
+    "phi3": _Family("Phi3ForCausalLM", frozenset({"sliding_window", "partial_rotary_factor",
+                                                  "original_max_position_embeddings"}), fused=True),
 }
 """The ``model_type``\\ s `LlamaConfig` implements."""
 
@@ -82,7 +90,7 @@ _COMMON_FIELDS = frozenset({  # the config.json fields every family reads
 _NEUTRAL_FIELDS = frozenset({  # config.json fields that do not change the logits (attention_dropout: training
     # only in transformers; this model has no dropout, LoRA's is the engine's)
     "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
-    "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+    "initializer_range", "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id", "pad_token_id",
     "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
     "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder"})
 _ONLY = {  # config.json field -> the only value this model implements
@@ -202,6 +210,7 @@ class LlamaConfig:
   mlp_bias: bool = False
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  partial_rotary_factor: float = 1.0
 
   def __post_init__(self):
     if self.model_type not in FAMILIES:
@@ -210,11 +219,14 @@ class LlamaConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
                        f"of num_key_value_heads={self.num_key_value_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
-    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types"):
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"LlamaConfig: RoPE turns the first int(head_dim * partial_rotary_factor) = "
+                       f"{self.rotary_dim} features of each head (head_dim={self.head_dim}, "
+                       f"partial_rotary_factor={self.partial_rotary_factor}), which must be even and positive")
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor"):
       value = getattr(self, name)
-      if value not in (None, False) and name not in FAMILIES[self.model_type].fields:
+      if value != defaults[name] and name not in FAMILIES[self.model_type].fields:
         raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
     if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
       raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window!r} must be a positive int or None")
@@ -231,6 +243,16 @@ class LlamaConfig:
   def qkv_bias(self) -> bool:
     """Whether q/k/v projections have biases: ``attention_bias``, or always in Qwen2."""
     return self.attention_bias or FAMILIES[self.model_type].qkv_bias
+
+  @property
+  def rotary_dim(self) -> int:
+    """How many leading features of each query and key head RoPE turns (transformers' rule)."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
+  def fused(self) -> bool:
+    """Whether q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (Phi-3)."""
+    return FAMILIES[self.model_type].fused
 
   @property
   def qk_norm(self) -> bool:
@@ -267,7 +289,10 @@ class LlamaConfig:
                            "num_attention_heads") if k not in config]
     if missing:
       raise ValueError(f"config.json lacks {', '.join(missing)}")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    partial = config.get("partial_rotary_factor", 1.0)  # top level (Phi-4-mini) or in the RoPE dict (Phi-3)
+    if "partial_rotary_factor" in FAMILIES[model_type].fields:
+      partial = rope.pop("partial_rotary_factor", partial)
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
     max_positions = config.get("max_position_embeddings", 2048)
     sliding_window, layer_types = config.get("sliding_window"), None
@@ -289,12 +314,14 @@ class LlamaConfig:
         max_position_embeddings=max_positions, model_type=model_type,
         rope_scaling=RopeScaling.from_hf(rope, max_positions),
         attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
-        sliding_window=sliding_window, layer_types=layer_types)
+        sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial)
 
   def to_hf(self) -> dict[str, Any]:
     """A ``config.json`` dict that transformers' class of this ``model_type`` loads (`from_hf`'s inverse)."""
     family = FAMILIES[self.model_type]
-    out = {"architectures": [family.architecture], "hidden_act": "silu",
+    # pad_token_id None: a padding row changes no logits, and Phi-3's default (32000) would lie
+    # outside a smaller vocabulary, which transformers refuses.
+    out = {"architectures": [family.architecture], "hidden_act": "silu", "pad_token_id": None,
            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name in _COMMON_FIELDS | family.fields},
            "rope_scaling": self.rope_scaling and self.rope_scaling.to_hf()}
@@ -311,13 +338,17 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None,
+         rotary_dim: int | None = None) -> jax.Array:
   """Rotary embedding of ``x [B, L, H, D]`` at ``positions [B, L]``.
 
   ``x cos(p f) + rotate_half(x) sin(p f)`` with ``f_k = theta^(-2k/D)`` (``k < D/2``, rescaled by
   `RopeScaling.scale` when given) repeated over both halves. The ``f_k`` are constants computed
-  in float32 as transformers computes them.
+  in float32 as transformers computes them. With ``rotary_dim`` (partial RoPE) only the first
+  ``rotary_dim`` features turn, ``D`` being ``rotary_dim``; the rest pass unchanged.
   """
+  if rotary_dim is not None and rotary_dim < x.shape[-1]:
+    return jnp.concatenate([rope(x[..., :rotary_dim], positions, theta, scaling), x[..., rotary_dim:]], axis=-1)
   d = x.shape[-1]
   freqs = 1.0 / np.float32(theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))
   if scaling is not None:
@@ -350,7 +381,8 @@ class Attention(nn.Module):
 
   ``q = rope(q_norm(x Wq + bq))``, ``k = rope(k_norm(x Wk + bk))``, ``v = x Wv + bv``, ``out =
   softmax(q kᵀ / sqrt(head_dim) + mask) v Wo + bo``: biases where `LlamaConfig.qkv_bias` and
-  ``attention_bias`` say, the per-head RMSNorms where `LlamaConfig.qk_norm` does.
+  ``attention_bias`` say, the per-head RMSNorms where `LlamaConfig.qk_norm` does. Fused
+  (`LlamaConfig.fused`): ``[q, k, v] = x Wqkv``, one kernel split after the matmul.
   """
 
   config: LlamaConfig
@@ -358,9 +390,13 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.config
-    self.q_proj = _dense(c.num_attention_heads * c.head_dim, self.dtype, "q_proj", c.qkv_bias)
-    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "k_proj", c.qkv_bias)
-    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "v_proj", c.qkv_bias)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    if c.fused:
+      self.qkv_proj = _dense(q + 2 * kv, self.dtype, "qkv_proj")
+    else:
+      self.q_proj = _dense(q, self.dtype, "q_proj", c.qkv_bias)
+      self.k_proj = _dense(kv, self.dtype, "k_proj", c.qkv_bias)
+      self.v_proj = _dense(kv, self.dtype, "v_proj", c.qkv_bias)
     self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj", c.attention_bias)
     if c.qk_norm:
       self.q_norm, self.k_norm = RMSNorm(c.rms_norm_eps), RMSNorm(c.rms_norm_eps)
@@ -371,12 +407,17 @@ class Attention(nn.Module):
     c = self.config
     b, l, _ = x.shape
     groups = c.num_attention_heads // c.num_key_value_heads
-    q = self.q_proj(x).reshape(b, l, c.num_attention_heads, c.head_dim)
-    k = self.k_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
+    q_size = c.num_attention_heads * c.head_dim
+    if c.fused:
+      q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + c.num_key_value_heads * c.head_dim], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, l, c.num_attention_heads, c.head_dim)
+    k = k.reshape(b, l, c.num_key_value_heads, c.head_dim)
+    v = v.reshape(b, l, c.num_key_value_heads, c.head_dim)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = (rope(y, positions, c.rope_theta, c.rope_scaling) for y in (q, k))
-    v = self.v_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
+    q, k = (rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim) for y in (q, k))
     if cache is not None:
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
@@ -393,7 +434,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``, each projection with a bias where ``mlp_bias``."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``, each projection with a bias where ``mlp_bias``; fused
+  (`LlamaConfig.fused`): ``[gate, up] = x W_gate_up``, one kernel split after the matmul."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
@@ -401,8 +443,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
-    up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
+    if c.fused:
+      gate, up = jnp.split(_dense(2 * c.intermediate_size, self.dtype, "gate_up_proj")(x), 2, axis=-1)
+    else:
+      gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
+      up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
     return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(nn.silu(gate) * up)
 
 
@@ -722,8 +767,8 @@ def _path_map() -> PathMap:
   layer = "params/model/layers_{i}/"
   hf_layer = "model.layers.{i}."
   rules = [("params/model/embed_tokens/embedding", "model.embed_tokens.weight", "embedding")]
-  projections = [f"self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-  projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+  projections = [f"self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")]
+  projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")]
   for p in projections:
     hf_p = p.replace("/", ".")
     rules += [(f"{layer}{p}/kernel", f"{hf_layer}{hf_p}.weight", "linear"),
@@ -737,7 +782,8 @@ def _path_map() -> PathMap:
 
 LLAMA_PATH_MAP: PathMap = _path_map()
 """Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
-projections' kernels and biases, the norms (Qwen3's ``q_norm``/``k_norm`` too)."""
+projections' kernels and biases (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` too), the norms
+(Qwen3's ``q_norm``/``k_norm`` too)."""
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -748,12 +794,15 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   if not c.tie_word_embeddings:
     shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
   for i in range(c.num_hidden_layers):
-    layer = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
-             "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
-             "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
-             "mlp.up_proj": (c.intermediate_size, c.hidden_size),
-             "mlp.down_proj": (c.hidden_size, c.intermediate_size),
+    layer = {"self_attn.o_proj": (c.hidden_size, q), "mlp.down_proj": (c.hidden_size, c.intermediate_size),
              "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,)}
+    if c.fused:
+      layer.update({"self_attn.qkv_proj": (q + 2 * kv, c.hidden_size),
+                    "mlp.gate_up_proj": (2 * c.intermediate_size, c.hidden_size)})
+    else:
+      layer.update({"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
+                    "self_attn.v_proj": (kv, c.hidden_size), "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
+                    "mlp.up_proj": (c.intermediate_size, c.hidden_size)})
     if c.qk_norm:
       layer.update({"self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,)})
     biases = {}
@@ -794,7 +843,7 @@ def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
   """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
-  (Llama, Qwen2/2.5, Qwen3, Mistral)."""
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
