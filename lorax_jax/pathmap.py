@@ -7,6 +7,8 @@ out in torch:
 - ``"linear"``: Flax ``[in..., out]`` kernel (leading axes flattened), torch ``nn.Linear``
   ``[out, in]`` weight.
 - ``"conv"``: Flax ``HWIO`` kernel, torch ``OIHW`` weight.
+- ``"conv1d"``: Flax ``[in, out]`` kernel, transformers' ``Conv1D`` ``[in, out]`` weight (GPT-2):
+  the same layout; an adapter's factors are a linear layer's (PEFT's ``fan_in_fan_out``).
 - ``"embedding"`` and ``"param"``: the same layout on both sides (a table, a bias, a norm scale).
 
 A map for your own model is a list of such rules, for example::
@@ -40,8 +42,8 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["linear", "conv", "embedding", "param"]
-KINDS = ("linear", "conv", "embedding", "param")
+Kind = Literal["linear", "conv", "conv1d", "embedding", "param"]
+KINDS = ("linear", "conv", "conv1d", "embedding", "param")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from lorax_jax.pathmap import PathMap
 from lorax_jax.paths import KERNEL_LEAVES, Path, path_str
 from lorax_jax.qarray import leaves_with_paths
 
-ADAPTABLE_KINDS = ("linear", "conv", "embedding")
+ADAPTABLE_KINDS = ("linear", "conv", "conv1d", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,12 +87,6 @@ _COMMON_FIELDS = frozenset({  # the config.json fields every family reads
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
     "rope_scaling", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"})
-_NEUTRAL_FIELDS = frozenset({  # config.json fields that do not change the logits (attention_dropout: training
-    # only in transformers; this model has no dropout, LoRA's is the engine's)
-    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
-    "initializer_range", "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id", "pad_token_id",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-    "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder"})
 _ONLY = {  # config.json field -> the only value this model implements
     "hidden_act": "silu",
     "rope_interleaved": False,
@@ -269,7 +263,7 @@ class LlamaConfig:
     """From a Hugging Face ``config.json`` dict; options this model does not implement are errors.
 
     ``model_type`` defaults to ``"llama"``. A field that is neither read by the family
-    (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`_NEUTRAL_FIELDS`) is an
+    (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`hf.NEUTRAL_FIELDS`) is an
     error naming it, as is a value other than the one implemented (``hidden_act`` ``silu``).
     Qwen's windows are transformers': with ``use_sliding_window``, layers ``i >=
     max_window_layers`` slide unless ``layer_types`` says which.
@@ -278,7 +272,7 @@ class LlamaConfig:
     if model_type not in FAMILIES:
       raise ValueError(f"config.json has model_type={model_type!r}; only {', '.join(map(repr, FAMILIES))} "
                        "are supported")
-    unknown = sorted(config.keys() - _COMMON_FIELDS - _NEUTRAL_FIELDS - FAMILIES[model_type].fields)
+    unknown = sorted(config.keys() - _COMMON_FIELDS - hf.NEUTRAL_FIELDS - FAMILIES[model_type].fields)
     if unknown:
       fields = ", ".join(f"{k}={config[k]!r}" for k in unknown)
       raise ValueError(f"config.json of a {model_type!r} model has {fields}, which this model does not implement")
@@ -406,7 +400,6 @@ class Attention(nn.Module):
     """``window``: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit)."""
     c = self.config
     b, l, _ = x.shape
-    groups = c.num_attention_heads // c.num_key_value_heads
     q_size = c.num_attention_heads * c.head_dim
     if c.fused:
       q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + c.num_key_value_heads * c.head_dim], axis=-1)
@@ -418,19 +411,40 @@ class Attention(nn.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = (rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim) for y in (q, k))
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-      cache = {"k": k, "v": v}
-    q = q.reshape(b, l, c.num_key_value_heads, groups, c.head_dim)
-    scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) / np.sqrt(c.head_dim)
-    back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
-    causal = back >= 0 if window is None else (back >= 0) & (back < window)
-    allowed = key_mask[:, None, None, None, :] & causal
-    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, c.num_attention_heads * c.head_dim)
+    out, cache = attend(q, k, v, key_mask, index, cache, 1 / np.sqrt(c.head_dim), window)
     return self.o_proj(out.astype(x.dtype)), cache
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: jax.Array,
+           cache: Cache | None, scale: float, window: int | jax.Array | None = None
+           ) -> tuple[jax.Array, Cache | None]:
+  """Causal grouped-query attention of the ``L`` new tokens, written at cache slots ``index ..
+  index + L - 1``: ``softmax(scale · q kᵀ + mask) v`` flattened to ``[B, L, H · head_dim]``, and
+  the cache with ``k``, ``v`` written in (None without one).
+
+  Args:
+    q: queries ``[B, L, H, head_dim]``; head ``h`` reads key/value head ``h // (H / H_kv)``.
+    k: keys ``[B, L, H_kv, head_dim]``.
+    v: values ``[B, L, H_kv, head_dim]``.
+    key_mask: ``[B, S]``, True on the slots holding real tokens (``S`` = ``L`` without a cache).
+    index: the first new token's slot.
+    cache: this layer's ``{"k", "v"}`` (``[B, S, H_kv, head_dim]``), or None.
+    scale: the scores' factor (``1 / sqrt(head_dim)`` usually).
+    window: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit).
+  """
+  b, l, heads, head_dim = q.shape
+  if cache is not None:
+    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    cache = {"k": k, "v": v}
+  q = q.reshape(b, l, k.shape[2], heads // k.shape[2], head_dim)
+  scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) * scale
+  back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
+  causal = back >= 0 if window is None else (back >= 0) & (back < window)
+  allowed = key_mask[:, None, None, None, :] & causal
+  scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, heads * head_dim), cache
 
 
 class MLP(nn.Module):
@@ -613,14 +627,9 @@ class Llama(nn.Module):
       mask: ``[B, L]``, False for padding tokens no other token may attend to; default all True.
       cache: from `init_cache` or a previous call; the tokens are appended at its ``index``.
     """
-    b, l = tokens.shape
-    index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
-    if positions is None:
-      positions = jnp.broadcast_to(index + jnp.arange(l), (b, l))
-    mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
-    key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+    positions, key_mask, index = cache_inputs(tokens, positions, mask, cache)
     h, layers = self.model(tokens, positions, key_mask, index, cache)
-    return h, None if cache is None else {"index": index + l, "mask": key_mask, **layers}
+    return h, None if cache is None else {"index": index + tokens.shape[1], "mask": key_mask, **layers}
 
   def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
     """``hidden(concat(prefix, row))`` at the rows' positions for every row of ``tokens [B, R]``,
@@ -634,11 +643,36 @@ class Llama(nn.Module):
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty cache of ``length`` slots for ``batch`` sequences."""
     c = self.config
-    shape = (batch, length, c.num_key_value_heads, c.head_dim)
-    dtype = dtype or self.dtype
-    layers = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-              for i in range(c.num_hidden_layers)}
-    return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **layers}
+    return empty_cache(batch, length, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype or self.dtype)
+
+
+def cache_inputs(tokens: jax.Array, positions: jax.Array | None, mask: jax.Array | None, cache: Cache | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(positions, key_mask, index)`` of a call on ``tokens [B, L]``: the positions (default
+  ``index + arange(L)``), the ``[B, S]`` mask of the slots holding real tokens once these are
+  written at ``index`` (the cache's next free slot, 0 without a cache), and ``index``.
+
+  Args:
+    tokens: token ids ``[B, L]``.
+    positions: ``[B, L]`` or None.
+    mask: ``[B, L]``, False for padding tokens no other token may attend to; None: all True.
+    cache: from `empty_cache` or a previous call, or None.
+  """
+  b, l = tokens.shape
+  index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
+  if positions is None:
+    positions = jnp.broadcast_to(index + jnp.arange(l), (b, l))
+  mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+  key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+  return positions, key_mask, index
+
+
+def empty_cache(batch: int, length: int, layers: int, kv_heads: int, head_dim: int, dtype: Any) -> Cache:
+  """A cache of ``length`` empty slots for ``batch`` sequences: ``k``/``v`` per layer (``layers_{i}``,
+  ``[batch, length, kv_heads, head_dim]``), the ``[batch, length]`` mask of filled slots and ``index`` 0."""
+  shape = (batch, length, kv_heads, head_dim)
+  per_layer = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(layers)}
+  return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **per_layer}
 
 
 STACKED = "layers"
@@ -818,25 +852,12 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def check_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> None:
-  """ValueError naming the first missing, unexpected or mis-shaped checkpoint tensor."""
-  want = hf_shapes(config)
-  for name in sorted(want.keys() - tensors.keys()):
-    raise ValueError(f"checkpoint lacks {name}")
-  for name in sorted(tensors.keys() - want.keys()):
-    raise ValueError(f"checkpoint has unexpected tensor {name}")
-  for name, shape in want.items():
-    if tuple(tensors[name].shape) != shape:
-      raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
-                       f"the config implies {shape}")
-
-
 def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
                        dtype: Any = jnp.float32) -> tuple[Llama, dict[str, Any]]:
   """`Llama` and its params from Hugging Face tensors, checked name by name and shape by shape."""
   ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
   tensors = {k: v for k, v in tensors.items() if not k.endswith(ignored)}
-  check_tensors(config, tensors)
+  hf.check_tensors(hf_shapes(config), tensors)
   params = hf.params_from_tensors(tensors, LLAMA_PATH_MAP)
   return Llama(config, dtype), jax.tree.map(jnp.asarray, params)
 
