@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import pytest
 
 from lorax_jax import LoraConfig, lora_transform
 from lorax_jax.io import load_adapter, save_adapter
+from lorax_jax.models import load_model, model_type, path_map
 from lorax_jax.models.generate import generate
 from lorax_jax.models.hf import read_config
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, RopeScaling, load_llama, save_llama, stack_layers
@@ -82,6 +84,7 @@ def test_logits_match_transformers(checkpoint, tmp_path):
   assert np.abs(expected).max() > 1  # a meaningful scale for the tolerance
   config, model, params = load_llama(directory)
   np.testing.assert_allclose(jax.jit(model.apply)(params, TOKENS), expected, atol=TOL)
+  assert load_model(directory)[0] == config and path_map(config) is LLAMA_PATH_MAP  # the family from config.json
   scanned = Llama(config, scan_layers=True)  # one layer compiled: the windows become scanned data
   np.testing.assert_allclose(jax.jit(scanned.apply)(stack_layers(params), TOKENS), expected, atol=TOL)
   if family in ABLATIONS:
@@ -207,3 +210,17 @@ def test_after_prefix_is_the_whole_sequence(checkpoint):
     after_prefix = functools.partial(model.clone(scan_layers=scan).apply, method=Llama.after_prefix)
     got = jax.jit(after_prefix)(stack_layers(params) if scan else params, rows[:1, :5], rows[:, 5:])
     np.testing.assert_allclose(got, want[:, 5:], atol=1e-5)
+
+
+def test_load_model_picks_the_family_and_refuses_by_name(tmp_path):
+  """`load_model` reads ``model_type`` (else ``architectures``); an unknown one, or an unknown field
+  of a known one, is an error naming it."""
+  assert model_type({"architectures": ["Qwen3ForCausalLM"]}) == "qwen3"
+  assert model_type({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}) == "phi3"
+  base = {k: v for k, v in SMALL.items() if k != "initializer_range"}
+  for config, message in [({**base, "model_type": "gemma2"}, "model_type='gemma2'; the supported causal LMs are"),
+                          ({**base, "architectures": ["MixtralForCausalLM"]}, "architectures=.*MixtralForCausalLM"),
+                          ({**base, "model_type": "qwen2", "moe_intermediate_size": 8}, "moe_intermediate_size=8")]:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+      load_model(str(tmp_path))

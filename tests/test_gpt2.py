@@ -18,7 +18,8 @@ import pytest
 
 from lorax_jax import LoraConfig, lora_transform
 from lorax_jax.io import load_adapter, save_adapter
-from lorax_jax.models import hf
+from lorax_jax.apps import finetune
+from lorax_jax.models import hf, load_model, path_map
 from lorax_jax.models.generate import generate
 from lorax_jax.models.gpt2 import GPT2_PATH_MAP, GPT2Config, load_gpt2, save_gpt2
 from test_io import random_lora
@@ -63,6 +64,7 @@ def test_logits_match_transformers(checkpoint, tmp_path):
   assert np.abs(expected).max() > 1
   config, model, params = load_gpt2(checkpoint)
   np.testing.assert_allclose(jax.jit(model.apply)(params, TOKENS), expected, atol=TOL)
+  assert load_model(checkpoint)[0] == config and path_map(config) is GPT2_PATH_MAP  # the family from config.json
   save_gpt2(str(tmp_path), params, config)  # written back: the same config, loaded by transformers
   assert GPT2Config.from_hf(hf.read_config(str(tmp_path))) == config
   np.testing.assert_allclose(torch_logits(torch_model(str(tmp_path)), TOKENS), expected, atol=1e-5)
@@ -99,6 +101,12 @@ def test_gpt2model_checkpoint_loads_as_the_lm(tmp_path):
 def test_config_refuses_what_it_does_not_implement(change, message):
   with pytest.raises(ValueError, match=message):
     GPT2Config.from_hf({**CONFIGS["gpt2"]().to_dict(), **change})
+
+
+def test_finetune_names_the_family_it_does_not_run(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(CONFIGS["gpt2"]().to_dict()))
+  with pytest.raises(ValueError, match="holds a 'gpt2' model; finetune runs the Llama families"):
+    finetune.load_model(str(tmp_path))
 
 
 def adapted_logits(checkpoint, lora, cfg) -> np.ndarray:
