@@ -1,7 +1,8 @@
 """The Llama-shaped families against transformers and PEFT: Llama 3.x (llama3/linear RoPE scaling,
 attention and MLP biases), Qwen2 (q/k/v biases, per-layer sliding windows), Qwen3 (per-head q/k
 RMSNorm, explicit head_dim), Mistral (a sliding window shorter than the sequences) and Phi-3 (fused
-qkv_proj and gate_up_proj, partial RoPE, a sliding window).
+qkv_proj and gate_up_proj, partial RoPE, a sliding window) and Gemma 2 ((1 + w) norms, sandwich norms,
+a scaled embedding, soft-capped scores and logits, alternate sliding layers).
 
 Each family is a tiny random checkpoint written by transformers' own model class; lorax_jax loads
 it with `load_llama` and must give its logits, its greedy generation and, with an adapter trained
@@ -45,6 +46,9 @@ FAMILIES = {
                                               max_window_layers=1, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
+    # scores and logits of a tiny model are small: caps this low bend them
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
     "phi3": lambda: transformers.Phi3Config(**SMALL, sliding_window=4, partial_rotary_factor=0.5,
                                             bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
@@ -52,6 +56,7 @@ ABLATIONS = {  # the option each family adds, removed: the logits must then diff
     "llama3": dict(rope_scaling=None), "llama-linear": dict(rope_scaling=None),
     "qwen2": dict(sliding_window=None, layer_types=None), "mistral": dict(sliding_window=None),
     "phi3": dict(sliding_window=None, partial_rotary_factor=1.0),
+    "gemma2": dict(sliding_window=None, layer_types=None, attn_logit_softcapping=None),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's modules
@@ -174,6 +179,9 @@ def test_llama3_frequencies_are_transformers():
     ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
                                              "long_factor": [2.0] * 6}}, "rope_type='longrope' is not implemented"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),  # Phi-3's option, not Llama's
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, "'gemma2' model has hidden_activation='gelu'"),
+    ({"model_type": "gemma2", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),  # Gemma's option, not Llama's
 ])
 def test_config_refuses_what_no_family_implements(change, message):
   base = {"model_type": "llama", **{k: v for k, v in SMALL.items() if k != "initializer_range"}}
@@ -218,7 +226,7 @@ def test_load_model_picks_the_family_and_refuses_by_name(tmp_path):
   assert model_type({"architectures": ["Qwen3ForCausalLM"]}) == "qwen3"
   assert model_type({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}) == "phi3"
   base = {k: v for k, v in SMALL.items() if k != "initializer_range"}
-  for config, message in [({**base, "model_type": "gemma2"}, "model_type='gemma2'; the supported causal LMs are"),
+  for config, message in [({**base, "model_type": "mixtral"}, "model_type='mixtral'; the supported causal LMs are"),
                           ({**base, "architectures": ["MixtralForCausalLM"]}, "architectures=.*MixtralForCausalLM"),
                           ({**base, "model_type": "qwen2", "moe_intermediate_size": 8}, "moe_intermediate_size=8")]:
     (tmp_path / "config.json").write_text(json.dumps(config))

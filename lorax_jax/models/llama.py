@@ -1,8 +1,9 @@
 """A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
-Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral, Phi-3.
+Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral,
+Gemma 2, Phi-3.
 
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``, ``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
 one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 ``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
 ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
@@ -13,6 +14,11 @@ one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 - Qwen3: an RMSNorm over ``head_dim`` of each query and key head (``q_norm``/``k_norm``) before RoPE,
   an explicit ``head_dim``, ``attention_bias``; per-layer sliding windows.
 - Mistral: a sliding window on every layer.
+- Gemma 2: RMSNorms scaling by ``1 + w``, the embedding times ``sqrt(hidden_size)``, sandwich
+  norms (``post_attention_layernorm`` on the attention's output, ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` around the MLP), GELU (tanh) in the MLP, scores scaled by
+  ``query_pre_attn_scalar^-1/2`` and soft-capped (``c tanh(s / c)``), soft-capped logits, sliding
+  windows on alternate layers.
 - Phi-3 (and Phi-4-mini): fused projections, one ``qkv_proj`` (kernel ``[D, (H + 2 H_kv) head_dim]``,
   split into q, k, v after the matmul) and one ``gate_up_proj`` (``[D, 2 I]``, gate first), so a
   PEFT adapter on ``qkv_proj`` is one LoRA on the fused kernel, as in PEFT; RoPE on the first
@@ -67,6 +73,9 @@ class _Family:
   qkv_bias: bool = False  # q/k/v biases always (Qwen2), not by attention_bias
   qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
   fused: bool = False  # one qkv_proj and one gate_up_proj kernel (Phi-3)
+  gemma: bool = False  # (1 + w) norms, sqrt(D)-scaled embedding, sandwich norms (Gemma 2)
+  activation: str = "silu"  # the MLP's, transformers' name (config.json's hidden_act / hidden_activation)
+  defaults: tuple[tuple[str, Any], ...] = ()  # transformers' defaults of config.json fields that change the math
 
 
 _QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
@@ -78,6 +87,12 @@ FAMILIES: dict[str, _Family] = {
     "qwen3": _Family("Qwen3ForCausalLM", _QWEN_WINDOWS | {"attention_bias"}, qk_norm=True),
     "mistral": _Family("MistralForCausalLM", frozenset({"sliding_window"})),
     # original_max_position_embeddings: read by Phi-3's longrope RoPE only, which is refused.
+    "gemma2": _Family("Gemma2ForCausalLM", frozenset({
+        "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
+        "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"}), gemma=True,
+        activation="gelu_pytorch_tanh", defaults=(
+            ("head_dim", 256), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
+            ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))),
     "phi3": _Family("Phi3ForCausalLM", frozenset({"sliding_window", "partial_rotary_factor",
                                                   "original_max_position_embeddings"}), fused=True),
 }
@@ -87,8 +102,7 @@ _COMMON_FIELDS = frozenset({  # the config.json fields every family reads
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
     "rope_scaling", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"})
-_ONLY = {  # config.json field -> the only value this model implements
-    "hidden_act": "silu",
+_ONLY = {  # config.json field -> the only value this model implements (beside the family's activation)
     "rope_interleaved": False,
     "is_encoder_decoder": False,
 }
@@ -184,7 +198,10 @@ class LlamaConfig:
   ``sliding_window``: how far back a sliding-window layer attends (query slot ``i`` sees key slot
   ``j`` when ``i - j < sliding_window``; None: no layer slides). ``layer_types``: which layers
   slide (`SLIDING_ATTENTION`) and which see everything (`FULL_ATTENTION`); None: every layer
-  slides when ``sliding_window`` is set (Mistral's rule).
+  slides when ``sliding_window`` is set (Mistral's rule). ``partial_rotary_factor`` (Phi-3): the
+  share of each head RoPE turns. ``query_pre_attn_scalar``, ``attn_logit_softcapping``,
+  ``final_logit_softcapping`` (Gemma 2): the scores' scale ``query_pre_attn_scalar^-1/2``, the
+  scores' and the logits' soft caps (`soft_cap`). A field a family does not read keeps its default.
   """
 
   vocab_size: int
@@ -205,6 +222,9 @@ class LlamaConfig:
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
   partial_rotary_factor: float = 1.0
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
 
   def __post_init__(self):
     if self.model_type not in FAMILIES:
@@ -218,7 +238,8 @@ class LlamaConfig:
                        f"{self.rotary_dim} features of each head (head_dim={self.head_dim}, "
                        f"partial_rotary_factor={self.partial_rotary_factor}), which must be even and positive")
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
-    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor"):
+    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor",
+                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
       value = getattr(self, name)
       if value != defaults[name] and name not in FAMILIES[self.model_type].fields:
         raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
@@ -249,6 +270,16 @@ class LlamaConfig:
     return FAMILIES[self.model_type].fused
 
   @property
+  def gemma(self) -> bool:
+    """Gemma's ``(1 + w)`` norms, ``sqrt(hidden_size)``-scaled embedding and sandwich norms."""
+    return FAMILIES[self.model_type].gemma
+
+  @property
+  def attention_scale(self) -> float:
+    """The scores' factor: ``query_pre_attn_scalar^-1/2`` where set, else ``head_dim^-1/2``."""
+    return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
   def qk_norm(self) -> bool:
     """Whether each query and key head is RMS-normalised over ``head_dim`` before RoPE (Qwen3)."""
     return FAMILIES[self.model_type].qk_norm
@@ -264,21 +295,30 @@ class LlamaConfig:
 
     ``model_type`` defaults to ``"llama"``. A field that is neither read by the family
     (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`hf.NEUTRAL_FIELDS`) is an
-    error naming it, as is a value other than the one implemented (``hidden_act`` ``silu``).
-    Qwen's windows are transformers': with ``use_sliding_window``, layers ``i >=
-    max_window_layers`` slide unless ``layer_types`` says which.
+    error naming it, as is a value other than the one implemented (``hidden_act`` the family's:
+    ``silu``, Gemma's ``gelu_pytorch_tanh``). A field absent from the config takes transformers'
+    default for the family (Gemma 2's soft caps, window, ``head_dim``). Qwen's windows are
+    transformers': with ``use_sliding_window``, layers ``i >= max_window_layers`` slide unless
+    ``layer_types`` says which; Gemma 2's even layers slide unless ``layer_types`` says which.
     """
     model_type = config.get("model_type", "llama")
     if model_type not in FAMILIES:
       raise ValueError(f"config.json has model_type={model_type!r}; only {', '.join(map(repr, FAMILIES))} "
                        "are supported")
+    family = FAMILIES[model_type]
+    config = {**dict(family.defaults), **config}
     unknown = sorted(config.keys() - _COMMON_FIELDS - hf.NEUTRAL_FIELDS - FAMILIES[model_type].fields)
     if unknown:
       fields = ", ".join(f"{k}={config[k]!r}" for k in unknown)
       raise ValueError(f"config.json of a {model_type!r} model has {fields}, which this model does not implement")
-    for key, supported in _ONLY.items():
+    only = {**_ONLY, "hidden_act": family.activation, "hidden_activation": family.activation}
+    for key, supported in only.items():
       if config.get(key, supported) != supported:
-        raise ValueError(f"config.json has {key}={config[key]!r}; only {supported!r} is supported")
+        raise ValueError(f"config.json of a {model_type!r} model has {key}={config[key]!r}; only {supported!r} "
+                         "is supported")
+    if config.get("use_bidirectional_attention"):
+      raise ValueError(f"config.json of a {model_type!r} model has use_bidirectional_attention="
+                       f"{config['use_bidirectional_attention']!r} (an encoder); only causal attention is implemented")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in config]
     if missing:
@@ -295,8 +335,12 @@ class LlamaConfig:
       layer_types = tuple(config.get("layer_types") or (
           SLIDING_ATTENTION if sliding_window is not None and i >= config.get("max_window_layers", 28)
           else FULL_ATTENTION for i in range(layers)))
-      if set(layer_types) == {SLIDING_ATTENTION} or (sliding_window is None and SLIDING_ATTENTION not in layer_types):
-        layer_types = None  # every layer alike: sliding_window alone says how
+    elif "layer_types" in FAMILIES[model_type].fields:  # Gemma 2: even layers slide unless layer_types says
+      layer_types = tuple(config.get("layer_types") or (
+          SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(layers)))
+    if layer_types is not None and (set(layer_types) == {SLIDING_ATTENTION} or (
+        sliding_window is None and SLIDING_ATTENTION not in layer_types)):
+      layer_types = None  # every layer alike: sliding_window alone says how
     return cls(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_hidden_layers=layers,
@@ -308,21 +352,24 @@ class LlamaConfig:
         max_position_embeddings=max_positions, model_type=model_type,
         rope_scaling=RopeScaling.from_hf(rope, max_positions),
         attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
-        sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial)
+        sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial,
+        **{k: config.get(k) for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")})
 
   def to_hf(self) -> dict[str, Any]:
     """A ``config.json`` dict that transformers' class of this ``model_type`` loads (`from_hf`'s inverse)."""
     family = FAMILIES[self.model_type]
     # pad_token_id None: a padding row changes no logits, and Phi-3's default (32000) would lie
     # outside a smaller vocabulary, which transformers refuses.
-    out = {"architectures": [family.architecture], "hidden_act": "silu", "pad_token_id": None,
+    out = {"architectures": [family.architecture], "pad_token_id": None,
+           **{k: family.activation for k in ("hidden_act", "hidden_activation") if k in _COMMON_FIELDS | family.fields},
            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name in _COMMON_FIELDS | family.fields},
            "rope_scaling": self.rope_scaling and self.rope_scaling.to_hf()}
-    if "layer_types" in family.fields:  # Qwen: every layer's type, as transformers writes them
-      out.update(use_sliding_window=self.sliding_window is not None, layer_types=[
-          FULL_ATTENTION if self.layer_window(i) is None else SLIDING_ATTENTION
-          for i in range(self.num_hidden_layers)])
+    if "layer_types" in family.fields:  # every layer's type, as transformers writes them
+      out["layer_types"] = [FULL_ATTENTION if self.layer_window(i) is None else SLIDING_ATTENTION
+                            for i in range(self.num_hidden_layers)]
+    if "use_sliding_window" in family.fields:  # Qwen
+      out["use_sliding_window"] = self.sliding_window is not None
     return out
 
 
@@ -354,16 +401,30 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling 
 
 
 class RMSNorm(nn.Module):
-  """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32."""
+  """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32; with ``offset`` (Gemma)
+  ``(1 + weight) * x / sqrt(mean(x^2) + eps)``, all in float32, ``weight`` starting at 0."""
 
   eps: float
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    weight = self.param("weight", init, (x.shape[-1],))
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y * (1 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * y.astype(x.dtype)
+
+
+def _norm(config: LlamaConfig, name: str | None = None) -> RMSNorm:
+  return RMSNorm(config.rms_norm_eps, config.gemma, name=name)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma's soft-capping of scores and logits); ``x`` where ``cap`` is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _dense(features: int, dtype: Any, name: str, bias: bool = False) -> nn.Dense:
@@ -393,7 +454,7 @@ class Attention(nn.Module):
       self.v_proj = _dense(kv, self.dtype, "v_proj", c.qkv_bias)
     self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj", c.attention_bias)
     if c.qk_norm:
-      self.q_norm, self.k_norm = RMSNorm(c.rms_norm_eps), RMSNorm(c.rms_norm_eps)
+      self.q_norm, self.k_norm = _norm(c), _norm(c)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, index: jax.Array,
                cache: Cache | None, window: int | jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
@@ -411,15 +472,15 @@ class Attention(nn.Module):
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = (rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim) for y in (q, k))
-    out, cache = attend(q, k, v, key_mask, index, cache, 1 / np.sqrt(c.head_dim), window)
+    out, cache = attend(q, k, v, key_mask, index, cache, c.attention_scale, window, c.attn_logit_softcapping)
     return self.o_proj(out.astype(x.dtype)), cache
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: jax.Array,
-           cache: Cache | None, scale: float, window: int | jax.Array | None = None
-           ) -> tuple[jax.Array, Cache | None]:
+           cache: Cache | None, scale: float, window: int | jax.Array | None = None,
+           softcap: float | None = None) -> tuple[jax.Array, Cache | None]:
   """Causal grouped-query attention of the ``L`` new tokens, written at cache slots ``index ..
-  index + L - 1``: ``softmax(scale · q kᵀ + mask) v`` flattened to ``[B, L, H · head_dim]``, and
+  index + L - 1``: ``softmax(soft_cap(scale · q kᵀ) + mask) v`` flattened to ``[B, L, H · head_dim]``, and
   the cache with ``k``, ``v`` written in (None without one).
 
   Args:
@@ -431,6 +492,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index:
     cache: this layer's ``{"k", "v"}`` (``[B, S, H_kv, head_dim]``), or None.
     scale: the scores' factor (``1 / sqrt(head_dim)`` usually).
     window: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit).
+    softcap: the scores' soft cap (`soft_cap`; None: none).
   """
   b, l, heads, head_dim = q.shape
   if cache is not None:
@@ -438,7 +500,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index:
     v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
     cache = {"k": k, "v": v}
   q = q.reshape(b, l, k.shape[2], heads // k.shape[2], head_dim)
-  scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) * scale
+  scores = soft_cap(jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) * scale, softcap)
   back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
   causal = back >= 0 if window is None else (back >= 0) & (back < window)
   allowed = key_mask[:, None, None, None, :] & causal
@@ -448,7 +510,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index:
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``, each projection with a bias where ``mlp_bias``; fused
+  """SwiGLU: ``down(silu(gate(x)) * up(x))`` (Gemma: GELU with tanh for silu), each projection with
+  a bias where ``mlp_bias``; fused
   (`LlamaConfig.fused`): ``[gate, up] = x W_gate_up``, one kernel split after the matmul."""
 
   config: LlamaConfig
@@ -462,23 +525,29 @@ class MLP(nn.Module):
     else:
       gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
       up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
-    return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(nn.silu(gate) * up)
+    act = functools.partial(nn.gelu, approximate=True) if c.gemma else nn.silu
+    return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. Gemma's sandwich: ``x +
+  post_attention_layernorm(attn(input_layernorm(x)))``, then ``x +
+  post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, key_mask, index, cache, window=None):
-    eps = self.config.rms_norm_eps
-    h, cache = Attention(self.config, self.dtype, name="self_attn")(
-        RMSNorm(eps, name="input_layernorm")(x), positions, key_mask, index, cache, window)
+    c = self.config
+    h, cache = Attention(c, self.dtype, name="self_attn")(
+        _norm(c, "input_layernorm")(x), positions, key_mask, index, cache, window)
+    if c.gemma:
+      x = x + _norm(c, "post_attention_layernorm")(h)
+      return x + _norm(c, "post_feedforward_layernorm")(
+          MLP(c, self.dtype, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x))), cache
     x = x + h
-    x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
-    return x, cache
+    return x + MLP(c, self.dtype, name="mlp")(_norm(c, "post_attention_layernorm")(x)), cache
 
 
 class LlamaModel(nn.Module):
@@ -508,14 +577,19 @@ class LlamaModel(nn.Module):
                                  embedding_init=nn.initializers.normal(0.02))
     layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     self.layers = [layer(c, self.dtype) for _ in range(c.num_hidden_layers)]
-    self.norm = RMSNorm(c.rms_norm_eps)
+    self.norm = _norm(c)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """``embed_tokens(tokens)``, times ``sqrt(hidden_size)`` (in the embedding's dtype) for Gemma."""
+    x = self.embed_tokens(tokens)
+    return x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype) if self.config.gemma else x
 
   def __call__(self, tokens, positions, key_mask, index, cache):
     def step(layer, x, layer_cache):  # one pass of x through a layer, its cache slot updated
       return layer(x, positions, key_mask, index, layer_cache)
 
     per_layer = None if cache is None else {k: v for k, v in cache.items() if k.startswith("layers_")}
-    x, new_cache = self._layers(step, self.embed_tokens(tokens), per_layer)
+    x, new_cache = self._layers(step, self.embed(tokens), per_layer)
     return self.norm(x), new_cache or {}
 
   def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -547,7 +621,7 @@ class LlamaModel(nn.Module):
       xr, _ = layer(xr, row_positions, row_mask, start, cache)
       return (xp, xr), None
 
-    (_, x), _ = self._layers(step, (self.embed_tokens(prefix), self.embed_tokens(tokens)), None)
+    (_, x), _ = self._layers(step, (self.embed(prefix), self.embed(tokens)), None)
     return self.norm(x)
 
   def _layers(self, step, carry, cache):
@@ -637,8 +711,10 @@ class Llama(nn.Module):
     return self.model.after_prefix(prefix, tokens)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``; ``[..., D] -> [..., V]``."""
-    return self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``, soft-capped where
+    ``final_logit_softcapping`` says (Gemma); ``[..., D] -> [..., V]``."""
+    logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    return soft_cap(logits, self.config.final_logit_softcapping)
 
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty cache of ``length`` slots for ``batch`` sequences."""
@@ -808,7 +884,8 @@ def _path_map() -> PathMap:
     rules += [(f"{layer}{p}/kernel", f"{hf_layer}{hf_p}.weight", "linear"),
               (f"{layer}{p}/bias", f"{hf_layer}{hf_p}.bias", "param")]
   rules += [(f"{layer}{n}/weight", f"{hf_layer}{n.replace('/', '.')}.weight", "param")
-            for n in ("input_layernorm", "post_attention_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
+            for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                      "post_feedforward_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
   rules += [("params/model/norm/weight", "model.norm.weight", "param"),
             ("params/lm_head/kernel", "lm_head.weight", "linear")]
   return PathMap(tuple(rules))
@@ -817,7 +894,7 @@ def _path_map() -> PathMap:
 LLAMA_PATH_MAP: PathMap = _path_map()
 """Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
 projections' kernels and biases (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` too), the norms
-(Qwen3's ``q_norm``/``k_norm`` too)."""
+(Qwen3's ``q_norm``/``k_norm``, Gemma's ``pre_feedforward_layernorm``/``post_feedforward_layernorm`` too)."""
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -839,6 +916,8 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
                     "mlp.up_proj": (c.intermediate_size, c.hidden_size)})
     if c.qk_norm:
       layer.update({"self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,)})
+    if c.gemma:
+      layer.update({"pre_feedforward_layernorm": (c.hidden_size,), "post_feedforward_layernorm": (c.hidden_size,)})
     biases = {}
     if c.qkv_bias:
       biases.update({"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)})
@@ -864,7 +943,7 @@ def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
   """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
-  (Llama, Qwen2/2.5, Qwen3, Mistral, Phi-3)."""
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Phi-3)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
