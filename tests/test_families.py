@@ -2,7 +2,8 @@
 attention and MLP biases), Qwen2 (q/k/v biases, per-layer sliding windows), Qwen3 (per-head q/k
 RMSNorm, explicit head_dim), Mistral (a sliding window shorter than the sequences) and Phi-3 (fused
 qkv_proj and gate_up_proj, partial RoPE, a sliding window) and Gemma 2 ((1 + w) norms, sandwich norms,
-a scaled embedding, soft-capped scores and logits, alternate sliding layers).
+a scaled embedding, soft-capped scores and logits, alternate sliding layers), Gemma 3 (text: q/k norms,
+a local RoPE in sliding layers, a scaled global one in full layers).
 
 Each family is a tiny random checkpoint written by transformers' own model class; lorax_jax loads
 it with `load_llama` and must give its logits, its greedy generation and, with an adapter trained
@@ -49,6 +50,10 @@ FAMILIES = {
     # scores and logits of a tiny model are small: caps this low bend them
     "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
                                                 attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # layer 0 slides with the local RoPE, layer 1 sees everything with the global, linearly scaled one
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"], rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "phi3": lambda: transformers.Phi3Config(**SMALL, sliding_window=4, partial_rotary_factor=0.5,
                                             bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
@@ -57,6 +62,7 @@ ABLATIONS = {  # the option each family adds, removed: the logits must then diff
     "qwen2": dict(sliding_window=None, layer_types=None), "mistral": dict(sliding_window=None),
     "phi3": dict(sliding_window=None, partial_rotary_factor=1.0),
     "gemma2": dict(sliding_window=None, layer_types=None, attn_logit_softcapping=None),
+    "gemma3": dict(rope_local_base_freq=None),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's modules
@@ -182,6 +188,9 @@ def test_llama3_frequencies_are_transformers():
     ({"model_type": "gemma2", "hidden_activation": "gelu"}, "'gemma2' model has hidden_activation='gelu'"),
     ({"model_type": "gemma2", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),  # Gemma's option, not Llama's
+    ({"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                       "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "sliding layers' RoPE .* is not implemented"),
 ])
 def test_config_refuses_what_no_family_implements(change, message):
   base = {"model_type": "llama", **{k: v for k, v in SMALL.items() if k != "initializer_range"}}

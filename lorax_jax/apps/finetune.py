@@ -186,7 +186,7 @@ QUANTIZE = ("gguf", "nf4", "int8", "none")  # the `quantize` setting: how the fr
 
 def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tuple[Any, Any, Tokenizer]:
   """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face directory of a Llama-family
-  model (`lorax_jax.models.llama.FAMILIES`: Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Phi-3) or a GGUF file.
+  model (`lorax_jax.models.llama.FAMILIES`: Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3) or a GGUF file.
 
   ``quantize``: ``"none"`` (float params), ``"gguf"`` (the GGUF file's quantized blocks kept as
   stored: `lorax_jax.models.gguf.load_gguf` with ``quantized=True``), ``"nf4"`` (blocks of 64) or

@@ -49,7 +49,7 @@ def model_type(config: Mapping[str, Any]) -> str:
 def load_model(directory: str, dtype: Any = jnp.float32) -> tuple[Any, Any, dict[str, Any]]:
   """``(config, model, params)`` of a Hugging Face causal-LM checkpoint directory, its family picked
   from ``config.json`` (`model_type`): `lorax_jax.models.llama.load_llama` for the Llama families
-  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Phi-3), `lorax_jax.models.gpt2.load_gpt2` for GPT-2. Its
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3), `lorax_jax.models.gpt2.load_gpt2` for GPT-2. Its
   adapters' path map is `path_map` of the config.
 
   Args:
@@ -77,7 +77,8 @@ def path_map(config: llama.LlamaConfig | gpt2.GPT2Config) -> PathMap:
   Args:
     config: what `load_model` returned first.
 
-  >>> path_map(gpt2.GPT2Config(vocab_size=8, n_positions=8, n_embd=4, n_layer=1, n_head=1, n_inner=8)) is gpt2.GPT2_PATH_MAP
+  >>> config = gpt2.GPT2Config(vocab_size=8, n_positions=8, n_embd=4, n_layer=1, n_head=1, n_inner=8)
+  >>> path_map(config) is gpt2.GPT2_PATH_MAP
   True
   """
   return gpt2.GPT2_PATH_MAP if isinstance(config, gpt2.GPT2Config) else llama.LLAMA_PATH_MAP

@@ -1,10 +1,10 @@
 """A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
 Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral,
-Gemma 2, Phi-3.
+Gemma 2, Gemma 3 (text), Phi-3.
 
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``, ``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
-one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``,
+``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 ``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
 ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
 
@@ -19,6 +19,9 @@ one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
   ``post_feedforward_layernorm`` around the MLP), GELU (tanh) in the MLP, scores scaled by
   ``query_pre_attn_scalar^-1/2`` and soft-capped (``c tanh(s / c)``), soft-capped logits, sliding
   windows on alternate layers.
+- Gemma 3 (text, ``gemma3_text``): Gemma 2's block with Qwen3's q/k norms (``1 + w`` norms here),
+  no soft caps by default, and two RoPEs: sliding layers turn by ``rope_local_base_freq``, full
+  layers by ``rope_theta`` with ``rope_scaling``.
 - Phi-3 (and Phi-4-mini): fused projections, one ``qkv_proj`` (kernel ``[D, (H + 2 H_kv) head_dim]``,
   split into q, k, v after the matmul) and one ``gate_up_proj`` (``[D, 2 I]``, gate first), so a
   PEFT adapter on ``qkv_proj`` is one LoRA on the fused kernel, as in PEFT; RoPE on the first
@@ -76,9 +79,15 @@ class _Family:
   gemma: bool = False  # (1 + w) norms, sqrt(D)-scaled embedding, sandwich norms (Gemma 2)
   activation: str = "silu"  # the MLP's, transformers' name (config.json's hidden_act / hidden_activation)
   defaults: tuple[tuple[str, Any], ...] = ()  # transformers' defaults of config.json fields that change the math
+  window_pattern: int | None = None  # Gemma: without layer_types, layer i slides unless (i + 1) % pattern == 0
 
 
 _QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+_GEMMA_FIELDS = frozenset({
+    "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
+    "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"})
+_GEMMA_DEFAULTS = (("head_dim", 256), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256),
+                   ("sliding_window", 4096))
 FAMILIES: dict[str, _Family] = {
     # rope_interleaved and is_llama_config: SmolLM2's (nanotron's) fields, which transformers ignores.
     "llama": _Family("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias", "pretraining_tp",
@@ -87,12 +96,13 @@ FAMILIES: dict[str, _Family] = {
     "qwen3": _Family("Qwen3ForCausalLM", _QWEN_WINDOWS | {"attention_bias"}, qk_norm=True),
     "mistral": _Family("MistralForCausalLM", frozenset({"sliding_window"})),
     # original_max_position_embeddings: read by Phi-3's longrope RoPE only, which is refused.
-    "gemma2": _Family("Gemma2ForCausalLM", frozenset({
-        "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
-        "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"}), gemma=True,
-        activation="gelu_pytorch_tanh", defaults=(
-            ("head_dim", 256), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
-            ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0))),
+    "gemma2": _Family("Gemma2ForCausalLM", _GEMMA_FIELDS, gemma=True, activation="gelu_pytorch_tanh",
+                      window_pattern=2, defaults=_GEMMA_DEFAULTS + (("attn_logit_softcapping", 50.0),
+                                                                    ("final_logit_softcapping", 30.0))),
+    "gemma3_text": _Family("Gemma3ForCausalLM", _GEMMA_FIELDS | {
+        "rope_local_base_freq", "_sliding_window_pattern", "sliding_window_pattern"}, gemma=True, qk_norm=True,
+        activation="gelu_pytorch_tanh", window_pattern=6,
+        defaults=_GEMMA_DEFAULTS + (("rope_theta", 1e6), ("rope_local_base_freq", 10000.0))),
     "phi3": _Family("Phi3ForCausalLM", frozenset({"sliding_window", "partial_rotary_factor",
                                                   "original_max_position_embeddings"}), fused=True),
 }
@@ -201,7 +211,9 @@ class LlamaConfig:
   slides when ``sliding_window`` is set (Mistral's rule). ``partial_rotary_factor`` (Phi-3): the
   share of each head RoPE turns. ``query_pre_attn_scalar``, ``attn_logit_softcapping``,
   ``final_logit_softcapping`` (Gemma 2): the scores' scale ``query_pre_attn_scalar^-1/2``, the
-  scores' and the logits' soft caps (`soft_cap`). A field a family does not read keeps its default.
+  scores' and the logits' soft caps (`soft_cap`). ``rope_local_base_freq`` (Gemma 3): the
+  sliding layers' RoPE base (no scaling), the full layers' being ``rope_theta`` and ``rope_scaling``.
+  A field a family does not read keeps its default.
   """
 
   vocab_size: int
@@ -225,6 +237,7 @@ class LlamaConfig:
   query_pre_attn_scalar: float | None = None
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  rope_local_base_freq: float | None = None
 
   def __post_init__(self):
     if self.model_type not in FAMILIES:
@@ -239,7 +252,7 @@ class LlamaConfig:
                        f"partial_rotary_factor={self.partial_rotary_factor}), which must be even and positive")
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
     for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor",
-                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq"):
       value = getattr(self, name)
       if value != defaults[name] and name not in FAMILIES[self.model_type].fields:
         raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
@@ -299,7 +312,8 @@ class LlamaConfig:
     ``silu``, Gemma's ``gelu_pytorch_tanh``). A field absent from the config takes transformers'
     default for the family (Gemma 2's soft caps, window, ``head_dim``). Qwen's windows are
     transformers': with ``use_sliding_window``, layers ``i >= max_window_layers`` slide unless
-    ``layer_types`` says which; Gemma 2's even layers slide unless ``layer_types`` says which.
+    ``layer_types`` says which; Gemma's layers slide but every ``sliding_window_pattern``-th (2 in
+    Gemma 2, 6 in Gemma 3) unless ``layer_types`` says which.
     """
     model_type = config.get("model_type", "llama")
     if model_type not in FAMILIES:
@@ -324,6 +338,9 @@ class LlamaConfig:
     if missing:
       raise ValueError(f"config.json lacks {', '.join(missing)}")
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    local_theta = None
+    if "rope_local_base_freq" in family.fields:  # Gemma 3: sliding layers' RoPE apart
+      rope, local_theta = _local_rope(config, rope)
     partial = config.get("partial_rotary_factor", 1.0)  # top level (Phi-4-mini) or in the RoPE dict (Phi-3)
     if "partial_rotary_factor" in FAMILIES[model_type].fields:
       partial = rope.pop("partial_rotary_factor", partial)
@@ -335,9 +352,10 @@ class LlamaConfig:
       layer_types = tuple(config.get("layer_types") or (
           SLIDING_ATTENTION if sliding_window is not None and i >= config.get("max_window_layers", 28)
           else FULL_ATTENTION for i in range(layers)))
-    elif "layer_types" in FAMILIES[model_type].fields:  # Gemma 2: even layers slide unless layer_types says
+    elif family.window_pattern:  # Gemma
+      pattern = config.get("_sliding_window_pattern") or config.get("sliding_window_pattern") or family.window_pattern
       layer_types = tuple(config.get("layer_types") or (
-          SLIDING_ATTENTION if i % 2 == 0 else FULL_ATTENTION for i in range(layers)))
+          SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)))
     if layer_types is not None and (set(layer_types) == {SLIDING_ATTENTION} or (
         sliding_window is None and SLIDING_ATTENTION not in layer_types)):
       layer_types = None  # every layer alike: sliding_window alone says how
@@ -353,6 +371,7 @@ class LlamaConfig:
         rope_scaling=RopeScaling.from_hf(rope, max_positions),
         attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
         sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial,
+        rope_local_base_freq=local_theta,
         **{k: config.get(k) for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")})
 
   def to_hf(self) -> dict[str, Any]:
@@ -371,6 +390,25 @@ class LlamaConfig:
     if "use_sliding_window" in family.fields:  # Qwen
       out["use_sliding_window"] = self.sliding_window is not None
     return out
+
+
+def _local_rope(config: Mapping[str, Any], rope: dict[str, Any]) -> tuple[dict[str, Any], float]:
+  """Gemma 3's ``(full layers' RoPE dict, sliding layers' theta)`` from ``rope_parameters`` per
+  layer type, or from ``rope_scaling``, ``rope_theta`` and ``rope_local_base_freq``."""
+  if {"full_attention", "sliding_attention"} & rope.keys():
+    unknown = sorted(rope.keys() - {"full_attention", "sliding_attention"})
+    if unknown:
+      raise ValueError(f"config.json's rope_parameters has {', '.join(unknown)} beside its layer types")
+    local = dict(rope.get("sliding_attention") or {})
+    rope = {"rope_theta": config["rope_theta"], **(rope.get("full_attention") or {})}
+  else:
+    local = {"rope_theta": config["rope_local_base_freq"]}
+    rope = {"rope_theta": config["rope_theta"], **rope}
+  rope_type = local.get("rope_type", local.get("type", "default"))
+  if rope_type != "default" or local.keys() - {"rope_type", "type", "rope_theta"}:
+    raise ValueError(f"config.json's sliding layers' RoPE {local!r} is not implemented; only a plain "
+                     "rope_theta is")
+  return rope, local.get("rope_theta", config["rope_local_base_freq"])
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -471,9 +509,25 @@ class Attention(nn.Module):
     v = v.reshape(b, l, c.num_key_value_heads, c.head_dim)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = (rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim) for y in (q, k))
+    q, k = (self._rope(y, positions, window) for y in (q, k))
     out, cache = attend(q, k, v, key_mask, index, cache, c.attention_scale, window, c.attn_logit_softcapping)
     return self.o_proj(out.astype(x.dtype)), cache
+
+
+  def _rope(self, y: jax.Array, positions: jax.Array, window: int | jax.Array | None) -> jax.Array:
+    """The layer's RoPE: ``rope_local_base_freq`` without scaling in a sliding layer where the config
+    has one (Gemma 3), else ``rope_theta`` and ``rope_scaling``. A scanned window (an array) is
+    `NO_WINDOW` in full layers."""
+    c = self.config
+    full = rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim)
+    if c.rope_local_base_freq is None or window is None:
+      return full
+    local = rope(y, positions, c.rope_local_base_freq, None, c.rotary_dim)
+    return local if isinstance(window, int) else jnp.where(window < NO_WINDOW, local, full)
+
+
+NO_WINDOW = int(np.iinfo(np.int32).max)
+"""A full layer's window where the layers' windows are scanned data (`LlamaModel`)."""
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: jax.Array,
@@ -645,7 +699,7 @@ class LlamaModel(nn.Module):
     windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
     # One window for every layer stays static; else each layer's is scanned (no limit: int32's max).
     layer_windows = None if len(set(windows)) == 1 else jnp.asarray(
-        [np.iinfo(np.int32).max if w is None else w for w in windows], jnp.int32)
+        [NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
     def body(carry, slices):
       p, layer_cache, window = slices
@@ -943,7 +997,7 @@ def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
   """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
-  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2, Phi-3)."""
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
