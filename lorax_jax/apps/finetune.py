@@ -42,9 +42,9 @@ import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import MAX_TEXT_BYTES, check_destination, open_regular, read_regular, write_atomic, write_text_atomic
+from lorax_jax.models import hf, model_type
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
-from lorax_jax.models import hf, model_type
 from lorax_jax.models.llama import FAMILIES, LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
 from lorax_jax.models.llama_sharding import batch_sharding, make_mesh, mesh_axes, parse_mesh, shard_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
