@@ -31,7 +31,8 @@ MAX_PROMPT_BYTES = 2**20  # prompts on stdin: thousands of lines, more than a CP
 
 def _model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", default="smollm2",
-                      help="smollm2 (default), a Hugging Face Llama directory or a .gguf file")
+                      help="smollm2 (default), a Hugging Face directory of a Llama-family model "
+                           "(llama, qwen2, qwen3, mistral, gemma2, gemma3_text, phi3) or a .gguf file")
   parser.add_argument("--adapter", help="PEFT LoRA adapter directory")
 
 

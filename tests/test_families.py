@@ -1,6 +1,9 @@
 """The Llama-shaped families against transformers and PEFT: Llama 3.x (llama3/linear RoPE scaling,
 attention and MLP biases), Qwen2 (q/k/v biases, per-layer sliding windows), Qwen3 (per-head q/k
-RMSNorm, explicit head_dim) and Mistral (a sliding window shorter than the sequences).
+RMSNorm, explicit head_dim), Mistral (a sliding window shorter than the sequences) and Phi-3 (fused
+qkv_proj and gate_up_proj, partial RoPE, a sliding window) and Gemma 2 ((1 + w) norms, sandwich norms,
+a scaled embedding, soft-capped scores and logits, alternate sliding layers), Gemma 3 (text: q/k norms,
+a local RoPE in sliding layers, a scaled global one in full layers).
 
 Each family is a tiny random checkpoint written by transformers' own model class; lorax_jax loads
 it with `load_llama` and must give its logits, its greedy generation and, with an adapter trained
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ import pytest
 
 from lorax_jax import LoraConfig, lora_transform
 from lorax_jax.io import load_adapter, save_adapter
+from lorax_jax.models import load_model, model_type, path_map
 from lorax_jax.models.generate import generate
 from lorax_jax.models.hf import read_config
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, RopeScaling, load_llama, save_llama, stack_layers
@@ -42,12 +47,25 @@ FAMILIES = {
                                               max_window_layers=1, tie_word_embeddings=True),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=4),
+    # scores and logits of a tiny model are small: caps this low bend them
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    # layer 0 slides with the local RoPE, layer 1 sees everything with the global, linearly scaled one
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=24, final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"], rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "phi3": lambda: transformers.Phi3Config(**SMALL, sliding_window=4, partial_rotary_factor=0.5,
+                                            bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
 ABLATIONS = {  # the option each family adds, removed: the logits must then differ
     "llama3": dict(rope_scaling=None), "llama-linear": dict(rope_scaling=None),
     "qwen2": dict(sliding_window=None, layer_types=None), "mistral": dict(sliding_window=None),
+    "phi3": dict(sliding_window=None, partial_rotary_factor=1.0),
+    "gemma2": dict(sliding_window=None, layer_types=None, attn_logit_softcapping=None),
+    "gemma3": dict(rope_local_base_freq=None),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3's modules
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 12))  # longer than the sliding windows (4)
 
 
@@ -77,6 +95,7 @@ def test_logits_match_transformers(checkpoint, tmp_path):
   assert np.abs(expected).max() > 1  # a meaningful scale for the tolerance
   config, model, params = load_llama(directory)
   np.testing.assert_allclose(jax.jit(model.apply)(params, TOKENS), expected, atol=TOL)
+  assert load_model(directory)[0] == config and path_map(config) is LLAMA_PATH_MAP  # the family from config.json
   scanned = Llama(config, scan_layers=True)  # one layer compiled: the windows become scanned data
   np.testing.assert_allclose(jax.jit(scanned.apply)(stack_layers(params), TOKENS), expected, atol=TOL)
   if family in ABLATIONS:
@@ -102,6 +121,11 @@ def test_greedy_generation_matches_transformers(checkpoint):
     assert got == out[0, len(prompt):].tolist()
 
 
+def targets(family: str) -> list[str]:
+  """Every projection of the family's layers, PEFT's module names."""
+  return FUSED_TARGETS if family == "phi3" else TARGETS
+
+
 def assert_adapted_logits_are_peft(directory, flax_model, params, lora, cfg, peft_model) -> None:
   """The adapted logits here are PEFT's, and the adapter changes them (it tests something)."""
   got = lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS))
@@ -111,9 +135,9 @@ def assert_adapted_logits_are_peft(directory, flax_model, params, lora, cfg, pef
 
 
 def test_peft_adapter_runs_here(checkpoint, tmp_path):
-  directory, _ = checkpoint
+  directory, family = checkpoint
   model = peft.get_peft_model(torch_model(directory), peft.LoraConfig(
-      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=TARGETS))
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets(family)))
   randomize_lora(model)
   model.save_pretrained(str(tmp_path))
   _, flax_model, params = load_llama(directory)
@@ -122,9 +146,9 @@ def test_peft_adapter_runs_here(checkpoint, tmp_path):
 
 
 def test_adapter_saved_here_runs_in_peft(checkpoint, tmp_path):
-  directory, _ = checkpoint
+  directory, family = checkpoint
   _, flax_model, params = load_llama(directory)
-  cfg = LoraConfig(r=4, alpha=8, targets=TARGETS)
+  cfg = LoraConfig(r=4, alpha=8, targets=targets(family))
   lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
   save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
   model = peft.PeftModel.from_pretrained(torch_model(directory), str(tmp_path)).eval()
@@ -158,6 +182,15 @@ def test_llama3_frequencies_are_transformers():
     ({"model_type": "qwen3", "use_sliding_window": False,
       "layer_types": ["sliding_attention", "full_attention"]}, "sliding_window is None"),
     ({"rope_interleaved": True}, "rope_interleaved=True"),
+    ({"model_type": "phi3", "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                             "long_factor": [2.0] * 6}}, "rope_type='longrope' is not implemented"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),  # Phi-3's option, not Llama's
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, "'gemma2' model has hidden_activation='gelu'"),
+    ({"model_type": "gemma2", "use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),  # Gemma's option, not Llama's
+    ({"model_type": "gemma3_text", "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                                       "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "sliding layers' RoPE .* is not implemented"),
 ])
 def test_config_refuses_what_no_family_implements(change, message):
   base = {"model_type": "llama", **{k: v for k, v in SMALL.items() if k != "initializer_range"}}
@@ -194,3 +227,17 @@ def test_after_prefix_is_the_whole_sequence(checkpoint):
     after_prefix = functools.partial(model.clone(scan_layers=scan).apply, method=Llama.after_prefix)
     got = jax.jit(after_prefix)(stack_layers(params) if scan else params, rows[:1, :5], rows[:, 5:])
     np.testing.assert_allclose(got, want[:, 5:], atol=1e-5)
+
+
+def test_load_model_picks_the_family_and_refuses_by_name(tmp_path):
+  """`load_model` reads ``model_type`` (else ``architectures``); an unknown one, or an unknown field
+  of a known one, is an error naming it."""
+  assert model_type({"architectures": ["Qwen3ForCausalLM"]}) == "qwen3"
+  assert model_type({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}) == "phi3"
+  base = {k: v for k, v in SMALL.items() if k != "initializer_range"}
+  for config, message in [({**base, "model_type": "mixtral"}, "model_type='mixtral'; the supported causal LMs are"),
+                          ({**base, "architectures": ["MixtralForCausalLM"]}, "architectures=.*MixtralForCausalLM"),
+                          ({**base, "model_type": "qwen2", "moe_intermediate_size": 8}, "moe_intermediate_size=8")]:
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+      load_model(str(tmp_path))

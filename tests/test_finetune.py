@@ -300,7 +300,8 @@ def test_missing_or_broken_model(tiny, capsys, tmp_path):
   shutil.copytree(tiny[0], broken)
   (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
   err = error_of(args(tiny, tmp_path, "--model", str(broken)), capsys)
-  assert f"model directory {broken} is not a usable Hugging Face Llama checkpoint" in err and "fix or replace" in err
+  assert f"model directory {broken} is not a usable Hugging Face Llama-family checkpoint" in err
+  assert "fix or replace" in err
 
 
 def test_empty_binary_and_too_small_data(tiny, capsys, tmp_path):

@@ -42,9 +42,10 @@ import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import MAX_TEXT_BYTES, check_destination, open_regular, read_regular, write_atomic, write_text_atomic
+from lorax_jax.models import hf, model_type
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
-from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
+from lorax_jax.models.llama import FAMILIES, LLAMA_PATH_MAP, load_llama, stack_config, stack_layers, unstack_layers
 from lorax_jax.models.llama_sharding import batch_sharding, make_mesh, mesh_axes, parse_mesh, shard_llama
 from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 
@@ -184,7 +185,8 @@ QUANTIZE = ("gguf", "nf4", "int8", "none")  # the `quantize` setting: how the fr
 
 
 def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tuple[Any, Any, Tokenizer]:
-  """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face Llama directory or a GGUF file.
+  """``(model, params, tokenizer)`` of ``name``: "smollm2", a Hugging Face directory of a Llama-family
+  model (`lorax_jax.models.llama.FAMILIES`: Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3) or a GGUF file.
 
   ``quantize``: ``"none"`` (float params), ``"gguf"`` (the GGUF file's quantized blocks kept as
   stored: `lorax_jax.models.gguf.load_gguf` with ``quantized=True``), ``"nf4"`` (blocks of 64) or
@@ -197,15 +199,21 @@ def load_model(name: str, dtype: str = "float32", quantize: str = "none") -> tup
   elif name.endswith(".gguf"):
     _, model, params, tokenizer = gguf.load_gguf(name, dtype=jnp.dtype(dtype), quantized=quantize == "gguf")
   elif os.path.isdir(name):
+    family = "Llama-family"
     try:
-      _, model, params = load_llama(name, jnp.dtype(dtype))
-      tokenizer = load_tokenizer(name)
+      family = model_type(hf.read_config(name))
+      if family in FAMILIES:
+        _, model, params = load_llama(name, jnp.dtype(dtype))
+        tokenizer = load_tokenizer(name)
     except (ValueError, KeyError, TypeError) as e:  # a broken config.json, tokenizer or checkpoint
-      raise ValueError(f"model directory {name} is not a usable Hugging Face Llama checkpoint "
+      raise ValueError(f"model directory {name} is not a usable Hugging Face {family} checkpoint "
                        f"({' '.join(str(e).split())}): fix or replace its files") from None
+    if family not in FAMILIES:
+      raise ValueError(f"model directory {name} holds a {family!r} model; finetune runs the Llama families "
+                       f"({', '.join(map(repr, FAMILIES))}): load others with lorax_jax.models.load_model")
   else:
-    raise FileNotFoundError(f"model {name!r} is neither smollm2, a Hugging Face Llama directory "
-                            "nor a .gguf file")
+    raise FileNotFoundError(f"model {name!r} is neither smollm2, a Hugging Face directory of a Llama-family "
+                            f"model ({', '.join(map(repr, FAMILIES))}) nor a .gguf file")
   if quantize in ("nf4", "int8"):
     params = lorax_jax.quantize(params, quantize, block_size=64 if quantize == "nf4" else None)
   return model, params, tokenizer

@@ -21,6 +21,12 @@ from lorax_jax.paths import path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json")  # what `write_checkpoint` writes besides its files
+NEUTRAL_FIELDS = frozenset({  # config.json fields that change no model's logits (dropouts: training
+    # only in transformers; these models have none, LoRA's is the engine's)
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
+    "initializer_range", "attention_dropout", "resid_pdrop", "embd_pdrop", "bos_token_id", "eos_token_id",
+    "pad_token_id", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder"})
 
 
 def read_config(directory: str) -> dict[str, Any]:
@@ -75,6 +81,23 @@ def read_tensors(directory: str) -> dict[str, np.ndarray]:
     tensors.update(read_safetensors(os.path.join(directory, name)))
   return {k: v.astype(np.float32) if v.dtype.kind in "fV" else v  # "V": ml_dtypes bfloat16
           for k, v in tensors.items()}
+
+
+def check_tensors(want: Mapping[str, tuple[int, ...]], tensors: Mapping[str, np.ndarray]) -> None:
+  """ValueError naming the first missing, unexpected or mis-shaped checkpoint tensor.
+
+  Args:
+    want: every tensor name the config implies, with its torch-layout shape.
+    tensors: the checkpoint's tensors by name.
+  """
+  for name in sorted(want.keys() - tensors.keys()):
+    raise ValueError(f"checkpoint lacks {name}")
+  for name in sorted(tensors.keys() - want.keys()):
+    raise ValueError(f"checkpoint has unexpected tensor {name}")
+  for name, shape in want.items():
+    if tuple(tensors[name].shape) != shape:
+      raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
+                       f"the config implies {shape}")
 
 
 def params_from_tensors(tensors: Mapping[str, np.ndarray], path_map: PathMap,

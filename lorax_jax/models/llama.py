@@ -1,9 +1,10 @@
 """A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
-Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral.
+Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral,
+Gemma 2, Gemma 3 (text), Phi-3.
 
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
-``Qwen3ForCausalLM``, ``MistralForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a
-one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
+``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``,
+``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 ``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
 ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
 
@@ -13,6 +14,18 @@ one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 - Qwen3: an RMSNorm over ``head_dim`` of each query and key head (``q_norm``/``k_norm``) before RoPE,
   an explicit ``head_dim``, ``attention_bias``; per-layer sliding windows.
 - Mistral: a sliding window on every layer.
+- Gemma 2: RMSNorms scaling by ``1 + w``, the embedding times ``sqrt(hidden_size)``, sandwich
+  norms (``post_attention_layernorm`` on the attention's output, ``pre_feedforward_layernorm`` /
+  ``post_feedforward_layernorm`` around the MLP), GELU (tanh) in the MLP, scores scaled by
+  ``query_pre_attn_scalar^-1/2`` and soft-capped (``c tanh(s / c)``), soft-capped logits, sliding
+  windows on alternate layers.
+- Gemma 3 (text, ``gemma3_text``): Gemma 2's block with Qwen3's q/k norms (``1 + w`` norms here),
+  no soft caps by default, and two RoPEs: sliding layers turn by ``rope_local_base_freq``, full
+  layers by ``rope_theta`` with ``rope_scaling``.
+- Phi-3 (and Phi-4-mini): fused projections, one ``qkv_proj`` (kernel ``[D, (H + 2 H_kv) head_dim]``,
+  split into q, k, v after the matmul) and one ``gate_up_proj`` (``[D, 2 I]``, gate first), so a
+  PEFT adapter on ``qkv_proj`` is one LoRA on the fused kernel, as in PEFT; RoPE on the first
+  ``partial_rotary_factor`` of each head; Mistral's sliding window.
 
 Calling convention::
 
@@ -62,9 +75,19 @@ class _Family:
   fields: frozenset[str]
   qkv_bias: bool = False  # q/k/v biases always (Qwen2), not by attention_bias
   qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3)
+  fused: bool = False  # one qkv_proj and one gate_up_proj kernel (Phi-3)
+  gemma: bool = False  # (1 + w) norms, sqrt(D)-scaled embedding, sandwich norms (Gemma 2)
+  activation: str = "silu"  # the MLP's, transformers' name (config.json's hidden_act / hidden_activation)
+  defaults: tuple[tuple[str, Any], ...] = ()  # transformers' defaults of config.json fields that change the math
+  window_pattern: int | None = None  # Gemma: without layer_types, layer i slides unless (i + 1) % pattern == 0
 
 
 _QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+_GEMMA_FIELDS = frozenset({
+    "hidden_activation", "attention_bias", "query_pre_attn_scalar", "sliding_window", "layer_types",
+    "attn_logit_softcapping", "final_logit_softcapping", "use_bidirectional_attention"})
+_GEMMA_DEFAULTS = (("head_dim", 256), ("tie_word_embeddings", True), ("query_pre_attn_scalar", 256),
+                   ("sliding_window", 4096))
 FAMILIES: dict[str, _Family] = {
     # rope_interleaved and is_llama_config: SmolLM2's (nanotron's) fields, which transformers ignores.
     "llama": _Family("LlamaForCausalLM", frozenset({"attention_bias", "mlp_bias", "pretraining_tp",
@@ -72,6 +95,16 @@ FAMILIES: dict[str, _Family] = {
     "qwen2": _Family("Qwen2ForCausalLM", _QWEN_WINDOWS, qkv_bias=True),
     "qwen3": _Family("Qwen3ForCausalLM", _QWEN_WINDOWS | {"attention_bias"}, qk_norm=True),
     "mistral": _Family("MistralForCausalLM", frozenset({"sliding_window"})),
+    # original_max_position_embeddings: read by Phi-3's longrope RoPE only, which is refused.
+    "gemma2": _Family("Gemma2ForCausalLM", _GEMMA_FIELDS, gemma=True, activation="gelu_pytorch_tanh",
+                      window_pattern=2, defaults=_GEMMA_DEFAULTS + (("attn_logit_softcapping", 50.0),
+                                                                    ("final_logit_softcapping", 30.0))),
+    "gemma3_text": _Family("Gemma3ForCausalLM", _GEMMA_FIELDS | {
+        "rope_local_base_freq", "_sliding_window_pattern", "sliding_window_pattern"}, gemma=True, qk_norm=True,
+        activation="gelu_pytorch_tanh", window_pattern=6,
+        defaults=_GEMMA_DEFAULTS + (("rope_theta", 1e6), ("rope_local_base_freq", 10000.0))),
+    "phi3": _Family("Phi3ForCausalLM", frozenset({"sliding_window", "partial_rotary_factor",
+                                                  "original_max_position_embeddings"}), fused=True),
 }
 """The ``model_type``\\ s `LlamaConfig` implements."""
 
@@ -79,14 +112,7 @@ _COMMON_FIELDS = frozenset({  # the config.json fields every family reads
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta",
     "rope_scaling", "rope_parameters", "tie_word_embeddings", "max_position_embeddings"})
-_NEUTRAL_FIELDS = frozenset({  # config.json fields that do not change the logits (attention_dropout: training
-    # only in transformers; this model has no dropout, LoRA's is the engine's)
-    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "use_cache",
-    "initializer_range", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-    "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder"})
-_ONLY = {  # config.json field -> the only value this model implements
-    "hidden_act": "silu",
+_ONLY = {  # config.json field -> the only value this model implements (beside the family's activation)
     "rope_interleaved": False,
     "is_encoder_decoder": False,
 }
@@ -182,7 +208,12 @@ class LlamaConfig:
   ``sliding_window``: how far back a sliding-window layer attends (query slot ``i`` sees key slot
   ``j`` when ``i - j < sliding_window``; None: no layer slides). ``layer_types``: which layers
   slide (`SLIDING_ATTENTION`) and which see everything (`FULL_ATTENTION`); None: every layer
-  slides when ``sliding_window`` is set (Mistral's rule).
+  slides when ``sliding_window`` is set (Mistral's rule). ``partial_rotary_factor`` (Phi-3): the
+  share of each head RoPE turns. ``query_pre_attn_scalar``, ``attn_logit_softcapping``,
+  ``final_logit_softcapping`` (Gemma 2): the scores' scale ``query_pre_attn_scalar^-1/2``, the
+  scores' and the logits' soft caps (`soft_cap`). ``rope_local_base_freq`` (Gemma 3): the
+  sliding layers' RoPE base (no scaling), the full layers' being ``rope_theta`` and ``rope_scaling``.
+  A field a family does not read keeps its default.
   """
 
   vocab_size: int
@@ -202,6 +233,11 @@ class LlamaConfig:
   mlp_bias: bool = False
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None
+  partial_rotary_factor: float = 1.0
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  rope_local_base_freq: float | None = None
 
   def __post_init__(self):
     if self.model_type not in FAMILIES:
@@ -210,11 +246,15 @@ class LlamaConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"LlamaConfig: num_attention_heads={self.num_attention_heads} is not a multiple "
                        f"of num_key_value_heads={self.num_key_value_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
-    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types"):
+    if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2:
+      raise ValueError(f"LlamaConfig: RoPE turns the first int(head_dim * partial_rotary_factor) = "
+                       f"{self.rotary_dim} features of each head (head_dim={self.head_dim}, "
+                       f"partial_rotary_factor={self.partial_rotary_factor}), which must be even and positive")
+    defaults = {f.name: f.default for f in dataclasses.fields(self)}
+    for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor",
+                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq"):
       value = getattr(self, name)
-      if value not in (None, False) and name not in FAMILIES[self.model_type].fields:
+      if value != defaults[name] and name not in FAMILIES[self.model_type].fields:
         raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
     if self.sliding_window is not None and not (isinstance(self.sliding_window, int) and self.sliding_window > 0):
       raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window!r} must be a positive int or None")
@@ -233,6 +273,26 @@ class LlamaConfig:
     return self.attention_bias or FAMILIES[self.model_type].qkv_bias
 
   @property
+  def rotary_dim(self) -> int:
+    """How many leading features of each query and key head RoPE turns (transformers' rule)."""
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
+  def fused(self) -> bool:
+    """Whether q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (Phi-3)."""
+    return FAMILIES[self.model_type].fused
+
+  @property
+  def gemma(self) -> bool:
+    """Gemma's ``(1 + w)`` norms, ``sqrt(hidden_size)``-scaled embedding and sandwich norms."""
+    return FAMILIES[self.model_type].gemma
+
+  @property
+  def attention_scale(self) -> float:
+    """The scores' factor: ``query_pre_attn_scalar^-1/2`` where set, else ``head_dim^-1/2``."""
+    return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+  @property
   def qk_norm(self) -> bool:
     """Whether each query and key head is RMS-normalised over ``head_dim`` before RoPE (Qwen3)."""
     return FAMILIES[self.model_type].qk_norm
@@ -247,27 +307,43 @@ class LlamaConfig:
     """From a Hugging Face ``config.json`` dict; options this model does not implement are errors.
 
     ``model_type`` defaults to ``"llama"``. A field that is neither read by the family
-    (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`_NEUTRAL_FIELDS`) is an
-    error naming it, as is a value other than the one implemented (``hidden_act`` ``silu``).
-    Qwen's windows are transformers': with ``use_sliding_window``, layers ``i >=
-    max_window_layers`` slide unless ``layer_types`` says which.
+    (`FAMILIES`, `_COMMON_FIELDS`) nor one that leaves the logits alone (`hf.NEUTRAL_FIELDS`) is an
+    error naming it, as is a value other than the one implemented (``hidden_act`` the family's:
+    ``silu``, Gemma's ``gelu_pytorch_tanh``). A field absent from the config takes transformers'
+    default for the family (Gemma 2's soft caps, window, ``head_dim``). Qwen's windows are
+    transformers': with ``use_sliding_window``, layers ``i >= max_window_layers`` slide unless
+    ``layer_types`` says which; Gemma's layers slide but every ``sliding_window_pattern``-th (2 in
+    Gemma 2, 6 in Gemma 3) unless ``layer_types`` says which.
     """
     model_type = config.get("model_type", "llama")
     if model_type not in FAMILIES:
       raise ValueError(f"config.json has model_type={model_type!r}; only {', '.join(map(repr, FAMILIES))} "
                        "are supported")
-    unknown = sorted(config.keys() - _COMMON_FIELDS - _NEUTRAL_FIELDS - FAMILIES[model_type].fields)
+    family = FAMILIES[model_type]
+    config = {**dict(family.defaults), **config}
+    unknown = sorted(config.keys() - _COMMON_FIELDS - hf.NEUTRAL_FIELDS - FAMILIES[model_type].fields)
     if unknown:
       fields = ", ".join(f"{k}={config[k]!r}" for k in unknown)
       raise ValueError(f"config.json of a {model_type!r} model has {fields}, which this model does not implement")
-    for key, supported in _ONLY.items():
+    only = {**_ONLY, "hidden_act": family.activation, "hidden_activation": family.activation}
+    for key, supported in only.items():
       if config.get(key, supported) != supported:
-        raise ValueError(f"config.json has {key}={config[key]!r}; only {supported!r} is supported")
+        raise ValueError(f"config.json of a {model_type!r} model has {key}={config[key]!r}; only {supported!r} "
+                         "is supported")
+    if config.get("use_bidirectional_attention"):
+      raise ValueError(f"config.json of a {model_type!r} model has use_bidirectional_attention="
+                       f"{config['use_bidirectional_attention']!r} (an encoder); only causal attention is implemented")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in config]
     if missing:
       raise ValueError(f"config.json lacks {', '.join(missing)}")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    local_theta = None
+    if "rope_local_base_freq" in family.fields:  # Gemma 3: sliding layers' RoPE apart
+      rope, local_theta = _local_rope(config, rope)
+    partial = config.get("partial_rotary_factor", 1.0)  # top level (Phi-4-mini) or in the RoPE dict (Phi-3)
+    if "partial_rotary_factor" in FAMILIES[model_type].fields:
+      partial = rope.pop("partial_rotary_factor", partial)
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
     max_positions = config.get("max_position_embeddings", 2048)
     sliding_window, layer_types = config.get("sliding_window"), None
@@ -276,8 +352,13 @@ class LlamaConfig:
       layer_types = tuple(config.get("layer_types") or (
           SLIDING_ATTENTION if sliding_window is not None and i >= config.get("max_window_layers", 28)
           else FULL_ATTENTION for i in range(layers)))
-      if set(layer_types) == {SLIDING_ATTENTION} or (sliding_window is None and SLIDING_ATTENTION not in layer_types):
-        layer_types = None  # every layer alike: sliding_window alone says how
+    elif family.window_pattern:  # Gemma
+      pattern = config.get("_sliding_window_pattern") or config.get("sliding_window_pattern") or family.window_pattern
+      layer_types = tuple(config.get("layer_types") or (
+          SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)))
+    if layer_types is not None and (set(layer_types) == {SLIDING_ATTENTION} or (
+        sliding_window is None and SLIDING_ATTENTION not in layer_types)):
+      layer_types = None  # every layer alike: sliding_window alone says how
     return cls(
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_hidden_layers=layers,
@@ -289,20 +370,45 @@ class LlamaConfig:
         max_position_embeddings=max_positions, model_type=model_type,
         rope_scaling=RopeScaling.from_hf(rope, max_positions),
         attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
-        sliding_window=sliding_window, layer_types=layer_types)
+        sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial,
+        rope_local_base_freq=local_theta,
+        **{k: config.get(k) for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")})
 
   def to_hf(self) -> dict[str, Any]:
     """A ``config.json`` dict that transformers' class of this ``model_type`` loads (`from_hf`'s inverse)."""
     family = FAMILIES[self.model_type]
-    out = {"architectures": [family.architecture], "hidden_act": "silu",
+    # pad_token_id None: a padding row changes no logits, and Phi-3's default (32000) would lie
+    # outside a smaller vocabulary, which transformers refuses.
+    out = {"architectures": [family.architecture], "pad_token_id": None,
+           **{k: family.activation for k in ("hidden_act", "hidden_activation") if k in _COMMON_FIELDS | family.fields},
            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
               if f.name in _COMMON_FIELDS | family.fields},
            "rope_scaling": self.rope_scaling and self.rope_scaling.to_hf()}
-    if "layer_types" in family.fields:  # Qwen: every layer's type, as transformers writes them
-      out.update(use_sliding_window=self.sliding_window is not None, layer_types=[
-          FULL_ATTENTION if self.layer_window(i) is None else SLIDING_ATTENTION
-          for i in range(self.num_hidden_layers)])
+    if "layer_types" in family.fields:  # every layer's type, as transformers writes them
+      out["layer_types"] = [FULL_ATTENTION if self.layer_window(i) is None else SLIDING_ATTENTION
+                            for i in range(self.num_hidden_layers)]
+    if "use_sliding_window" in family.fields:  # Qwen
+      out["use_sliding_window"] = self.sliding_window is not None
     return out
+
+
+def _local_rope(config: Mapping[str, Any], rope: dict[str, Any]) -> tuple[dict[str, Any], float]:
+  """Gemma 3's ``(full layers' RoPE dict, sliding layers' theta)`` from ``rope_parameters`` per
+  layer type, or from ``rope_scaling``, ``rope_theta`` and ``rope_local_base_freq``."""
+  if {"full_attention", "sliding_attention"} & rope.keys():
+    unknown = sorted(rope.keys() - {"full_attention", "sliding_attention"})
+    if unknown:
+      raise ValueError(f"config.json's rope_parameters has {', '.join(unknown)} beside its layer types")
+    local = dict(rope.get("sliding_attention") or {})
+    rope = {"rope_theta": config["rope_theta"], **(rope.get("full_attention") or {})}
+  else:
+    local = {"rope_theta": config["rope_local_base_freq"]}
+    rope = {"rope_theta": config["rope_theta"], **rope}
+  rope_type = local.get("rope_type", local.get("type", "default"))
+  if rope_type != "default" or local.keys() - {"rope_type", "type", "rope_theta"}:
+    raise ValueError(f"config.json's sliding layers' RoPE {local!r} is not implemented; only a plain "
+                     "rope_theta is")
+  return rope, local.get("rope_theta", config["rope_local_base_freq"])
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -311,13 +417,17 @@ def rotate_half(x: jax.Array) -> jax.Array:
   return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None,
+         rotary_dim: int | None = None) -> jax.Array:
   """Rotary embedding of ``x [B, L, H, D]`` at ``positions [B, L]``.
 
   ``x cos(p f) + rotate_half(x) sin(p f)`` with ``f_k = theta^(-2k/D)`` (``k < D/2``, rescaled by
   `RopeScaling.scale` when given) repeated over both halves. The ``f_k`` are constants computed
-  in float32 as transformers computes them.
+  in float32 as transformers computes them. With ``rotary_dim`` (partial RoPE) only the first
+  ``rotary_dim`` features turn, ``D`` being ``rotary_dim``; the rest pass unchanged.
   """
+  if rotary_dim is not None and rotary_dim < x.shape[-1]:
+    return jnp.concatenate([rope(x[..., :rotary_dim], positions, theta, scaling), x[..., rotary_dim:]], axis=-1)
   d = x.shape[-1]
   freqs = 1.0 / np.float32(theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))
   if scaling is not None:
@@ -329,16 +439,30 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling 
 
 
 class RMSNorm(nn.Module):
-  """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32."""
+  """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32; with ``offset`` (Gemma)
+  ``(1 + weight) * x / sqrt(mean(x^2) + eps)``, all in float32, ``weight`` starting at 0."""
 
   eps: float
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    weight = self.param("weight", init, (x.shape[-1],))
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (y * (1 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * y.astype(x.dtype)
+
+
+def _norm(config: LlamaConfig, name: str | None = None) -> RMSNorm:
+  return RMSNorm(config.rms_norm_eps, config.gemma, name=name)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+  """``cap · tanh(x / cap)`` (Gemma's soft-capping of scores and logits); ``x`` where ``cap`` is None."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def _dense(features: int, dtype: Any, name: str, bias: bool = False) -> nn.Dense:
@@ -350,7 +474,8 @@ class Attention(nn.Module):
 
   ``q = rope(q_norm(x Wq + bq))``, ``k = rope(k_norm(x Wk + bk))``, ``v = x Wv + bv``, ``out =
   softmax(q kᵀ / sqrt(head_dim) + mask) v Wo + bo``: biases where `LlamaConfig.qkv_bias` and
-  ``attention_bias`` say, the per-head RMSNorms where `LlamaConfig.qk_norm` does.
+  ``attention_bias`` say, the per-head RMSNorms where `LlamaConfig.qk_norm` does. Fused
+  (`LlamaConfig.fused`): ``[q, k, v] = x Wqkv``, one kernel split after the matmul.
   """
 
   config: LlamaConfig
@@ -358,42 +483,90 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.config
-    self.q_proj = _dense(c.num_attention_heads * c.head_dim, self.dtype, "q_proj", c.qkv_bias)
-    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "k_proj", c.qkv_bias)
-    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, self.dtype, "v_proj", c.qkv_bias)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    if c.fused:
+      self.qkv_proj = _dense(q + 2 * kv, self.dtype, "qkv_proj")
+    else:
+      self.q_proj = _dense(q, self.dtype, "q_proj", c.qkv_bias)
+      self.k_proj = _dense(kv, self.dtype, "k_proj", c.qkv_bias)
+      self.v_proj = _dense(kv, self.dtype, "v_proj", c.qkv_bias)
     self.o_proj = _dense(c.hidden_size, self.dtype, "o_proj", c.attention_bias)
     if c.qk_norm:
-      self.q_norm, self.k_norm = RMSNorm(c.rms_norm_eps), RMSNorm(c.rms_norm_eps)
+      self.q_norm, self.k_norm = _norm(c), _norm(c)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, index: jax.Array,
                cache: Cache | None, window: int | jax.Array | None = None) -> tuple[jax.Array, Cache | None]:
     """``window``: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit)."""
     c = self.config
     b, l, _ = x.shape
-    groups = c.num_attention_heads // c.num_key_value_heads
-    q = self.q_proj(x).reshape(b, l, c.num_attention_heads, c.head_dim)
-    k = self.k_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
+    q_size = c.num_attention_heads * c.head_dim
+    if c.fused:
+      q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + c.num_key_value_heads * c.head_dim], axis=-1)
+    else:
+      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q = q.reshape(b, l, c.num_attention_heads, c.head_dim)
+    k = k.reshape(b, l, c.num_key_value_heads, c.head_dim)
+    v = v.reshape(b, l, c.num_key_value_heads, c.head_dim)
     if c.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = (rope(y, positions, c.rope_theta, c.rope_scaling) for y in (q, k))
-    v = self.v_proj(x).reshape(b, l, c.num_key_value_heads, c.head_dim)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-      cache = {"k": k, "v": v}
-    q = q.reshape(b, l, c.num_key_value_heads, groups, c.head_dim)
-    scores = jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) / np.sqrt(c.head_dim)
-    back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
-    causal = back >= 0 if window is None else (back >= 0) & (back < window)
-    allowed = key_mask[:, None, None, None, :] & causal
-    scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, c.num_attention_heads * c.head_dim)
+    q, k = (self._rope(y, positions, window) for y in (q, k))
+    out, cache = attend(q, k, v, key_mask, index, cache, c.attention_scale, window, c.attn_logit_softcapping)
     return self.o_proj(out.astype(x.dtype)), cache
 
 
+  def _rope(self, y: jax.Array, positions: jax.Array, window: int | jax.Array | None) -> jax.Array:
+    """The layer's RoPE: ``rope_local_base_freq`` without scaling in a sliding layer where the config
+    has one (Gemma 3), else ``rope_theta`` and ``rope_scaling``. A scanned window (an array) is
+    `NO_WINDOW` in full layers."""
+    c = self.config
+    full = rope(y, positions, c.rope_theta, c.rope_scaling, c.rotary_dim)
+    if c.rope_local_base_freq is None or window is None:
+      return full
+    local = rope(y, positions, c.rope_local_base_freq, None, c.rotary_dim)
+    return local if isinstance(window, int) else jnp.where(window < NO_WINDOW, local, full)
+
+
+NO_WINDOW = int(np.iinfo(np.int32).max)
+"""A full layer's window where the layers' windows are scanned data (`LlamaModel`)."""
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array, index: jax.Array,
+           cache: Cache | None, scale: float, window: int | jax.Array | None = None,
+           softcap: float | None = None) -> tuple[jax.Array, Cache | None]:
+  """Causal grouped-query attention of the ``L`` new tokens, written at cache slots ``index ..
+  index + L - 1``: ``softmax(soft_cap(scale · q kᵀ) + mask) v`` flattened to ``[B, L, H · head_dim]``, and
+  the cache with ``k``, ``v`` written in (None without one).
+
+  Args:
+    q: queries ``[B, L, H, head_dim]``; head ``h`` reads key/value head ``h // (H / H_kv)``.
+    k: keys ``[B, L, H_kv, head_dim]``.
+    v: values ``[B, L, H_kv, head_dim]``.
+    key_mask: ``[B, S]``, True on the slots holding real tokens (``S`` = ``L`` without a cache).
+    index: the first new token's slot.
+    cache: this layer's ``{"k", "v"}`` (``[B, S, H_kv, head_dim]``), or None.
+    scale: the scores' factor (``1 / sqrt(head_dim)`` usually).
+    window: query slot ``i`` sees key slot ``j`` only when ``i - j < window`` (None: no limit).
+    softcap: the scores' soft cap (`soft_cap`; None: none).
+  """
+  b, l, heads, head_dim = q.shape
+  if cache is not None:
+    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    cache = {"k": k, "v": v}
+  q = q.reshape(b, l, k.shape[2], heads // k.shape[2], head_dim)
+  scores = soft_cap(jnp.einsum("blhgd,bshd->bhgls", q, k.astype(q.dtype)) * scale, softcap)
+  back = (index + jnp.arange(l))[:, None] - jnp.arange(k.shape[1])[None, :]  # query slot - key slot
+  causal = back >= 0 if window is None else (back >= 0) & (back < window)
+  allowed = key_mask[:, None, None, None, :] & causal
+  scores = jnp.where(allowed, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhgls,bshd->blhgd", probs, v).reshape(b, l, heads * head_dim), cache
+
+
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``, each projection with a bias where ``mlp_bias``."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))`` (Gemma: GELU with tanh for silu), each projection with
+  a bias where ``mlp_bias``; fused
+  (`LlamaConfig.fused`): ``[gate, up] = x W_gate_up``, one kernel split after the matmul."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
@@ -401,25 +574,34 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
-    up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
-    return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(nn.silu(gate) * up)
+    if c.fused:
+      gate, up = jnp.split(_dense(2 * c.intermediate_size, self.dtype, "gate_up_proj")(x), 2, axis=-1)
+    else:
+      gate = _dense(c.intermediate_size, self.dtype, "gate_proj", c.mlp_bias)(x)
+      up = _dense(c.intermediate_size, self.dtype, "up_proj", c.mlp_bias)(x)
+    act = functools.partial(nn.gelu, approximate=True) if c.gemma else nn.silu
+    return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. Gemma's sandwich: ``x +
+  post_attention_layernorm(attn(input_layernorm(x)))``, then ``x +
+  post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))``."""
 
   config: LlamaConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, positions, key_mask, index, cache, window=None):
-    eps = self.config.rms_norm_eps
-    h, cache = Attention(self.config, self.dtype, name="self_attn")(
-        RMSNorm(eps, name="input_layernorm")(x), positions, key_mask, index, cache, window)
+    c = self.config
+    h, cache = Attention(c, self.dtype, name="self_attn")(
+        _norm(c, "input_layernorm")(x), positions, key_mask, index, cache, window)
+    if c.gemma:
+      x = x + _norm(c, "post_attention_layernorm")(h)
+      return x + _norm(c, "post_feedforward_layernorm")(
+          MLP(c, self.dtype, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x))), cache
     x = x + h
-    x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x))
-    return x, cache
+    return x + MLP(c, self.dtype, name="mlp")(_norm(c, "post_attention_layernorm")(x)), cache
 
 
 class LlamaModel(nn.Module):
@@ -449,14 +631,19 @@ class LlamaModel(nn.Module):
                                  embedding_init=nn.initializers.normal(0.02))
     layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     self.layers = [layer(c, self.dtype) for _ in range(c.num_hidden_layers)]
-    self.norm = RMSNorm(c.rms_norm_eps)
+    self.norm = _norm(c)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """``embed_tokens(tokens)``, times ``sqrt(hidden_size)`` (in the embedding's dtype) for Gemma."""
+    x = self.embed_tokens(tokens)
+    return x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype) if self.config.gemma else x
 
   def __call__(self, tokens, positions, key_mask, index, cache):
     def step(layer, x, layer_cache):  # one pass of x through a layer, its cache slot updated
       return layer(x, positions, key_mask, index, layer_cache)
 
     per_layer = None if cache is None else {k: v for k, v in cache.items() if k.startswith("layers_")}
-    x, new_cache = self._layers(step, self.embed_tokens(tokens), per_layer)
+    x, new_cache = self._layers(step, self.embed(tokens), per_layer)
     return self.norm(x), new_cache or {}
 
   def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -488,7 +675,7 @@ class LlamaModel(nn.Module):
       xr, _ = layer(xr, row_positions, row_mask, start, cache)
       return (xp, xr), None
 
-    (_, x), _ = self._layers(step, (self.embed_tokens(prefix), self.embed_tokens(tokens)), None)
+    (_, x), _ = self._layers(step, (self.embed(prefix), self.embed(tokens)), None)
     return self.norm(x)
 
   def _layers(self, step, carry, cache):
@@ -512,7 +699,7 @@ class LlamaModel(nn.Module):
     windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
     # One window for every layer stays static; else each layer's is scanned (no limit: int32's max).
     layer_windows = None if len(set(windows)) == 1 else jnp.asarray(
-        [np.iinfo(np.int32).max if w is None else w for w in windows], jnp.int32)
+        [NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
     def body(carry, slices):
       p, layer_cache, window = slices
@@ -568,14 +755,9 @@ class Llama(nn.Module):
       mask: ``[B, L]``, False for padding tokens no other token may attend to; default all True.
       cache: from `init_cache` or a previous call; the tokens are appended at its ``index``.
     """
-    b, l = tokens.shape
-    index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
-    if positions is None:
-      positions = jnp.broadcast_to(index + jnp.arange(l), (b, l))
-    mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
-    key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+    positions, key_mask, index = cache_inputs(tokens, positions, mask, cache)
     h, layers = self.model(tokens, positions, key_mask, index, cache)
-    return h, None if cache is None else {"index": index + l, "mask": key_mask, **layers}
+    return h, None if cache is None else {"index": index + tokens.shape[1], "mask": key_mask, **layers}
 
   def after_prefix(self, prefix: jax.Array, tokens: jax.Array) -> jax.Array:
     """``hidden(concat(prefix, row))`` at the rows' positions for every row of ``tokens [B, R]``,
@@ -583,17 +765,44 @@ class Llama(nn.Module):
     return self.model.after_prefix(prefix, tokens)
 
   def logits(self, h: jax.Array) -> jax.Array:
-    """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``; ``[..., D] -> [..., V]``."""
-    return self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    """The LM head: ``h · Eᵀ`` with tied embeddings ``E``, else ``lm_head(h)``, soft-capped where
+    ``final_logit_softcapping`` says (Gemma); ``[..., D] -> [..., V]``."""
+    logits = self.model.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
+    return soft_cap(logits, self.config.final_logit_softcapping)
 
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty cache of ``length`` slots for ``batch`` sequences."""
     c = self.config
-    shape = (batch, length, c.num_key_value_heads, c.head_dim)
-    dtype = dtype or self.dtype
-    layers = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-              for i in range(c.num_hidden_layers)}
-    return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **layers}
+    return empty_cache(batch, length, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype or self.dtype)
+
+
+def cache_inputs(tokens: jax.Array, positions: jax.Array | None, mask: jax.Array | None, cache: Cache | None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(positions, key_mask, index)`` of a call on ``tokens [B, L]``: the positions (default
+  ``index + arange(L)``), the ``[B, S]`` mask of the slots holding real tokens once these are
+  written at ``index`` (the cache's next free slot, 0 without a cache), and ``index``.
+
+  Args:
+    tokens: token ids ``[B, L]``.
+    positions: ``[B, L]`` or None.
+    mask: ``[B, L]``, False for padding tokens no other token may attend to; None: all True.
+    cache: from `empty_cache` or a previous call, or None.
+  """
+  b, l = tokens.shape
+  index = jnp.asarray(0, jnp.int32) if cache is None else cache["index"]
+  if positions is None:
+    positions = jnp.broadcast_to(index + jnp.arange(l), (b, l))
+  mask = jnp.ones((b, l), bool) if mask is None else mask.astype(bool)
+  key_mask = mask if cache is None else jax.lax.dynamic_update_slice(cache["mask"], mask, (0, index))
+  return positions, key_mask, index
+
+
+def empty_cache(batch: int, length: int, layers: int, kv_heads: int, head_dim: int, dtype: Any) -> Cache:
+  """A cache of ``length`` empty slots for ``batch`` sequences: ``k``/``v`` per layer (``layers_{i}``,
+  ``[batch, length, kv_heads, head_dim]``), the ``[batch, length]`` mask of filled slots and ``index`` 0."""
+  shape = (batch, length, kv_heads, head_dim)
+  per_layer = {f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(layers)}
+  return {"index": jnp.asarray(0, jnp.int32), "mask": jnp.zeros((batch, length), bool), **per_layer}
 
 
 STACKED = "layers"
@@ -722,14 +931,15 @@ def _path_map() -> PathMap:
   layer = "params/model/layers_{i}/"
   hf_layer = "model.layers.{i}."
   rules = [("params/model/embed_tokens/embedding", "model.embed_tokens.weight", "embedding")]
-  projections = [f"self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-  projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+  projections = [f"self_attn/{p}" for p in ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")]
+  projections += [f"mlp/{p}" for p in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")]
   for p in projections:
     hf_p = p.replace("/", ".")
     rules += [(f"{layer}{p}/kernel", f"{hf_layer}{hf_p}.weight", "linear"),
               (f"{layer}{p}/bias", f"{hf_layer}{hf_p}.bias", "param")]
   rules += [(f"{layer}{n}/weight", f"{hf_layer}{n.replace('/', '.')}.weight", "param")
-            for n in ("input_layernorm", "post_attention_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
+            for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                      "post_feedforward_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
   rules += [("params/model/norm/weight", "model.norm.weight", "param"),
             ("params/lm_head/kernel", "lm_head.weight", "linear")]
   return PathMap(tuple(rules))
@@ -737,7 +947,8 @@ def _path_map() -> PathMap:
 
 LLAMA_PATH_MAP: PathMap = _path_map()
 """Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
-projections' kernels and biases, the norms (Qwen3's ``q_norm``/``k_norm`` too)."""
+projections' kernels and biases (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` too), the norms
+(Qwen3's ``q_norm``/``k_norm``, Gemma's ``pre_feedforward_layernorm``/``post_feedforward_layernorm`` too)."""
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -748,14 +959,19 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   if not c.tie_word_embeddings:
     shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
   for i in range(c.num_hidden_layers):
-    layer = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
-             "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
-             "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
-             "mlp.up_proj": (c.intermediate_size, c.hidden_size),
-             "mlp.down_proj": (c.hidden_size, c.intermediate_size),
+    layer = {"self_attn.o_proj": (c.hidden_size, q), "mlp.down_proj": (c.hidden_size, c.intermediate_size),
              "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,)}
+    if c.fused:
+      layer.update({"self_attn.qkv_proj": (q + 2 * kv, c.hidden_size),
+                    "mlp.gate_up_proj": (2 * c.intermediate_size, c.hidden_size)})
+    else:
+      layer.update({"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
+                    "self_attn.v_proj": (kv, c.hidden_size), "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
+                    "mlp.up_proj": (c.intermediate_size, c.hidden_size)})
     if c.qk_norm:
       layer.update({"self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,)})
+    if c.gemma:
+      layer.update({"pre_feedforward_layernorm": (c.hidden_size,), "post_feedforward_layernorm": (c.hidden_size,)})
     biases = {}
     if c.qkv_bias:
       biases.update({"self_attn.q_proj": (q,), "self_attn.k_proj": (kv,), "self_attn.v_proj": (kv,)})
@@ -769,32 +985,19 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def check_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> None:
-  """ValueError naming the first missing, unexpected or mis-shaped checkpoint tensor."""
-  want = hf_shapes(config)
-  for name in sorted(want.keys() - tensors.keys()):
-    raise ValueError(f"checkpoint lacks {name}")
-  for name in sorted(tensors.keys() - want.keys()):
-    raise ValueError(f"checkpoint has unexpected tensor {name}")
-  for name, shape in want.items():
-    if tuple(tensors[name].shape) != shape:
-      raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensors[name].shape)}, "
-                       f"the config implies {shape}")
-
-
 def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
                        dtype: Any = jnp.float32) -> tuple[Llama, dict[str, Any]]:
   """`Llama` and its params from Hugging Face tensors, checked name by name and shape by shape."""
   ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
   tensors = {k: v for k, v in tensors.items() if not k.endswith(ignored)}
-  check_tensors(config, tensors)
+  hf.check_tensors(hf_shapes(config), tensors)
   params = hf.params_from_tensors(tensors, LLAMA_PATH_MAP)
   return Llama(config, dtype), jax.tree.map(jnp.asarray, params)
 
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
   """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
-  (Llama, Qwen2/2.5, Qwen3, Mistral)."""
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
