@@ -128,9 +128,6 @@ def test_adapter_saved_here_runs_in_peft(checkpoint, tmp_path):
   assert max_diff(want, torch_logits(torch_model(checkpoint), TOKENS)) > 1e-2
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="PEFT's fan_in_fan_out (every GPT-2 adapter) is refused by lorax_jax.io.peft until "
-                          "the peftopts branch (issue 23) is merged")
 def test_peft_adapter_both_ways(checkpoint, tmp_path):
   """A PEFT adapter (``fan_in_fan_out=True``) runs here; one written here is PEFT's own file
   (``fan_in_fan_out`` True, PEFT's keys) and loads without a warning."""
