@@ -31,6 +31,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_all_linear.py::test_gemma_library_gemma3_attention_and_mlp":
+        "imports the gemma library (and TensorFlow with it): 40 s",
+    "tests/test_all_linear.py::test_keras_hub_gemma_backbone_attention_and_mlp":
+        "imports keras-hub (and TensorFlow) in a subprocess: 55 s",
     "tests/test_transform.py::test_sharded_params_on_eight_host_devices":
         "8 host devices in a subprocess",
     "tests/test_quantize.py::test_main_job_step_memory_on_a_gguf_base":
