@@ -20,13 +20,13 @@ from lorax_jax.pathmap import PathMap
 from lorax_jax.qarray import QArray, dequantize, is_quantized, quantize
 from lorax_jax.sharding import lora_shardings, shard_params
 from lorax_jax.targets import Target, find_targets
-from lorax_jax.transform import axes_from_use, lora_transform
+from lorax_jax.transform import axes_from_use, find_linear, lora_transform
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig", "PathMap", "QArray", "Target", "axes_from_use", "check_lora", "combine", "count", "delta",
-    "dequantize", "filter_params", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
+    "dequantize", "filter_params", "find_linear", "find_targets", "init_lora", "init_lora_and_base", "is_quantized", "join_params",
     "load_adapter", "load_kohya", "lora_count", "lora_shardings", "lora_transform", "loraplus", "merge",
     "on_original_base", "per_adapter", "save_adapter", "shard_params", "size", "split_params", "stack_adapters",
     "summary", "swap_adapter", "take_adapter", "trainable_mask", "unmerge", "unstack_adapters",

@@ -94,8 +94,9 @@ class LoraConfig:
       it alone decides (``targets`` and the switches are ignored).
     targets: PEFT-style targets, used instead of the switches when given: a regex
       full-matched against the ``/``-joined path, a list of module-name suffixes
-      (``["q_proj", "attn/out"]``, stored as a tuple), or ``"all-linear"`` (every kernel but
-      output heads).
+      (``["q_proj", "attn/out"]``, stored as a tuple), or ``"all-linear"`` (PEFT's: every linear
+      layer but the output head; decided by use in `lorax_jax.axes_from_use`, by leaf names
+      where the config is used without it).
     exclude: regex or suffix list of paths never adapted.
     rank_pattern, alpha_pattern: per-target ``r`` and ``alpha`` overrides, keyed by a
       regex or name suffix (first match wins).

@@ -173,6 +173,11 @@ def find_targets(params: Any, cfg: LoraConfig, *, check_rank: bool = True) -> di
   rank at most, and the math holds), except with a PiSSA or OLoRA init, which takes ``r`` singular or
   QR directions of the kernel. ``check_rank=False`` skips that check (`axes_from_use` runs before the
   layouts are known).
+  ``targets="all-linear"`` is decided here by names, the fallback where no apply function is at
+  hand: every ``kernel`` or ``w`` of at least 2 axes and every 2-axis ``weight``, except in
+  modules named as output heads (`HEAD_NAMES`). `axes_from_use` decides it by use instead
+  (`find_linear`), which also finds kernels named otherwise (``gating_einsum``) and leaves out
+  what is not a linear layer (a conv ``kernel``).
 
   Args:
     params: the params tree (arrays, `QArray`\\ s or ``jax.ShapeDtypeStruct``\\ s: only shapes

@@ -60,21 +60,22 @@ one-time warning when ``cfg.dropout > 0``). Under ``jax.vmap`` a key shared by t
 every example the same mask; to draw one mask per example, vmap over per-example keys
 (``jax.vmap(lambda x, k: apply(params, lora, x, rng=k))(xs, jax.random.split(key, n))``).
 
-`axes_from_use` traces a model abstractly and fills ``kernel_axes`` from each target's uses.
+`axes_from_use` traces a model abstractly and fills ``kernel_axes`` from each target's uses;
+`find_linear` picks PEFT's ``all-linear`` leaves by the same walk.
 The package: `registry` holds the one table of rules, keyed by primitive (`Rule`: what the
 evaluator, the quantized kernels' binding and the axes walk do with it), each rule registered
 beside its definition with `registry.rule`; `core` is the evaluator and the axes walk, both driven
 by it, re-emitting each equation in its source context (the model's scope names stay in the
 compiled program); the rules by concern: `layout` (3.), `contract` (4.), `control` (5.), `dora`,
-`quantized` (7.); `kernels` the values in flight; `apply` `lora_transform`; `axes` `axes_from_use`.
+`quantized` (7.); `kernels` the values in flight; `apply` `lora_transform`; `axes` `axes_from_use` and `find_linear`.
 """
 
 # The rule modules register their rules on import.
 from lorax_jax.transform import contract, control, layout, quantized  # noqa: F401
 from lorax_jax.transform.apply import CACHE_SIZE, LoraApply, lora_transform
-from lorax_jax.transform.axes import axes_from_use
+from lorax_jax.transform.axes import axes_from_use, find_linear
 from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel
 from lorax_jax.transform.registry import RULES, Rule, overridden, register, rule
 
 __all__ = ["CACHE_SIZE", "RULES", "LoraApply", "LoraKernel", "QuantizedKernel", "Rule", "axes_from_use",
-           "lora_transform", "overridden", "register", "rule"]
+           "find_linear", "lora_transform", "overridden", "register", "rule"]
