@@ -46,12 +46,11 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.io.modules import exact_config
-from lorax_jax.lora_tree import SAVED_KEY, Lora, check_factors, factor_names
+from lorax_jax.lora_tree import SAVED_KEY, SCALE, Lora, check_factors, check_stacked, factor_names
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
 from lorax_jax.targets import Target, accumulation_dtype, find_targets
 
-SCALE = "scale"
 SHARED_FIELDS = ("dropout", "dropout_seed", "branch_dtype", "shared_dropout")  # one value runs a stacked tree
 READING_FIELDS = (("axes", "kernel_axes"), ("uses", "target_uses"))  # `Target` fields, their `LoraConfig` names
 LAYOUT_FIELDS = (*READING_FIELDS, ("layers", "layers_to_transform"))
@@ -156,7 +155,7 @@ def unstack_adapters(params: Any, stacked: Lora, cfgs: Sequence[LoraConfig]) -> 
   """
   who = "unstack_adapters"
   targets = _targets(params, cfgs, who)
-  _, ranks = _stacked_ranks(stacked, targets[0], len(cfgs), who)
+  _, ranks = check_stacked(stacked, targets[0], len(cfgs), who)
   out = []
   for j, ts in enumerate(targets):
     lora: Lora = {}
@@ -208,7 +207,7 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
   who = "swap_adapter"
   (ts,) = _targets(params, [cfg], who)
   _check_factors(ts, lora, i, who)
-  k, ranks = _stacked_ranks(stacked, ts, None, who)
+  k, ranks = check_stacked(stacked, ts, None, who)
   if not (isinstance(i, numbers.Integral) and 0 <= i < k):
     raise ValueError(f"{who}: adapter index {i!r} is out of range for a stacked tree of {k} adapters")
   _check_dtypes(ts, lora, stacked, "the new adapter", "the stacked tree", who)
@@ -344,36 +343,6 @@ def _check_dtypes(targets: Mapping[Path, Target], lora: Lora, reference: Lora, n
       if got != want:
         raise ValueError(f"{who}: {name}'s factor {t.name}/{k} is {got}, {ref_name}'s {want}; cast it "
                          "(jax.tree.map(lambda x: x.astype(...), lora)) so the stacked tree keeps one dtype")
-
-
-def _stacked_ranks(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str
-                   ) -> tuple[int, dict[Path, int]]:
-  """``(number of adapters, {path: padded rank})`` of ``stacked``, after checking that it holds
-  exactly the stacked nodes of ``targets`` (``k`` adapters, when given).
-
-  Raises:
-    ValueError: an unexpected, missing or mis-shaped entry, named.
-  """
-  leaves = dict(leaves_with_paths(stacked))
-  want = {(*p, key) for p, t in targets.items() for key in (*factor_names(t), SCALE)}
-  extra, missing = sorted(set(leaves) - want), sorted(want - set(leaves))
-  if extra or missing:
-    detail = "; ".join(s for s in (f"unexpected {', '.join(map(path_str, extra[:5]))}" if extra else "",
-                                   f"missing {', '.join(map(path_str, missing[:5]))}" if missing else "") if s)
-    raise ValueError(f"{who}: the stacked tree does not hold these targets' nodes ({detail})")
-  n = k if k is not None else next(iter(np.shape(leaves[min(want)])), 0)  # shapes are checked below
-  ranks = {}
-  for path, t in targets.items():
-    node = get_path(stacked, path)
-    rank = np.shape(node["a"])[1 + t.n_stack] if np.ndim(node["a"]) > 1 + t.n_stack else -1
-    shapes = {"a": (n, *t.a_shape[:t.n_stack], rank, *t.in_shape), "b": (n, *t.b_shape[:t.n_stack], rank, *t.out_shape),
-              SCALE: (n,), "m": (n, *t.m_shape)}
-    for key in (*sorted(factor_names(t)), SCALE):
-      if tuple(np.shape(node[key])) != shapes[key]:
-        raise ValueError(f"{who}: the stacked tree's {t.name}/{key} has shape {tuple(np.shape(node[key]))}, expected "
-                         f"{shapes[key]} ({n} adapters of kernel {t.shape}, axes {t.axes!r})")
-    ranks[path] = rank
-  return n, ranks
 
 
 def _check_slice(node: Mapping[str, jax.Array], j: int, t: Target, who: str) -> None:
