@@ -25,7 +25,10 @@ at rank ``R`` with ``alpha = R`` and no rsLoRA, so its `Target.scale` is 1 and t
 the tree alone; ``find_targets(params, cfg)`` gives the shapes of one adapter's slice ``a[j]``,
 ``b[j]``.
 
-Training: ``scale`` is a constant, not a parameter. `lorax_jax.per_adapter` maps an optax
+Running: ``lora_transform(model, params, cfg)(params, stacked, x, adapter_ids=ids)`` sends example
+``n`` through adapter ``ids[n]`` (-1: the base model), a mixed batch (docs/many-adapters.md).
+
+Training: ``scale`` is a constant, not a parameter (the engine reads it under ``stop_gradient``). `lorax_jax.per_adapter` maps an optax
 optimizer over the adapter axis and holds every ``scale`` leaf fixed (zero update, no state). A
 padded row's gradient is exactly zero (each padded term is multiplied by the other factor's zero
 row), so under `per_adapter` padded rows stay zero (Adam's update of a zero gradient from a zero

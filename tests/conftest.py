@@ -165,6 +165,16 @@ SLOW: dict[str, str] = {
         "MiniLM in torch and JAX",
     "tests/test_peft.py::test_llama_adapter_trained_here_runs_in_peft":
         "trains a Llama, then runs PEFT",
+    "tests/test_mixed_batch.py::test_scanned_llama":
+        "mixed batch on the scanned Llama, forward and backward (133 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_nf4_base":
+        "mixed batch on an nf4 base, compiled QLoRA steps (73 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_generate_serves_a_batch_of_different_adapters":
+        "mixed-batch generation against per-row generation, 5 compiled decode paths (72 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_zoo_models[mha_transformer]":
+        "zoo model, mixed batch (56 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_zoo_models[scan_remat_transformer]":
+        "zoo model, mixed batch (54 s on 2 busy cores)",
 }
 
 

@@ -146,7 +146,7 @@ def test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern(k):
     ("mha_transformer", jax.random.randint(jax.random.key(2), (6, 7), 0, 40)),
     ("scan_remat_transformer", jax.random.randint(jax.random.key(3), (6, 5), 0, 40)),
     ("nnx", jax.random.normal(jax.random.key(4), (6, 12))),
-])
+], ids=["mha_transformer", "scan_remat_transformer", "nnx"])
 def test_zoo_models(name, x):
   case = zoo_case(name)
   common = {f: getattr(case.cfg, f) for f in ("targets", "kernel_axes")}
@@ -260,7 +260,7 @@ def test_named_errors():
     ("moe_ragged_dot", 20, "experts/w_in reaches `ragged_dot_general`"),
     ("cnn", 2, "conv1/kernel reaches `conv_general_dilated`"),
     ("embed_lm", 3, "embed/embedding reaches `gather`"),
-])
+], ids=["moe", "cnn", "embed_lm"])
 def test_refused_uses_are_named(name, batch, use):
   case = zoo_case(name)
   common = {f: getattr(case.cfg, f) for f in ("targets", "kernel_axes")}

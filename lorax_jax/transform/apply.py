@@ -200,12 +200,20 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
 
   Returns:
     A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
-    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged.
+    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged. Built with the
+    config `stack_adapters` returns, it runs a stacked tree as a mixed batch:
+    ``lora_apply(params, stacked, x, adapter_ids=ids)``, example ``n`` through adapter ``ids[n]``
+    (-1: the base model). The batch is axis 0 of the activation entering each use, checked at
+    trace time; a use where it is not, and a use with no per-example rule (a conv, an embedding
+    lookup, a ``ragged_dot``, a merged fallback), is a ValueError naming the kernel and the
+    primitive (docs/many-adapters.md).
 
   Raises:
     ValueError: from `find_targets` (a target that matches nothing, a bad rank); ``mode`` unknown.
       At call time: a LoRA tree or params that do not fit (the path named), ``rng`` not a key,
-      and with ``strict`` a kernel reaching an operation without a rule.
+      and with ``strict`` a kernel reaching an operation without a rule; a stacked tree without
+      ``adapter_ids``, ``adapter_ids`` with a plain tree, ids that are not a 1-D integer array or
+      (when concrete) outside ``[-1, k)``, a use a mixed batch cannot run.
   """
   if mode == "reference":
     targets = find_targets(params, cfg)
