@@ -28,11 +28,11 @@ the tree alone; ``find_targets(params, cfg)`` gives the shapes of one adapter's 
 Running: ``lora_transform(model, params, cfg)(params, stacked, x, adapter_ids=ids)`` sends example
 ``n`` through adapter ``ids[n]`` (-1: the base model), a mixed batch (docs/many-adapters.md).
 
-Training: ``scale`` is a constant, not a parameter (the engine reads it under ``stop_gradient``). `lorax_jax.per_adapter` maps an optax
-optimizer over the adapter axis and holds every ``scale`` leaf fixed (zero update, no state). A
-padded row's gradient is exactly zero (each padded term is multiplied by the other factor's zero
-row), so under `per_adapter` padded rows stay zero (Adam's update of a zero gradient from a zero
-state is zero, weight decay of zero is zero).
+Training: ``scale`` is a constant, not a parameter (the engine reads it under ``stop_gradient``).
+`lorax_jax.per_adapter` maps an optax optimizer over the adapter axis and holds every ``scale`` leaf
+fixed (zero update, no state). A padded row's gradient is exactly zero (each padded term is
+multiplied by the other factor's zero row), so under `per_adapter` padded rows stay zero (Adam's
+update of a zero gradient from a zero state is zero, weight decay of zero is zero).
 """
 
 from __future__ import annotations

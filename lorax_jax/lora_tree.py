@@ -151,7 +151,8 @@ def check_saved(params: Any, cfg: LoraConfig, lora: Lora) -> dict[Path, Any]:
   return copies
 
 
-def check_stacked(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str) -> tuple[int, dict[Path, int]]:
+def check_stacked(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str
+                  ) -> tuple[int, dict[Path, int]]:
   """``(number of adapters, {path: padded rank})`` of ``stacked``, after checking that it holds
   exactly the stacked nodes of ``targets`` (``k`` adapters, when given).
 

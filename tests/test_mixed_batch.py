@@ -239,7 +239,8 @@ def test_named_errors():
   with pytest.raises(ValueError, match="stacked .*pass adapter_ids"):
     apply(case.params, stacked, x)
   with pytest.raises(ValueError, match="adapter_ids selects adapters of a stacked tree"):
-    lj.lora_transform(case.apply_fn, case.params, cfgs[0])(case.params, adapters[0][0], x, adapter_ids=jnp.zeros(3, int))
+    single = lj.lora_transform(case.apply_fn, case.params, cfgs[0])
+    single(case.params, adapters[0][0], x, adapter_ids=jnp.zeros(3, int))
   with pytest.raises(ValueError, match=re.escape("adapter_ids [2, 5] are out of range")):
     apply(case.params, stacked, x, adapter_ids=np.array([2, 5, 0]))
   with pytest.raises(ValueError, match="1-D integer array"):
@@ -247,6 +248,9 @@ def test_named_errors():
   with pytest.raises(ValueError, match="rank 4 at params/fc1/kernel, the transform was built for rank 1"):
     bigger, _ = lj.stack_adapters(case.params, *zip(*adapters), max_rank=4)
     lj.lora_transform(case.apply_fn, case.params, cfgs[0])(case.params, bigger, x, adapter_ids=jnp.zeros(3, int))
+  with pytest.raises(ValueError, match="mode='reference'.*mode='factored'"):
+    reference = lj.lora_transform(case.apply_fn, case.params, cfg, mode="reference")
+    reference(case.params, stacked, x, adapter_ids=jnp.zeros(3, int))
   # A model that flattens batch and sequence into one axis: the use cannot tell the examples apart.
   flat = lambda p, x: (x.reshape(-1, x.shape[-1]) @ p["fc"]["kernel"]).reshape(*x.shape[:2], -1)
   params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (4, 5))}}

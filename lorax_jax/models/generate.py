@@ -178,7 +178,8 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
       raise ValueError("adapter_ids selects adapters of a stacked lora (lorax_jax.stack_adapters); this one is plain")
     bad = sorted({int(j) for j in adapter_ids if not -1 <= int(j) < count})
     if bad:
-      raise ValueError(f"adapter_ids {bad[:5]} are out of range for {count} stacked adapters (0 … {count - 1}, -1 the base)")
+      raise ValueError(f"adapter_ids {bad[:5]} are out of range for {count} stacked adapters "
+                       f"(0 … {count - 1}, -1 the base)")
     adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
   if lora is not None and merged:
     params, lora, cfg = merge(params, lora, cfg), None, None

@@ -219,8 +219,11 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
     targets = find_targets(params, cfg)
 
     def reference_apply(params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
-                        **kwargs: Any) -> Any:
+                        adapter_ids: jax.Array | None = None, **kwargs: Any) -> Any:
       del rng  # the merged path has no branch input to drop out
+      if adapter_ids is not None or is_stacked(lora):
+        raise ValueError("lora_transform(mode='reference') merges one adapter into the weights; a stacked tree "
+                         "and adapter_ids (a mixed batch) need mode='factored'")
       check_factors(targets, lora)
       return apply_fn(merge(params, lora, cfg), *args, **kwargs)
     return reference_apply
