@@ -34,11 +34,14 @@ a step that calls `take_adapter` on its stacked-tree argument, and `swap_adapter
 rank ≤ ``R`` at each target, of any alpha, runs in the step compiled once (PEFT's
 ``prepare_model_for_compiled_hotswap(model, target_rank=R)`` and ``hotswap_adapter``).
 
-Training: ``scale`` is a constant, not a parameter. `lorax_jax.per_adapter` maps an optax
-optimizer over the adapter axis and holds every ``scale`` leaf fixed (zero update, no state). A
-padded row's gradient is exactly zero (each padded term is multiplied by the other factor's zero
-row), so under `per_adapter` padded rows stay zero (Adam's update of a zero gradient from a zero
-state is zero, weight decay of zero is zero).
+Running: ``lora_transform(model, params, cfg)(params, stacked, x, adapter_ids=ids)`` sends example
+``n`` through adapter ``ids[n]`` (-1: the base model), a mixed batch (docs/many-adapters.md).
+
+Training: ``scale`` is a constant, not a parameter (the engine reads it under ``stop_gradient``).
+`lorax_jax.per_adapter` maps an optax optimizer over the adapter axis and holds every ``scale`` leaf
+fixed (zero update, no state). A padded row's gradient is exactly zero (each padded term is
+multiplied by the other factor's zero row), so under `per_adapter` padded rows stay zero (Adam's
+update of a zero gradient from a zero state is zero, weight decay of zero is zero).
 """
 
 from __future__ import annotations
@@ -55,12 +58,11 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.io.modules import exact_config
-from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_factors, factor_names
+from lorax_jax.lora_tree import SAVED_KEY, SCALE, TOKENS_KEY, Lora, check_factors, check_stacked, factor_names
 from lorax_jax.paths import Path, get_path, path_str, set_path
 from lorax_jax.qarray import leaves_with_paths
 from lorax_jax.targets import Target, accumulation_dtype, find_targets
 
-SCALE = "scale"
 SHARED_FIELDS = ("dropout", "dropout_seed", "branch_dtype", "shared_dropout")  # one value runs a stacked tree
 READING_FIELDS = (("axes", "kernel_axes"), ("uses", "target_uses"))  # `Target` fields, their `LoraConfig` names
 LAYOUT_FIELDS = (*READING_FIELDS, ("layers", "layers_to_transform"))
@@ -165,7 +167,7 @@ def unstack_adapters(params: Any, stacked: Lora, cfgs: Sequence[LoraConfig]) -> 
   """
   who = "unstack_adapters"
   targets = _targets(params, cfgs, who)
-  _, ranks = _stacked_ranks(stacked, targets[0], len(cfgs), who)
+  _, ranks = check_stacked(stacked, targets[0], len(cfgs), who)
   out = []
   for j, ts in enumerate(targets):
     lora: Lora = {}
@@ -219,7 +221,7 @@ def swap_adapter(params: Any, stacked: Lora, i: int, lora: Lora, cfg: LoraConfig
   (ts,) = _targets(params, [cfg], who)
   _check_factors(ts, lora, i, who)
   _check_same_kernels(ts, stacked, who)
-  k, ranks = _stacked_ranks(stacked, ts, None, who)
+  k, ranks = check_stacked(stacked, ts, None, who)
   if not (isinstance(i, numbers.Integral) and 0 <= i < k):
     raise ValueError(f"{who}: adapter index {i!r} is out of range for a stacked tree of {k} adapters")
   _check_dtypes(ts, lora, stacked, "the new adapter", "the stacked tree", who)
@@ -456,35 +458,6 @@ def _check_same_kernels(targets: Mapping[Path, Target], stacked: Lora, who: str)
     raise ValueError(f"{who}: the new adapter targets other kernels than the stacked tree ({detail}); an adapter "
                      "swapped in must adapt exactly the stacked tree's kernels")
 
-
-def _stacked_ranks(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str
-                   ) -> tuple[int, dict[Path, int]]:
-  """``(number of adapters, {path: padded rank})`` of ``stacked``, after checking that it holds
-  exactly the stacked nodes of ``targets`` (``k`` adapters, when given).
-
-  Raises:
-    ValueError: an unexpected, missing or mis-shaped entry, named.
-  """
-  leaves = dict(leaves_with_paths(stacked))
-  want = {(*p, key) for p, t in targets.items() for key in (*factor_names(t), SCALE)}
-  extra, missing = sorted(set(leaves) - want), sorted(want - set(leaves))
-  if extra or missing:
-    detail = "; ".join(s for s in (f"unexpected {', '.join(map(path_str, extra[:5]))}" if extra else "",
-                                   f"missing {', '.join(map(path_str, missing[:5]))}" if missing else "") if s)
-    raise ValueError(f"{who}: the stacked tree does not hold these targets' nodes ({detail})")
-  n = k if k is not None else next(iter(np.shape(leaves[min(want)])), 0)  # shapes are checked below
-  ranks = {}
-  for path, t in targets.items():
-    node = get_path(stacked, path)
-    rank = np.shape(node["a"])[1 + t.n_stack] if np.ndim(node["a"]) > 1 + t.n_stack else -1
-    shapes = {"a": (n, *t.a_shape[:t.n_stack], rank, *t.in_shape), "b": (n, *t.b_shape[:t.n_stack], rank, *t.out_shape),
-              SCALE: (n,), "m": (n, *t.m_shape)}
-    for key in (*sorted(factor_names(t)), SCALE):
-      if tuple(np.shape(node[key])) != shapes[key]:
-        raise ValueError(f"{who}: the stacked tree's {t.name}/{key} has shape {tuple(np.shape(node[key]))}, expected "
-                         f"{shapes[key]} ({n} adapters of kernel {t.shape}, axes {t.axes!r})")
-    ranks[path] = rank
-  return n, ranks
 
 
 def _check_slice(node: Mapping[str, jax.Array], j: int, t: Target, who: str) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from lorax_jax.config import LoraConfig
@@ -28,6 +29,7 @@ Lora = dict[str, Any]
 
 SAVED_KEY = "modules_to_save"
 TOKENS_KEY = "trainable_tokens"  # `LoraConfig.trainable_token_indices`: {table path...: rows [n, *row]}
+SCALE = "scale"  # a stacked tree's per-adapter scales (`lorax_jax.stack_adapters`)
 
 
 def target_factors(targets: Mapping[Path, Target], lora: Lora) -> Iterator[tuple[Target, jax.Array, jax.Array]]:
@@ -189,6 +191,47 @@ def with_tokens(params: Any, tokens: Mapping[Path, tuple[tuple[int, ...], Any]])
     idx, rows = tokens[path]
     return jnp.asarray(w).at[jnp.asarray(idx)].set(jnp.asarray(rows).astype(jnp.result_type(w)))
   return jax.tree_util.tree_map_with_path(lambda kp, w: put(tree_path(kp), w), params)
+
+
+def check_stacked(stacked: Lora, targets: Mapping[Path, Target], k: int | None, who: str
+                  ) -> tuple[int, dict[Path, int]]:
+  """``(number of adapters, {path: padded rank})`` of ``stacked``, after checking that it holds
+  exactly the stacked nodes of ``targets`` (``k`` adapters, when given).
+
+  Args:
+    stacked: a stacked tree (`lorax_jax.stack_adapters`).
+    targets: the targets of one adapter's slice of it.
+    k: the number of adapters it must hold (None: any).
+    who: the caller, named in the errors.
+
+  Raises:
+    ValueError: an unexpected, missing or mis-shaped entry, named.
+  """
+  leaves = dict(leaves_with_paths(stacked))
+  want = {(*p, key) for p, t in targets.items() for key in (*factor_names(t), SCALE)}
+  extra, missing = sorted(set(leaves) - want), sorted(want - set(leaves))
+  if extra or missing:
+    detail = "; ".join(s for s in (f"unexpected {', '.join(map(path_str, extra[:5]))}" if extra else "",
+                                   f"missing {', '.join(map(path_str, missing[:5]))}" if missing else "") if s)
+    raise ValueError(f"{who}: the stacked tree does not hold these targets' nodes ({detail})")
+  n = k if k is not None else next(iter(np.shape(leaves[min(want)])), 0)  # shapes are checked below
+  ranks = {}
+  for path, t in targets.items():
+    node = get_path(stacked, path)
+    rank = np.shape(node["a"])[1 + t.n_stack] if np.ndim(node["a"]) > 1 + t.n_stack else -1
+    shapes = {"a": (n, *t.a_shape[:t.n_stack], rank, *t.in_shape), "b": (n, *t.b_shape[:t.n_stack], rank, *t.out_shape),
+              SCALE: (n,), "m": (n, *t.m_shape)}
+    for key in (*sorted(factor_names(t)), SCALE):
+      if tuple(np.shape(node[key])) != shapes[key]:
+        raise ValueError(f"{who}: the stacked tree's {t.name}/{key} has shape {tuple(np.shape(node[key]))}, expected "
+                         f"{shapes[key]} ({n} adapters of kernel {t.shape}, axes {t.axes!r})")
+    ranks[path] = rank
+  return n, ranks
+
+
+def is_stacked(lora: Any) -> bool:
+  """Whether ``lora`` is a stacked tree (a `SCALE` leaf in some node, as `lorax_jax.stack_adapters` makes)."""
+  return isinstance(lora, Mapping) and any(path[-1:] == (SCALE,) for path, _ in leaves_with_paths(lora))
 
 
 def _lora_nodes(tree: Any, prefix: Path) -> Iterator[tuple[Path, Any]]:

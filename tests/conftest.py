@@ -191,6 +191,16 @@ SLOW: dict[str, str] = {
         "every init on stacked and transposed kernels",
     "tests/test_llama.py::test_params_paths_mirror_hf_names[True]":
         "the scanned layout (the fast tier keeps [False])",
+    "tests/test_mixed_batch.py::test_scanned_llama":
+        "mixed batch on the scanned Llama, forward and backward (133 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_nf4_base":
+        "mixed batch on an nf4 base, compiled QLoRA steps (73 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_generate_serves_a_batch_of_different_adapters":
+        "mixed-batch generation against per-row generation, 5 compiled decode paths (72 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_zoo_models[mha_transformer]":
+        "zoo model, mixed batch (56 s on 2 busy cores)",
+    "tests/test_mixed_batch.py::test_zoo_models[scan_remat_transformer]":
+        "zoo model, mixed batch (54 s on 2 busy cores)",
 }
 
 

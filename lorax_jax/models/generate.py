@@ -3,6 +3,8 @@
     completions = generate(model, params, [prompt_ids, ...], max_new_tokens=64,
                            temperature=0.7, top_p=0.9, stop_tokens=[eos], rng=key,
                            lora=lora, cfg=cfg)             # factored LoRA; merged=True merges once
+    generate(model, params, prompts, max_new_tokens=64,
+             lora=stacked, cfg=stacked_cfg, adapter_ids=[0, 2, -1])   # each prompt its own adapter
 
 Prompts are left-padded to a common length (rounded up to a multiple of 16), their
 positions count real tokens only, and padding is masked out of attention. One jitted
@@ -29,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax_jax.config import LoraConfig
+from lorax_jax.lora_tree import SCALE
 from lorax_jax.merge import merge
+from lorax_jax.qarray import leaves_with_paths
 from lorax_jax.transform import lora_transform
 
 PROMPT_MULTIPLE = 16
@@ -99,18 +103,21 @@ def _steps(model: Any, params: Any, cfg: LoraConfig | None, sampling: Sampling) 
     _COMPILED.move_to_end(key)
     return _COMPILED[key]
   if cfg is None:
-    def apply(params, lora, *args):
-      del lora
+    def apply(params, lora, ids, *args):
+      del lora, ids
       return model.apply(params, *args)
   else:  # inference: no LoRA dropout, whatever the training config said
-    apply = lora_transform(model.apply, params, cfg.replace(dropout=0.0, dropout_seed=None))
+    lora_apply = lora_transform(model.apply, params, cfg.replace(dropout=0.0, dropout_seed=None))
 
-  def prefill(params, lora, tokens, positions, mask, cache, key):
-    logits, cache = apply(params, lora, tokens, positions, mask, cache)
+    def apply(params, lora, ids, *args):
+      return lora_apply(params, lora, *args, **({} if ids is None else {"adapter_ids": ids}))
+
+  def prefill(params, lora, ids, tokens, positions, mask, cache, key):
+    logits, cache = apply(params, lora, ids, tokens, positions, mask, cache)
     return sample(logits[:, -1], key, sampling), cache
 
-  def decode(params, lora, token, position, cache, key):
-    logits, cache = apply(params, lora, token[:, None], position[:, None], None, cache)
+  def decode(params, lora, ids, token, position, cache, key):
+    logits, cache = apply(params, lora, ids, token[:, None], position[:, None], None, cache)
     return sample(logits[:, -1], key, sampling), cache
 
   steps = _Steps(jax.jit(prefill), jax.jit(decode, donate_argnames="cache"))
@@ -138,13 +145,20 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: Sequence[int] = (), rng: jax.Array | None = None, lora: Any = None,
              cfg: LoraConfig | None = None, merged: bool = False,
-             cache_length: int | None = None) -> list[list[int]]:
+             cache_length: int | None = None, adapter_ids: Sequence[int] | None = None) -> list[list[int]]:
   """Continue each prompt (a list of token ids); returns the new tokens of each.
 
   A row stops after its first token in ``stop_tokens`` (which is included) or after
   ``max_new_tokens``. With ``lora`` (and its ``cfg``) the adapter is applied factored
   through `lora_transform`, or merged into the weights once when ``merged=True``.
+  With ``adapter_ids`` (one per prompt, -1 the base model) ``lora`` is a stacked tree
+  (`lorax_jax.stack_adapters`, ``cfg`` the config it returned) and every prefill and decode
+  step runs each row through its own adapter (a mixed batch: docs/many-adapters.md).
   ``rng`` drives sampling (default ``jax.random.key(0)``); greedy decoding ignores it.
+
+  Raises:
+    ValueError: bad lengths or settings; ``adapter_ids`` without a stacked ``lora``, with
+      ``merged=True`` (one merged weight cannot serve several adapters), or not one per prompt.
   """
   sampling = Sampling(temperature, top_k, top_p)
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -153,6 +167,20 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
     raise ValueError("generate needs at least one prompt, each with at least one token")
   if (lora is None) != (cfg is None):
     raise ValueError("pass both lora and cfg (the adapter's LoraConfig), or neither")
+  if adapter_ids is not None:
+    if lora is None or merged:
+      raise ValueError("adapter_ids selects adapters of a stacked lora (lorax_jax.stack_adapters) run factored: "
+                       "pass lora= and cfg=, and not merged=True")
+    if len(adapter_ids) != len(prompts):
+      raise ValueError(f"adapter_ids has {len(adapter_ids)} entries for {len(prompts)} prompts: one per prompt")
+    count = next((np.shape(x)[0] for path, x in leaves_with_paths(lora) if path[-1:] == (SCALE,)), None)
+    if count is None:
+      raise ValueError("adapter_ids selects adapters of a stacked lora (lorax_jax.stack_adapters); this one is plain")
+    bad = sorted({int(j) for j in adapter_ids if not -1 <= int(j) < count})
+    if bad:
+      raise ValueError(f"adapter_ids {bad[:5]} are out of range for {count} stacked adapters "
+                       f"(0 … {count - 1}, -1 the base)")
+    adapter_ids = jnp.asarray(adapter_ids, jnp.int32)
   if lora is not None and merged:
     params, lora, cfg = merge(params, lora, cfg), None, None
   prompt_length = _round_up(max(len(p) for p in prompts), PROMPT_MULTIPLE)
@@ -169,12 +197,12 @@ def generate(model: Any, params: Any, prompts: Sequence[Sequence[int]], *, max_n
   stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
 
   cache = model.init_cache(len(prompts), cache_length)
-  token, cache = steps.prefill(params, lora, tokens, positions, mask, cache, keys[0])
+  token, cache = steps.prefill(params, lora, adapter_ids, tokens, positions, mask, cache, keys[0])
   out, done = [token], jnp.isin(token, stop)
   for i in range(1, max_new_tokens):
     if bool(done.all()):
       break
-    token, cache = steps.decode(params, lora, token, next_position, cache, keys[i])
+    token, cache = steps.decode(params, lora, adapter_ids, token, next_position, cache, keys[i])
     next_position = next_position + 1
     out.append(token)
     done = done | jnp.isin(token, stop)

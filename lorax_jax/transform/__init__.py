@@ -49,6 +49,14 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    table over 4 MiB in float along its rows, the tied head, runs over chunks of its rows); scan slices the stored
    blocks of a stacked kernel.
 
+8. A mixed batch (``lora_apply(params, stacked, x, adapter_ids=ids)``, a tree of
+   `lorax_jax.stack_adapters`): each kernel enters with its adapters' factors on a leading axis
+   (each adapter's scale folded into its ``b``, a zero adapter for id -1) and the ids
+   (`LoraKernel.ids`); layout and control rules move the factors' other axes as before, and a
+   ``dot_general`` whose activation carries the batch on its leading, free axis gathers each
+   example's factors (``(x_n · a[ids[n]]) · b[ids[n]]``). Any other use, or an activation without
+   that axis, is a ValueError naming the kernel and the primitive.
+
 The compiled programs are cached per argument structure and the type and value of each static
 (non-array) argument, the least recently used of more than `CACHE_SIZE` evicted.
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from lorax_jax.config import LoraConfig
 from lorax_jax.dropout import check_key
-from lorax_jax.lora_tree import SAVED_KEY, TOKENS_KEY, Lora, check_factors, check_saved, check_tokens
+from lorax_jax.lora_tree import (SAVED_KEY, SCALE, TOKENS_KEY, Lora, check_factors, check_saved, check_stacked,
+                                 check_tokens, is_stacked)
 from lorax_jax.merge import merge
 from lorax_jax.paths import get_path, path_str
 from lorax_jax.qarray import is_quantized, leaves_with_paths
@@ -48,8 +49,15 @@ class LoraApply:
     self._warned_no_key = False
 
   def __call__(self, params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
-               **kwargs: Any) -> Any:
-    check_factors(self.targets, lora)
+               adapter_ids: jax.Array | None = None, **kwargs: Any) -> Any:
+    if adapter_ids is None:
+      if is_stacked(lora):
+        raise ValueError("lora_apply: this LoRA tree is stacked (lorax_jax.stack_adapters: a 'scale' per adapter); "
+                         "pass adapter_ids= (int32 [batch], each example's adapter, -1 the base model), or run one "
+                         "adapter of it (lorax_jax.unstack_adapters)")
+      check_factors(self.targets, lora)
+    else:
+      adapter_ids = self._check_mixed(lora, adapter_ids)
     self._check_params(params)
     if self.saved or SAVED_KEY in lora:
       check_saved(params, self.cfg, lora)
@@ -78,7 +86,39 @@ class LoraApply:
           self._compiled.popitem(last=False)
     elif key is not None:
       self._compiled.move_to_end(key)
-    return run([x for x, d in zip(leaves, dynamic) if d], lora, rng)
+    return run([x for x, d in zip(leaves, dynamic) if d], lora, rng, adapter_ids)
+
+  def _check_mixed(self, lora: Lora, ids: Any) -> jax.Array:
+    """``ids`` as int32, after checking that they select adapters of ``lora``, a stacked tree of
+    this transform's targets at their ranks (the config `stack_adapters` returned).
+
+    Raises:
+      ValueError: ``lora`` is not stacked or does not fit; ``ids`` not a 1-D integer array, or (when
+        concrete) outside ``[-1, k)``; ``modules_to_save``, trained biases, ``lora_bias`` or trainable
+        tokens in the config.
+    """
+    if not is_stacked(lora):
+      raise ValueError("lora_apply: adapter_ids selects adapters of a stacked tree (lorax_jax.stack_adapters), "
+                       "but this LoRA tree is one adapter; stack it with the others, or drop adapter_ids")
+    for present, option in ((self.saved, "modules_to_save (and bias='lora_only'/'all')"),
+                            (self._biased, "lora_bias"), (self.tokens, "trainable_token_indices")):
+      if present:
+        raise ValueError(f"lora_apply: adapter_ids with {option}: stacked adapters hold factors only, so a mixed "
+                         "batch has no per-example copy of those; run such adapters one at a time")
+    if np.ndim(ids) != 1 or not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+      raise ValueError(f"lora_apply: adapter_ids must be a 1-D integer array (one adapter per example, -1 the "
+                       f"base model), got {jnp.result_type(ids)} of shape {np.shape(ids)}")
+    n, ranks = check_stacked(lora, self.targets, None, "lora_apply")
+    for path, t in self.targets.items():
+      if ranks[path] != t.rank:
+        raise ValueError(f"lora_apply: the stacked tree has rank {ranks[path]} at {t.name}, the transform was built "
+                         f"for rank {t.rank}: build it with the config stack_adapters returned")
+    if not isinstance(ids, jax.core.Tracer):
+      bad = np.asarray(ids)[(np.asarray(ids) < -1) | (np.asarray(ids) >= n)]
+      if bad.size:
+        raise ValueError(f"lora_apply: adapter_ids {sorted(set(bad.tolist()))[:5]} are out of range for a stacked "
+                         f"tree of {n} adapters (ids are 0 … {n - 1}, or -1 for the base model)")
+    return jnp.asarray(ids, jnp.int32)
 
   def _check_params(self, params: Any) -> None:
     """Raise a ValueError naming the path if ``params`` is not the tree the transform was built for."""
@@ -100,8 +140,9 @@ class LoraApply:
             f"but lora_transform was built for {self._avals[path][0]} {self._avals[path][1]}")
 
   def _run(self, treedef: Any, dynamic: tuple[bool, ...], statics: tuple[Any, ...],
-           dyn: list[Any], lora: Lora, rng: jax.Array | None) -> Any:
-    """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches."""
+           dyn: list[Any], lora: Lora, rng: jax.Array | None, ids: jax.Array | None) -> Any:
+    """Trace ``apply_fn`` on the arrays ``dyn`` and evaluate it with the LoRA branches (``ids``: a
+    mixed batch's adapter per example, `mixed_kernel`)."""
     def fn(*dyn_leaves):
       p, a, kw = jax.tree_util.tree_unflatten(treedef, interleave(dynamic, dyn_leaves, statics))
       return self.apply_fn(p, *a, **kw)
@@ -114,6 +155,9 @@ class LoraApply:
       node = get_path(lora, path)
       i = int(dyn_index[self._leaf_index[path]])
       w = invals[i] if isinstance(invals[i], QuantizedKernel) else jnp.asarray(invals[i])
+      if ids is not None:
+        invals[i] = mixed_kernel(w, node, t, n, ids)
+        continue
       a, b = t.masked(node["a"], node["b"])
       invals[i] = LoraKernel(w, a, b, _labels(t), n, t.scale, t.uses)
       if t.dora:
@@ -172,25 +216,60 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
 
   Returns:
     A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
-    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged.
+    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged. Built with the
+    config `stack_adapters` returns, it runs a stacked tree as a mixed batch:
+    ``lora_apply(params, stacked, x, adapter_ids=ids)``, example ``n`` through adapter ``ids[n]``
+    (-1: the base model). The batch is axis 0 of the activation entering each use, checked at
+    trace time; a use where it is not, and a use with no per-example rule (a conv, an embedding
+    lookup, a ``ragged_dot``, a merged fallback), is a ValueError naming the kernel and the
+    primitive (docs/many-adapters.md).
 
   Raises:
     ValueError: from `find_targets` (a target that matches nothing, a bad rank); ``mode`` unknown.
       At call time: a LoRA tree or params that do not fit (the path named), ``rng`` not a key,
-      and with ``strict`` a kernel reaching an operation without a rule.
+      and with ``strict`` a kernel reaching an operation without a rule; a stacked tree without
+      ``adapter_ids``, ``adapter_ids`` with a plain tree, ids that are not a 1-D integer array or
+      (when concrete) outside ``[-1, k)``, a use a mixed batch cannot run.
   """
   if mode == "reference":
     targets = find_targets(params, cfg)
 
     def reference_apply(params: Any, lora: Lora, *args: Any, rng: jax.Array | None = None,
-                        **kwargs: Any) -> Any:
+                        adapter_ids: jax.Array | None = None, **kwargs: Any) -> Any:
       del rng  # the merged path has no branch input to drop out
+      if adapter_ids is not None or is_stacked(lora):
+        raise ValueError("lora_transform(mode='reference') merges one adapter into the weights; a stacked tree "
+                         "and adapter_ids (a mixed batch) need mode='factored'")
       check_factors(targets, lora)
       return apply_fn(merge(params, lora, cfg), *args, **kwargs)
     return reference_apply
   if mode != "factored":
     raise ValueError(f"lora_transform: mode must be 'factored' or 'reference', got {mode!r}")
   return LoraApply(apply_fn, params, cfg, strict)
+
+
+def mixed_kernel(w: jax.Array | QuantizedKernel, node: Lora, t: Target, index: int, ids: jax.Array) -> LoraKernel:
+  """Target ``t``'s kernel in a mixed batch, from its stacked node ``{"a", "b", "scale"(, "m")}``.
+
+  Adapter ``j``'s scale is folded into its ``b`` (read under ``stop_gradient``: the scales are
+  constants, their gradient is zero), DoRA's ``g`` computed per adapter, and two adapters appended:
+  a zero one for the base model's rows (``g`` = 1) and a NaN one for ids out of range (which only a
+  traced call can reach: its rows come out NaN, never another adapter's). ``ids`` becomes each
+  example's row of these.
+  """
+  a, b = jax.vmap(t.masked)(node["a"], node["b"])
+  scale = jax.lax.stop_gradient(node[SCALE])
+  b = b * scale.astype(b.dtype).reshape(-1, *(1,) * (b.ndim - 1))
+  k = LoraKernel(w, a, b, _labels(t), index, 1.0, t.uses, ids=ids)
+  g = dora_scale(k, node["m"]) if t.dora else None
+  count = a.shape[0]
+
+  def extended(x: jax.Array, base: float) -> jax.Array:
+    fill = lambda v: jnp.full((1, *x.shape[1:]), v, x.dtype)
+    return jnp.concatenate([x, fill(base), fill(jnp.nan)])
+  rows = jnp.where(ids == -1, count, jnp.where((ids >= 0) & (ids < count), ids, count + 1))
+  return dataclasses.replace(k, a=extended(a, 0.0), b=extended(b, 0.0), g=None if g is None else extended(g, 1.0),
+                             ids=rows.astype(jnp.int32))
 
 
 def _labels(t: Target) -> tuple[Label, ...]:

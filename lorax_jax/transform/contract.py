@@ -15,7 +15,7 @@ from jax import lax
 from lorax_jax.dropout import dropout_bilinear, dropout_einsum
 from lorax_jax.transform.core import Context, Tracked, Walk, bind, fallback_rule, first_tracked
 from lorax_jax.transform.dora import dora_output, times_along
-from lorax_jax.transform.kernels import LoraKernel
+from lorax_jax.transform.kernels import ADAPTER, LoraKernel
 from lorax_jax.transform.registry import rule
 
 
@@ -48,16 +48,20 @@ def _dot_general_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -
   if contracted == {"a", "b"}:
     return fallback_rule(eqn, invals, ctx, "dot_general contracting input and output axes")
   base = bind(eqn, [lhs, k.w] if side else [k.w, rhs])[0]
+  if k.ids is not None:
+    k = per_example(k, x, 0 not in (*xc, *xb), ctx, "dot_general")
   a_sub, b_sub, k_sub = k.subscripts()
-  x_sub = list(string.ascii_uppercase[:x.ndim].replace("R", "Z"))
+  x_sub = [c for c in string.ascii_uppercase if c not in ("R", ADAPTER)][:x.ndim]
   for xi, ki in (*zip(xc, kc), *zip(xb, kb)):
     x_sub[xi] = k_sub[ki]
   x_sub = "".join(x_sub)
+  a_sub, b_sub = (s.replace(ADAPTER, x_sub[0]) for s in (a_sub, b_sub))  # a mixed batch: per example
+  g_units = b_sub.replace("R", "")
   batch = "".join(k_sub[i] for i in kb)
   x_free = "".join(c for i, c in enumerate(x_sub) if i not in xc and i not in xb)
   k_free = "".join(c for i, c in enumerate(k_sub) if i not in kc and i not in kb)
   out_sub = batch + (x_free + k_free if side else k_free + x_free)
-  if k.g is not None and not set(k.g_units()) <= set(out_sub):
+  if k.g is not None and not set(g_units) <= set(out_sub):
     return fallback_rule(eqn, invals, ctx, "dot_general contracting a DoRA kernel's output axes")
   (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
   key = ctx.dropout_key(x, k)
@@ -68,9 +72,32 @@ def _dot_general_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -
   if k.g is None:
     return [base + branch.astype(base.dtype)]
   use = lambda u, v: bind(eqn, [u, v] if side else [v, u])[0]
-  g_axes = tuple(out_sub.index(c) for c in k.g_units())
+  g_axes = tuple(out_sub.index(c) for c in g_units)
   return [dora_output(k, ctx, x, key, base, branch, use,
-                      lambda y: times_along(y, jnp.squeeze(k.g, k.n_stack), g_axes))]
+                      lambda y: times_along(y, jnp.squeeze(k.g, k.rank_axis), g_axes))]
+
+
+def per_example(k: LoraKernel, x: jax.Array, free: bool, ctx: Context, what: str) -> LoraKernel:
+  """A mixed batch's kernel at a use whose activation ``x`` (the operand that is not the kernel)
+  carries the batch on its leading axis: ``k`` with each example's factors (`LoraKernel.per_example`).
+
+  The rule: the batch of a mixed batch is axis 0 of the activation entering each use, which must be
+  a free axis of the use (``free``: not contracted with the kernel, not a dot batch axis) of size
+  ``len(adapter_ids)``; checked at trace time.
+
+  Raises:
+    ValueError: the activation has no such axis (a model that flattens batch and sequence into one
+      axis, a use inside ``vmap`` over the batch of a model whose activation lost it), naming the
+      kernel and ``what``.
+  """
+  n = k.ids.shape[0]
+  if x.ndim == 0 or not free or x.shape[0] != n:
+    raise ctx.refuse(k, what, f"in a mixed batch each use's activation must carry the batch on its leading, "
+                     f"uncontracted axis, of size len(adapter_ids) = {n}, but it has shape {tuple(x.shape)}"
+                     + ("" if free else " and its axis 0 meets the kernel")
+                     + " (a model that flattens batch and sequence into one axis, or moves the batch, cannot "
+                     "say which example a row belongs to)")
+  return k.per_example()
 
 
 def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel, ctx: Context,
@@ -118,6 +145,9 @@ def _ragged_dot_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) ->
   """
   x, k, groups = invals
   dn = eqn.params["ragged_dot_dimension_numbers"]
+  if isinstance(k, LoraKernel) and k.ids is not None and ctx.adapts(k, "matmul"):
+    raise ctx.refuse(k, "ragged_dot_general", "mixture-of-experts routing groups the rows of every example "
+                     "together, so the example (the adapter) of a row is not known at this use")
   if (isinstance(x, LoraKernel) or isinstance(groups, LoraKernel) or not isinstance(k, LoraKernel)
       or not ctx.adapts(k, "matmul")):
     if isinstance(k, LoraKernel) and not ctx.adapts(k, "matmul"):
@@ -157,6 +187,8 @@ def _conv_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[
   out_feature = dn.rhs_spec[0]
   if isinstance(k, LoraKernel) and not isinstance(x, LoraKernel) and not ctx.adapts(k, "conv"):
     return bind(eqn, [x, k.w])
+  if isinstance(k, LoraKernel) and k.ids is not None:
+    raise ctx.refuse(k, "conv_general_dilated", "mixed batches have a per-example rule for dot_general only")
   if (isinstance(x, LoraKernel) or not isinstance(k, LoraKernel) or k.n_stack
       or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2
       or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
@@ -193,6 +225,9 @@ def _gather_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> lis
   k, ids = invals
   if isinstance(k, LoraKernel) and not isinstance(ids, LoraKernel) and not ctx.adapts(k, "lookup"):
     return bind(eqn, [k.w, ids])
+  if isinstance(k, LoraKernel) and k.ids is not None:
+    raise ctx.refuse(k, "gather", "mixed batches have a per-example rule for dot_general only (an embedding "
+                     "lookup's adapter is not supported in a mixed batch)")
   dn = eqn.params["dimension_numbers"]
   slice_sizes = tuple(eqn.params["slice_sizes"])
   sides = {l[0] for l in k.labels} if isinstance(k, LoraKernel) else set()

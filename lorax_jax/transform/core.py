@@ -72,8 +72,18 @@ class Context:
     self.uses[k.index] = use + 1
     return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
 
+  def refuse(self, k: LoraKernel, what: str, why: str) -> ValueError:
+    """The error for a mixed batch (``adapter_ids``) that cannot run ``k``'s use by ``what``."""
+    return ValueError(f"lora_apply(adapter_ids=...): kernel {self.names[k.index]} reaches `{what}`: {why}. "
+                      "Run this model one adapter at a time (a plain LoRA tree, no adapter_ids), or "
+                      "leave this kernel out of the targets")
+
   def fallback(self, k: LoraKernel, what: str) -> jax.Array:
-    """Merge ``k`` for one use by ``what``, and report it (or raise if strict)."""
+    """Merge ``k`` for one use by ``what``, and report it (or raise if strict). In a mixed batch
+    there is no one merged kernel (each example has its own): an error naming the use."""
+    if k.ids is not None:
+      raise self.refuse(k, what, "a mixed batch has no merged kernel for it (each example has its own "
+                        "adapter), and the engine has no per-example rule there")
     name = self.names[k.index]
     if self.strict:
       raise NotImplementedError(

@@ -29,7 +29,7 @@ def dora_scale(k: LoraKernel, m: jax.Array) -> jax.Array:
   ``HIGHEST`` precision; returns ``g`` laid out like ``b`` with a rank of 1, in ``m``'s dtype.
   """
   a_sub, b_sub, k_sub = k.subscripts()
-  units, stack = k.g_units(), b_sub[:k.n_stack]
+  units, stack = k.g_units(), b_sub[:k.rank_axis]  # a mixed batch's adapters lead: one g per adapter
   w = dequantized(k.w)  # a quantized base: its norms from the dequantized kernel (no gradient flows)
   dtype = accumulation_dtype(w, k.a, k.b)
   w, a, b = (x.astype(dtype) for x in (w, k.a, k.b))
@@ -38,10 +38,10 @@ def dora_scale(k: LoraKernel, m: jax.Array) -> jax.Array:
   aw = dot(f"{a_sub},{k_sub}->{b_sub}", a, w)  # A·W: [S, r, O]
   gram = dot(f"{a_sub},{a_sub.replace('R', 'Q')}->{stack}RQ", a, a)  # A·Aᵀ: [S, r, r]
   gb = dot(f"{stack}RQ,{q_sub}->{b_sub}", gram, b)  # (A·Aᵀ)·B: [S, r, O]
-  n2 = (dot(f"{k_sub},{k_sub}->{units}", w, w)
-        + jnp.sum(b * (2 * k.scale * aw + k.scale ** 2 * gb), axis=k.n_stack))
+  n2 = (dot(f"{k_sub},{k_sub}->{units[k.lead:]}", w, w)
+        + jnp.sum(b * (2 * k.scale * aw + k.scale ** 2 * gb), axis=k.rank_axis))
   n = lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
-  return jnp.expand_dims(m / n.astype(m.dtype), k.n_stack)
+  return jnp.expand_dims(m / n.astype(m.dtype), k.rank_axis)
 
 
 def dora_output(k: LoraKernel, ctx: Context, x: jax.Array, key: jax.Array | None, base: jax.Array,

@@ -21,6 +21,7 @@ from lorax_jax.targets import accumulation_dtype, low_rank_update
 #   ("a", i): a's own axis i after the rank (an input axis: "i" in `Target.axes`);
 #   ("b", i): b's own axis i after the rank (an output axis: "o" in `Target.axes`).
 Label = tuple[str, int]
+ADAPTER = "K"  # the einsum letter of a mixed batch's adapter axis (the batch, once gathered per example)
 
 
 @jax.tree_util.register_dataclass
@@ -33,6 +34,13 @@ class LoraKernel:
   the frozen weight only as ``w``; ``uses`` is the target's `LoraConfig.target_uses` (None: all).
   A DoRA kernel also carries ``g = m / ‖W + s · a ⊗ b‖`` (`dora.dora_scale`), laid out like ``b`` with a
   rank of 1, and is ``g ⊙ (w + scale · Σ_r a ⊗ b)``: rules move ``g`` wherever they move ``b``.
+
+  In a mixed batch (``lora_apply(..., adapter_ids=ids)``) ``ids`` holds each example's row of the
+  factors, which then have one more, leading axis (``lead`` = 1): the adapters, each adapter's own
+  scale folded into its ``b``, then a zero adapter (the base model's rows, ``g`` = 1) and a NaN one
+  (an id out of range under ``jit``). Layout rules move the factors' other axes as before
+  (`factor_axis`, `rank_axis` count the leading one); a use gathers each example's factors
+  (`per_example`) and contracts them over the batch.
   """
 
   w: jax.Array | QuantizedKernel
@@ -43,24 +51,36 @@ class LoraKernel:
   scale: float = dataclasses.field(metadata=dict(static=True))
   uses: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
   g: jax.Array | None = None
+  ids: jax.Array | None = None
 
   @property
   def n_stack(self) -> int:
     return sum(1 for side, _ in self.labels if side == "s")
 
+  @property
+  def lead(self) -> int:
+    """The factors' leading axes before the stack: 1 (the adapters) in a mixed batch, else 0."""
+    return 0 if self.ids is None else 1
+
+  @property
+  def rank_axis(self) -> int:
+    """The rank's axis in ``a``, ``b`` and ``g``."""
+    return self.lead + self.n_stack
+
   def subscripts(self) -> tuple[str, str, str]:
-    """einsum subscripts of ``a``, ``b`` and the kernel (``r`` is ``"R"``)."""
+    """einsum subscripts of ``a``, ``b`` and the kernel (``r`` is ``"R"``; in a mixed batch the
+    factors' leading axis is `ADAPTER`, which the kernel does not have)."""
     kernel = string.ascii_lowercase[: len(self.labels)]
     where = {label: kernel[j] for j, label in enumerate(self.labels)}
-    stack = "".join(where["s", i] for i in range(self.n_stack))
-    a = stack + "R" + "".join(where["a", i] for i in range(self.a.ndim - self.n_stack - 1))
-    b = stack + "R" + "".join(where["b", i] for i in range(self.b.ndim - self.n_stack - 1))
+    stack = ADAPTER * self.lead + "".join(where["s", i] for i in range(self.n_stack))
+    a = stack + "R" + "".join(where["a", i] for i in range(self.a.ndim - self.rank_axis - 1))
+    b = stack + "R" + "".join(where["b", i] for i in range(self.b.ndim - self.rank_axis - 1))
     return a, b, kernel
 
   def factor_axis(self, label: Label) -> int:
     """The axis of ``a`` (for an ``"a"`` or ``"s"`` label) or ``b`` (``"b"``, ``"s"``) holding ``label``."""
     side, i = label
-    return i if side == "s" else self.n_stack + 1 + i
+    return self.lead + i if side == "s" else self.rank_axis + 1 + i
 
   def merged(self) -> jax.Array:
     """``w + scale · a ⊗ b`` (DoRA: times ``g``) in the kernel's current layout and dtype."""
@@ -71,6 +91,13 @@ class LoraKernel:
     if self.g is not None:
       v = jnp.einsum(f"{k_sub},{b_sub}->{k_sub}", v, self.g.astype(v.dtype))
     return v.astype(w.dtype)
+
+  def per_example(self) -> LoraKernel:
+    """A mixed batch's kernel with each example's factors (and ``g``) gathered from the adapters:
+    the leading axis is now the batch. Their gradients scatter back to each example's adapter,
+    so an adapter no example uses gets exactly zero."""
+    take = lambda x: jnp.take(x, self.ids, axis=0)
+    return dataclasses.replace(self, a=take(self.a), b=take(self.b), g=on_g(self, take))
 
   def g_units(self) -> str:
     """The einsum letters of ``g`` without its rank axis (its stack and output axes)."""

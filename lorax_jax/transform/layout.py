@@ -72,7 +72,6 @@ def _reshape_factors(k: LoraKernel, shape: tuple[int, ...]) -> LoraKernel | None
   ``b``) as consecutive axes in the factor's order. Size-1 axes come and go freely
   (new ones are put on ``a``).
   """
-  ns = k.n_stack
   rank = {}
   for side in "sab":
     side_axes = sorted(l[1] for j, l in enumerate(k.labels) if l[0] == side and k.w.shape[j] != 1)
@@ -95,10 +94,10 @@ def _reshape_factors(k: LoraKernel, shape: tuple[int, ...]) -> LoraKernel | None
   for axis in (j for j, n in enumerate(shape) if n == 1):
     new_labels[axis] = ("a", len(dims["a"]))
     dims["a"].append(1)
-  r = k.a.shape[ns]
-  a = k.a.reshape(*dims["s"], r, *dims["a"])
-  b = k.b.reshape(*dims["s"], r, *dims["b"])
-  g = on_g(k, lambda g: g.reshape(*dims["s"], 1, *dims["b"]))
+  lead, r = k.a.shape[:k.lead], k.a.shape[k.rank_axis]
+  a = k.a.reshape(*lead, *dims["s"], r, *dims["a"])
+  b = k.b.reshape(*lead, *dims["s"], r, *dims["b"])
+  g = on_g(k, lambda g: g.reshape(*lead, *dims["s"], 1, *dims["b"]))
   return dataclasses.replace(k, a=a, b=b, g=g, labels=tuple(new_labels[j] for j in range(len(shape))))
 
 
@@ -193,7 +192,7 @@ def _concatenate_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -
     return fallback_rule(eqn, invals, ctx, "concatenate of DoRA kernels")
   k0 = ks[0]
   cat_side = k0.labels[axis][0]
-  r_axis = k0.n_stack
+  r_axis = k0.rank_axis
   w = bind(eqn, [x.w for x in ks])[0]
   if cat_side == "s":
     if any(x.a.shape[r_axis] != k0.a.shape[r_axis] for x in ks):
