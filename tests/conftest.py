@@ -41,7 +41,7 @@ SLOW: dict[str, str] = {
         "8 host devices in a subprocess",
     "tests/test_quantize.py::test_main_job_step_memory_on_a_gguf_base":
         "compiles the main job's step at 4 layers",
-    "tests/test_quantize.py::test_engine_quantized_embedding_lookup_and_tied_head[None]":
+    "tests/test_quantize.py::test_engine_quantized_embedding_lookup_and_tied_head":
         "compiled QLoRA steps",
     "tests/test_quantize.py::test_engine_step_keeps_no_float_copy_of_the_kernels":
         "compiled QLoRA steps",
@@ -201,12 +201,42 @@ SLOW: dict[str, str] = {
         "zoo model, mixed batch (56 s on 2 busy cores)",
     "tests/test_mixed_batch.py::test_zoo_models[scan_remat_transformer]":
         "zoo model, mixed batch (54 s on 2 busy cores)",
+    "tests/test_finetune.py::test_resume_continues_exactly":
+        "the main job interrupted and resumed from its Orbax checkpoint (45 s)",
+    "tests/test_transform.py::test_composes_with_jit_grad_vmap":
+        "every zoo model under jit, grad and vmap (24 s; the chex variants keep jit in the fast tier)",
+    "tests/test_classify.py::test_written_adapter_loads_in_peft_with_the_same_logits":
+        "MiniLM classifier through PEFT (14 s)",
+    "tests/test_adapters.py::test_stack_unstack_round_trip[4-net]":
+        "round trip through save and load (12 s)",
+    "tests/test_combine.py::test_dare_is_reproducible_and_unbiased":
+        "many DARE draws (10 s)",
+    "tests/test_frameworks.py::test_factored_matches_hand_merged[linen_mha]":
+        "zoo model (9 s)",
+    "tests/test_engine_cost.py::test_ragged_dot_experts_near_lower_bound":
+        "compiles expert steps (7 s)",
+    "tests/test_gpt2.py::test_adapter_saved_here_runs_in_peft":
+        "GPT-2 to PEFT (the fast tier keeps test_peft_adapter_both_ways[gpt2])",
+    "tests/test_mixed_batch.py::test_equinox_vmapped_model":
+        "Equinox mixed batch (11 s; the fast tier keeps NNX and linen)",
+    "tests/test_peft_options.py::test_trainable_tokens_bert":
+        "BERT both ways (the fast tier keeps the tied-head case)",
 }
 
 
 # Parametrized tests whose fast tier keeps the cases named (one per rule or layout exercised); their
 # other cases are slow. Chosen by the full run's per-test times (docs/testing.md).
 PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
+    "tests/test_families.py::test_peft_adapter_runs_here": (("llama3", "phi3", "gemma3"), "families"),
+    "tests/test_families.py::test_adapter_saved_here_runs_in_peft": (("qwen3", "gemma2"), "families"),
+    "tests/test_gpt2.py::test_greedy_generation_matches_transformers": (("gpt2",), "one GPT-2 config"),
+    "tests/test_gpt2.py::test_peft_adapter_both_ways": (("gpt2",), "one GPT-2 config"),
+    "tests/test_mixed_batch.py::test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern": (("1", "4"), "k = 16 in CI"),
+    "tests/test_peft_options.py::test_trained_biases": (("lora_only",), "bias='all' in CI"),
+    "tests/test_all_linear.py::test_llama_all_linear_equals_peft": (("tied",), "one Llama"),
+    "tests/test_all_linear.py::test_bert_all_linear_equals_peft": (("None",), "one BERT task"),
+    "tests/test_frameworks.py::test_axes_from_use_makes_a_the_input_side":
+        (("transposed_use", "dense_general", "equinox_call"), "the stacked cases (scan, experts) in CI"),
     "tests/test_transform.py::test_factored_matches_reference":
         (("mlp", "cnn", "embed_lm", "scan_remat_transformer", "mup_scaled", "torch_style_mlp"),
          "zoo models: the fast tier keeps one per use rule (dot, conv, gather, scan)"),
@@ -214,7 +244,7 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
         (("mlp", "nnx", "torch_style_mlp"), "zoo models"),
     "tests/test_docs.py::test_python_blocks_run_in_order":
         (("README.md", "docs/engine.md", "docs/from-lorax.md", "docs/index.md", "docs/main-job.md",
-          "docs/qlora.md", "docs/targeting.md", "docs/testing.md"),
+          "docs/targeting.md", "docs/testing.md"),
          "the pages that train or load models (adapters, concepts, models, variants) run in CI"),
     "tests/test_families.py::test_after_prefix_is_the_whole_sequence": (("llama3",), "one family per tier"),
     "tests/test_families.py::test_greedy_generation_matches_transformers": (("llama3", "qwen3"), "families"),

@@ -9,17 +9,13 @@ import warnings
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import lorax_jax as lj
 from lorax_jax import transform
 from lorax_jax.transform import core, quantized
 
-
-def _close(x, y, tol=1e-5):
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+import zoo
 
 
 def _matches_reference(apply_fn, params, cfg, *inputs):
@@ -27,9 +23,9 @@ def _matches_reference(apply_fn, params, cfg, *inputs):
   lora = jax.tree.map(lambda a: a + 0.2, lj.init_lora(params, cfg, jax.random.key(1)))
   factored = lj.lora_transform(apply_fn, params, cfg, strict=True)
   reference = lj.lora_transform(apply_fn, params, cfg, mode="reference")
-  _close(factored(params, lora, *inputs), reference(params, lora, *inputs))
+  zoo.close(factored(params, lora, *inputs), reference(params, lora, *inputs))
   loss = lambda apply: lambda l: jnp.sum(jnp.sin(apply(params, l, *inputs)))
-  _close(jax.grad(loss(factored))(lora), jax.grad(loss(reference))(lora))
+  zoo.close(jax.grad(loss(factored))(lora), jax.grad(loss(reference))(lora))
 
 
 # --- source info: the compiled program keeps the model's scope names ---------------------

@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
 
 import lorax_jax as lj
+import zoo
 import zoo_frameworks as zf
 
 R_MAX = 3
@@ -152,13 +151,6 @@ def uses(draw: st.DrawFn) -> Use:
              tuple(labels), x_shape, kernel_lhs, dn)
 
 
-def _close(x: Any, y: Any, tol: float = 1e-5) -> None:
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
-    a, b = np.asarray(a), np.asarray(b)
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
-
-
 def _sizes(jaxpr: jex.core.Jaxpr) -> list[int]:
   """The size of every value computed in ``jaxpr`` and in the jaxprs nested in its equations."""
   out = []
@@ -191,8 +183,8 @@ def test_random_dot_general_uses(use: Use, seed: int):
   spans_both = {"i", "o"} <= use.contracted_sides
   factored = lj.lora_transform(use.apply, params, cfg, strict=not spans_both)
   run = lambda l: factored(params, l, x)
-  _close(run(lora), merged(lora))
-  _close(jax.grad(loss(run))(lora), jax.grad(loss(merged))(lora))
+  zoo.close(run(lora), merged(lora))
+  zoo.close(jax.grad(loss(run))(lora), jax.grad(loss(merged))(lora))
   if spans_both and factored.fallbacks:
     return  # merged for this use, and reported
   assert factored.fallbacks == set()

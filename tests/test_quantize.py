@@ -245,13 +245,6 @@ def test_errors_name_the_bad_input():
 # --- QLoRA through the engine ----------------------------------------------------------
 
 
-def _close(x, y, tol=1e-5):
-  """Equal within ``tol``, relative to the larger magnitude (absolute below 1)."""
-  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
-    a, b = np.asarray(a), np.asarray(b)
-    np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
-
-
 QLORA_CASES = [c for c in zoo.cases() if c.name in ("mlp", "cnn", "mha_transformer", "einsum_attention", "nnx",
                                                   "scan_remat_transformer", "fused_qkv_attention", "moe_ragged_dot")]
 
@@ -285,8 +278,8 @@ def test_engine_qlora_equals_merged_dequantized(case):
   apply = lj.lora_transform(case.apply_fn, qparams, case.cfg, strict=True)
   loss = lambda lo: jnp.mean(jnp.sin(apply(qparams, lo, *case.inputs)))
   reference = _qlora_reference(case, qparams)
-  _close(loss(lora), reference(lora))
-  _close(jax.grad(loss)(lora), jax.grad(reference)(lora))
+  zoo.close(loss(lora), reference(lora))
+  zoo.close(jax.grad(loss)(lora), jax.grad(reference)(lora))
 
 
 def test_engine_step_keeps_no_float_copy_of_the_kernels():
@@ -343,11 +336,11 @@ def test_engine_quantized_embedding_lookup_and_tied_head(chunk_bytes, monkeypatc
   params = Q.dequantize(qparams)
   ref_apply = lj.lora_transform(model.apply, params, cfg, strict=True)  # the engine on floats: checked elsewhere
   reference = lambda lo: jnp.mean(jnp.sin(ref_apply(params, lo, ids)))
-  _close(jax.jit(loss)(lora), reference(lora))
-  _close(jax.jit(jax.grad(loss))(lora), jax.grad(reference)(lora))
+  zoo.close(jax.jit(loss)(lora), reference(lora))
+  zoo.close(jax.jit(jax.grad(loss))(lora), jax.grad(reference)(lora))
   assert ("scan" in str(jax.make_jaxpr(loss)(lora))) == (chunk_bytes is not None)
   base = lj.lora_transform(model.apply, qparams, cfg)(qparams, lj.init_lora(qparams, cfg, jax.random.key(0)), ids)
-  _close(base, model.apply(params, ids))
+  zoo.close(base, model.apply(params, ids))
 
 
 def test_merge_and_adapters_on_a_quantized_base(tmp_path):
