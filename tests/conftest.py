@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from lorax_jax.models import gguf
 from lorax_jax.models.llama import Llama, LlamaConfig, save_llama
 
-settings.register_profile("fast", max_examples=12, deadline=None, derandomize=True, database=None,
+settings.register_profile("fast", max_examples=6, deadline=None, derandomize=True, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 settings.register_profile("ci", settings.get_profile("fast"), max_examples=60)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
@@ -221,6 +221,14 @@ SLOW: dict[str, str] = {
         "Equinox mixed batch (11 s; the fast tier keeps NNX and linen)",
     "tests/test_peft_options.py::test_trainable_tokens_bert":
         "BERT both ways (the fast tier keeps the tied-head case)",
+    "tests/test_transform.py::EngineVariantsTest::test_scanned_stack__without_jit":
+        "the scanned stack evaluated eagerly (12 s; the jitted variant stays fast)",
+    "tests/test_quantize.py::test_merge_and_adapters_on_a_quantized_base":
+        "QLoRA merge and adapters on every format (16 s)",
+    "tests/test_llama.py::test_cached_chunks_equal_full_sequence":
+        "decode in chunks against the whole sequence (9 s)",
+    "tests/test_adapters.py::test_take_adapter_runs_each_adapter_as_alone[lora]":
+        "three adapters through one traced step (8 s; tests/test_hotswap.py stays fast)",
 }
 
 
@@ -231,15 +239,15 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
     "tests/test_families.py::test_adapter_saved_here_runs_in_peft": (("qwen3", "gemma2"), "families"),
     "tests/test_gpt2.py::test_greedy_generation_matches_transformers": (("gpt2",), "one GPT-2 config"),
     "tests/test_gpt2.py::test_peft_adapter_both_ways": (("gpt2",), "one GPT-2 config"),
-    "tests/test_mixed_batch.py::test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern": (("1", "4"), "k = 16 in CI"),
+    "tests/test_mixed_batch.py::test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern": (("4",), "k = 1 and 16 in CI"),
     "tests/test_peft_options.py::test_trained_biases": (("lora_only",), "bias='all' in CI"),
     "tests/test_all_linear.py::test_llama_all_linear_equals_peft": (("tied",), "one Llama"),
     "tests/test_all_linear.py::test_bert_all_linear_equals_peft": (("None",), "one BERT task"),
     "tests/test_frameworks.py::test_axes_from_use_makes_a_the_input_side":
-        (("transposed_use", "dense_general", "equinox_call"), "the stacked cases (scan, experts) in CI"),
+        (("transposed_use", "equinox_call"), "the stacked and DenseGeneral cases in CI"),
     "tests/test_transform.py::test_factored_matches_reference":
-        (("mlp", "cnn", "embed_lm", "scan_remat_transformer", "mup_scaled", "torch_style_mlp"),
-         "zoo models: the fast tier keeps one per use rule (dot, conv, gather, scan)"),
+        (("mlp", "cnn", "embed_lm", "mup_scaled", "torch_style_mlp"),
+         "zoo models: the fast tier keeps one per use rule (dot, conv, gather; scan in EngineVariantsTest)"),
     "tests/test_transform.py::test_init_equals_base_exactly":
         (("mlp", "nnx", "torch_style_mlp"), "zoo models"),
     "tests/test_docs.py::test_python_blocks_run_in_order":
@@ -250,7 +258,7 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
     "tests/test_families.py::test_greedy_generation_matches_transformers": (("llama3", "qwen3"), "families"),
     "tests/test_combine.py::test_combine_equals_peft":
         (("linear-", "cat-", "svd-", "ties-0.7-frequency", "magnitude_prune-0.5", "magnitude_prune_svd-0.6-2",
-          "dare_ties-0.6", "dare_ties_svd-0.5-frequency"), "every method once; the costlier settings in CI"),
+          "dare_ties-0.6"), "every method once; the costlier settings in CI"),
     "tests/test_combine.py::test_stacked_kernel_combines_per_layer":
         (("linear-kwargs0", "cat-kwargs1", "magnitude_prune_svd-kwargs4"), "combine methods"),
     "tests/test_dora.py::test_uncovered_dora_use_is_merged_and_reported":
@@ -259,7 +267,6 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
     "tests/test_dropout.py::test_dropout_einsum_equals_autodiff_through_the_mask":
         (("0.05-ABc,cR->ABR", "0.05-ABcd,cdR->ABR", "0.05-cA,cR->RA", "0.05-lAc,lcR->lAR"), "one rate"),
     "tests/test_io.py::test_dtypes": (("float32",), "one dtype"),
-    "tests/test_adapters.py::test_take_adapter_runs_each_adapter_as_alone": (("lora",), "DoRA's case in CI"),
     "tests/test_never_destroy.py::test_rng_that_is_not_a_key_is_named": (("0", "seed"), "two of the bad keys"),
 }
 

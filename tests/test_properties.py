@@ -15,7 +15,7 @@ formed by hand (`zoo_frameworks.delta`). Checked per example:
   the factor on the uncontracted side, plus the rank) or than the kernel or a factor (when the kernel is
   concatenated with itself, ``r`` doubled and the factors 4×: block factors, one block-diagonal).
 
-Examples: hypothesis' profile (tests/conftest.py): 12 in `make test`, 60 in CI, derandomized (the
+Examples: hypothesis' profile (tests/conftest.py): 6 in `make test`, 60 in CI, derandomized (the
 same ones on every run).
 """
 
