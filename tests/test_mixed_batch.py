@@ -335,3 +335,15 @@ def test_generate_serves_a_batch_of_different_adapters():
   assert got != generate(model, params, prompts, max_new_tokens=5)  # the adapters change something
   with pytest.raises(ValueError, match=re.escape("adapter_ids [3] are out of range for 3")):
     generate(model, params, prompts, max_new_tokens=2, lora=stacked, cfg=cfg, adapter_ids=[3, 0, 0, 0])
+
+
+@pytest.mark.parametrize("option", [{"lora_bias": True}, {"trainable_token_indices": {"embed": [1, 2]}}])
+def test_options_without_a_per_example_path_are_named(option):
+  """A transform built with ``lora_bias`` or trainable tokens refuses a mixed batch by the option's name."""
+  params = {"embed": {"embedding": jnp.ones((5, 4))}, "dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+  model = lambda p, ids: p["embed"]["embedding"][ids] @ p["dense"]["kernel"] + p["dense"]["bias"]
+  plain = lj.LoraConfig(r=2, alpha=2, targets=["dense"])
+  stacked, _ = lj.stack_adapters(params, [lj.init_lora(params, plain, jax.random.key(0))] * 2, [plain] * 2)
+  apply = lj.lora_transform(model, params, plain.replace(**option))
+  with pytest.raises(ValueError, match=f"adapter_ids with {next(iter(option))}"):
+    apply(params, stacked, jnp.array([0, 1]), adapter_ids=jnp.array([0, 1]))
