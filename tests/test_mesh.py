@@ -32,6 +32,8 @@ from lorax_jax.apps import finetune
 from lorax_jax.models import llama_sharding as LS
 from lorax_jax.models.llama import load_llama, stack_layers
 
+from test_sharding import mesh_tests_in_a_subprocess
+
 EIGHT = jax.device_count() >= 8
 mesh_test = pytest.mark.skipif(not EIGHT, reason="needs 8 devices (test_eight_host_devices_in_a_subprocess runs it)")
 MESH = "data=2,fsdp=2,tensor=2"
@@ -269,14 +271,7 @@ def test_device_groups_in_every_format():
 
 
 def test_eight_host_devices_in_a_subprocess():
-  if EIGHT:
-    pytest.skip("already on 8 devices: the test_mesh_* tests run here")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  argv = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "test_mesh_"]
-  result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
-  tail = result.stdout[-4000:] + result.stderr[-2000:]
-  assert result.returncode == 0, tail
-  assert re.search(r"\d+ passed", result.stdout) and "skipped" not in result.stdout, tail
+  mesh_tests_in_a_subprocess(__file__, timeout=1800)
 
 
 @mesh_test

@@ -24,6 +24,8 @@ from lorax_jax.models.hf import params_from_tensors, tensors_from_params
 from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama
 from lorax_jax.pathmap import PathMap
 from test_io import random_lora
+from test_layers import bert_dir  # noqa: F401 (a fixture: tiny BERT sequence classifier)
+from test_peft import tied_llama_dir  # noqa: F401 (a fixture: tiny tied Llama)
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -61,17 +63,6 @@ def peft_loads(base, directory):
 
 
 # ---- BERT ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-  torch.manual_seed(0)
-  config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=40, max_position_embeddings=16, num_labels=3,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  directory = tmp_path_factory.mktemp("bert")
-  transformers.BertForSequenceClassification(config).save_pretrained(str(directory))
-  return str(directory)
-
 
 BERT_IDS = np.random.default_rng(0).integers(0, 50, size=(2, 6))
 
@@ -233,17 +224,6 @@ def test_trainable_tokens_bert(tmp_path, bert_dir):
                           peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], trainable_token_indices=[3, 5]),
                           cfg, ids)
   assert list(loaded.trainable_token_indices.values()) == [(3, 5)]
-
-
-@pytest.fixture(scope="module")
-def tied_llama_dir(tmp_path_factory):
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                    rope_theta=500.0, tie_word_embeddings=True)
-  directory = str(tmp_path_factory.mktemp("tied_llama"))
-  transformers.LlamaForCausalLM(config).save_pretrained(directory)
-  return directory
 
 
 def test_trainable_tokens_with_a_tied_head(tmp_path, tied_llama_dir):

@@ -92,14 +92,14 @@ def test_eight_host_devices_in_a_subprocess():
   mesh_tests_in_a_subprocess(__file__)
 
 
-def mesh_tests_in_a_subprocess(file: str) -> None:
+def mesh_tests_in_a_subprocess(file: str, timeout: int = 1200) -> None:
   """Run the ``test_mesh_*`` tests of ``file`` with pytest in a subprocess on 8 host devices; all
   must pass (none skipped). Skips when this process has 8 devices already (they run here)."""
   if EIGHT:
     pytest.skip("already on 8 devices: the test_mesh_* tests run here")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
   argv = [sys.executable, "-m", "pytest", file, "-q", "-p", "no:cacheprovider", "-k", "test_mesh_"]
-  result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1200)
+  result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
   tail = result.stdout[-4000:] + result.stderr[-2000:]
   assert result.returncode == 0, tail
   assert re.search(r"\d+ passed", result.stdout) and "skipped" not in result.stdout, tail

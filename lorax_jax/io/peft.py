@@ -401,22 +401,10 @@ def _check_lora_biases(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], t
                        lora_bias: bool, path: str) -> dict[Path, str]:
   """``{target path: lora_B bias key}``: each adapted module has one (float, PEFT's shape) exactly when
   the config says ``lora_bias``; otherwise a ValueError naming the keys."""
-  keys = {m.path: _bias_key(key_b) for m, _, key_b in pairs}
-  present = {p: k for p, k in keys.items() if k in infos}
-  if not lora_bias:
-    if present:
-      raise ValueError(f"{path} holds lora_B biases ({', '.join(sorted(present.values())[:3])}) but its "
-                       "adapter_config.json has lora_bias false: fix the config")
-    return {}
-  missing = sorted(k for p, k in keys.items() if p not in present)
-  if missing:
-    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has lora_bias true)")
-  for m, _, _ in pairs:
+  present = _check_module_keys(infos, pairs, targets, {m.path: _bias_key(key_b) for m, _, key_b in pairs},
+                               lora_bias, "lora_bias", "lora_B biases", lora_bias_shape, path)
+  for m, _, _ in pairs if lora_bias else ():
     _check_bias_module(m, path)
-    key = present[m.path]
-    if infos[key].dtype not in FLOAT_DTYPES:
-      raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
-    check_shape(infos[key].shape, lora_bias_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
   return present
 
 
@@ -424,25 +412,37 @@ def _check_magnitudes(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], ta
                       use_dora: bool, path: str) -> dict[Path, str]:
   """``{target path: magnitude key}``: each adapted module has one (float, PEFT's shape) exactly
   when the config says ``use_dora``; otherwise a ValueError naming the keys."""
-  keys = {m.path: _magnitude_key(key_a) for m, key_a, _ in pairs}
-  present = {p: k for p, k in keys.items() if k in infos}
   layered = sorted(m.name for m, _, _ in pairs if m.layer is not None)
   if use_dora and layered:
     raise ValueError(f"{path}: a DoRA adapter of per-layer modules of a stacked kernel ({', '.join(layered[:3])}) "
                      "does not load yet; load it onto params with one leaf per layer")
-  if not use_dora:
+  return _check_module_keys(infos, pairs, targets, {m.path: _magnitude_key(key_a) for m, key_a, _ in pairs},
+                            use_dora, "use_dora", "DoRA magnitudes", magnitude_shape, path)
+
+
+def _check_module_keys(infos: Mapping[str, TensorInfo], pairs: list[PairKeys], targets: Mapping[Path, Target],
+                       keys: Mapping[Path, str], enabled: bool, option: str, what: str,
+                       shape: Callable[[Target, str], tuple[int, ...]], path: str) -> dict[Path, str]:
+  """``{target path: key}`` of ``keys`` (one per adapted module) present in ``infos``: all of them,
+  float, of ``shape(target, kind)``, when the config's ``option`` is on; none when it is off.
+
+  Raises:
+    ValueError: naming the keys present against the config, missing, or of the wrong dtype or shape.
+  """
+  present = {p: k for p, k in keys.items() if k in infos}
+  if not enabled:
     if present:
-      raise ValueError(f"{path} holds DoRA magnitudes ({', '.join(sorted(present.values())[:3])}) but its "
-                       "adapter_config.json has use_dora false: fix the config")
+      raise ValueError(f"{path} holds {what} ({', '.join(sorted(present.values())[:3])}) but its "
+                       f"adapter_config.json has {option} false: fix the config")
     return {}
   missing = sorted(k for p, k in keys.items() if p not in present)
   if missing:
-    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has use_dora true)")
-  for m, key_a, _ in pairs:
+    raise ValueError(f"{path} is missing keys {', '.join(missing)} (the config has {option} true)")
+  for m, _, _ in pairs:
     key = present[m.path]
     if infos[key].dtype not in FLOAT_DTYPES:
       raise ValueError(f"{path}: {key} must be floating point ({', '.join(FLOAT_DTYPES)}), not {infos[key].dtype}")
-    check_shape(infos[key].shape, magnitude_shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
+    check_shape(infos[key].shape, shape(targets[m.path], m.kind), f"{path}: {key}", targets[m.path])
   return present
 
 
