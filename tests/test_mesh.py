@@ -17,8 +17,6 @@ import math
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 from typing import Any
 
@@ -32,6 +30,7 @@ from lorax_jax.apps import finetune
 from lorax_jax.models import llama_sharding as LS
 from lorax_jax.models.llama import load_llama, stack_layers
 
+from test_sharded_io import free_port, run_together
 from test_sharding import mesh_tests_in_a_subprocess
 
 EIGHT = jax.device_count() >= 8
@@ -333,18 +332,12 @@ def test_mesh_compiled_step_moves_factors_only_by_their_gradient_reduction(tiny_
 
 
 def launch_two(tiny, out_dir, *extra: str) -> None:
-  """``lorax-jax finetune`` as two ``jax.distributed`` processes on localhost, 4 host devices each."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  """``lorax-jax finetune`` as two ``jax.distributed`` processes on localhost, 4 host devices each
+  (their logs in ``out_dir``'s parent, ``process0.log`` and ``process1.log``)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
   argv = [sys.executable, "-m", "lorax_jax", "finetune", *args(tiny, out_dir, "--mesh", MESH, *extra),
-          "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-  procs = [subprocess.Popen([*argv, "--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+          "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
+  run_together([[*argv, "--process-id", str(i)] for i in range(2)], env, os.path.dirname(out_dir), timeout=600)
 
 
 def test_two_processes_equal_one(tiny_llama, tmp_path):

@@ -151,27 +151,23 @@ def test_mesh_load_refuses_a_sharding_that_does_not_divide_its_factor(tmp_path):
 
 # --- two processes --------------------------------------------------------------------------------
 
-def _free_port() -> int:
+def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def _run_two_workers(out: str) -> list[dict[str, Any]]:
-  """The two workers' JSON summaries; an assertion error with both logs if one fails or hangs
-  (then both are ended)."""
-  tests = os.path.dirname(os.path.abspath(__file__))
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")])}
-  port = _free_port()
-  logs = [os.path.join(out, f"process{i}.log") for i in range(2)]
+def run_together(argvs: list[list[str]], env: dict[str, str], log_dir: str, timeout: float) -> list[str]:
+  """Run the commands ``argvs`` at once (the processes of one ``jax.distributed`` job) and return
+  their outputs; an assertion error with every log if one fails or they outlast ``timeout`` seconds
+  (then all are ended: a failed process leaves the others waiting in a collective)."""
+  logs = [os.path.join(log_dir, f"process{i}.log") for i in range(len(argvs))]
   procs = []
-  for i in range(2):
-    with open(logs[i], "w") as log:
-      procs.append(subprocess.Popen([sys.executable, W.__file__, str(i), str(port), out], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT))
-  deadline = time.monotonic() + W.TIMEOUT_S
-  try:  # a failed worker leaves the other waiting in a collective: stop at the first failure
+  for argv, path in zip(argvs, logs):
+    with open(path, "w") as log:
+      procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + timeout
+  try:
     while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs) and time.monotonic() < deadline:
       time.sleep(0.2)
   finally:
@@ -182,8 +178,18 @@ def _run_two_workers(out: str) -> list[dict[str, Any]]:
   texts = [open(log).read() for log in logs]
   report = "\n".join(f"--- process {i}: exit {p.returncode} ---\n{t[-4000:]}" for i, (p, t) in enumerate(zip(procs, texts)))
   if time.monotonic() >= deadline:
-    report = f"timed out after {W.TIMEOUT_S} s\n{report}"
+    report = f"timed out after {timeout} s\n{report}"
   assert all(p.returncode == 0 for p in procs), report
+  return texts
+
+
+def _run_two_workers(out: str) -> list[dict[str, Any]]:
+  """The two workers' JSON summaries (`run_together`)."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")])}
+  port = free_port()
+  texts = run_together([[sys.executable, W.__file__, str(i), str(port), out] for i in range(2)], env, out, W.TIMEOUT_S)
   return [json.loads(t.strip().splitlines()[-1]) for t in texts]
 
 

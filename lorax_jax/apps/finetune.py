@@ -688,14 +688,11 @@ def gathered(lora: Any) -> Any:
 
 def save_trained_adapter(directory: str, lora: Any, cfg: lorax_jax.LoraConfig, params: Any, initial: Any,
                          base_model_name: str | None) -> None:
-  """The PEFT adapter of ``lora`` (`gathered`) for ``params``, written by process 0; every process
-  returns once it is on disk. ``initial``: PiSSA/OLoRA's starting factors (saved converted)."""
-  from jax.experimental import multihost_utils
-
-  if primary():
-    lorax_jax.save_adapter(directory, lora, cfg, params, LLAMA_PATH_MAP, base_model_name_or_path=base_model_name,
-                           task_type="CAUSAL_LM", initial=initial)
-  multihost_utils.sync_global_devices("lorax_jax finetune: adapter saved")
+  """The PEFT adapter of ``lora`` (`gathered`) for ``params``. Every process calls it (`save_adapter`
+  writes from process 0 and returns in each once the adapter is on disk: a collective).
+  ``initial``: PiSSA/OLoRA's starting factors (saved converted)."""
+  lorax_jax.save_adapter(directory, lora, cfg, params, LLAMA_PATH_MAP, base_model_name_or_path=base_model_name,
+                         task_type="CAUSAL_LM", initial=initial)
 
 
 def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]]) -> None:
