@@ -83,6 +83,8 @@ SLOW: dict[str, str] = {
         "two jax.distributed processes started and joined by gloo (40-50 s)",
     "tests/test_mesh.py::test_eight_host_devices_in_a_subprocess":
         "the main job on 8 host devices twice and two compiled steps, in a subprocess (3 min)",
+    "tests/test_cli.py::test_generate_with_several_adapters_is_each_adapter_alone":
+        "one mixed-batch generate and three separate ones on the tiny Llama, each compiled (25 s loaded)",
     "tests/test_mesh.py::test_two_processes_equal_one":
         "the main job as two jax.distributed processes (3 launches) and as one, then PEFT (10 min)",
     "tests/test_docs.py::test_quickstart_agrees_three_ways":

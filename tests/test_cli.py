@@ -61,6 +61,8 @@ def test_usage_and_unknown_command(capsys):
     (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
     (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
     (["--compare"], "--compare needs --adapter"),
+    (["--adapter", "a", "--adapter", "b", "--merged"], "--merged serves one adapter"),
+    (["--adapter", "a", "--adapter", "b", "@3 hi"], "names adapter 3 but --adapter was given 2 time"),
 ])
 def test_generate_checks_its_flags_before_loading(flags, message, capsys, monkeypatch):
   monkeypatch.setattr(finetune, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
@@ -85,6 +87,43 @@ def test_generate_with_an_adapter_is_the_library_call(adapter, capsys, monkeypat
                  stop_tokens=finetune.stop_tokens(tokenizer), lora=lora, cfg=cfg)
   expected = [tokenizer.decode(i).strip() for i in ids]
   assert out == f"### the cat\n{expected[0]}\n\n### a dog\n{expected[1]}\n\n"
+
+
+def test_generate_with_several_adapters_is_each_adapter_alone(adapter, capsys, tmp_path):
+  """Two adapters of different ranks and alphas in one mixed batch (``@K`` routes a prompt; ``--compare``
+  adds the base): each row's completion equals generating with that adapter alone (or none)."""
+  model_dir, first, lora_1, cfg_1 = adapter
+  _, model, params = load_llama(model_dir)
+  cfg_2 = lorax_jax.LoraConfig(r=5, alpha=3, target_key=False)
+  lora_2 = jax.tree.map(lambda x: 0.3 * jax.random.normal(jax.random.key(2), x.shape),
+                        lorax_jax.init_lora(params, cfg_2, jax.random.key(0)))
+  second = str(tmp_path / "second")
+  lorax_jax.save_adapter(second, lora_2, cfg_2, params, LLAMA_PATH_MAP)
+  assert cli.main(["generate", "--model", model_dir, "--adapter", first, "--adapter", second, "--compare", "--raw",
+                   "--max-new-tokens", "6", "the cat", "@2 a dog"]) == 0
+  out = capsys.readouterr().out
+  tokenizer = load_tokenizer(model_dir)
+  cat, dog = tokenizer.encode("the cat"), tokenizer.encode("a dog")
+
+  def alone(prompts, lora=None, cfg=None) -> list[str]:
+    ids = generate(model, params, prompts, max_new_tokens=6, stop_tokens=finetune.stop_tokens(tokenizer),
+                   lora=lora, cfg=cfg)
+    return [tokenizer.decode(i).strip() for i in ids]
+
+  (base,), (one,), (two_cat, two_dog) = alone([cat]), alone([cat], lora_1, cfg_1), alone([cat, dog], lora_2, cfg_2)
+  assert out == (f"### the cat [base]\n{base}\n\n### the cat [{first}]\n{one}\n\n"
+                 f"### the cat [{second}]\n{two_cat}\n\n### a dog [{second}]\n{two_dog}\n\n")
+  assert len({base, one, two_cat}) == 3  # the adapters matter
+
+
+def test_generate_refuses_adapters_that_cannot_share_a_batch(adapter, capsys, tmp_path):
+  model_dir, first, _, _ = adapter
+  _, _, params = load_llama(model_dir)
+  cfg = lorax_jax.LoraConfig(r=2, targets=["down_proj"])
+  other = str(tmp_path / "other")
+  lorax_jax.save_adapter(other, lorax_jax.init_lora(params, cfg, jax.random.key(0)), cfg, params, LLAMA_PATH_MAP)
+  err = fails(["generate", "--model", model_dir, "--adapter", first, "--adapter", other, "hi"], capsys)
+  assert f"--adapter {first}, {other} cannot share one batch" in err
 
 
 def test_merge_writes_the_merged_model(adapter, capsys, tmp_path):
