@@ -113,16 +113,29 @@ def test_custom_vjp_matmul_is_factored():
   _check(f, params, X, ["w0"])
 
 
-def test_custom_jvp_nonlinear_in_the_kernel_is_merged_and_reported():
-  f = lambda p, x: sin_matmul(x, p["w0"]) @ p["w1"]
+@jax.custom_vjp
+def sin_matmul_vjp(x, w):
+  return x @ jnp.sin(w)
+
+
+sin_matmul_vjp.defvjp(lambda x, w: (x @ jnp.sin(w), (x, w)),
+                      lambda res, g: (g @ jnp.sin(res[1]).T, jnp.cos(res[1]) * (res[0].T @ g)))
+
+
+@pytest.mark.parametrize("fn, call", [(sin_matmul, "custom_jvp_call sin_matmul"),
+                                      (sin_matmul_vjp, "custom_vjp_call sin_matmul_vjp")], ids=["jvp", "vjp"])
+def test_nonlinear_in_the_kernel_is_merged_and_reported(fn, call):
+  """``sin(W)`` inside the body: the call runs on the merged kernel (the user's rule kept), reported
+  by the function's name; the kernel used after it stays factored."""
+  f = lambda p, x: fn(x, p["w0"]) @ p["w1"]
   params = _params((4, 5), (5, 3))
   factored, lora, want, grads = _factored_and_merged(f, params, X, ["w0", "w1"])
-  with pytest.warns(UserWarning, match="w0 reaches `custom_jvp_call sin_matmul"):
+  with pytest.warns(UserWarning, match=f"w0 reaches `{call}"):
     _close(factored(params, lora, X), want)
   _close(jax.grad(lambda l: _loss(factored(params, l, X)))(lora), grads)
-  assert factored.fallbacks == {("w0", "custom_jvp_call sin_matmul (its body applies sin to a kernel)")}
+  assert factored.fallbacks == {("w0", f"{call} (its body applies sin to a kernel)")}
   strict = lj.lora_transform(f, params, factored.cfg, strict=True)
-  with pytest.raises(NotImplementedError, match="w0 reaches `custom_jvp_call sin_matmul"):
+  with pytest.raises(NotImplementedError, match=f"w0 reaches `{call}"):
     strict(params, lora, X)
 
 
