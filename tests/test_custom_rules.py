@@ -111,6 +111,9 @@ def test_custom_vjp_matmul_is_factored():
   params = _params((4, 5), (3, 5))
   f = jax.jit(lambda p, x: matmul(jnp.tanh(matmul(x, p["w0"])), p["w1"].T))
   _check(f, params, X, ["w0"])
+  # The axes walk follows the kernels into the calls too: w1 is used as x @ W.T.
+  cfg = lj.axes_from_use(f, params, lj.LoraConfig(r=R, targets=["w0", "w1"]), X)
+  assert dict(cfg.kernel_axes) == {"w0": "io", "w1": "oi"}
 
 
 @jax.custom_vjp
