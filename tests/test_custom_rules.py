@@ -15,6 +15,7 @@ import pytest
 from jax import lax
 
 import lorax_jax as lj
+import test_engine_cost as cost
 import zoo
 
 R, ALPHA = 2, 3.0
@@ -194,3 +195,20 @@ def test_penzai_embedding_lookup_is_factored():
     model = pz.bind_variables(graph, [pz.Parameter(value=value, label=variables[0].label)])
     return model(pz.nx.wrap(ids).tag("batch", "seq")).unwrap("batch", "seq", "embedding")
   _check(f, params, IDS, ["w0"])
+
+
+def test_factored_steps_cost_no_more_than_merged():
+  """Compiled FLOPs of a LoRA train step (gradient and Adam) through each new rule, at sizes where
+  LoRA is used: at most the merged reference step's."""
+  d, vocab = 256, 4096
+  mlp = _params((d, d), (d, d))
+  table = {"w0": jnp.zeros((64, vocab))}  # [embed, vocab]
+  for f, params, x in [(lambda p, x: matmul(jnp.tanh(tanh_matmul(x, p["w0"])), p["w1"]), mlp, jnp.zeros((64, d))),
+                       (lambda p, ids: jnp.take(p["w0"], ids, axis=1), table, jnp.zeros((8, 32), jnp.int32)),
+                       (_penzai_style_lookup, table, jnp.zeros((8, 32), jnp.int32))]:
+    cfg = lj.LoraConfig(r=8, targets=list(params))
+    lora = lj.init_lora(params, cfg, jax.random.key(1))
+    flops = {mode: cost._flops(cost._lora_step(lj.lora_transform(f, params, cfg, mode=mode, strict=True),
+                                               cost._sin_loss), params, lora, cost.OPT.init(lora), x)
+             for mode in ("factored", "reference")}
+    assert flops["factored"] <= flops["reference"], flops
