@@ -28,16 +28,21 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``r``; a dot contracting axes of both factors is merged for that use. ``ragged_dot`` with an
    expert stack ``[E, in, out]``: two ragged dots with the same group sizes. For
    ``conv_general_dilated`` ``A`` is a conv with the layer's window into ``r`` channels and
-   ``B`` a 1×1 conv; for an embedding ``gather`` the rows of the factor owning the indexed
-   axes are gathered, then multiplied by the other. A target limited by
+   ``B`` a 1×1 conv; for an embedding ``gather`` (``[vocab, embed]`` or ``[embed, vocab]``, the
+   rows collapsed or kept as size-1 axes) the rows of the factor owning the indexed axes are
+   gathered, then multiplied by the other. A target limited by
    ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
    DoRA (``LoraConfig.use_dora``) is a per-output scale on the same uses: ``g ⊙ (x·W + branch)``
    with ``g = m / ‖W + s · A ⊗ B‖`` computed once per call from ``A·W`` and ``A·Aᵀ``
    (`dora.dora_scale`); a use contracting the output axes (a tied head), a ``ragged_dot``, an
    ``[out, in]`` embedding lookup or a concatenation is merged for that use.
-5. Nested ``jit`` is inlined; ``remat``/``checkpoint`` (its policy kept), ``scan`` (stacked
-   kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted through
-   ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings compose.
+5. Nested ``jit`` is inlined; so is a ``jax.custom_jvp``/``jax.custom_vjp`` function whose body
+   uses each kernel passed to it only through the rules above (JAX then differentiates the
+   factored body, not the user's rule; any other body is bound on the merged kernels, the rule
+   kept, and reported by the function's name); ``remat``/``checkpoint`` (its policy kept),
+   ``scan`` (stacked kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted
+   through ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings
+   compose.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
 7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its

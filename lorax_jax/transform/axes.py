@@ -27,7 +27,7 @@ def axes_from_use(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *a
 
   Traces ``apply_fn(params, *args, **kwargs)`` abstractly (shapes only, no FLOPs) and follows each
   target through casts, transposes, reshapes, slices, splits, scalings, nested ``jit``/``remat``,
-  ``scan`` (the scanned axis is stacked), ``cond`` and ``while`` to its uses, where each kernel
+  functions with a custom derivative, ``scan`` (the scanned axis is stacked), ``cond`` and ``while`` to its uses, where each kernel
   axis gets a role: at ``dot_general`` contracted axes are input (``"i"``), batch axes stacked
   (``"s"``), free axes output (``"o"``); at ``ragged_dot`` the expert axis is stacked, the
   contracted input, the rest output; at a conv the output-feature axis is output, the others

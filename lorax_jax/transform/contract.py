@@ -220,7 +220,11 @@ def _gather_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) 
 def _gather_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
   """An embedding lookup: ``W[ids] + s · F[ids] · G``, ``F`` the factor owning the indexed axes.
 
-  ``F`` is ``a`` for a ``[vocab, features]`` table (``"io"``) and ``b`` for ``"oi"``.
+  ``F`` is ``a`` for a ``[vocab, features]`` table (``"io"``) and ``b`` for ``"oi"``. The table
+  may be stored either way round and gathered along either axis (``table[ids]``,
+  ``jnp.take(table, ids, axis=1)``, ``table[:, ids]``, penzai's lookup of an ``[embedding,
+  vocabulary]`` view, which keeps the vocabulary axis as a size-1 axis of the slice): the rows are
+  every axis but the one feature axis taken whole, each sliced to size 1, collapsed or kept.
   """
   k, ids = invals
   if isinstance(k, LoraKernel) and not isinstance(ids, LoraKernel) and not ctx.adapts(k, "lookup"):
@@ -238,8 +242,7 @@ def _gather_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> lis
   (feature,) = feature_axes
   g_side = k.labels[feature][0]
   rows = [j for j in range(k.w.ndim) if j != feature]
-  if (sum(1 for l in k.labels if l[0] == g_side) != 1
-      or any(slice_sizes[j] != 1 or j not in dn.collapsed_slice_dims for j in rows)):
+  if sum(1 for l in k.labels if l[0] == g_side) != 1 or any(slice_sizes[j] != 1 for j in rows):
     return fallback_rule(eqn, invals, ctx)
   if k.g is not None and g_side != "b":
     return fallback_rule(eqn, invals, ctx, "gather of DoRA rows (an [out, in] table)")
@@ -250,7 +253,8 @@ def _gather_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> lis
   perm = [0 if j == feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
   sizes = tuple(f.shape[0] if j == feature else n for j, n in enumerate(slice_sizes))
   picked = bind(eqn, [f.astype(dtype).transpose(perm), ids], slice_sizes=sizes)[0]
-  out_axis = dn.offset_dims[0]
+  kept = [j for j in range(k.w.ndim) if j not in dn.collapsed_slice_dims]  # the slice's axes, in order
+  out_axis = dn.offset_dims[kept.index(feature)]
   picked = jnp.moveaxis(picked * jnp.asarray(k.scale, dtype), out_axis, -1) @ g.astype(dtype)
   branch = jnp.moveaxis(picked, -1, out_axis)
   if k.g is None:

@@ -1,5 +1,6 @@
-"""Control-flow rules: the kernel followed into nested ``jit`` (inlined), ``remat``/``checkpoint``,
-``scan``, ``cond`` and ``while``, which are re-emitted through ``jax.checkpoint`` and ``jax.lax``."""
+"""Control-flow rules: the kernel followed into nested ``jit`` (inlined), functions with a custom
+derivative (inlined where the kernel's use is linear), ``remat``/``checkpoint``, ``scan``, ``cond``
+and ``while``, which are re-emitted through ``jax.checkpoint`` and ``jax.lax``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
 
-from lorax_jax.transform.core import Context, Tracked, Walk, as_array, evaluate
+from lorax_jax.transform.core import Context, Tracked, Walk, as_array, bind, evaluate, fallback_rule
 from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel, on_g
 from lorax_jax.transform.quantized import slice_quantized
 from lorax_jax.transform.registry import rule
@@ -31,6 +32,43 @@ def _jit_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[A
   name = eqn.params.get("name")
   with jax.named_scope(f"jit({name})") if name else contextlib.nullcontext():
     return evaluate(closed.jaxpr, closed.consts, invals, ctx)
+
+
+def _custom_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
+  return walk(eqn.params["call_jaxpr"].jaxpr, ins)
+
+
+@rule("custom_jvp_call", "custom_vjp_call", kind="nested", walk=_custom_walk)
+def _custom_derivative_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """A function with a custom derivative (``jax.custom_jvp``, ``jax.custom_vjp``) that a kernel is
+  passed to: its primal body evaluated inline through the engine (factored) where the body uses
+  every kernel only through rules the engine factors; else the call on the merged kernels.
+
+  The factored call is ``f(x, W')`` computed without ``W'``, and JAX differentiates that factored
+  body: the user's rule is not called at this call. The rule was written for ``(x, W)``, not for
+  the factors; keeping it would mean evaluating it at ``W'`` and contracting its kernel-sized
+  cotangent ``∂L/∂W'`` into ``∂L/∂a = s · ∂L/∂W' · bᵀ`` and ``∂L/∂b = s · aᵀ · ∂L/∂W'`` every
+  step, the merged step's cost. Where the rule is the body's derivative (a numerically stable or
+  memory-saving formulation, the usual reason to write one) gradients are the merged reference's
+  within float rounding; a rule that is deliberately not the derivative (gradient clipping, a
+  straight-through estimator) is not applied to this call, whose gradients are then the body's
+  true derivative, ``x``'s included.
+
+  A body that takes anything but a factored use of a kernel (``sin(W)``, a narrow cast, a
+  primitive without a rule) is tried quietly first; the call is then bound again on the merged
+  kernels, the user's rule kept, and each kernel reported as ``custom_jvp_call <name> (...)``
+  with what the body does to it. A call without a `LoraKernel` operand is bound as it is.
+  """
+  if not any(isinstance(x, LoraKernel) for x in invals):
+    return bind(eqn, invals)
+  closed = eqn.params["call_jaxpr"]
+  trial = dataclasses.replace(ctx, strict=False, quiet=True, fallbacks=set())
+  outs = evaluate(closed.jaxpr, closed.consts, invals, trial)
+  if not trial.fallbacks:
+    return outs
+  inside = ", ".join(sorted({what for _, what in trial.fallbacks}))
+  return fallback_rule(eqn, invals, ctx, f"{eqn.primitive.name} {closed.jaxpr.debug_info.func_name} "
+                       f"(its body applies {inside} to a kernel)")
 
 
 def _remat_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:

@@ -29,7 +29,11 @@ SHARED_KEY = 2**32 - 1  # folded into `rng` for `shared_dropout` keys; no target
 
 @dataclasses.dataclass
 class Context:
-  """What one evaluation needs besides values: dropout key and rate, strictness, the report."""
+  """What one evaluation needs besides values: dropout key and rate, strictness, the report.
+
+  A ``quiet`` context records its fallbacks in ``fallbacks`` without warning (a nested rule trying
+  a body, which decides from them what to report).
+  """
 
   rng: jax.Array | None
   rate: float
@@ -41,6 +45,7 @@ class Context:
   uses: dict[int, int] = dataclasses.field(default_factory=dict)
   inputs: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)
   producers: dict[Any, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
+  quiet: bool = False
 
   def fold(self, i: jax.Array) -> Context:
     """The context for one iteration ``i`` of a loop: its own dropout keys."""
@@ -89,9 +94,9 @@ class Context:
       raise NotImplementedError(
           f"lora_transform(strict=True): kernel {name} reaches `{what}`, which the factored engine "
           "does not handle; it would be merged for that use")
-    if (name, what) not in self.fallbacks:
+    if (name, what) not in self.fallbacks and not self.quiet:
       warnings.warn(f"lorax_jax: kernel {name} reaches `{what}`; merged W' for that use", stacklevel=2)
-      self.fallbacks.add((name, what))
+    self.fallbacks.add((name, what))
     return k.merged()
 
 
