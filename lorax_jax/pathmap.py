@@ -116,6 +116,21 @@ class PathMap:
         return [rule[1].format(**m.groupdict(), **{field: i}) for i in range(n_layers)], rule[2]
     return None
 
+  def rule_index(self, hf_name: str) -> int | None:
+    """The index of the rule mapping the Hugging Face name ``hf_name``, or None. PEFT nests the
+    wrappers of one module's targeted parameters in the module's registration order, which a map
+    lists its ``"experts"`` rules in.
+
+    >>> import lorax_jax
+    >>> m = lorax_jax.PathMap((("params/e/up", "experts.gate_up_proj", "experts"), ("params/e/down", "experts.down_proj", "experts")))
+    >>> m.rule_index("experts.down_proj"), m.rule_index("experts.w1")
+    (1, None)
+    """
+    for i, rule in enumerate(self.rules):
+      if set(_fields(rule[0])) == set(_fields(rule[1])) and re.fullmatch(_regex(rule[1]), hf_name):
+        return i
+    return None
+
   def _convert(self, name: str, src: int, dst: int) -> tuple[str, str] | None:
     for rule in self.rules:
       if set(_fields(rule[0])) != set(_fields(rule[1])):

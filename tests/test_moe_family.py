@@ -10,16 +10,20 @@ generation, a written-back checkpoint, and adapters both ways, on the attention 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorax_jax import LoraConfig
+from lorax_jax import LoraConfig, lora_transform
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models import load_model, path_map
 from lorax_jax.models.generate import generate
+from lorax_jax.io.tensors import read_safetensors
 from lorax_jax.models.hf import read_config
 from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama, stack_layers
 from test_families import assert_adapted_logits_are_peft
@@ -123,3 +127,70 @@ def test_adapter_on_attention_saved_here_runs_in_peft(checkpoint, tmp_path):
   save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
   model = peft.PeftModel.from_pretrained(torch_model(checkpoint), str(tmp_path)).eval()
   assert_adapted_logits_are_peft(checkpoint, flax_model, params, lora, cfg, model)
+
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # PEFT's target_parameters
+
+
+def factored_logits(flax_model, params, lora, cfg) -> np.ndarray:
+  """The adapted logits, every expert LoRA factored by the engine's ragged_dot rule (no merged fallback)."""
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", "lorax_jax: kernel .* merged")
+    return np.asarray(lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS)))
+
+
+@pytest.mark.parametrize("parameters", [EXPERTS, ["experts.down_proj"]])
+def test_peft_target_parameters_adapter_runs_here(checkpoint, tmp_path, parameters):
+  """Both experts' parameters (nested ParamWrappers: ``experts.base_layer.lora_A``) or one, beside
+  attention modules, with a rank_pattern on the experts."""
+  model = peft.get_peft_model(torch_model(checkpoint), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=ATTENTION, target_parameters=parameters,
+      rank_pattern={"experts.down_proj": 2}))
+  randomize_lora(model)
+  model.save_pretrained(str(tmp_path))
+  want = torch_logits(model, TOKENS)
+  _, flax_model, params = load_llama(checkpoint)
+  lora, cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
+  down = lora["params"]["model"]["layers_1"]["mlp"]["experts"]["down_proj"]
+  assert down["a"].shape == (4, 2, 48) and down["b"].shape == (4, 2, 32)  # per expert, rank 2
+  assert max_diff(factored_logits(flax_model, params, lora, cfg), want) < TOL
+  assert max_diff(want, torch_logits(torch_model(checkpoint), TOKENS)) > 1e-2
+
+
+@pytest.mark.parametrize("parameters", [EXPERTS, ["experts.gate_up_proj"]])
+def test_target_parameters_adapter_saved_here_is_pefts(checkpoint, tmp_path, parameters):
+  """Written here: PEFT loads it without a warning, with the logits here, and its keys are those
+  ``get_peft_model_state_dict`` gives a PEFT model of the same config."""
+  _, flax_model, params = load_llama(checkpoint)
+  flax_names = [p.replace(".", "/") for p in parameters]
+  cfg = LoraConfig(r=4, alpha=8, targets=ATTENTION + flax_names, rank_pattern={"gate_up_proj": 2},
+                   kernel_axes={name: "sio" for name in flax_names})
+  lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
+  save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  got = factored_logits(flax_model, params, lora, cfg)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = peft.PeftModel.from_pretrained(torch_model(checkpoint), str(tmp_path)).eval()
+  assert not [w for w in caught if any(s in str(w.message).lower() for s in ("missing", "unexpected"))]
+  want = torch_logits(model, TOKENS)
+  assert max_diff(got, want) < TOL
+  assert max_diff(want, torch_logits(torch_model(checkpoint), TOKENS)) > 1e-2
+  with open(os.path.join(tmp_path, "adapter_config.json")) as f:
+    written = json.load(f)
+  reference = peft.get_peft_model(torch_model(checkpoint), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=written["target_modules"],
+      target_parameters=written["target_parameters"], rank_pattern=written["rank_pattern"]))
+  want_shapes = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(reference).items()}
+  assert {k: v.shape for k, v in read_safetensors(os.path.join(tmp_path, "adapter_model.safetensors")).items()
+          } == want_shapes
+
+
+def test_target_parameters_refusals(checkpoint, tmp_path):
+  _, _, params = load_llama(checkpoint)
+  cfg = LoraConfig(r=2, targets=["experts/down_proj"], kernel_axes={"experts/down_proj": "sio"}, dropout=0.1)
+  lora = random_lora(params, cfg)
+  with pytest.raises(ValueError, match="PEFT refuses lora_dropout, use_dora and lora_bias"):
+    save_adapter(str(tmp_path / "dropout"), lora, cfg, params, LLAMA_PATH_MAP)
+  by_name = LoraConfig(r=2, targets=["experts/down_proj"])  # the name rule's layout: "iio"
+  with pytest.raises(ValueError, match="set LoraConfig.kernel_axes to 'sio'"):
+    save_adapter(str(tmp_path / "axes"), random_lora(params, by_name), by_name, params, LLAMA_PATH_MAP)
