@@ -25,7 +25,8 @@ from lorax_jax.models import load_model, path_map
 from lorax_jax.models.generate import generate
 from lorax_jax.io.tensors import read_safetensors
 from lorax_jax.models.hf import read_config
-from lorax_jax.models.llama import LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama, stack_layers
+from lorax_jax.models.llama import (LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama,
+                                    stack_config, stack_layers)
 from test_families import assert_adapted_logits_are_peft
 from test_io import random_lora
 from test_peft import TOL, max_diff, randomize_lora, torch_logits
@@ -155,6 +156,9 @@ def test_peft_target_parameters_adapter_runs_here(checkpoint, tmp_path, paramete
   assert down["a"].shape == (4, 2, 48) and down["b"].shape == (4, 2, 32)  # per expert, rank 2
   assert max_diff(factored_logits(flax_model, params, lora, cfg), want) < TOL
   assert max_diff(want, torch_logits(torch_model(checkpoint), TOKENS)) > 1e-2
+  scanned = Llama(flax_model.config, scan_layers=True)  # the layers' expert factors stacked once more
+  got = factored_logits(scanned, stack_layers(params), stack_layers(lora), stack_config(cfg, params))
+  assert max_diff(got, want) < TOL
 
 
 @pytest.mark.parametrize("parameters", [EXPERTS, ["experts.gate_up_proj"]])
