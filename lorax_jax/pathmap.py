@@ -9,6 +9,10 @@ out in torch:
 - ``"conv"``: Flax ``HWIO`` kernel, torch ``OIHW`` weight.
 - ``"conv1d"``: Flax ``[in, out]`` kernel, transformers' ``Conv1D`` ``[in, out]`` weight (GPT-2):
   the same layout; an adapter's factors are a linear layer's (PEFT's ``fan_in_fan_out``).
+- ``"experts"``: Flax ``[E, in, out]`` stacked expert kernels (``lax.ragged_dot``), torch
+  ``[E, out, in]`` (transformers' fused MoE experts, ``mlp.experts.gate_up_proj``): the last two
+  axes swapped. Such a tensor has no ``.weight`` suffix: an adapter names it whole (PEFT's
+  ``target_parameters``).
 - ``"embedding"`` and ``"param"``: the same layout on both sides (a table, a bias, a norm scale).
 
 A map for your own model is a list of such rules, for example::
@@ -42,8 +46,8 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["linear", "conv", "conv1d", "embedding", "param"]
-KINDS = ("linear", "conv", "conv1d", "embedding", "param")
+Kind = Literal["linear", "conv", "conv1d", "experts", "embedding", "param"]
+KINDS = ("linear", "conv", "conv1d", "experts", "embedding", "param")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +116,21 @@ class PathMap:
         return [rule[1].format(**m.groupdict(), **{field: i}) for i in range(n_layers)], rule[2]
     return None
 
+  def rule_index(self, hf_name: str) -> int | None:
+    """The index of the rule mapping the Hugging Face name ``hf_name``, or None. PEFT nests the
+    wrappers of one module's targeted parameters in the module's registration order, which a map
+    lists its ``"experts"`` rules in.
+
+    >>> import lorax_jax
+    >>> m = lorax_jax.PathMap((("params/e/up", "experts.gate_up_proj", "experts"), ("params/e/down", "experts.down_proj", "experts")))
+    >>> m.rule_index("experts.down_proj"), m.rule_index("experts.w1")
+    (1, None)
+    """
+    for i, rule in enumerate(self.rules):
+      if set(_fields(rule[0])) == set(_fields(rule[1])) and re.fullmatch(_regex(rule[1]), hf_name):
+        return i
+    return None
+
   def _convert(self, name: str, src: int, dst: int) -> tuple[str, str] | None:
     for rule in self.rules:
       if set(_fields(rule[0])) != set(_fields(rule[1])):
@@ -129,6 +148,8 @@ def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]).T
   if kind == "conv":
     return x.transpose(3, 2, 0, 1)
+  if kind == "experts":
+    return np.swapaxes(x, -1, -2)
   return x
 
 
@@ -138,6 +159,8 @@ def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     return (shape[-1], int(np.prod(shape[:-1])))
   if kind == "conv":
     return tuple(shape[i] for i in (3, 2, 0, 1))
+  if kind == "experts":
+    return (*shape[:-2], shape[-1], shape[-2])
   return tuple(shape)
 
 
@@ -148,6 +171,8 @@ def from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -
     x = x.T
   elif kind == "conv":
     x = x.transpose(2, 3, 1, 0)
+  elif kind == "experts":
+    x = np.swapaxes(x, -1, -2)
   return x if shape is None else x.reshape(shape)
 
 

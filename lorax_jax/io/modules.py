@@ -12,6 +12,12 @@ error naming both.
 A leaf of a stacked path-map rule (`lorax_jax.pathmap`, ``nn.scan`` layers on its first axis) is
 one module per layer (``Module.layer``); an adapter holds the modules of the adapted layers.
 
+A leaf of path-map kind ``"experts"`` (stacked MoE experts ``[E, in, out]``, torch ``[E, out, in]``)
+is a *parameter module*, PEFT's ``target_parameters``: named by its whole tensor name
+(``model.layers.0.mlp.experts.gate_up_proj``). PEFT's file names it by the module owning the
+parameter instead, one ``base_layer.`` deeper per later-registered targeted parameter of that
+module (`wrapper_names`).
+
 Each module has a *kind*, which fixes the torch layout of its factors: the path map's kind,
 or without a map ``"embedding"`` for an ``embedding`` leaf, ``"conv"`` for a 4-axis
 ``kernel`` (Flax ``nn.Conv``, ``HWIO``), ``"linear"`` for any other kernel.
@@ -33,6 +39,7 @@ from lorax_jax.paths import KERNEL_LEAVES, Path, path_str
 from lorax_jax.qarray import leaves_with_paths
 
 ADAPTABLE_KINDS = ("linear", "conv", "conv1d", "embedding")
+PARAMETER_KIND = "experts"  # a module that is an nn.Parameter (PEFT's target_parameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +68,33 @@ def modules(params: Any, path_map: PathMap | None = None) -> list[Module]:
     mapped = path_map.to_hf(path_str(path))
     if mapped is not None and mapped[1] in ADAPTABLE_KINDS and mapped[0].endswith(".weight"):
       found.append(Module(mapped[0].removesuffix(".weight"), path, mapped[1]))
+    elif mapped is not None and mapped[1] == PARAMETER_KIND:
+      found.append(Module(mapped[0], path, PARAMETER_KIND))
   return found
+
+
+def wrapper_names(mods: Iterable[Module], path_map: PathMap) -> dict[str, str]:
+  """``{parameter module name: the module name PEFT's file gives its factors}`` for the parameter
+  modules ``mods`` that one adapter targets (PEFT's ``lora.ParamWrapper``).
+
+  PEFT wraps the module owning a parameter (``...mlp.experts``) once per targeted parameter, in
+  the module's registration order (the path map's rule order), each wrapper around the last; the
+  factors of the ``j``-th of ``k`` live in the ``(k - 1 - j)``-th wrapper from the outside, under
+  ``<owner>`` followed by ``base_layer.`` that many times.
+
+  >>> from lorax_jax.models.llama import LLAMA_PATH_MAP
+  >>> mods = [Module(f"model.layers.0.mlp.experts.{p}", (), PARAMETER_KIND) for p in ("down_proj", "gate_up_proj")]
+  >>> wrapper_names(mods, LLAMA_PATH_MAP)
+  {'model.layers.0.mlp.experts.gate_up_proj': 'model.layers.0.mlp.experts.base_layer', 'model.layers.0.mlp.experts.down_proj': 'model.layers.0.mlp.experts'}
+  """
+  owners: dict[str, list[str]] = {}
+  for m in mods:
+    owners.setdefault(m.name.rpartition(".")[0], []).append(m.name)
+  out = {}
+  for owner, names in owners.items():
+    names = sorted(set(names), key=path_map.rule_index)
+    out.update({name: owner + ".base_layer" * (len(names) - 1 - j) for j, name in enumerate(names)})
+  return out
 
 
 def by_target(mods: Iterable[Module], targets: Mapping[Path, Any]) -> dict[Path, list[Module]]:

@@ -25,6 +25,11 @@ at most `MAX_CONFIG_BYTES`.
 ``modules_to_save`` copies (`lorax_jax.io.saved`) are saved under their own tensor names, and a
 stacked kernel's layers as one module each (`lorax_jax.io.stacked`).
 
+Stacked MoE experts (path-map kind ``"experts"``) are PEFT's ``target_parameters``: listed there by
+their full names, their factors (`lorax_jax.io.factors`) under the owning module's name, nested
+as PEFT nests its ``ParamWrapper``\\ s (`lorax_jax.io.modules.wrapper_names`); PEFT refuses
+dropout, DoRA and ``lora_bias`` on them, and so does `save_adapter`.
+
 A PEFT adapter of an embedding that the model ties to its output head
 (``tie_word_embeddings``) adapts the token lookup only; `load_adapter` limits such a target
 to that use (``target_uses``) and `save_adapter` refuses one adapted at all uses.
@@ -49,8 +54,8 @@ from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_w
 from lorax_jax.init import init_lora_and_base, on_original_base
 from lorax_jax.io.factors import (check_shape, factors_from_torch, factors_to_torch, lora_bias_shape, magnitude_shape,
                                   torch_shapes)
-from lorax_jax.io.modules import (Module, align_names, by_name, by_target, exact_config, exact_regex, layout_hint,
-                                  modules, parts_by_module)
+from lorax_jax.io.modules import (PARAMETER_KIND, Module, align_names, by_name, by_target, exact_config, exact_regex,
+                                  layout_hint, modules, parts_by_module, wrapper_names)
 from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree, token_keys, token_tensors
 from lorax_jax.io.stacked import fill_layers, module_factors, module_target, stacked_fields
@@ -149,10 +154,16 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   token_values, token_indices = token_tensors(lora, cfg, params, path_map)
   tensors |= token_values
+  parameters = [m for ms in mods.values() for m in ms if m.kind == PARAMETER_KIND]
+  wrapped = wrapper_names(parameters, path_map) if parameters else {}
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
+      if m.kind == PARAMETER_KIND and (cfg.dropout or t.dora or t.lora_bias):
+        raise ValueError(f"save_adapter: LoRA target {path_str(t.path)} is the parameter {m.name} (PEFT's "
+                         "target_parameters), on which PEFT refuses lora_dropout, use_dora and lora_bias; train "
+                         "it without them")
       t_m, a_m, b_m = module_factors(t, a, b, m)
-      key_a, key_b = _keys(m)
+      key_a, key_b = _keys(m, wrapped.get(m.name))
       tensors[key_a], tensors[key_b] = factors_to_torch(a_m, b_m, t_m, m.kind)
       if t.dora:
         mag = np.asarray(get_path(lora, t.path)["m"])
@@ -164,7 +175,9 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   config = {
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
-      "use_rslora": cfg.use_rslora, "target_modules": sorted(m.name for ms in mods.values() for m in ms),
+      "use_rslora": cfg.use_rslora,
+      "target_modules": sorted(m.name for ms in mods.values() for m in ms if m.kind != PARAMETER_KIND),
+      "target_parameters": sorted(wrapped) or None,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
                         for t in targets.values() if t.alpha != cfg.alpha for m in mods[t.path]},
@@ -293,10 +306,12 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
     infos = {k: v for k, v in all_infos.items() if k not in saved and k not in biases and k not in tokens}
     _check_tied_head(infos, config, _ties(params, path_map), path_map, weights_path)
     mods = modules(params, path_map)
+    wrapped = _parameter_modules(config, mods, path_map, config_path)
+    infos = _parameter_keys(infos, wrapped)
     pairs, copies, to_file = _pairs(infos, weights_path, mods)
     if not pairs:
       raise ValueError(f"{weights_path} holds no LoRA factors")
-    selected = {to_file(m.name) for m in mods if _peft_targets(config, to_file(m.name))}
+    selected = {to_file(m.name) for m in mods if _peft_targets(config, to_file(m.name))} | set(wrapped)
     if not selected and _checkable(config):
       raise ValueError(f"{config_path}: target_modules {config['target_modules']!r} (exclude_modules "
                        f"{config.get('exclude_modules')!r}) selects no module of these params; PEFT refuses "
@@ -315,8 +330,10 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
         raise ValueError(f"{weights_path}: the layers of the stacked kernel {path_str(m.path)} differ in rank or "
                          "alpha; its factors hold one rank and alpha for every layer")
     warn_unmatched(config, [to_file(m.name) for m, _, _ in pairs], config_path)
+    kernel_axes = {**{re.escape(path_str(m.path)): "sio" for m, _, _ in pairs if m.kind == PARAMETER_KIND},
+                   **dict(kernel_axes or {})}  # experts [E, in, out]
     stacked = stacked_fields(pairs, {p: np.shape(x) for p, x in leaves_with_paths(params)},
-                             dict(kernel_axes or {}), weights_path)
+                             kernel_axes, weights_path)
     ties = _ties(params, path_map)
     uses = {re.escape(path_str(m.path)): LOOKUP_ONLY for m, _, _ in pairs if m.name in ties}
     dtype = jnp.dtype(param_dtype or jnp.float32)
@@ -614,6 +631,34 @@ def _same(x: np.ndarray, y: np.ndarray) -> bool:
   """Equal values, compared in the less precise of the two dtypes."""
   dtype = max(x.dtype, y.dtype, key=lambda d: ml_dtypes.finfo(d).eps)
   return bool(np.array_equal(x.astype(dtype), y.astype(dtype)))
+
+
+def _parameter_modules(config: Mapping[str, Any], mods: list[Module], path_map: PathMap | None,
+                       where: str) -> dict[str, str]:
+  """``{parameter module name: its name in the file}`` (`wrapper_names`) of the modules the config's
+  ``target_parameters`` select as PEFT does (the name, or a ``.``-suffix of it).
+
+  Raises:
+    ValueError: ``target_parameters`` selects no parameter of these params (PEFT refuses it too).
+  """
+  names = config.get("target_parameters")
+  selected = [m for m in mods if m.kind == PARAMETER_KIND and matches(names, m.name)]
+  if names and not selected:
+    raise ValueError(f"{where}: target_parameters {names!r} selects no parameter of these params (PEFT refuses "
+                     "this adapter: no parameter was matched); load it onto the model it was trained for")
+  return wrapper_names(selected, path_map) if selected else {}
+
+
+def _parameter_keys(infos: Mapping[str, TensorInfo], wrapped: Mapping[str, str]) -> dict[str, TensorInfo]:
+  """``infos`` with the factor keys of parameter modules renamed from the file's wrapper names to
+  `_keys` of the parameters (``wrapped``: `_parameter_modules`)."""
+  by_file = {v: k for k, v in wrapped.items()}
+  out = {}
+  for key, info in infos.items():
+    match = _KEY.fullmatch(key)
+    name = by_file.get(match["module"]) if match else None
+    out[key if name is None else f"{PREFIX}{name}.{match['part']}"] = info
+  return out
 
 
 def _keys(m: Module, name: str | None = None) -> tuple[str, str]:

@@ -33,12 +33,8 @@ REFUSAL_REASONS = {
         "the checkpoint does not have; lorax_jax adapts the params tree it is given and never adds layers to "
         "a model. Merge it in PEFT (merge_and_unload) and save the deeper model, or build params with the "
         "replicated layers and load a copy of the adapter without that field"),
-    "target_parameters": (
-        "LoRA on nn.Parameters (PEFT 0.17: MoE experts stored [E, in, out]) is not supported yet; target "
-        "the experts' modules or merge the adapter in PEFT first"),
 }
-UNSUPPORTED = ("layer_replication",
-               "target_parameters", "use_qalora", "alora_invocation_tokens",
+UNSUPPORTED = ("layer_replication", "use_qalora", "alora_invocation_tokens",
                "arrow_config", "use_bdlora", "monteclora_config", "kasa_config")
 # init_lora_weights values that load: the plain ones apply to the base as it is; "pissa" and
 # "olora" to a residual base re-derived from the original one (`load_adapter`). The others
@@ -91,6 +87,8 @@ def read_config(data: bytes, path: str) -> dict[str, Any]:
   for key in ("target_modules", "exclude_modules", "layers_pattern"):
     value = config.get(key)
     field(key, value is None or isinstance(value, str) or _is_list(value, str), "a string or a list of strings")
+  field("target_parameters", config.get("target_parameters") is None or _is_list(config["target_parameters"], str),
+        "a list of parameter names")
   tokens = config.get("trainable_token_indices")
   field("trainable_token_indices", tokens is None or _is_list(tokens, int) or (
       isinstance(tokens, dict) and all(_is_list(v, int) for v in tokens.values())),

@@ -49,7 +49,7 @@ def model_type(config: Mapping[str, Any]) -> str:
 def load_model(directory: str, dtype: Any = jnp.float32) -> tuple[Any, Any, dict[str, Any]]:
   """``(config, model, params)`` of a Hugging Face causal-LM checkpoint directory, its family picked
   from ``config.json`` (`model_type`): `lorax_jax.models.llama.load_llama` for the Llama families
-  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3), `lorax_jax.models.gpt2.load_gpt2` for GPT-2. Its
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3, Mixtral), `lorax_jax.models.gpt2.load_gpt2` for GPT-2. Its
   adapters' path map is `path_map` of the config.
 
   Args:

@@ -1,10 +1,10 @@
 """A readable Flax Llama (grouped-query attention, RoPE, RMSNorm, SwiGLU) with a KV cache, and the
 Llama-shaped families that differ from it in a few options: Llama 3.x, Qwen2/2.5, Qwen3, Mistral,
-Gemma 2, Gemma 3 (text), Phi-3.
+Gemma 2, Gemma 3 (text), Phi-3, Mixtral.
 
 Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM``,
 ``Qwen3ForCausalLM``, ``MistralForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``,
-``Phi3ForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
+``Phi3ForCausalLM``, ``MixtralForCausalLM``, which share them), so `LLAMA_PATH_MAP` is a one-to-one table (``params/model/layers_3/self_attn/q_proj/kernel`` <->
 ``model.layers.3.self_attn.q_proj.weight``). Every projection is an ``nn.Dense`` with an
 ``[in, out]`` kernel, so LoRA sees plain ``dot_general``\\ s; what each family adds:
 
@@ -26,6 +26,11 @@ Module names mirror Hugging Face's ``LlamaForCausalLM`` (and ``Qwen2ForCausalLM`
   split into q, k, v after the matmul) and one ``gate_up_proj`` (``[D, 2 I]``, gate first), so a
   PEFT adapter on ``qkv_proj`` is one LoRA on the fused kernel, as in PEFT; RoPE on the first
   ``partial_rotary_factor`` of each head; Mistral's sliding window.
+- Mixtral: Mistral's attention, and in place of the MLP a sparse mixture of experts
+  (`SparseMoeBlock`): a router ``mlp.gate``, top-``num_experts_per_tok`` of ``num_local_experts``
+  SwiGLU experts whose kernels are stacked ``[E, in, out]`` (``mlp.experts.gate_up_proj``,
+  ``mlp.experts.down_proj``: transformers' in-memory names, `fuse_experts`) and applied with
+  ``lax.ragged_dot``, so a LoRA on them (PEFT's ``target_parameters``) is per expert.
 
 Calling convention::
 
@@ -80,6 +85,7 @@ class _Family:
   activation: str = "silu"  # the MLP's, transformers' name (config.json's hidden_act / hidden_activation)
   defaults: tuple[tuple[str, Any], ...] = ()  # transformers' defaults of config.json fields that change the math
   window_pattern: int | None = None  # Gemma: without layer_types, layer i slides unless (i + 1) % pattern == 0
+  moe: bool = False  # a sparse mixture of experts (`SparseMoeBlock`) in place of the MLP (Mixtral)
 
 
 _QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
@@ -105,6 +111,12 @@ FAMILIES: dict[str, _Family] = {
         defaults=_GEMMA_DEFAULTS + (("rope_theta", 1e6), ("rope_local_base_freq", 10000.0))),
     "phi3": _Family("Phi3ForCausalLM", frozenset({"sliding_window", "partial_rotary_factor",
                                                   "original_max_position_embeddings"}), fused=True),
+    # router_jitter_noise: training only in transformers; output_router_logits, router_aux_loss_coef:
+    # the load-balancing loss, not the logits.
+    "mixtral": _Family("MixtralForCausalLM", frozenset({
+        "sliding_window", "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "output_router_logits",
+        "router_aux_loss_coef"}), moe=True, defaults=(("rope_theta", 1e6), ("num_local_experts", 8),
+                                                       ("num_experts_per_tok", 2))),
 }
 """The ``model_type``\\ s `LlamaConfig` implements."""
 
@@ -238,6 +250,8 @@ class LlamaConfig:
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
   rope_local_base_freq: float | None = None
+  num_local_experts: int | None = None
+  num_experts_per_tok: int | None = None
 
   def __post_init__(self):
     if self.model_type not in FAMILIES:
@@ -252,7 +266,8 @@ class LlamaConfig:
                        f"partial_rotary_factor={self.partial_rotary_factor}), which must be even and positive")
     defaults = {f.name: f.default for f in dataclasses.fields(self)}
     for name in ("attention_bias", "mlp_bias", "sliding_window", "layer_types", "partial_rotary_factor",
-                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq"):
+                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "rope_local_base_freq",
+                 "num_local_experts", "num_experts_per_tok"):
       value = getattr(self, name)
       if value != defaults[name] and name not in FAMILIES[self.model_type].fields:
         raise ValueError(f"LlamaConfig: {name}={value!r} is not an option of model_type={self.model_type!r}")
@@ -266,6 +281,11 @@ class LlamaConfig:
       if SLIDING_ATTENTION in self.layer_types and self.sliding_window is None:
         raise ValueError(f"LlamaConfig: layer_types={self.layer_types!r} has {SLIDING_ATTENTION!r} "
                          "layers but sliding_window is None")
+    if self.moe and not (isinstance(self.num_local_experts, int) and isinstance(self.num_experts_per_tok, int)
+                         and 1 <= self.num_experts_per_tok <= self.num_local_experts):
+      raise ValueError(f"LlamaConfig: a {self.model_type!r} model needs 1 <= num_experts_per_tok <= "
+                       f"num_local_experts, got num_experts_per_tok={self.num_experts_per_tok!r}, "
+                       f"num_local_experts={self.num_local_experts!r}")
 
   @property
   def qkv_bias(self) -> bool:
@@ -281,6 +301,11 @@ class LlamaConfig:
   def fused(self) -> bool:
     """Whether q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (Phi-3)."""
     return FAMILIES[self.model_type].fused
+
+  @property
+  def moe(self) -> bool:
+    """Whether each layer's MLP is a sparse mixture of experts (`SparseMoeBlock`, Mixtral)."""
+    return FAMILIES[self.model_type].moe
 
   @property
   def gemma(self) -> bool:
@@ -372,6 +397,7 @@ class LlamaConfig:
         attention_bias=config.get("attention_bias", False), mlp_bias=config.get("mlp_bias", False),
         sliding_window=sliding_window, layer_types=layer_types, partial_rotary_factor=partial,
         rope_local_base_freq=local_theta,
+        num_local_experts=config.get("num_local_experts"), num_experts_per_tok=config.get("num_experts_per_tok"),
         **{k: config.get(k) for k in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")})
 
   def to_hf(self) -> dict[str, Any]:
@@ -583,6 +609,60 @@ class MLP(nn.Module):
     return _dense(c.hidden_size, self.dtype, "down_proj", c.mlp_bias)(act(gate) * up)
 
 
+class Experts(nn.Module):
+  """A layer's experts, each a SwiGLU ``down_e(silu(gate_e(x)) * up_e(x))``, their kernels stacked:
+  ``gate_up_proj [E, D, 2 I]`` (gate then up, split after the matmul) and ``down_proj [E, I, D]``
+  (transformers' ``MixtralExperts``, ``[in, out]`` per expert).
+
+  ``x [T, D]``, ``experts [T, k]`` and ``weights [T, k]``: token ``t`` goes to experts
+  ``experts[t]``, its outputs summed with ``weights[t]``. The ``T k`` (token, expert) rows are sorted
+  by expert and each kernel is one ``lax.ragged_dot`` over the groups, so a LoRA on a stacked kernel
+  is factored by the engine's ``ragged_dot`` rule (per-expert factors, an ``"sio"`` layout).
+  """
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, experts: jax.Array, weights: jax.Array) -> jax.Array:
+    c = self.config
+    e, d, i = c.num_local_experts, c.hidden_size, c.intermediate_size
+    init = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,))
+    gate_up = jnp.asarray(self.param("gate_up_proj", init, (e, d, 2 * i)), self.dtype)
+    down = jnp.asarray(self.param("down_proj", init, (e, i, d)), self.dtype)
+    k = experts.shape[1]
+    order = jnp.argsort(experts.reshape(-1), stable=True)  # the (token, expert) rows grouped by expert
+    tokens = order // k
+    sizes = jnp.bincount(experts.reshape(-1), length=e).astype(jnp.int32)
+    gate, up = jnp.split(jax.lax.ragged_dot(x[tokens].astype(self.dtype), gate_up, sizes), 2, axis=-1)
+    out = jax.lax.ragged_dot(nn.silu(gate) * up, down, sizes)
+    out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
+    return jnp.zeros(x.shape, out.dtype).at[tokens].add(out)
+
+
+class SparseMoeBlock(nn.Module):
+  """transformers' ``MixtralSparseMoeBlock``: the router ``gate`` (``[D, E]``, no bias) scores the
+  experts, ``p = softmax(x W_gate)`` in float32; each token goes to its ``k`` =
+  ``num_experts_per_tok`` most probable experts with weights ``p_top / Σ p_top`` (`Experts`)."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    flat = x.reshape(-1, x.shape[-1])
+    probs = jax.nn.softmax(_dense(c.num_local_experts, self.dtype, "gate")(flat).astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, c.num_experts_per_tok)
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Experts(c, self.dtype, name="experts")(flat, experts, weights).astype(x.dtype).reshape(x.shape)
+
+
+def _mlp(config: LlamaConfig, dtype: Any) -> nn.Module:
+  """The layer's ``mlp``: `SparseMoeBlock` in a mixture of experts, else `MLP`."""
+  return (SparseMoeBlock if config.moe else MLP)(config, dtype, name="mlp")
+
+
 class DecoderLayer(nn.Module):
   """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``. Gemma's sandwich: ``x +
   post_attention_layernorm(attn(input_layernorm(x)))``, then ``x +
@@ -599,9 +679,9 @@ class DecoderLayer(nn.Module):
     if c.gemma:
       x = x + _norm(c, "post_attention_layernorm")(h)
       return x + _norm(c, "post_feedforward_layernorm")(
-          MLP(c, self.dtype, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x))), cache
+          _mlp(c, self.dtype)(_norm(c, "pre_feedforward_layernorm")(x))), cache
     x = x + h
-    return x + MLP(c, self.dtype, name="mlp")(_norm(c, "post_attention_layernorm")(x)), cache
+    return x + _mlp(c, self.dtype)(_norm(c, "post_attention_layernorm")(x)), cache
 
 
 class LlamaModel(nn.Module):
@@ -940,6 +1020,8 @@ def _path_map() -> PathMap:
   rules += [(f"{layer}{n}/weight", f"{hf_layer}{n.replace('/', '.')}.weight", "param")
             for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                       "post_feedforward_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
+  rules.append((f"{layer}mlp/gate/kernel", f"{hf_layer}mlp.gate.weight", "linear"))  # a mixture's router
+  rules += [(f"{layer}mlp/experts/{p}", f"{hf_layer}mlp.experts.{p}", "experts") for p in ("gate_up_proj", "down_proj")]
   rules += [("params/model/norm/weight", "model.norm.weight", "param"),
             ("params/lm_head/kernel", "lm_head.weight", "linear")]
   return PathMap(tuple(rules))
@@ -948,7 +1030,9 @@ def _path_map() -> PathMap:
 LLAMA_PATH_MAP: PathMap = _path_map()
 """Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
 projections' kernels and biases (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` too), the norms
-(Qwen3's ``q_norm``/``k_norm``, Gemma's ``pre_feedforward_layernorm``/``post_feedforward_layernorm`` too)."""
+(Qwen3's ``q_norm``/``k_norm``, Gemma's ``pre_feedforward_layernorm``/``post_feedforward_layernorm`` too),
+Mixtral's router ``mlp.gate`` and stacked experts (transformers' in-memory names ``mlp.experts.gate_up_proj``
+and ``mlp.experts.down_proj``, kind ``"experts"``; `fuse_experts` reads a checkpoint's per-expert tensors as them)."""
 
 
 def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -959,14 +1043,23 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
   if not c.tie_word_embeddings:
     shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
   for i in range(c.num_hidden_layers):
-    layer = {"self_attn.o_proj": (c.hidden_size, q), "mlp.down_proj": (c.hidden_size, c.intermediate_size),
-             "input_layernorm": (c.hidden_size,), "post_attention_layernorm": (c.hidden_size,)}
+    layer = {"self_attn.o_proj": (c.hidden_size, q), "input_layernorm": (c.hidden_size,),
+             "post_attention_layernorm": (c.hidden_size,)}
+    if c.moe:
+      e, i_size = c.num_local_experts, c.intermediate_size
+      layer["mlp.gate"] = (e, c.hidden_size)
+      shapes.update({f"model.layers.{i}.mlp.experts.gate_up_proj": (e, 2 * i_size, c.hidden_size),
+                     f"model.layers.{i}.mlp.experts.down_proj": (e, c.hidden_size, i_size)})
+    else:
+      layer["mlp.down_proj"] = (c.hidden_size, c.intermediate_size)
     if c.fused:
       layer.update({"self_attn.qkv_proj": (q + 2 * kv, c.hidden_size),
                     "mlp.gate_up_proj": (2 * c.intermediate_size, c.hidden_size)})
     else:
       layer.update({"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
-                    "self_attn.v_proj": (kv, c.hidden_size), "mlp.gate_proj": (c.intermediate_size, c.hidden_size),
+                    "self_attn.v_proj": (kv, c.hidden_size)})
+    if not (c.fused or c.moe):
+      layer.update({"mlp.gate_proj": (c.intermediate_size, c.hidden_size),
                     "mlp.up_proj": (c.intermediate_size, c.hidden_size)})
     if c.qk_norm:
       layer.update({"self_attn.q_norm": (c.head_dim,), "self_attn.k_norm": (c.head_dim,)})
@@ -987,9 +1080,12 @@ def hf_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
                        dtype: Any = jnp.float32) -> tuple[Llama, dict[str, Any]]:
-  """`Llama` and its params from Hugging Face tensors, checked name by name and shape by shape."""
+  """`Llama` and its params from Hugging Face tensors, checked name by name and shape by shape
+  (a mixture of experts' per-expert tensors read as transformers reads them: `fuse_experts`)."""
   ignored = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if config.tie_word_embeddings else ())
   tensors = {k: v for k, v in tensors.items() if not k.endswith(ignored)}
+  if config.moe:
+    tensors = fuse_experts(tensors, config.num_local_experts)
   hf.check_tensors(hf_shapes(config), tensors)
   params = hf.params_from_tensors(tensors, LLAMA_PATH_MAP)
   return Llama(config, dtype), jax.tree.map(jnp.asarray, params)
@@ -997,7 +1093,7 @@ def llama_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray],
 
 def load_llama(directory: str, dtype: Any = jnp.float32) -> tuple[LlamaConfig, Llama, dict[str, Any]]:
   """``(config, model, params)`` from a Hugging Face checkpoint directory of a `FAMILIES` model
-  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3)."""
+  (Llama, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3, Phi-3, Mixtral)."""
   config = LlamaConfig.from_hf(hf.read_config(directory))
   model, params = llama_from_tensors(config, hf.read_tensors(directory), dtype)
   return config, model, params
@@ -1013,4 +1109,73 @@ def save_llama(directory: str, params: Any, config: LlamaConfig,
     ValueError: a ``directory`` that `lorax_jax.files.check_destination` refuses (``""``, the working
       or home directory, a directory holding files other than a checkpoint's).
   """
-  hf.save_hf_checkpoint(directory, params, config.to_hf(), LLAMA_PATH_MAP, files)
+  tensors = hf.tensors_from_params(params, LLAMA_PATH_MAP)
+  if config.moe:
+    tensors = split_experts(tensors)
+  hf.write_checkpoint(directory, tensors, config.to_hf(), files)
+
+
+_CHECKPOINT_EXPERT = re.compile(r"(model\.layers\.\d+)\.block_sparse_moe\.(?:experts\.(\d+)\.(w[123])|gate)\.weight")
+
+
+def fuse_experts(tensors: Mapping[str, np.ndarray], num_experts: int) -> dict[str, np.ndarray]:
+  """A Mixtral checkpoint's tensors under transformers' in-memory names (its conversion mapping):
+  ``block_sparse_moe.gate`` is ``mlp.gate``; the experts' ``w1`` (gate) and ``w3`` (up) ``[I, D]``,
+  stacked over the experts and concatenated, are ``mlp.experts.gate_up_proj [E, 2 I, D]``; the
+  ``w2 [D, I]`` stacked are ``mlp.experts.down_proj [E, D, I]``. Other names pass unchanged (a
+  checkpoint already in the fused layout too).
+
+  Raises:
+    ValueError: a layer lacking one of its experts' tensors, or holding an expert ``>= num_experts``.
+
+  >>> w = {f"model.layers.0.block_sparse_moe.experts.{e}.{n}.weight": np.zeros((3, 2) if n == "w2" else (2, 3))
+  ...      for e in range(4) for n in ("w1", "w2", "w3")}
+  >>> {k: v.shape for k, v in fuse_experts(w, 4).items()}
+  {'model.layers.0.mlp.experts.gate_up_proj': (4, 4, 3), 'model.layers.0.mlp.experts.down_proj': (4, 3, 2)}
+  """
+  out: dict[str, np.ndarray] = {}
+  experts: dict[str, dict[tuple[str, int], np.ndarray]] = {}
+  for name, x in tensors.items():
+    m = _CHECKPOINT_EXPERT.fullmatch(name)
+    if m is None:
+      out[name] = x
+    elif m.group(2) is None:
+      out[f"{m.group(1)}.mlp.gate.weight"] = x
+    else:
+      experts.setdefault(m.group(1), {})[m.group(3), int(m.group(2))] = x
+  for layer, found in experts.items():
+    for w, e in sorted(found.keys() - {(w, e) for w in ("w1", "w2", "w3") for e in range(num_experts)}):
+      raise ValueError(f"checkpoint has unexpected tensor {layer}.block_sparse_moe.experts.{e}.{w}.weight "
+                       f"(the config has num_local_experts={num_experts})")
+
+    def stacked(w: str, layer: str = layer, found: dict = found) -> np.ndarray:
+      for e in range(num_experts):
+        if (w, e) not in found:
+          raise ValueError(f"checkpoint lacks {layer}.block_sparse_moe.experts.{e}.{w}.weight")
+      return np.stack([found[w, e] for e in range(num_experts)])
+
+    out[f"{layer}.mlp.experts.gate_up_proj"] = np.concatenate([stacked("w1"), stacked("w3")], axis=1)
+    out[f"{layer}.mlp.experts.down_proj"] = stacked("w2")
+  return out
+
+
+def split_experts(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`fuse_experts`'s inverse: the per-expert ``block_sparse_moe`` tensors transformers writes.
+
+  >>> t = split_experts({"model.layers.0.mlp.experts.gate_up_proj": np.zeros((4, 4, 3)),
+  ...                    "model.layers.0.mlp.experts.down_proj": np.zeros((4, 3, 2))})
+  >>> len(t), t["model.layers.0.block_sparse_moe.experts.3.w3.weight"].shape
+  (12, (2, 3))
+  """
+  out = {}
+  for name, x in tensors.items():
+    layer, sep, rest = name.partition(".mlp.")
+    if rest == "gate.weight":
+      out[f"{layer}.block_sparse_moe.gate.weight"] = x
+    elif rest in ("experts.gate_up_proj", "experts.down_proj"):
+      parts = dict(zip(("w1", "w3"), np.split(x, 2, axis=1))) if rest.endswith("gate_up_proj") else {"w2": x}
+      out.update({f"{layer}.block_sparse_moe.experts.{e}.{w}.weight": np.ascontiguousarray(t[e])
+                  for w, t in parts.items() for e in range(len(t))})
+    else:
+      out[name] = x
+  return out
