@@ -77,6 +77,8 @@ SLOW: dict[str, str] = {
         "the example scripts end to end: a fine-tune, then generation three ways",
     "tests/test_sharding.py::test_eight_host_devices_in_a_subprocess":
         "every layout on 8 host devices, in a subprocess (minutes)",
+    "tests/test_shard_map.py::test_eight_host_devices_in_a_subprocess":
+        "four shard_map models (data, column, row, expert parallel) on 8 host devices, in a subprocess (90 s)",
     "tests/test_sharded_io.py::test_eight_host_devices_in_a_subprocess":
         "sharded save, load and merge of 8 models on 8 host devices, in a subprocess (2-3 minutes)",
     "tests/test_sharded_io.py::test_two_processes_save_one_adapter_and_compute_the_gradient":
