@@ -346,3 +346,12 @@ def tiny_llama(tmp_path_factory):
   text = root / "text.txt"
   text.write_text("\n\n".join(f"{i}: {SENTENCES[i % 3]}" for i in range(60)))
   return str(root / "model"), str(root / "other"), str(text)
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tiny_llama, tmp_path_factory):
+  """`tiny_llama`'s random Llama 64 wide (the main job's nf4 blocks of 64 fit its kernels), with the
+  same text: ``(model_dir, None, text_file)``, as `tiny_llama` is unpacked."""
+  directory = str(tmp_path_factory.mktemp("wide_llama") / "model")
+  write_model(directory, 64, 2)
+  return directory, None, tiny_llama[2]
