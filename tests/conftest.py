@@ -84,7 +84,8 @@ SLOW: dict[str, str] = {
     "tests/test_sharded_io.py::test_two_processes_save_one_adapter_and_compute_the_gradient":
         "two jax.distributed processes started and joined by gloo (40-50 s)",
     "tests/test_mesh.py::test_eight_host_devices_in_a_subprocess":
-        "the main job on 8 host devices twice and two compiled steps, in a subprocess (3 min)",
+        ("the main job on 8 host devices twice, two compiled steps and an nf4 and a GGUF base's runs on a mesh and "
+         "on one device, in a subprocess (3 min, and 2-3 more for the quantized bases)"),
     "tests/test_mesh.py::test_two_processes_equal_one":
         "the main job as two jax.distributed processes (3 launches) and as one, then PEFT (10 min)",
     "tests/test_docs.py::test_quickstart_agrees_three_ways":

@@ -5,7 +5,9 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (a mesh `
 = 2 × 2 × 2``). There, on conftest's tiny random Llama: ``lorax-jax finetune --mesh data=2,fsdp=2,tensor=2``
 gives the single-device run's losses and adapter, and the compiled train step moves no LoRA factor
 but for the gradient reduction over the batch axes, its collectives within the frozen step's bytes
-plus rank-r traffic (read from the compiled HLO: `collectives`). `test_two_processes_equal_one` runs
+plus rank-r traffic (read from the compiled HLO: `collectives`); an nf4 (``--quantize nf4``) and a
+GGUF-blocked base get their blocks placed like their kernels, the single-device losses, and the
+named error for a sharding that would cut a block. `test_two_processes_equal_one` runs
 the job as two ``jax.distributed`` processes of 4 host devices each (gloo).
 """
 

@@ -56,6 +56,22 @@ def test_the_walk_follows_a_kernel_into_a_mapped_body():
   assert dict(cfg.kernel_axes) == {"experts": "sio"}
 
 
+def test_quantized_kernels_enter_a_mapped_body_dequantized():
+  """An nf4 target and an nf4 kernel that is not one, passed into a body: QLoRA's merged reference."""
+  mesh = Mesh(np.array(jax.devices()[:1]), ("x",))
+  body = lambda w, v, x: jax.lax.psum((x @ w) @ v, "x")
+  model = lambda p, x: jax.shard_map(body, mesh=mesh, in_specs=(P(None, "x"), P("x", None), P()), out_specs=P())(
+      p["w"], p["v"], x)
+  params = {"w": jax.random.normal(jax.random.key(0), (16, 8)), "v": jax.random.normal(jax.random.key(1), (8, 16))}
+  quantized = lj.quantize(params, "nf4", block_size=8, targets=["w", "v"])
+  cfg = lj.LoraConfig(r=2, targets=["w"])
+  lora = zoo.random_factors(quantized, cfg)
+  apply = lj.lora_transform(model, quantized, cfg, strict=True)
+  x = jax.random.normal(jax.random.key(2), (3, 16))
+  want = model(lj.merge(lj.dequantize(quantized), lora, cfg), x)
+  np.testing.assert_allclose(apply(quantized, lora, x), want, rtol=1e-5, atol=1e-5)
+
+
 # --- several devices ------------------------------------------------------------------------------
 
 def _mesh() -> Mesh:
