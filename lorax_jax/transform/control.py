@@ -184,13 +184,11 @@ def _shard_map_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> 
   for x, spec in zip(invals, p["in_specs"]):
     if isinstance(x, LoraKernel) and x.ids is not None:
       raise ctx.refuse(x, "shard_map", "its adapter ids index the whole batch, the mapped body sees a block of it")
-    if isinstance(x, LoraKernel):
+    if isinstance(x, LoraKernel):  # its leaves w, a, b (, g), in the order _factor_specs gives
       x = dataclasses.replace(x, w=dequantized(x.w))
-      part = _factor_specs(x, spec)
-      specs += part
-      leaves += [x.w, x.a, x.b, *([] if x.g is None else [x.g])]
-      rebuilds.append((len(part), lambda v, k=x: dataclasses.replace(k, w=v[0], a=v[1], b=v[2],
-                                                                      g=v[3] if k.g is not None else None)))
+      specs += _factor_specs(x, spec)
+      leaves += jax.tree.leaves(x)
+      rebuilds.append((len(jax.tree.leaves(x)), jax.tree.structure(x).unflatten))
     else:
       specs.append(spec)
       leaves.append(dequantized(x))
