@@ -7,12 +7,16 @@ in a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (a m
 replicated), (b) tensor parallelism with a column-split kernel, (c) a row-split kernel whose
 partial products the body ``psum``\\ s, (d) an expert-parallel MoE (experts split over devices,
 tokens exchanged by ``all_to_all``); for each, the factored engine's outputs and LoRA gradients
-equal the merged reference's (1e-5) with no fallback, and the gradients come back with the
-factors' shardings (`lorax_jax.lora_shardings` of the placed kernels).
+equal the merged reference's (1e-5) with no fallback, its compiled forward has the frozen model's
+collectives and no other (DoRA: and the norm's reduction of a kernel split over its inputs, once a
+call, outside the body), and the gradients come back with the factors' shardings
+(`lorax_jax.lora_shardings` of the placed kernels).
 """
 
 from __future__ import annotations
 
+import collections
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -155,6 +159,9 @@ def test_mesh_factored_equals_merged_in_a_mapped_body(name, dora):
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   chex.assert_trees_all_close(grads, want_grads, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(apply(params, lora, x), reference(params, lora, x), rtol=1e-5, atol=1e-5)
+  got, want = _collectives(lambda l: apply(params, l, x), lora), _collectives(lambda p: model(p, x), params)
+  assert {k: n for k, n in got.items() if k[1]} == {k: n for k, n in want.items() if k[1]}  # the body's own only
+  assert got == want or dora, got  # DoRA: the norm of a kernel split over its inputs, reduced once outside the body
   same = jax.tree.map(lambda g, s: g.sharding.is_equivalent_to(s, g.ndim), grads, shardings)
   assert all(jax.tree.leaves(same)), (jax.tree.map(lambda g: g.sharding.spec, grads), shardings)
   split = {"column_split": {"up": ("a", "b")}, "row_split": {"up": ("a", "b"), "down": ("b", "a")},
@@ -164,6 +171,15 @@ def test_mesh_factored_equals_merged_in_a_mapped_body(name, dora):
       spec = shardings[target][f].spec
       assert spec == (P("x", None, None) if target.startswith("w_") else P(None, "x") if f in cut else P(None, None)), (
           target, f, spec)
+
+
+def _collectives(f: Callable[..., Any], *xs: Any) -> collections.Counter:
+  """The collectives of ``f``'s compiled program, counted by kind and by whether they are in the
+  ``shard_map`` body (read from their op names)."""
+  text = jax.jit(f).lower(*xs).compile().as_text()
+  found = re.findall(r"\b(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)(?:-start)?\("
+                     r"[^\n]*?op_name=\"([^\"]*)\"", text)
+  return collections.Counter((kind, "shard_map" in name) for kind, name in found)
 
 
 @mesh_test
