@@ -77,12 +77,15 @@ SLOW: dict[str, str] = {
         "the example scripts end to end: a fine-tune, then generation three ways",
     "tests/test_sharding.py::test_eight_host_devices_in_a_subprocess":
         "every layout on 8 host devices, in a subprocess (minutes)",
+    "tests/test_shard_map.py::test_eight_host_devices_in_a_subprocess":
+        "four shard_map models (data, column, row, expert parallel) on 8 host devices, in a subprocess (90 s)",
     "tests/test_sharded_io.py::test_eight_host_devices_in_a_subprocess":
         "sharded save, load and merge of 8 models on 8 host devices, in a subprocess (2-3 minutes)",
     "tests/test_sharded_io.py::test_two_processes_save_one_adapter_and_compute_the_gradient":
         "two jax.distributed processes started and joined by gloo (40-50 s)",
     "tests/test_mesh.py::test_eight_host_devices_in_a_subprocess":
-        "the main job on 8 host devices twice and two compiled steps, in a subprocess (3 min)",
+        ("the main job on 8 host devices twice, two compiled steps and an nf4 and a GGUF base's runs on a mesh and "
+         "on one device, in a subprocess (3 min, and 2-3 more for the quantized bases)"),
     "tests/test_cli.py::test_generate_with_several_adapters_is_each_adapter_alone":
         "one mixed-batch generate and three separate ones on the tiny Llama, each compiled (25 s loaded)",
     "tests/test_mesh.py::test_two_processes_equal_one":
@@ -346,3 +349,12 @@ def tiny_llama(tmp_path_factory):
   text = root / "text.txt"
   text.write_text("\n\n".join(f"{i}: {SENTENCES[i % 3]}" for i in range(60)))
   return str(root / "model"), str(root / "other"), str(text)
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tiny_llama, tmp_path_factory):
+  """`tiny_llama`'s random Llama 64 wide (the main job's nf4 blocks of 64 fit its kernels), with the
+  same text: ``(model_dir, None, text_file)``, as `tiny_llama` is unpacked."""
+  directory = str(tmp_path_factory.mktemp("wide_llama") / "model")
+  write_model(directory, 64, 2)
+  return directory, None, tiny_llama[2]

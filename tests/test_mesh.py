@@ -5,7 +5,9 @@ subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (a mesh `
 = 2 × 2 × 2``). There, on conftest's tiny random Llama: ``lorax-jax finetune --mesh data=2,fsdp=2,tensor=2``
 gives the single-device run's losses and adapter, and the compiled train step moves no LoRA factor
 but for the gradient reduction over the batch axes, its collectives within the frozen step's bytes
-plus rank-r traffic (read from the compiled HLO: `collectives`). `test_two_processes_equal_one` runs
+plus rank-r traffic (read from the compiled HLO: `collectives`); an nf4 (``--quantize nf4``) and a
+GGUF-blocked base get their blocks placed like their kernels, the single-device losses, and the
+named error for a sharding that would cut a block. `test_two_processes_equal_one` runs
 the job as two ``jax.distributed`` processes of 4 host devices each (gloo).
 """
 
@@ -28,8 +30,12 @@ from safetensors.numpy import load_file
 import lorax_jax
 from lorax_jax.apps import finetune
 from lorax_jax.models import llama_sharding as LS
+from lorax_jax import sharding as S
 from lorax_jax.models.llama import load_llama, stack_layers
+from lorax_jax.paths import get_path, path_str, set_path
+from lorax_jax.qarray import leaves_with_paths
 
+from test_quantize import gguf_llama
 from test_sharded_io import free_port, run_together
 from test_sharding import mesh_tests_in_a_subprocess
 
@@ -325,6 +331,54 @@ def test_mesh_compiled_step_moves_factors_only_by_their_gradient_reduction(tiny_
   allowance = sum(x.nbytes for x in jax.tree.leaves(lora)) + uses * 2 * s.batch_size * s.seq_len * s.r * 4
   total = check_factor_collectives(lora_hlo, frozen_hlo, mesh, lora, LS.mesh_axes("batch", mesh), allowance)
   print(f"collective bytes: LoRA step {total['lora']:,}, frozen step {total['frozen']:,}, allowance {allowance:,}")
+
+
+@mesh_test
+@pytest.mark.parametrize("fmt", ["nf4", "gguf"])
+def test_mesh_quantized_base_blocks_are_placed_like_their_kernels(wide_llama, tmp_path, fmt):
+  """A QLoRA base on the mesh: ``--quantize nf4`` (blocks of 64) and a GGUF-blocked base (gguf's own
+  Q4_1 kernels, a Q8_0 embedding: what ``--quantize gguf`` loads from a file) go through the Llama
+  table, whose blocked axes split into whole blocks or stay whole (said); each `QArray`'s stored
+  arrays carry its kernel's spec, the run equals the single-device run, and an explicit sharding
+  that would cut a block is the error naming the kernel, its axis and the block size."""
+  def run_quantized(out_dir, *extra):
+    s, _ = finetune.parse_args(args(wide_llama, out_dir, "--steps", "2", *extra))
+    model, params, tokenizer = finetune.load_model(s.model, s.dtype, s.quantize)
+    if fmt == "gguf":
+      model, params, _ = gguf_llama(model.config)
+    return finetune.run(s, model, params, tokenizer), params
+
+  quantize = ("--quantize", "nf4") if fmt == "nf4" else ()
+  one, params = run_quantized(tmp_path / "one", *quantize)
+  run_quantized(tmp_path / "mesh", *quantize, "--mesh", MESH)
+  a, b = losses(tmp_path / "one"), losses(tmp_path / "mesh")
+  np.testing.assert_allclose(b[0], a[0], rtol=1e-5)
+  np.testing.assert_allclose(b, a, rtol=1e-4)
+
+  mesh = LS.make_mesh(MESH)
+  shardings, notes = LS.llama_shardings(params, mesh)
+  placed, _ = LS.shard_llama(params, mesh)
+  quantized = {p: q for p, q in leaves_with_paths(params) if lorax_jax.is_quantized(q)}
+  split = 0
+  for path, q in quantized.items():
+    want, got = get_path(shardings, path), get_path(placed, path)
+    assert S.kernel_sharding(path_str(path), got) == want
+    entries = (*want.spec, *(None,) * (q.ndim - len(want.spec)))
+    axis = q.axis % q.ndim
+    stored = jax.P(*entries[:axis], *entries[axis + 1:], entries[axis])
+    assert got.data.sharding.is_equivalent_to(jax.NamedSharding(mesh, stored), q.data.ndim), path_str(path)
+    np.testing.assert_array_equal(got.dequantize(), q.dequantize())
+    split += entries[axis] is not None
+  whole = [n for n in notes if "whole blocks" in n]
+  assert split and (whole if fmt == "nf4" else not whole), notes  # nf4: 64 inputs over fsdp=2 stay whole
+  assert all(f"blocks of {q.block_size}: kept whole" in n for n in whole)
+
+  path, q = next((p, q) for p, q in quantized.items() if q.ndim == 2 and "q_proj" in path_str(p))
+  cut = jax.tree.map(lambda x: x, shardings, is_leaf=lambda x: isinstance(x, jax.NamedSharding))
+  set_path(cut, path, jax.NamedSharding(mesh, jax.P(("data", "fsdp", "tensor"))))  # its 64 inputs 8 ways
+  with pytest.raises(ValueError, match=rf"{path_str(path)}: sharding axis 0 \(size 64\) 8 ways .* "
+                                       rf"{q.fmt} blocks of {q.block_size} values"):
+    lorax_jax.shard_params(params, cut)
 
 
 # ---------------------------------------------------------------------------------------

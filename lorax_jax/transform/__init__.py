@@ -38,11 +38,15 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``[out, in]`` embedding lookup or a concatenation is merged for that use.
 5. Nested ``jit`` is inlined; so is a ``jax.custom_jvp``/``jax.custom_vjp`` function whose body
    uses each kernel passed to it only through the rules above (JAX then differentiates the
-   factored body, not the user's rule; any other body is bound on the merged kernels, the rule
-   kept, and reported by the function's name); ``remat``/``checkpoint`` (its policy kept),
-   ``scan`` (stacked kernels are sliced with their factors), ``cond`` and ``while`` are re-emitted
-   through ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``, ``vmap`` and shardings
-   compose.
+   factored body, not the user's rule, and says so in a warning; any other body is bound on the
+   merged kernels, the rule kept, and reported by the function's name); ``remat``/``checkpoint``
+   (its policy kept), ``scan`` (stacked kernels are sliced with their factors), ``cond`` and
+   ``while`` are re-emitted through ``jax.checkpoint`` and ``jax.lax``, so outer ``jit``, ``grad``,
+   ``vmap`` and shardings compose.
+   ``shard_map`` is re-emitted through ``jax.shard_map``, a kernel entering the mapped body with
+   its factors sharded like it (``a`` by its input axes' entries, ``b`` by its output axes', the
+   rank whole): ``(W + s·a⊗b)_d = W_d + s·a_d⊗b_d``, so the body's own collectives (a ``psum`` of a
+   row-split kernel's partial products) carry the branch too.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
 7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its

@@ -1,6 +1,7 @@
 """Control-flow rules: the kernel followed into nested ``jit`` (inlined), functions with a custom
-derivative (inlined where the kernel's use is linear), ``remat``/``checkpoint``, ``scan``, ``cond``
-and ``while``, which are re-emitted through ``jax.checkpoint`` and ``jax.lax``."""
+derivative (inlined where the kernel's use is linear), ``remat``/``checkpoint``, ``scan``, ``cond``,
+``while`` and ``shard_map``, which are re-emitted through ``jax.checkpoint``, ``jax.lax`` and
+``jax.shard_map``."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from lorax_jax.transform.core import Context, Tracked, Walk, as_array, bind, evaluate, fallback_rule
-from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel, on_g
+from lorax_jax.transform.kernels import LoraKernel, QuantizedKernel, dequantized, on_g
 from lorax_jax.transform.quantized import slice_quantized
 from lorax_jax.transform.registry import rule
 
@@ -190,3 +192,67 @@ def _cut(xs: list[Any], *sizes: int) -> list[list[Any]]:
     pieces.append(xs[start:start + n])
     start += n
   return [*pieces, xs[start:]]
+
+
+def _shard_map_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
+  """The body sees each kernel's local block: the same axes, so the same roles."""
+  return walk(eqn.params["jaxpr"], ins)
+
+
+@rule("shard_map", kind="nested", walk=_shard_map_walk)
+def _shard_map_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """``jax.shard_map`` re-emitted, a kernel entering with its factors sharded like it.
+
+  A kernel on ``in_specs`` entry ``P(k_0, k_1, …)`` enters as its local block ``W_d`` with
+  ``a_d`` (``a`` ``[s…, r, in…]`` split by the entries of the kernel's stack and input axes, the
+  rank whole), ``b_d`` (by those of its stack and output axes) and DoRA's ``g_d`` (like ``b``).
+  Slicing commutes with the outer product over a whole rank, ``(W + s·a⊗b)_d = W_d + s·a_d⊗b_d``,
+  so the body evaluated by the engine on ``(W_d, a_d, b_d)`` computes what the model's body
+  computes on the merged kernel's block, collectives included: a body that splits the contracted
+  axis and ``psum``\\ s ``x_d·W_d`` sums the branch's partial products ``s·(x_d·a_d)·b`` in the
+  same ``psum``, and a ``g`` computed from the whole kernel scales each output block. The outputs
+  are the body's. Dropout keys are folded with the device's index over the manual axes (each
+  device draws its own masks: the body sees local blocks, so an unsharded run's masks cannot be
+  reproduced). A quantized kernel enters dequantized; a kernel leaving the body is merged there
+  (reported); a mixed batch (``adapter_ids``) is refused: its per-example ids are global, the
+  body's batch is a block of it.
+  """
+  p = eqn.params
+  specs, leaves, rebuilds = [], [], []
+  for x, spec in zip(invals, p["in_specs"]):
+    if isinstance(x, LoraKernel) and x.ids is not None:
+      raise ctx.refuse(x, "shard_map", "its adapter ids index the whole batch, the mapped body sees a block of it")
+    if isinstance(x, LoraKernel):  # its leaves w, a, b (, g), in the order _factor_specs gives
+      x = dataclasses.replace(x, w=dequantized(x.w))
+      specs += _factor_specs(x, spec)
+      leaves += jax.tree.leaves(x)
+      rebuilds.append((len(jax.tree.leaves(x)), jax.tree.structure(x).unflatten))
+    else:
+      specs.append(spec)
+      leaves.append(dequantized(x))
+      rebuilds.append((1, lambda v: v[0]))
+  keyed = ctx.rng is not None
+  names = tuple(a for a in p["mesh"].axis_names if a in p["newly_manual_axes"])
+
+  def body(*args):
+    rng, args = (args[0], args[1:]) if keyed else (None, args)
+    inner = dataclasses.replace(ctx, rng=rng).fold(lax.axis_index(names) if keyed else 0)
+    vals, start = [], 0
+    for n, rebuild in rebuilds:
+      vals.append(rebuild(args[start:start + n]))
+      start += n
+    outs = evaluate(p["jaxpr"], (), vals, inner)
+    return [as_array(x, inner, "a shard_map output") for x in outs]
+
+  mapped = jax.shard_map(body, mesh=p["mesh"], in_specs=(*(PartitionSpec(),) * keyed, *specs),
+                         out_specs=list(p["out_specs"]), axis_names=set(names), check_vma=p["check_vma"])
+  return list(mapped(*([ctx.rng] if keyed else []), *leaves))
+
+
+def _factor_specs(k: LoraKernel, spec: PartitionSpec) -> list[PartitionSpec]:
+  """The specs of ``k``'s ``w``, ``a``, ``b`` (and ``g``) for the kernel's ``spec``: each factor
+  axis gets the entry of the kernel axis it holds, the rank None."""
+  a_sub, b_sub, k_sub = k.subscripts()
+  entry = dict(zip(k_sub, (*spec, *(None,) * (len(k_sub) - len(spec)))))
+  of = lambda sub: PartitionSpec(*(entry.get(c) for c in sub))
+  return [spec, of(a_sub), of(b_sub), *([] if k.g is None else [of(b_sub)])]

@@ -44,6 +44,15 @@ def _convert_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> li
   return [k.with_w(bind(eqn, [k.w])[0])]
 
 
+@rule("pvary", kind="layout", walk=same_axes)
+def _pvary_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
+  """A replicated kernel marked varying over manual axes in a ``shard_map`` body (``check_vma``):
+  ``w`` marked, the factors as they are (the branch's own ops mark them where they meet a
+  varying operand, and differentiate that to the ``psum`` of their gradients)."""
+  (k,) = invals
+  return [k.with_w(bind(eqn, [k.w])[0])]
+
+
 @rule("transpose", kind="layout", walk=_permuted_axes)
 def _transpose_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
   (k,) = invals
