@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,7 @@ def _custom_derivative_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Cont
   memory-saving formulation, the usual reason to write one) gradients are the merged reference's
   within float rounding; a rule that is deliberately not the derivative (gradient clipping, a
   straight-through estimator) is not applied to this call, whose gradients are then the body's
-  true derivative, ``x``'s included.
+  true derivative, ``x``'s included. A warning names each such call, so this is never silent.
 
   A body that takes anything but a factored use of a kernel (``sin(W)``, a narrow cast, a
   primitive without a rule) is tried quietly first; the call is then bound again on the merged
@@ -66,11 +67,14 @@ def _custom_derivative_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Cont
   closed = eqn.params["call_jaxpr"]
   trial = dataclasses.replace(ctx, strict=False, quiet=True, fallbacks=set())
   outs = evaluate(closed.jaxpr, closed.consts, invals, trial)
+  name = f"{eqn.primitive.name} {closed.jaxpr.debug_info.func_name}"
   if not trial.fallbacks:
+    if not ctx.quiet:
+      warnings.warn(f"lorax_jax: {name} is factored, and JAX differentiates its body: its custom rule is not "
+                    "applied there (the LoRA gradients are exact when the rule is the body's derivative)", stacklevel=2)
     return outs
   inside = ", ".join(sorted({what for _, what in trial.fallbacks}))
-  return fallback_rule(eqn, invals, ctx, f"{eqn.primitive.name} {closed.jaxpr.debug_info.func_name} "
-                       f"(its body applies {inside} to a kernel)")
+  return fallback_rule(eqn, invals, ctx, f"{name} (its body applies {inside} to a kernel)")
 
 
 def _remat_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) -> list[Tracked | None]:
