@@ -95,6 +95,15 @@ class Context:
     ``strict`` (every use factored), in a mixed batch (no one merged kernel), a quantized kernel
     (merging would form its float copy, what QLoRA avoids), while dropout is active (the merged
     kernel cannot drop out the branch's input).
+
+    Args:
+      k: the kernel at this use.
+      use_flops: the FLOPs of the kernel's gradient at this use.
+      branch_flops: the FLOPs of the factored branch's forward.
+      what: the use's primitive, the start of the reason.
+
+    Returns:
+      ``"<what>, merged: cheaper (factored F FLOPs > merged M)"`` when merged is cheaper, else None.
     """
     if (self.strict or k.ids is not None or isinstance(k.w, QuantizedKernel)
         or (self.rng is not None and self.rate > 0.0)):
