@@ -272,6 +272,8 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
     "tests/test_dropout.py::test_dropout_einsum_equals_autodiff_through_the_mask":
         (("0.05-ABc,cR->ABR", "0.05-ABcd,cdR->ABR", "0.05-cA,cR->RA", "0.05-lAc,lcR->lAR"), "one rate"),
     "tests/test_io.py::test_dtypes": (("float32",), "one dtype"),
+    "tests/test_engine_cost.py::test_zoo_step_flops_at_most_merged":
+        (("cnn", "linen_conv_stride_dilation", "equinox_model"), "the convolutions; the other zoo models in CI"),
     "tests/test_never_destroy.py::test_rng_that_is_not_a_key_is_named": (("0", "seed"), "two of the bad keys"),
 }
 

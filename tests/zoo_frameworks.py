@@ -23,6 +23,7 @@ from flax import nnx
 from jax import lax
 
 import lorax_jax as lj
+import zoo
 
 R, ALPHA = 2, 3.0
 
@@ -112,6 +113,26 @@ def hand_merge(case: Case, lora: Any) -> Any:
       return w
     return w + delta(node["a"], node["b"], axes_of(case, path, np.ndim(w)), scale).astype(w.dtype)
   return jax.tree_util.tree_map_with_path(update, case.params)
+
+
+def sin_loss(out: Any) -> jax.Array:
+  """A scalar of every output leaf, nonlinear so that gradients see each output."""
+  return sum(jnp.mean(jnp.sin(y)) for y in jax.tree.leaves(out))
+
+
+def check_against_hand_merge(case: Case, cfg: lj.LoraConfig, lora: Any) -> None:
+  """Strict factored outputs and LoRA gradients equal those of the hand-merged model (1e-5),
+  and nothing was merged."""
+  factored = lj.lora_transform(case.apply_fn, case.params, cfg, strict=True)
+  merged = lambda l: case.apply_fn(hand_merge(case, l), *case.inputs)
+  want = merged(lora)
+  zoo.close(factored(case.params, lora, *case.inputs), want)
+  # The update is not negligible: the adapted model differs from the base one.
+  assert not np.allclose(np.asarray(jax.tree.leaves(want)[0]),
+                         np.asarray(jax.tree.leaves(case.apply_fn(case.params, *case.inputs))[0]), atol=1e-3)
+  zoo.close(jax.grad(lambda l: sin_loss(factored(case.params, l, *case.inputs)))(lora),
+            jax.grad(lambda l: sin_loss(merged(l)))(lora))
+  assert factored.fallbacks == set()
 
 
 def adapted_paths(case: Case, lora: Any) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:

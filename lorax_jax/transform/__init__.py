@@ -28,9 +28,10 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    ``r``; a dot contracting axes of both factors is merged for that use. ``ragged_dot`` with an
    expert stack ``[E, in, out]``: two ragged dots with the same group sizes. For
    ``conv_general_dilated`` ``A`` is a conv with the layer's window into ``r`` channels and
-   ``B`` a 1×1 conv; for an embedding ``gather`` (``[vocab, embed]`` or ``[embed, vocab]``, the
-   rows collapsed or kept as size-1 axes) the rows of the factor owning the indexed axes are
-   gathered, then multiplied by the other. A target limited by
+   ``B`` a 1×1 conv (grouped: ``A`` repeated per group, ``B``'s columns per group); for an
+   embedding ``gather`` (``[vocab, embed]`` or ``[embed, vocab]``, the rows collapsed or kept as
+   size-1 axes) the rows of the factor owning the indexed axes are gathered, then multiplied by
+   the other. A target limited by
    ``LoraConfig.target_uses`` gets no branch at its other uses (PEFT's tied embedding).
    DoRA (``LoraConfig.use_dora``) is a per-output scale on the same uses: ``g ⊙ (x·W + branch)``
    with ``g = m / ‖W + s · A ⊗ B‖`` computed once per call from ``A·W`` and ``A·Aᵀ``
@@ -49,6 +50,9 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    row-split kernel's partial products) carry the branch too.
 6. A kernel that reaches any other operation is merged for that use only
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
+   So is a use where a training step is cheaper merged, by one cost rule from static shapes
+   (`core.Context.cheaper_merged`: factored ``3 · branch`` FLOPs against ``use + 6·r·|W|``),
+   except with ``strict=True``, in a mixed batch, for a quantized kernel or under dropout.
 7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its
    float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
    reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a

@@ -212,11 +212,14 @@ def lora_transform(apply_fn: Callable[..., Any], params: Any, cfg: LoraConfig, *
     cfg: the `LoraConfig`.
     mode: ``"factored"`` (the engine, never forms ``W'``) or ``"reference"``
       (``apply_fn(merge(params, lora, cfg), ...)``; no LoRA dropout).
-    strict: raise instead of merging a kernel that reaches an unsupported operation.
+    strict: raise instead of merging a kernel that reaches an unsupported operation, and factor
+      every use the engine has a rule for (the cost rule, which merges a use where a training
+      step is cheaper merged, is off).
 
   Returns:
     A pure function with ``apply_fn``'s outputs. In factored mode it is a `LoraApply`
-    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that had to be merged. Built with the
+    whose ``fallbacks`` lists ``(kernel, operation)`` pairs that were merged (no rule, or
+    cheaper merged: docs/engine.md's cost rule). Built with the
     config `stack_adapters` returns, it runs a stacked tree as a mixed batch:
     ``lora_apply(params, stacked, x, adapter_ids=ids)``, example ``n`` through adapter ``ids[n]``
     (-1: the base model). The batch is axis 0 of the activation entering each use, checked at

@@ -4,6 +4,7 @@ smallest."""
 
 from __future__ import annotations
 
+import math
 import string
 from typing import Any
 
@@ -64,8 +65,14 @@ def _dot_general_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -
   if k.g is not None and not set(g_units) <= set(out_sub):
     return fallback_rule(eqn, invals, ctx, "dot_general contracting a DoRA kernel's output axes")
   (f, f_sub), (g, g_sub) = ((k.b, b_sub), (k.a, a_sub)) if contracted == {"b"} else ((k.a, a_sub), (k.b, b_sub))
+  spec = f"{x_sub},{f_sub},{g_sub}->{out_sub}"
+  sizes = {**dict(zip(x_sub, x.shape)), **dict(zip(f_sub, f.shape)), **dict(zip(g_sub, g.shape))}
+  reason = ctx.cheaper_merged(k, _einsum_flops(f"{x_sub},{k_sub}->{out_sub}", sizes),
+                              sum(_einsum_flops(s, sizes) for s in _two_steps(spec)), "dot_general")
+  if reason:
+    return fallback_rule(eqn, invals, ctx, reason)
   key = ctx.dropout_key(x, k)
-  branch = _two_step(f"{x_sub},{f_sub},{g_sub}->{out_sub}", x, f, g, k, ctx, key,
+  branch = _two_step(spec, x, f, g, k, ctx, key,
                      precision=eqn.params.get("precision"),
                      preferred_element_type=eqn.params.get("preferred_element_type"),
                      out_sharding=eqn.params.get("out_sharding"))
@@ -109,16 +116,28 @@ def _two_step(spec: str, x: jax.Array, f: jax.Array, g: jax.Array, k: LoraKernel
   ``dot`` holds the use's ``precision``, ``preferred_element_type`` (kept where it widens the
   branch dtype) and ``out_sharding`` (for the second product, shaped like the output).
   """
+  first, second = _two_steps(spec)
+  dtype = ctx.dtype(k)
+  pet = _widening(dot.get("preferred_element_type"), dtype)
+  t = dropout_einsum(first, x.astype(dtype), f.astype(dtype), key, ctx.rate,
+                     precision=dot.get("precision"), preferred_element_type=pet)
+  return jnp.einsum(second, t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
+                    precision=dot.get("precision"), preferred_element_type=pet,
+                    out_sharding=dot.get("out_sharding"))
+
+
+def _two_steps(spec: str) -> tuple[str, str]:
+  """``"x,f,g->out"`` as its two products, ``"x,f->t"`` and ``"t,g->out"``: the intermediate
+  ``t`` keeps only the letters of ``x`` and ``f`` that the output or ``g`` needs."""
   ins, out = spec.split("->")
   x_sub, f_sub, g_sub = ins.split(",")
   t_sub = "".join(dict.fromkeys(c for c in x_sub + f_sub if c in out + g_sub))
-  dtype = ctx.dtype(k)
-  pet = _widening(dot.get("preferred_element_type"), dtype)
-  t = dropout_einsum(f"{x_sub},{f_sub}->{t_sub}", x.astype(dtype), f.astype(dtype), key, ctx.rate,
-                     precision=dot.get("precision"), preferred_element_type=pet)
-  return jnp.einsum(f"{t_sub},{g_sub}->{out}", t * jnp.asarray(k.scale, t.dtype), g.astype(t.dtype),
-                    precision=dot.get("precision"), preferred_element_type=pet,
-                    out_sharding=dot.get("out_sharding"))
+  return f"{x_sub},{f_sub}->{t_sub}", f"{t_sub},{g_sub}->{out}"
+
+
+def _einsum_flops(spec: str, sizes: dict[str, int]) -> int:
+  """The FLOPs of a two-operand einsum: 2 × the product of the sizes of all its distinct letters."""
+  return 2 * math.prod(sizes[c] for c in set(spec) - set(",->"))
 
 
 def _widening(preferred: Any, dtype: Any) -> Any:
@@ -159,8 +178,12 @@ def _ragged_dot_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) ->
     return fallback_rule(eqn, invals, ctx, "ragged_dot of a non-canonical expert kernel")
   if k.g is not None:
     return fallback_rule(eqn, invals, ctx, "ragged_dot of a DoRA kernel")
-  base = bind(eqn, [x, k.w, groups])[0]
   f, g = (k.a, k.b) if k.labels[1][0] == "a" else (k.b, k.a)
+  (m, d_in), (d_out, r) = x.shape, (g.shape[2], g.shape[1])
+  reason = ctx.cheaper_merged(k, 2 * m * d_in * d_out, 2 * m * r * (d_in + d_out), "ragged_dot_general")
+  if reason:
+    return fallback_rule(eqn, invals, ctx, reason)
+  base = bind(eqn, [x, k.w, groups])[0]
   dtype = ctx.dtype(k)
   pet = _widening(eqn.params.get("preferred_element_type"), dtype)
   dot = dict(precision=eqn.params.get("precision"), preferred_element_type=pet,
@@ -181,7 +204,24 @@ def _conv_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) ->
 
 @rule("conv_general_dilated", kind="use", walk=_conv_walk)
 def _conv_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
-  """``conv(x, W) + s · conv(dropout(x), A) ·_features B``: A a conv into r channels, B a 1×1 conv."""
+  """``conv(x, W) + s · conv_G(dropout(x), [A; …; A]) ·_group B``, grouped or not.
+
+  The kernel is ``W [window…, C/G, O]`` (in its own dimension order), ``G`` the
+  ``feature_group_count`` (1: a plain conv; ``C``: depthwise), output feature ``o`` in group
+  ``g(o) = o // (O/G)``, reading input channels ``g·C/G + c``. With ``ΔW[w, c, o] = s · Σ_r
+  A[r, w, c] · B[r, o]`` (``a`` is ``[r, window…, C/G]``, shared by all groups; ``b`` is ``[r, O]``),
+  the update's output at position ``p`` is
+
+      Σ_{w,c} x[p+w, g(o)·C/G + c] · ΔW[w, c, o] = s · Σ_r B[r, o] · T[p, g(o), r],
+      T[p, g, r] = Σ_{w,c} x[p+w, g·C/G + c] · A[r, w, c],
+
+  and ``T`` is the same grouped conv (strides, dilations, padding, ``G``) of ``x`` with ``A``
+  repeated once per group (``G·r`` output channels, group ``g``'s being ``A``); then each group's
+  ``r`` channels meet that group's columns of ``B`` (``[r, G, O/G]``). Exact, and for ``G = 1``
+  the plain ``A`` conv into ``r`` channels and a 1×1 conv ``B``. FLOPs per output position:
+  ``2·r·(window·C + O)`` against the use's ``2·O·window·C/G``, so a depthwise conv is usually
+  cheaper merged (`Context.cheaper_merged` decides, and reports it).
+  """
   x, k = invals
   dn = eqn.params["dimension_numbers"]
   out_feature = dn.rhs_spec[0]
@@ -190,18 +230,26 @@ def _conv_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[
   if isinstance(k, LoraKernel) and k.ids is not None:
     raise ctx.refuse(k, "conv_general_dilated", "mixed batches have a per-example rule for dot_general only")
   if (isinstance(x, LoraKernel) or not isinstance(k, LoraKernel) or k.n_stack
-      or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2
-      or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1):
+      or k.labels[out_feature] != ("b", 0) or k.b.ndim != 2 or eqn.params["batch_group_count"] != 1):
     return fallback_rule(eqn, invals, ctx)
+  groups, (r, out) = eqn.params["feature_group_count"], k.b.shape
+  positions, window = math.prod(eqn.outvars[0].aval.shape) // out, k.w.size // out
+  reason = ctx.cheaper_merged(k, 2 * positions * out * window, 2 * positions * r * (groups * window + out),
+                              "conv_general_dilated")
+  if reason:
+    return fallback_rule(eqn, invals, ctx, reason)
   base = bind(eqn, [x, k.w])[0]
   dtype = ctx.dtype(k)
   key = ctx.dropout_key(x, k)
-  # `a` laid out as the kernel, with r in place of the output features.
+  # `a` laid out as the kernel, with r in place of the output features, once per group.
   perm = [0 if j == out_feature else 1 + k.labels[j][1] for j in range(k.w.ndim)]
-  t = dropout_bilinear(lambda u, v: bind(eqn, [u, v], preferred_element_type=None)[0],
-                       x.astype(dtype), k.a.astype(dtype).transpose(perm), key, ctx.rate)
-  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1) @ k.b.astype(t.dtype)
-  branch = jnp.moveaxis(t, -1, dn.out_spec[1])
+  a = jnp.concatenate([k.a.astype(dtype).transpose(perm)] * groups, axis=out_feature)
+  t = dropout_bilinear(lambda u, v: bind(eqn, [u, v], preferred_element_type=None)[0], x.astype(dtype), a, key,
+                       ctx.rate)
+  t = jnp.moveaxis(t * jnp.asarray(k.scale, t.dtype), dn.out_spec[1], -1)
+  t = jnp.einsum("...gr,rgo->...go", t.reshape(*t.shape[:-1], groups, r),
+                 k.b.astype(t.dtype).reshape(r, groups, out // groups))
+  branch = jnp.moveaxis(t.reshape(*t.shape[:-2], out), -1, dn.out_spec[1])
   if k.g is None:
     return [base + branch.astype(base.dtype)]
   return [dora_output(k, ctx, x, key, base, branch, lambda u, v: bind(eqn, [u, v])[0],
@@ -246,6 +294,10 @@ def _gather_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> lis
     return fallback_rule(eqn, invals, ctx)
   if k.g is not None and g_side != "b":
     return fallback_rule(eqn, invals, ctx, "gather of DoRA rows (an [out, in] table)")
+  out_size = math.prod(eqn.outvars[0].aval.shape)  # the kernel gradient here: a scatter-add, one add each
+  reason = ctx.cheaper_merged(k, out_size, 2 * k.a.shape[0] * out_size, "gather")
+  if reason:
+    return fallback_rule(eqn, invals, ctx, reason)
   base = bind(eqn, [k.w, ids])[0]
   f, g = (k.a, k.b) if g_side == "b" else (k.b, k.a)
   dtype = ctx.dtype(k)

@@ -77,6 +77,48 @@ class Context:
     self.uses[k.index] = use + 1
     return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
 
+  def cheaper_merged(self, k: LoraKernel, use_flops: float, branch_flops: float, what: str) -> str | None:
+    """The cost rule: the reason to merge ``k`` for this use by ``what`` (the primitive) when a
+    training step is cheaper so, else None. One formula for every use; each use rule supplies
+    ``use_flops``, the FLOPs of the kernel's gradient at this use (for a product, ``dot_general``,
+    a conv, ``ragged_dot``: the product's own FLOPs; for an embedding ``gather``: the scatter-add
+    of the cotangent, one per output element), and ``branch_flops``, the FLOPs of the factored
+    branch's forward (its products, two per use).
+
+    A training step differentiates the factors (the frozen step, forward and backward to the
+    activations, is the same either way). Factored, the branch runs forward, and backward to its
+    input and to both factors, each about its forward's cost; merged, ``W' = W + s · A ⊗ B`` is
+    formed (``2r·|W|``), the use's kernel gradient ``∂W'`` is computed, and ``∂A = s · ∂W'·Bᵀ``,
+    ``∂B = s · Aᵀ·∂W'`` (``2r·|W|`` each)::
+
+        factored = 3 · branch_flops
+        merged   = use_flops + 6 · r · |W|          merge when merged < factored
+
+    Elementwise work (the scale, adding the branch) is left out. A plain LoRA dot with ``M``
+    rows and ``W [in, out]`` is merged when ``6·M·r·(in + out) > 2·M·in·out + 6·r·in·out``: with
+    ``in = out = d`` about ``r > d / 6`` when ``M ≫ d``, never for small ``M``. Never merged: with
+    ``strict`` (every use factored), in a mixed batch (no one merged kernel), a quantized kernel
+    (merging would form its float copy, what QLoRA avoids), while dropout is active (the merged
+    kernel cannot drop out the branch's input).
+
+    Args:
+      k: the kernel at this use.
+      use_flops: the FLOPs of the kernel's gradient at this use.
+      branch_flops: the FLOPs of the factored branch's forward.
+      what: the use's primitive, the start of the reason.
+
+    Returns:
+      ``"<what>, merged: cheaper (factored F FLOPs > merged M)"`` when merged is cheaper, else None.
+    """
+    if (self.strict or k.ids is not None or isinstance(k.w, QuantizedKernel)
+        or (self.rng is not None and self.rate > 0.0)):
+      return None
+    factored = 3 * branch_flops
+    merged = use_flops + 6 * k.a.shape[k.rank_axis] * k.w.size
+    if merged >= factored:
+      return None
+    return f"{what}, merged: cheaper (factored {factored:.0f} FLOPs > merged {merged:.0f})"
+
   def refuse(self, k: LoraKernel, what: str, why: str) -> ValueError:
     """The error for a mixed batch (``adapter_ids``) that cannot run ``k``'s use by ``what``."""
     return ValueError(f"lora_apply(adapter_ids=...): kernel {self.names[k.index]} reaches `{what}`: {why}. "
