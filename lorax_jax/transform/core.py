@@ -99,7 +99,8 @@ class Context:
     ``in = out = d`` about ``r > d / 6`` when ``M ≫ d``, never for small ``M``. Never merged: with
     ``strict`` (every use factored), in a mixed batch (no one merged kernel), a quantized kernel
     (merging would form its float copy, what QLoRA avoids), while dropout is active (the merged
-    kernel cannot drop out the branch's input).
+    kernel cannot drop out the branch's input), in a ``quiet`` trial of a custom-derivative body
+    (whose call is then factored or merged whole, as ``strict`` or not decides outside it).
 
     Args:
       k: the kernel at this use.
@@ -110,7 +111,7 @@ class Context:
     Returns:
       ``"<what>, merged: cheaper (factored F FLOPs > merged M)"`` when merged is cheaper, else None.
     """
-    if (self.strict or k.ids is not None or isinstance(k.w, QuantizedKernel)
+    if (self.strict or self.quiet or k.ids is not None or isinstance(k.w, QuantizedKernel)
         or (self.rng is not None and self.rate > 0.0)):
       return None
     factored = 3 * branch_flops
