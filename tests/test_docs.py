@@ -7,7 +7,8 @@
   ``text``) are not run.
 - Every test the docs cite (``tests/FILE.py::NAME``, a ``[param id]`` after it) exists, and every
   relative link points at a file.
-- The README keeps its two commands and stays short; docs/index.md lists every page.
+- The README keeps its two commands and stays short; docs/index.md lists every page, docs/testing.md
+  every test file.
 - examples/quickstart.py trains, saves, loads and merges with the same logits three ways.
 """
 
@@ -115,6 +116,14 @@ def test_index_and_readme_list_every_page():
   index, readme = read(os.path.join("docs", "index.md")), read("README.md")
   assert pages and all(f"]({p})" in index for p in pages), pages
   assert all(f"](docs/{p})" in readme for p in pages), pages
+
+
+def test_testing_page_lists_every_test_file():
+  """docs/testing.md's table has a row for each ``tests/test_*.py`` (a new file gets one)."""
+  table = read(os.path.join("docs", "testing.md"))
+  files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
+  missing = [f for f in files if f"`{f}`" not in table]
+  assert files and not missing, f"docs/testing.md has no row for {missing}"
 
 
 def test_readme_keeps_its_two_commands():
