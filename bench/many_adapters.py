@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -111,8 +112,8 @@ def alone_loss(model: Any, params: Any, pairs: list[tuple[Any, lorax_jax.LoraCon
     lora, cfg = pairs[j]
     if cfg not in sums:
       apply = lorax_jax.lora_transform(model.apply, params, cfg.replace(dropout=0.0))
-      sums[cfg] = jax.jit(lambda lo, w, apply=apply: causal_lm_loss_sums(apply, params, lo, tokens, w))
-    t, c = sums[cfg](lora, jnp.asarray(weights * (ids == j)[:, None]))
+      sums[cfg] = jax.jit(functools.partial(causal_lm_loss_sums, apply))
+    t, c = sums[cfg](params, lora, jnp.asarray(tokens), jnp.asarray(weights * (ids == j)[:, None]))
     total, count = total + float(t), count + float(c)
   return total / max(count, 1.0)
 
@@ -132,13 +133,15 @@ def train_rows(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: 
 
 
 def train_variants(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,
-                   checks: dict[str, float]) -> list[tuple[str, Variant, Callable[..., Any]]]:
-  """``(name, step, loss)`` of each training row, the checks (module docstring) written to ``checks``."""
+                   checks: dict[str, float], counts: tuple[int, ...] = COUNTS
+                   ) -> list[tuple[str, Variant, Callable[..., Any]]]:
+  """``(name, step, loss)`` of each training row (plain, then stacked trees of 1 and of each of
+  ``counts`` adapters), the checks (module docstring) written to ``checks``."""
   batch = tokens.shape[0]
   plain, plain_loss = jax_step(model, params, lora, tokens, weights, DROPOUT, 0, None)
   out = [("train, 1 adapter (plain tree)", plain, plain_loss)]
   want_loss, want_grad = plain_loss(lora, grad=True)
-  for k in (1, *COUNTS):
+  for k in (1, *counts):
     pairs = adapters(params, lora, k)
     stacked, cfg = lorax_jax.stack_adapters(params, pairs)
     ids = cycling_ids(batch, k)
