@@ -89,6 +89,7 @@ def cycling_ids(batch: int, k: int) -> np.ndarray:
 
 
 def timed(c: Compiled, name: str, group: str) -> Row:
+  """A `Row` running the compiled ``c``, its compiled cost kept (and printed)."""
   cost = {"flops": c.flops, "bytes_accessed": c.bytes_accessed, "temp_bytes": c.temp_bytes, "compile_s": c.compile_s}
   print(f"[many] compiled {name}: {c.flops / 1e9:.2f} GFLOP, {c.bytes_accessed / 1e9:.3f} GB accessed, "
         f"temp {c.temp_bytes / 2**20:.0f} MiB, {c.compile_s:.1f} s", flush=True)
@@ -282,6 +283,12 @@ def branch_rows(batch: int, seq: int, width: int, rank: int, checks: dict[str, f
 
 
 TOLERANCE = 1e-4
+PEFT_TOLERANCE = 1e-3  # PEFT's logits after 30 float32 layers in another framework: 8e-5 measured here
+
+
+def tolerance(check: str) -> float:
+  """The largest relative difference the check named ``check`` allows."""
+  return PEFT_TOLERANCE if "PEFT" in check else TOLERANCE
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -317,9 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + branch_rows(args.batch, args.seq, width, max(c.r for c in CFGS), checks))
   print(f"[many] checks (relative differences): {checks}", flush=True)
   print(f"[many] decode agreement: {agreement}", flush=True)
-  bad = {k: v for k, v in checks.items() if not v <= TOLERANCE}
+  bad = {k: v for k, v in checks.items() if not v <= tolerance(k)}
   if bad:
-    raise RuntimeError(f"rows that should compute the same thing differ by more than {TOLERANCE}: {bad}")
+    raise RuntimeError(f"rows that should compute the same thing differ by more than {TOLERANCE} "
+                       f"({PEFT_TOLERANCE} against PEFT): {bad}")
   times = round_robin({r.name: r.run for r in rows}, args.reps, args.warmup)
   out = {}
   for r in rows:
