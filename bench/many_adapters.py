@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   out = {}
   for r in rows:
     wall = statistics.median(w for w, _ in times[r.name])
-    out[r.name] = {"reference": r.group, "median_s": wall, "cpu_median_s": statistics.median(c for _, c in times[r.name]),
+    cpu = statistics.median(c for _, c in times[r.name])
+    out[r.name] = {"reference": r.group, "median_s": wall, "cpu_median_s": cpu,
                    "times_s": [w for w, _ in times[r.name]], **r.cost,
                    **({"tokens_per_s": r.tokens / wall} if r.tokens else {})}
   meta = {"jax": jax.__version__, "backend": jax.default_backend(), "torch_device": device, "cpus": os.cpu_count(),
