@@ -31,7 +31,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -89,40 +89,66 @@ def finetune_max_targets(batch: int) -> int | None:
   return finetune.work_options(s, tokenizer, train, held_out)["max_targets"]
 
 
+def main_job_config(dropout: float = 0.0) -> lorax_jax.LoraConfig:
+  """The main job's adapter: r=8, alpha 16 on `TARGETS`, LoRA dropout ``dropout``."""
+  return lorax_jax.LoraConfig(r=8, alpha=16, dropout=dropout, targets=list(TARGETS))
+
+
 def jax_step(model: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray, dropout: float,
-             prefix_len: int, max_targets: int | None, scan_layers: bool = False
+             prefix_len: int, max_targets: int | None, scan_layers: bool = False, *,
+             cfg: lorax_jax.LoraConfig | None = None, adapter_ids: np.ndarray | None = None
              ) -> tuple[Variant, Callable[..., Any]]:
-  """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check.
+  """The finetune train step as a `Variant`, and ``loss(lora)`` (no dropout) for the check
+  (``loss(lora, grad=True)``: ``(loss, gradient)``, the gradient in the training layout).
 
   With ``scan_layers`` the layers' params and factors are stored stacked, as finetune trains them
-  (`lorax_jax.apps.finetune.training_layout`); ``loss`` takes the per-layer factors either way."""
+  (`lorax_jax.apps.finetune.training_layout`); ``loss`` takes the per-layer factors either way.
+  ``cfg`` (default `main_job_config`) is the adapter's config, its dropout replaced by ``dropout``.
+  With ``adapter_ids`` (int ``[batch]``), ``lora`` is a stacked tree (`lorax_jax.stack_adapters`,
+  ``cfg`` the config it returned) and the step is a mixed batch: example ``n`` through adapter
+  ``adapter_ids[n]``, the optimizer (clipping included) per adapter (`lorax_jax.per_adapter`); the
+  ids are an argument of the step, not a constant of it."""
   from lorax_jax.apps.finetune import training_layout
 
-  cfg = lorax_jax.LoraConfig(r=8, alpha=16, dropout=dropout, targets=list(TARGETS))
+  cfg = (cfg or main_job_config()).replace(dropout=dropout)
   model, params, lora, cfg = training_layout(scan_layers, model, params, lora, cfg)
   lora_apply = lorax_jax.lora_transform(model.apply, params, cfg)
   opt = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(LR, weight_decay=0.0))
+  if adapter_ids is not None:
+    opt = lorax_jax.per_adapter(opt)
 
-  def loss_fn(lo, params, tokens, weights, rng):
-    total, count = causal_lm_loss_sums(lora_apply, params, lo, tokens, weights, rng,
+  def loss_fn(lo, params, tokens, weights, rng, ids):
+    apply = lora_apply if ids is None else functools.partial(lora_apply, adapter_ids=ids)
+    total, count = causal_lm_loss_sums(apply, params, lo, tokens, weights, rng,
                                        prefix_len=prefix_len, max_targets=max_targets)
     return total / jnp.maximum(count, 1.0)
 
-  def step(lo, opt_state, params, tokens, weights, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(lo, params, tokens, weights, rng)
+  def step(lo, opt_state, params, tokens, weights, rng, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(lo, params, tokens, weights, rng, ids)
     updates, opt_state = opt.update(grads, opt_state, lo)
     return optax.apply_updates(lo, updates), opt_state, loss
 
-  args = (lora, opt.init(lora), params, jnp.asarray(tokens), jnp.asarray(weights), jax.random.key(1))
+  ids = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+  args = (lora, opt.init(lora), params, jnp.asarray(tokens), jnp.asarray(weights), jax.random.key(1), ids)
   check = jax.jit(functools.partial(loss_fn, rng=None))
+  check_grad = jax.jit(jax.value_and_grad(functools.partial(loss_fn, rng=None)))
   layout = stack_layers if scan_layers else (lambda tree: tree)
-  return Variant("", step, args), lambda lo: check(layout(lo), params, args[3], args[4])
+
+  def loss(lo: Any, grad: bool = False) -> Any:
+    return (check_grad if grad else check)(layout(lo), params, args[3], args[4], ids=ids)
+  return Variant("", step, args), loss
 
 
-def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,
-              dropout: float, device: str) -> tuple[Callable[[], Any], Callable[[], float]]:
-  """``(step, loss)`` of PEFT on transformers' Llama holding ``params`` and the factors ``lora``
-  (PEFT's ``lora_A = a``, ``lora_B = bᵀ``)."""
+def peft_name(j: int) -> str:
+  """PEFT's name of adapter ``j`` in `peft_model`: ``"default"``, then ``"adapter_1"``, ..."""
+  return "default" if j == 0 else f"adapter_{j}"
+
+
+def peft_model(config: Any, params: Any, adapters: Sequence[tuple[Any, lorax_jax.LoraConfig]], device: str) -> Any:
+  """transformers' ``LlamaForCausalLM`` holding ``params``, with one PEFT LoRA adapter per
+  ``(lora, cfg)`` of ``adapters`` (q/k/v/o targets; its ``r``, ``alpha`` and dropout), adapter ``j``
+  named `peft_name` ``(j)`` and holding ``lora``'s factors (PEFT's ``lora_A = a``,
+  ``lora_B = bᵀ``); the first is active, in train mode."""
   import peft
   import torch
   import transformers
@@ -134,17 +160,34 @@ def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: 
   base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
   state = {k: torch.tensor(np.asarray(v)) for k, v in tensors_from_params(params, LLAMA_PATH_MAP).items()}
   base.load_state_dict(state, strict=False)
-  model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
-                                                    target_modules=list(TARGETS))).to(device).train()
-  factors = {path_str(tuple(k.key for k in p)): np.asarray(x)
-             for p, x in jax.tree_util.tree_flatten_with_path(lora)[0]}
-  with torch.no_grad():
-    for name, module in model.named_modules():
-      if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-        layer = name.split("layers.")[1].split(".")[0]
-        ours = f"params/model/layers_{layer}/self_attn/{name.rsplit('.', 1)[1]}/kernel"
-        module.lora_A["default"].weight.copy_(torch.tensor(factors[f"{ours}/a"]))
-        module.lora_B["default"].weight.copy_(torch.tensor(factors[f"{ours}/b"]).T)
+  model = None
+  for j, (lora, cfg) in enumerate(adapters):
+    peft_cfg = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+                               target_modules=list(TARGETS))
+    if model is None:
+      model = peft.get_peft_model(base, peft_cfg)
+    else:
+      model.add_adapter(peft_name(j), peft_cfg)
+    factors = {path_str(tuple(k.key for k in p)): np.asarray(x)
+               for p, x in jax.tree_util.tree_flatten_with_path(lora)[0]}
+    with torch.no_grad():
+      for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and peft_name(j) in getattr(module, "lora_A", {}):
+          layer = name.split("layers.")[1].split(".")[0]
+          ours = f"params/model/layers_{layer}/self_attn/{name.rsplit('.', 1)[1]}/kernel"
+          module.lora_A[peft_name(j)].weight.copy_(torch.tensor(factors[f"{ours}/a"]))
+          module.lora_B[peft_name(j)].weight.copy_(torch.tensor(factors[f"{ours}/b"]).T)
+  model.set_adapter(peft_name(0))
+  return model.to(device).train()
+
+
+def peft_step(config: Any, params: Any, lora: Any, tokens: np.ndarray, weights: np.ndarray,
+              dropout: float, device: str) -> tuple[Callable[[], Any], Callable[[], float]]:
+  """``(step, loss)`` of PEFT on transformers' Llama holding ``params`` and the factors ``lora``
+  of the main job's adapter (`peft_model`)."""
+  import torch
+
+  model = peft_model(config, params, [(lora, main_job_config(dropout))], device)
   trainable = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
   ids = torch.as_tensor(tokens[:, :-1], device=device)
@@ -205,8 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   tokens, weights, prefix_len = chat_batch(config.vocab_size, args.batch, args.seq)
   max_targets = max(0 if args.tiny else finetune_max_targets(args.batch) or 0,
                     max_targets_per_batch(weights, args.batch))
-  cfg = lorax_jax.LoraConfig(r=8, alpha=16, targets=list(TARGETS))
-  lora = nonzero_lora(lorax_jax.init_lora(params, cfg, jax.random.key(0)), jax.random.key(2))
+  lora = nonzero_lora(lorax_jax.init_lora(params, main_job_config(), jax.random.key(0)), jax.random.key(2))
   options = {"plain": (0, None, False), "options": (prefix_len, max_targets, True)}
   if args.all:
     options |= {"+prompt +targets": (prefix_len, max_targets, False), "+prompt": (prefix_len, None, False),

@@ -73,6 +73,10 @@ SLOW: dict[str, str] = {
         "bench/gpu.sh end to end at tiny sizes, with PEFT and Qwix (minutes)",
     "tests/test_bench.py::test_passes_attribute_every_byte_and_name_the_small_rank_dots":
         "two compiled GPT steps analysed pass by pass",
+    "tests/test_bench.py::test_many_adapters_rows_compute_the_same_loss_and_gradient":
+        "nine compiled toy-Llama steps and losses (35 s of CPU; 156 s wall at load average 10)",
+    "tests/test_bench.py::test_many_adapters_script_end_to_end":
+        "bench.many_adapters --tiny --quick: 12 compiled steps, decodes and PEFT (about 3 minutes on 2 loaded cores)",
     "tests/test_examples.py":
         "the example scripts end to end: a fine-tune, then generation three ways",
     "tests/test_sharding.py::test_eight_host_devices_in_a_subprocess":

@@ -121,3 +121,74 @@ def test_gpu_script_parses_and_calls_modules_that_exist():
   # Nothing is fetched there: every pip call installs from carried wheels only.
   assert all("--no-index" in line for line in text.splitlines() if re.search(r"\bpip install\b", line)
              and not line.lstrip().startswith("#"))
+
+
+def _toy_llama():
+  """A one-layer Llama with a small vocabulary, its params, and a batch of 4 x 12 tokens."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from lorax_jax.models.llama import Llama, LlamaConfig
+
+  config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+  model = Llama(config)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.vocab_size, (4, 13)).astype(np.int32)
+  weights = (rng.random((4, 13)) < 0.7).astype(np.float32)
+  return model, params, tokens, weights
+
+
+def test_many_adapters_rows_compute_the_same_loss_and_gradient():
+  """`bench.many_adapters` at a toy shape: the stacked one-adapter step (ids all 0) computes the plain
+  step's loss, gradient and update; each mixed batch's loss is each adapter alone on its own rows;
+  sort + ragged_dot gives the gather's branch and gradients."""
+  import jax
+  import numpy as np
+
+  import lorax_jax
+  from bench import many_adapters as ma
+  from bench.main import main_job_config
+  from bench.variants import nonzero_lora
+
+  model, params, tokens, weights = _toy_llama()
+  lora = nonzero_lora(lorax_jax.init_lora(params, main_job_config(), jax.random.key(0)), jax.random.key(2))
+  checks = {}
+  rows = ma.train_variants(model, params, lora, tokens, weights, checks, counts=(4,))
+  assert [name.split(" (")[0] for name, _, _ in rows] == [
+      "train, 1 adapter", "train, 1 adapter stacked", "train, 4 adapters stacked"]
+  assert set(checks) == {"train 1 stacked: loss vs plain", "train 1 stacked: gradient vs plain",
+                         "train 4 mixed: loss vs each adapter alone"}
+  assert all(v < 1e-5 for v in checks.values()), checks
+  # The timed steps themselves (dropout 0.05, the same key): one step of each from the same start.
+  (_, plain, _), (_, one, _) = rows[:2]
+  new_plain, _, loss_plain = jax.jit(plain.fn)(*plain.args)
+  new_one, _, loss_one = jax.jit(one.fn)(*one.args)
+  assert abs(float(loss_one) - float(loss_plain)) <= 1e-6 * abs(float(loss_plain))
+  for got, want in zip(jax.tree.leaves(ma.adapter_factors(new_one, 0)), jax.tree.leaves(new_plain)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for grad in (False, True):
+    gather, grouped = (jax.jit(v.fn)(*v.args) for v in ma.branch_variants(4, 6, 32, 16, 3, grad))
+    for got, want in zip(jax.tree.leaves(grouped), jax.tree.leaves(gather)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_many_adapters_script_end_to_end(tmp_path):
+  """``python -m bench.many_adapters --tiny --quick``: every row of the table, its checks (PEFT's
+  ``adapter_names`` logits included) within the script's tolerance, the stacked decodes' tokens
+  those of the plain one, and compiled FLOPs for every JAX row."""
+  pytest.importorskip("peft")
+  from bench import many_adapters
+
+  result = many_adapters.main(["--tiny", "--quick", "--out", str(tmp_path)])
+  saved = json.loads((tmp_path / "many_adapters-cpu.json").read_text())
+  assert saved["rows"].keys() == result["rows"].keys()
+  rows, meta = saved["rows"], saved["meta"]
+  assert {"train, 16 adapters stacked (ids n % 16)", "decode, 4 adapters stacked (ids n % 4)",
+          "PEFT forward, 4 adapters (adapter_names, ids n % 4)"} <= set(rows)
+  assert "forward 4 mixed: logits vs PEFT adapter_names" in meta["checks"]
+  assert all(v <= many_adapters.tolerance(k) for k, v in meta["checks"].items()), meta["checks"]
+  assert set(meta["decode_agreement"].values()) == {1.0}
+  assert all(r["flops"] > 0 for name, r in rows.items() if not name.startswith(("PEFT", "decode")))
