@@ -137,7 +137,9 @@ def test_nonlinear_in_the_kernel_is_merged_and_reported(fn, call):
   with pytest.warns(UserWarning, match=f"w0 reaches `{call}"):
     _close(factored(params, lora, X), want)
   _close(jax.grad(lambda l: _loss(factored(params, l, X)))(lora), grads)
-  assert factored.fallbacks == {("w0", f"{call} (its body applies sin to a kernel)")}
+  # w1 (5 × 3 on 2 rows) may also be merged by the cost rule, cheaper at this toy size
+  assert {f for f in factored.fallbacks if "merged: cheaper" not in f[1]} == {
+      ("w0", f"{call} (its body applies sin to a kernel)")}
   strict = lj.lora_transform(f, params, factored.cfg, strict=True)
   with pytest.raises(NotImplementedError, match=f"w0 reaches `{call}"):
     strict(params, lora, X)

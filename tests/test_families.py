@@ -235,8 +235,8 @@ def test_load_model_picks_the_family_and_refuses_by_name(tmp_path):
   assert model_type({"architectures": ["Qwen3ForCausalLM"]}) == "qwen3"
   assert model_type({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}) == "phi3"
   base = {k: v for k, v in SMALL.items() if k != "initializer_range"}
-  for config, message in [({**base, "model_type": "mixtral"}, "model_type='mixtral'; the supported causal LMs are"),
-                          ({**base, "architectures": ["MixtralForCausalLM"]}, "architectures=.*MixtralForCausalLM"),
+  for config, message in [({**base, "model_type": "qwen2_moe"}, "model_type='qwen2_moe'; the supported causal LMs are"),
+                          ({**base, "architectures": ["Qwen2MoeForCausalLM"]}, "architectures=.*Qwen2MoeForCausalLM"),
                           ({**base, "model_type": "qwen2", "moe_intermediate_size": 8}, "moe_intermediate_size=8")]:
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):

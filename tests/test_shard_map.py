@@ -150,7 +150,7 @@ def test_mesh_factored_equals_merged_in_a_mapped_body(name, dora):
   model, params, specs, x, cfg = _case(name, dora)
   shardings = lj.lora_shardings(params, cfg)
   lora = jax.device_put(zoo.random_factors(params, cfg), shardings)
-  apply = lj.lora_transform(model, params, cfg)
+  apply = lj.lora_transform(model, params, cfg, strict=True)  # every use factored (no cost-rule merge either)
   reference = lj.lora_transform(model, params, cfg, mode="reference")
   loss = lambda f: jax.jit(jax.value_and_grad(lambda l: jnp.mean(f(params, l, x) ** 2)))
   value, grads = loss(apply)(lora)
