@@ -92,6 +92,12 @@ SLOW: dict[str, str] = {
          "on one device, in a subprocess (3 min, and 2-3 more for the quantized bases)"),
     "tests/test_cli.py::test_generate_with_several_adapters_is_each_adapter_alone":
         "one mixed-batch generate and three separate ones on the tiny Llama, each compiled (25 s loaded)",
+    "tests/test_moe_family.py::test_greedy_generation_matches_transformers":
+        "Mixtral decoding in torch and JAX (test_logits_match_transformers stays fast)",
+    "tests/test_moe_family.py::test_adapter_on_attention_saved_here_runs_in_peft":
+        "Mixtral through PEFT (the other direction stays fast)",
+    "tests/test_custom_rules.py::test_factored_steps_cost_no_more_than_merged":
+        "six train steps compiled twice each, for FLOPs (the rules' exactness stays fast)",
     "tests/test_mesh.py::test_two_processes_equal_one":
         "the main job as two jax.distributed processes (3 launches) and as one, then PEFT (10 min)",
     "tests/test_docs.py::test_quickstart_agrees_three_ways":
@@ -247,6 +253,8 @@ PARTLY_SLOW: dict[str, tuple[tuple[str, ...], str]] = {
     "tests/test_families.py::test_peft_adapter_runs_here": (("llama3", "phi3", "gemma3"), "families"),
     "tests/test_families.py::test_adapter_saved_here_runs_in_peft": (("qwen3", "gemma2"), "families"),
     "tests/test_gpt2.py::test_greedy_generation_matches_transformers": (("gpt2",), "one GPT-2 config"),
+    "tests/test_moe_family.py::test_peft_target_parameters_adapter_runs_here": (("parameters0",), "both experts"),
+    "tests/test_moe_family.py::test_target_parameters_adapter_saved_here_is_pefts": (("parameters0",), "both experts"),
     "tests/test_gpt2.py::test_peft_adapter_both_ways": (("gpt2",), "one GPT-2 config"),
     "tests/test_mixed_batch.py::test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern": (("4",), "k = 1 and 16 in CI"),
     "tests/test_peft_options.py::test_trained_biases": (("lora_only",), "bias='all' in CI"),
