@@ -292,9 +292,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "cpus": os.cpu_count(), "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "model": source,
           "batch": args.batch, "seq": args.seq, "prefix_len": prefix_len, "max_targets": max_targets,
           "targets_in_batch": int(np.count_nonzero(weights[:, 1:])), "reps": args.reps, "losses": losses}
-  print(table(meta, rows), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  write_text_atomic(os.path.join(args.out, f"main-{meta['backend']}.json"),
+  return report("main", args.out, meta, rows, table(meta, rows))
+
+
+def report(name: str, out_dir: str, meta: dict[str, Any], rows: dict[str, Any], text: str) -> dict[str, Any]:
+  """Print ``text`` (the run's table) and write ``{"meta", "rows"}`` to ``out_dir/<name>-<backend>.json``."""
+  print(text, flush=True)
+  os.makedirs(out_dir, exist_ok=True)
+  write_text_atomic(os.path.join(out_dir, f"{name}-{meta['backend']}.json"),
                     json.dumps({"meta": meta, "rows": rows}, indent=1))
   return {"meta": meta, "rows": rows}
 

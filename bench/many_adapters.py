@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import platform
 import statistics
@@ -45,11 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import lorax_jax
-from bench.main import TARGETS, chat_batch, jax_step, main_job_config, peft_model, peft_name
+from bench.main import TARGETS, chat_batch, jax_step, main_job_config, peft_model, peft_name, report
 from bench.measure import Compiled, compile_variant, round_robin
 from bench.models import SMOLLM2_CHAT_PROMPT, smollm2
 from bench.variants import Variant, nonzero_lora
-from lorax_jax.files import write_text_atomic
 from lorax_jax.lora_tree import SCALE
 from lorax_jax.models.causal_lm import causal_lm_loss_sums
 from lorax_jax.models.generate import generate
@@ -341,11 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "batch": args.batch, "seq": args.seq, "new_tokens": args.new_tokens, "reps": args.reps,
           "warmup": args.warmup, "adapters": [f"r={c.r} alpha={c.alpha:g}" for c in CFGS], "checks": checks,
           "decode_agreement": agreement}
-  print(table(meta, out), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  write_text_atomic(os.path.join(args.out, f"many_adapters-{meta['backend']}.json"),
-                    json.dumps({"meta": meta, "rows": out}, indent=1))
-  return {"meta": meta, "rows": out}
+  return report("many_adapters", args.out, meta, out, table(meta, out))
 
 
 def table(meta: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:

@@ -136,8 +136,14 @@ def assert_adapted_logits_are_peft(directory, flax_model, params, lora, cfg, pef
 
 def test_peft_adapter_runs_here(checkpoint, tmp_path):
   directory, family = checkpoint
+  assert_peft_adapter_runs_here(directory, targets(family), tmp_path)
+
+
+def assert_peft_adapter_runs_here(directory, target_modules, tmp_path) -> None:
+  """A PEFT adapter (random factors on ``target_modules``) of the checkpoint in ``directory``, saved
+  by PEFT and loaded here, gives PEFT's logits."""
   model = peft.get_peft_model(torch_model(directory), peft.LoraConfig(
-      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=targets(family)))
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=target_modules))
   randomize_lora(model)
   model.save_pretrained(str(tmp_path))
   _, flax_model, params = load_llama(directory)

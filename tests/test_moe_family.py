@@ -27,7 +27,7 @@ from lorax_jax.io.tensors import read_safetensors
 from lorax_jax.models.hf import read_config
 from lorax_jax.models.llama import (LLAMA_PATH_MAP, Llama, LlamaConfig, load_llama, save_llama,
                                     stack_config, stack_layers)
-from test_families import assert_adapted_logits_are_peft
+from test_families import assert_adapted_logits_are_peft, assert_peft_adapter_runs_here
 from test_io import random_lora
 from test_peft import TOL, max_diff, randomize_lora, torch_logits
 
@@ -112,13 +112,7 @@ def test_checkpoint_missing_an_expert_is_named(checkpoint):
 
 
 def test_peft_adapter_on_attention_runs_here(checkpoint, tmp_path):
-  model = peft.get_peft_model(torch_model(checkpoint), peft.LoraConfig(
-      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=ATTENTION))
-  randomize_lora(model)
-  model.save_pretrained(str(tmp_path))
-  _, flax_model, params = load_llama(checkpoint)
-  lora, cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
-  assert_adapted_logits_are_peft(checkpoint, flax_model, params, lora, cfg, model)
+  assert_peft_adapter_runs_here(checkpoint, ATTENTION, tmp_path)
 
 
 def test_adapter_on_attention_saved_here_runs_in_peft(checkpoint, tmp_path):
