@@ -31,6 +31,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_finetune.py::test_tasks_train_each_adapter_as_it_trains_alone":
+        "a --tasks 2 run, its two single-topic runs and PEFT on each adapter (25 s on 2 loaded cores)",
+    "tests/test_llama_speed.py::test_per_adapter_sums_equal_each_adapter_alone[every_position]":
+        "the max_targets case runs the same sums in the fast tier (17 s on 2 loaded cores)",
     "tests/test_peft_options.py::test_lora_bias":
         "BERT both ways and a merged reference (28 s on 2 loaded cores)",
     "tests/test_all_linear.py::test_gemma_library_gemma3_attention_and_mlp":

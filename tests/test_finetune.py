@@ -97,8 +97,7 @@ def test_work_saving_options_train_the_same(tiny, tmp_path):
   s, _ = finetune.parse_args(args(tiny, tmp_path, *chat, *on))
   plain, fast = run(tiny, tmp_path / "plain", *chat, *off), run(tiny, tmp_path / "fast", *chat, *on)
   _, _, tokenizer = finetune.load_model(s.model)
-  train, held_out = finetune.make_examples(s, tokenizer)
-  options = finetune.work_options(s, tokenizer, train, held_out)
+  options = finetune.work_options(s, tokenizer, finetune.make_tasks(s, tokenizer))
   assert options["prefix_len"] == len(tokenizer.chat("Hi")) - 1
   assert options["max_targets"] < s.batch_size * s.seq_len
   np.testing.assert_allclose([l for _, l in checkpoint_state(tmp_path / "fast")["history"]],
@@ -261,6 +260,11 @@ def test_unknown_setting(capsys, tmp_path):
     (["--init", "corda"], "LoraConfig: init must be one of .*got 'corda'"),
     (["--loraplus_ratio", "-1"], "setting loraplus_ratio must be >= 0"),
     (["--targets", "[q_proj, v_proj"], "is not a YAML list such as"),
+    (["--tasks", "-1"], r"setting tasks must be >= 0"),
+    (["--tasks", "3", "--task_topics", "[art, food]"], r"setting tasks=3 needs as many task_topics; there are 2"),
+    (["--tasks", "2", "--task_topics", "[art, art]"], "setting task_topics repeats a topic"),
+    (["--tasks", "2", "--data", "[pydoc]"], r"setting tasks trains one adapter per fortunes topic: data must be \[fortunes\]"),
+    (["--tasks", "2", "--mesh", "data=2"], "setting tasks runs on one device"),
     (["--config", "/no/such.yaml"], r"config file /no/such.yaml does not exist \(packaged configs: classify, finetune, pydoc\)"),
 ])
 def test_bad_setting_values(capsys, argv, message):
@@ -392,3 +396,58 @@ def test_base_changing_init_and_loraplus_runs_save_an_adapter_for_the_original_b
   trained = lora_transform(model.apply, residual, cfg0)(residual, result["lora"], tokens)
   converted = lora_transform(model.apply, params, cfg)(params, lora, tokens)
   assert float(jnp.max(jnp.abs(trained - converted))) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Many adapters in one run (--tasks)
+
+
+def task_args(tiny, out_dir, *extra: str) -> list[str]:
+  """Two fortunes topics on the tiny model, no dropout: a tasks run is then its single-topic runs."""
+  return args(tiny, out_dir, "--data", "[fortunes]", "--max_chars", "150", "--batch_size", "2", "--steps", "3",
+              "--dropout", "0", "--targets", "[q_proj, v_proj]", "--task_topics", "[love, pets]", *extra)
+
+
+def run_tasks(tiny, out_dir, *extra: str, resume: bool = False) -> dict:
+  s, _ = finetune.parse_args(task_args(tiny, out_dir, *extra))
+  model, params, tokenizer = finetune.load_model(s.model, s.dtype)
+  return finetune.run(s, model, params, tokenizer, checkpoint=finetune.resume_point(s) if resume else None)
+
+
+def test_tasks_train_each_adapter_as_it_trains_alone(tiny, tmp_path):
+  """``--tasks 2``: one run, one mixed batch per step, and each adapter's losses, factors and PEFT
+  adapter are those of the run on its topic alone (same split, same data order, optimizer per
+  adapter); PEFT loads each adapter and gives our logits."""
+  from tests.test_families import assert_adapted_logits_are_peft, peft, torch_model
+
+  both = run_tasks(tiny, tmp_path / "both", "--tasks", "2")
+  _, model, params = load_llama(tiny[0])
+  for topic in ("love", "pets"):
+    alone = run_tasks(tiny, tmp_path / topic, "--topics", f"[{topic}]")
+    np.testing.assert_allclose([both["eval_before"][topic], both["eval_after"][topic]],
+                               [alone["eval_before"], alone["eval_after"]], rtol=1e-5, err_msg=topic)
+    np.testing.assert_allclose([losses[topic] for _, losses in checkpoint_state(tmp_path / "both")["history"]],
+                               [loss for _, loss in checkpoint_state(tmp_path / topic)["history"]], rtol=1e-5)
+    lora, cfg = load_adapter(str(tmp_path / "both" / "adapters" / topic), params, LLAMA_PATH_MAP)
+    jax.tree.map(np.testing.assert_array_equal, lora, both["lora"][topic])
+    for got, want in zip(jax.tree.leaves(lora), jax.tree.leaves(alone["lora"])):  # Adam amplifies rounding
+      np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
+    peft_model = peft.PeftModel.from_pretrained(torch_model(tiny[0]), str(tmp_path / "both" / "adapters" / topic))
+    assert_adapted_logits_are_peft(tiny[0], model, params, lora, cfg, peft_model.eval())
+  assert not (tmp_path / "both" / "adapter").exists()
+  assert "after (love)" in (tmp_path / "both" / "samples.txt").read_text()
+
+
+def test_tasks_resume_continues_exactly(tiny, tmp_path):
+  """A tasks run stopped at step 1 and resumed ends where the uninterrupted run ends: the stacked
+  factors and the per-adapter optimizer state are checkpointed as they train."""
+  straight = run_tasks(tiny, tmp_path / "straight", "--tasks", "2", "--steps", "2", "--sample_tokens", "1")
+  run_tasks(tiny, tmp_path / "resumed", "--tasks", "2", "--steps", "2", "--sample_tokens", "1", "--stop_at", "1")
+  resumed = run_tasks(tiny, tmp_path / "resumed", "--tasks", "2", "--steps", "2", "--sample_tokens", "1",
+                      resume=True)
+  jax.tree.map(np.testing.assert_array_equal, resumed["lora"], straight["lora"])
+  assert resumed["eval_after"] == straight["eval_after"] and set(resumed["eval_after"]) == {"love", "pets"}
+  a, b = checkpoint_arrays(tmp_path / "straight"), checkpoint_arrays(tmp_path / "resumed")
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

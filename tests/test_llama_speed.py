@@ -239,3 +239,50 @@ def test_counts_and_bad_options():
     causal_lm_loss_sums(lora_apply, params, lora, tokens, w, prefix_len=24)
   with pytest.raises(ValueError, match="max_targets=0"):
     causal_lm_loss_sums(lora_apply, params, lora, tokens, w, max_targets=0)
+
+
+@pytest.mark.parametrize("positions_only", [False, True], ids=["every_position", "max_targets"])
+def test_per_adapter_sums_equal_each_adapter_alone(positions_only):
+  """With ``adapter_ids`` the sums are per adapter: each equals `plain_loss_sums` of that adapter
+  alone (a plain tree, its own rank and alpha) on its own rows; a base row (-1) counts nowhere,
+  and the gradient of the summed means reaches each adapter from its own rows only."""
+  model, params, _, _ = setup(False)
+  cfgs = [lorax_jax.LoraConfig(r=r, alpha=a, targets=["q_proj", "v_proj"]) for r, a in ((2, 4), (4, 2), (3, 9))]
+  loras = [jax.tree.map(lambda x, j=j: x + 0.05 * jax.random.normal(jax.random.key(j), x.shape),
+                        lorax_jax.init_lora(params, c, jax.random.key(j))) for j, c in enumerate(cfgs)]
+  stacked, stacked_cfg = lorax_jax.stack_adapters(params, list(zip(loras, cfgs)))
+  tokens, weights = chat_batch(model.config.vocab_size, batch=6)
+  ids = np.array([2, 0, -1, 2, 0, 0], np.int32)  # adapter 1 absent
+  k = max_targets_per_batch(weights, len(tokens)) if positions_only else None
+  apply = lorax_jax.lora_transform(model.apply, params, stacked_cfg)
+
+  def mean_sum(st):
+    total, count = causal_lm_loss_sums(apply, params, st, tokens, weights, max_targets=k, adapter_ids=ids)
+    return jnp.sum(total / jnp.maximum(count, 1.0)), (total, count)
+
+  (_, (total, count)), grads = jax.jit(jax.value_and_grad(mean_sum, has_aux=True))(stacked)
+  for j, (lora, cfg) in enumerate(zip(loras, cfgs)):
+    alone = lorax_jax.lora_transform(model.apply, params, cfg)
+    want = plain_loss_sums(alone, params, lora, tokens, weights * (ids == j)[:, None])
+    np.testing.assert_allclose([total[j], count[j]], want, rtol=1e-5, err_msg=f"adapter {j}")
+  grad_1 = [g[1] for kp, g in jax.tree_util.tree_leaves_with_path(grads) if kp[-1].key != "scale"]
+  assert all(not np.any(g) for g in grad_1)  # absent adapter: exactly zero
+  alone = lorax_jax.lora_transform(model.apply, params, cfgs[0])
+  want_grad = jax.grad(lambda lo: jnp.divide(*plain_loss_sums(alone, params, lo, tokens, weights * (ids == 0)[:, None]))
+                       )(loras[0])
+  got = {kp: g for kp, g in jax.tree_util.tree_leaves_with_path(grads)}
+  for kp, want in jax.tree_util.tree_leaves_with_path(want_grad):  # rows 0 … r-1 of adapter 0's slice
+    np.testing.assert_allclose(got[kp][0, :cfgs[0].r], want, rtol=1e-4, atol=1e-6, err_msg=str(kp))
+
+
+def test_per_adapter_sums_refuse_a_prefix_and_a_plain_tree():
+  model, params, cfg, lora = setup(False)
+  tokens, weights = chat_batch(model.config.vocab_size)
+  stacked, stacked_cfg = lorax_jax.stack_adapters(params, [(lora, cfg)])
+  ids = np.zeros(len(tokens), np.int32)
+  with pytest.raises(ValueError, match="prefix_len=9 runs the shared prefix once"):
+    causal_lm_loss_sums(lorax_jax.lora_transform(model.apply, params, stacked_cfg), params, stacked, tokens, weights,
+                        prefix_len=PREFIX, adapter_ids=ids)
+  with pytest.raises(ValueError, match="this lora is one adapter"):
+    causal_lm_loss_sums(lorax_jax.lora_transform(model.apply, params, cfg), params, lora, tokens, weights,
+                        adapter_ids=ids)

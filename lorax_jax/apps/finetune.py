@@ -4,6 +4,7 @@
     lorax-jax finetune --steps 300 --r 16 --targets all-linear
     lorax-jax finetune --config pydoc               # packaged configs/pydoc.yaml (or a path), on top
     lorax-jax finetune --resume                     # go on from out_dir's checkpoint
+    lorax-jax finetune --tasks 4                    # four adapters, one per fortunes topic, in one run
 
 The base model is frozen; only the LoRA factors ``a``, ``b`` of the targeted projections
 train (``W' = W + (alpha / r) aᵀ b``, through `lorax_jax.lora_transform`, never forming
@@ -17,6 +18,17 @@ sharded as they train, with the step and history as JSON; no pickle). ``out_dir`
 one holding only these (`lorax_jax.files.check_destination`, before anything is computed). The
 data order and dropout keys are pure functions of ``(seed, step)``, so a resumed run continues
 exactly as an uninterrupted one would.
+
+With ``tasks: N`` (``--tasks N``) one run trains ``N`` adapters over the one frozen base, adapter
+``k`` on the fortunes topic ``task_topics[k]`` alone (`make_tasks`: its items split as a run with
+``topics: [that topic]`` splits them). Every step's batch is the ``N`` tasks' batches of
+``batch_size`` rows each, stacked (`lorax_jax.stack_adapters`) and run as one mixed batch
+(``adapter_ids``); the loss is ``Σ_k mean_k``, each adapter's mean over its own targets
+(`causal_lm_loss_sums` per adapter), so adapter ``k``'s gradient is exactly its own batch's, and
+the optimizer is `lorax_jax.per_adapter`'s (clipping, Adam's moments and the schedule per
+adapter). Adapter ``k`` therefore sees the data order, gradients and updates of a run on its topic
+alone, up to dropout masks and float rounding. Written: ``adapters/<topic>/`` (one PEFT adapter
+each) instead of ``adapter/``, and the held-out losses per topic.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ from lorax_jax.models.tokenizer import Tokenizer, load_tokenizer
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CHECKPOINT = "checkpoint"  # an Orbax checkpoint directory
 ADAPTER = "adapter"
+ADAPTERS = "adapters"  # with tasks: adapters/<topic>/, one PEFT adapter per task
 OUTPUT_FILES = ("loss.png", "samples.txt", "metrics.json", "settings.yaml")  # besides ADAPTER/ and CHECKPOINT/
 # Settings that may differ between a checkpoint and the run resuming it.
 RESUMABLE = ("out_dir", "stop_at", "save_every", "sample_prompts", "sample_tokens", "temperature", "mesh")
@@ -98,6 +111,8 @@ class Settings:
   scan_layers: bool
   remat: bool
   mesh: str
+  tasks: int
+  task_topics: tuple[str, ...]
 
   def __post_init__(self):
     settings.check([
@@ -123,6 +138,15 @@ class Settings:
         (self.max_chars >= 0, "setting max_chars must be >= 0"),
         (self.clip_norm > 0, "setting clip_norm must be positive"),
         (self.temperature >= 0, "setting temperature must be >= 0 (0 is greedy)"),
+        (self.tasks >= 0, "setting tasks must be >= 0 (0: one adapter on all the data)"),
+        (self.tasks <= len(self.task_topics),
+         f"setting tasks={self.tasks} needs as many task_topics; there are {len(self.task_topics)}: "
+         "list more (--task_topics \"[art, food, ...]\")"),
+        (len(set(self.task_topics[:self.tasks])) == self.tasks, "setting task_topics repeats a topic"),
+        (not self.tasks or self.data == ("fortunes",),
+         "setting tasks trains one adapter per fortunes topic: data must be [fortunes]"),
+        (not self.tasks or not self.mesh,
+         "setting tasks runs on one device: the stacked adapters have no mesh layout yet (drop --mesh)"),
     ])
     if self.mesh:
       parse_mesh(self.mesh)  # its ValueError names the problem
@@ -284,6 +308,18 @@ class Examples:
   def take(self, rows: Any) -> Examples:
     return Examples(self.tokens[rows], self.weights[rows], self.lengths[rows])
 
+  @staticmethod
+  def concat(parts: Sequence[Examples]) -> Examples:
+    return Examples(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "weights", "lengths")))
+
+  def padded(self, start: int, size: int) -> Examples:
+    """Rows ``start … start + size - 1``, the missing ones weightless copies of row 0 (no target)."""
+    rows = self.take(slice(start, start + size))
+    pad = size - len(rows)
+    return Examples.concat([rows, Examples(np.repeat(self.tokens[:1], pad, 0), np.zeros((pad, self.weights.shape[1]),
+                                                                                         np.float32),
+                                           np.zeros(pad, np.int64))])
+
 
 def chat_examples(items: Sequence[str], tokenizer: Tokenizer, prompt: str, seq_len: int) -> Examples:
   """One row per item: the chat ``user: prompt / assistant: item``, right-padded; only the answer
@@ -335,11 +371,48 @@ def make_examples(s: Settings, tokenizer: Tokenizer) -> tuple[Examples, Examples
     train, held_out = (text_examples(p, tokenizer, s.seq_len) for p in splits)
   if len(train) < s.batch_size or len(held_out) == 0:
     raise ValueError(
-        f"data {', '.join(s.data)} gives {len(train)} training and {len(held_out)} held-out examples "
+        f"data {', '.join(s.data)}{f' (topics {chr(44).join(s.topics)})' if 'fortunes' in s.data and s.topics else ''} "
+        f"gives {len(train)} training and {len(held_out)} held-out examples "
         f"of at most {s.seq_len} tokens (from {len(items)} items of at most {s.max_chars or 'any'} "
         f"characters); need at least batch_size={s.batch_size} and 1: add data, raise seq_len or "
         "max_chars, or lower batch_size")
   return train, held_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one adapter trains on: its fortunes topic (None: the run's one adapter, on all of
+  ``data``), its training examples and its held-out examples (at most ``eval_examples``)."""
+
+  name: str | None
+  train: Examples
+  held_out: Examples
+
+
+def make_tasks(s: Settings, tokenizer: Tokenizer) -> list[Task]:
+  """The run's tasks: one on everything ``s`` reads, or with ``s.tasks = N`` one per topic of
+  ``s.task_topics[:N]``, each split exactly as a run with ``topics: [that topic]`` splits it
+  (`make_examples`), so its training order and held-out set are that run's."""
+  if not s.tasks:
+    return [Task(None, *_limited(s, make_examples(s, tokenizer)))]
+  return [Task(topic, *_limited(s, make_examples(dataclasses.replace(s, topics=(topic,), tasks=0), tokenizer)))
+          for topic in s.task_topics[:s.tasks]]
+
+
+def _limited(s: Settings, split: tuple[Examples, Examples]) -> tuple[Examples, Examples]:
+  train, held_out = split
+  return train, held_out.take(slice(s.eval_examples))
+
+
+def task_ids(tasks: Sequence[Task], rows: int) -> np.ndarray | None:
+  """The adapter of each row of a batch made of ``rows`` rows of each task, in order (None: one
+  adapter, a plain tree)."""
+  return None if tasks[0].name is None else np.repeat(np.arange(len(tasks), dtype=np.int32), rows)
+
+
+def step_batch(s: Settings, tasks: Sequence[Task], step: int) -> Examples:
+  """Batch ``step``: each task's `batch_indices` ``(seed, step)`` rows, the tasks one after another."""
+  return Examples.concat([t.train.take(batch_indices(len(t.train), s.batch_size, s.seed, step)) for t in tasks])
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
@@ -355,28 +428,32 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 # Training
 
 
-def work_options(s: Settings, tokenizer: Tokenizer, *examples: Examples) -> dict[str, Any]:
+def work_options(s: Settings, tokenizer: Tokenizer, tasks: Sequence[Task]) -> dict[str, Any]:
   """The `causal_lm_loss_sums` options the settings ask for, derived from the data.
 
-  ``prefix_len`` (``share_prompt``, chat format only): the chat prompt's length minus one, the
-  input tokens every row shares. ``max_targets`` (``loss_positions_only``): the most trained
-  tokens any ``batch_size`` rows of ``examples`` hold (`max_targets_per_batch`), so one compiled
-  step serves every batch.
+  ``prefix_len`` (``share_prompt``, chat format only, one task: a prefix run once cannot go
+  through several adapters): the chat prompt's length minus one, the input tokens every row
+  shares. ``max_targets`` (``loss_positions_only``): the sum over tasks of the most trained tokens
+  any ``batch_size`` rows of its training or held-out examples hold (`max_targets_per_batch`), so
+  one compiled step serves every batch, training's and evaluation's.
   """
-  prefix_len = len(tokenizer.chat(s.prompt)) - 1 if s.share_prompt and s.format == "chat" else 0
-  max_targets = (max(max_targets_per_batch(e.weights, s.batch_size) for e in examples)
-                 if s.loss_positions_only else None)
+  shared = s.share_prompt and s.format == "chat" and not s.tasks
+  prefix_len = len(tokenizer.chat(s.prompt)) - 1 if shared else 0
+  max_targets = (sum(max(max_targets_per_batch(e.weights, s.batch_size) for e in (t.train, t.held_out))
+                     for t in tasks) if s.loss_positions_only else None)
   return {"prefix_len": prefix_len, "max_targets": max_targets}
 
 
 def make_optimizer(s: Settings) -> optax.GradientTransformation:
   """AdamW on a linear warmup to ``lr`` then a cosine decay to ``lr * min_lr_ratio`` at ``steps``,
   after clipping the gradient's global norm to ``clip_norm``; with ``loraplus_ratio > 0``, LoRA+
-  (`lorax_jax.loraplus`: ``b``'s schedule ``loraplus_ratio ×`` ``a``'s)."""
+  (`lorax_jax.loraplus`: ``b``'s schedule ``loraplus_ratio ×`` ``a``'s). With ``tasks`` all of it
+  per adapter of the stacked tree (`lorax_jax.per_adapter`)."""
   schedule = optax.warmup_cosine_decay_schedule(0.0, s.lr, s.warmup_steps, s.steps, s.lr * s.min_lr_ratio)
   adamw = (lorax_jax.loraplus(optax.adamw, schedule, s.loraplus_ratio, weight_decay=s.weight_decay)
            if s.loraplus_ratio else optax.adamw(schedule, weight_decay=s.weight_decay))
-  return optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
+  tx = optax.chain(optax.clip_by_global_norm(s.clip_norm), adamw)
+  return lorax_jax.per_adapter(tx) if s.tasks else tx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,28 +518,31 @@ def place(mesh: Mesh, params: Any, lora: Any, cfg: lorax_jax.LoraConfig, optimiz
 def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransformation,
                prefix_len: int = 0, max_targets: int | None = None,
                eval_apply: Callable[..., Any] | None = None, placement: Placement | None = None):
-  """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng) -> (lora, opt_state, loss)``
-  and ``eval_sums(params, lora, tokens, weights) -> (Σ w · CE, Σ w)`` (`causal_lm_loss_sums`
-  with ``prefix_len`` and ``max_targets``). The frozen params are an argument: never
+  """The jitted ``train_step(lora, opt_state, params, tokens, weights, rng, ids=None) -> (lora, opt_state,
+  loss)`` and ``eval_sums(params, lora, tokens, weights, ids=None) -> (Σ w · CE, Σ w)``
+  (`causal_lm_loss_sums` with ``prefix_len`` and ``max_targets``). With ``ids`` (a stacked tree, a
+  mixed batch: each row's adapter) the sums and the losses are per adapter and the training
+  objective is the sum of the adapters' mean losses. The frozen params are an argument: never
   differentiated, never baked into the compiled code. ``eval_apply`` (default ``lora_apply``)
   is the transform evaluation runs: `eval_transform`'s, so that evaluation, which has no dropout
   key by design, is not warned about one. With a ``placement`` both are jitted with its
   in and out shardings (the factors and optimizer state stay where they are; the loss replicated)."""
-  def loss_sums(params, lora, tokens, weights, rng, apply=lora_apply):
+  def loss_sums(params, lora, tokens, weights, rng, ids, apply=lora_apply):
     return causal_lm_loss_sums(apply, params, lora, tokens, weights, rng, prefix_len=prefix_len,
-                               max_targets=max_targets)
+                               max_targets=max_targets, adapter_ids=ids)
 
-  def loss_fn(lora, params, tokens, weights, rng):
-    total, count = loss_sums(params, lora, tokens, weights, rng)
-    return total / jnp.maximum(count, 1.0)
+  def loss_fn(lora, params, tokens, weights, rng, ids):
+    total, count = loss_sums(params, lora, tokens, weights, rng, ids)
+    losses = total / jnp.maximum(count, 1.0)
+    return jnp.sum(losses), losses
 
-  def train_step(lora, opt_state, params, tokens, weights, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(lora, params, tokens, weights, rng)
+  def train_step(lora, opt_state, params, tokens, weights, rng, ids=None):
+    (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora, params, tokens, weights, rng, ids)
     updates, opt_state = optimizer.update(grads, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
+    return optax.apply_updates(lora, updates), opt_state, losses
 
-  def eval_sums(params, lora, tokens, weights):
-    return loss_sums(params, lora, tokens, weights, None, eval_apply or lora_apply)
+  def eval_sums(params, lora, tokens, weights, ids=None):
+    return loss_sums(params, lora, tokens, weights, None, ids, eval_apply or lora_apply)
 
   if placement is None:
     return jax.jit(train_step, donate_argnums=(0, 1)), jax.jit(eval_sums)
@@ -470,6 +550,12 @@ def make_steps(lora_apply: Callable[..., Any], optimizer: optax.GradientTransfor
   return (jax.jit(train_step, donate_argnums=(0, 1), in_shardings=(p.lora, p.opt_state, p.params, p.batch, p.batch, one),
                   out_shardings=(p.lora, p.opt_state, one)),
           jax.jit(eval_sums, in_shardings=(p.params, p.lora, p.batch, p.batch), out_shardings=(one, one)))
+
+
+def with_ids(ids: np.ndarray | None) -> dict[str, Any]:
+  """The steps' keyword arguments for a batch's adapter ids (none for one adapter: the steps on a
+  mesh take positional arguments only)."""
+  return {} if ids is None else {"ids": ids}
 
 
 def put_batch(placement: Placement | None, *rows: np.ndarray) -> tuple[Any, ...]:
@@ -495,18 +581,24 @@ def training_layout(scan_layers: bool, model: Any, params: Any, lora: Any, cfg: 
   return model.clone(scan_layers=True), stack_layers(params), stack_layers(lora), stack_config(cfg, params)
 
 
-def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, examples: Examples,
-             batch_size: int, placement: Placement | None = None) -> float:
-  """Mean cross-entropy per target token over ``examples``, in batches of ``batch_size`` (the last
-  padded with weightless rows, so one compilation serves every batch), each on ``placement``'s
-  batch sharding if given."""
-  pad = -len(examples) % batch_size
-  tokens = np.concatenate([examples.tokens, np.repeat(examples.tokens[:1], pad, 0)])
-  weights = np.concatenate([examples.weights, np.zeros((pad, examples.weights.shape[1]), np.float32)])
-  sums = [eval_sums(params, lora, *put_batch(placement, tokens[i:i + batch_size], weights[i:i + batch_size]))
-          for i in range(0, len(tokens), batch_size)]
-  total, count = np.sum(np.array(jax.device_get(sums), np.float64), axis=0)
-  return float(total / count)
+def evaluate(eval_sums: Callable[..., Any], params: Any, lora: Any, tasks: Sequence[Task],
+             batch_size: int, placement: Placement | None = None) -> float | dict[str, float]:
+  """Mean cross-entropy per target token over each task's held-out examples, through its adapter:
+  a float for one adapter, ``{topic: loss}`` with tasks. Each batch holds ``batch_size`` rows of
+  every task (a task's last ones padded with weightless rows, so one compilation serves every
+  batch), on ``placement``'s batch sharding if given."""
+  ids = task_ids(tasks, batch_size)
+  sums = []
+  for i in range(0, max(len(t.held_out) for t in tasks), batch_size):
+    batch = Examples.concat([t.held_out.padded(i, batch_size) for t in tasks])
+    sums.append(eval_sums(params, lora, *put_batch(placement, batch.tokens, batch.weights), **with_ids(ids)))
+  total, count = np.sum(np.array(jax.device_get(sums), np.float64).reshape(len(sums), 2, -1), axis=0)
+  return by_task(tasks, [float(t / c) for t, c in zip(total, count)])
+
+
+def by_task(tasks: Sequence[Task], values: Sequence[Any]) -> Any:
+  """``values[0]`` for one adapter, ``{topic: value}`` with tasks."""
+  return values[0] if tasks[0].name is None else {t.name: v for t, v in zip(tasks, values)}
 
 
 def sample(model: Any, params: Any, tokenizer: Tokenizer, s: Settings, lora: Any = None,
@@ -695,19 +787,26 @@ def save_trained_adapter(directory: str, lora: Any, cfg: lorax_jax.LoraConfig, p
                          task_type="CAUSAL_LM", initial=initial)
 
 
-def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Sequence[tuple[int, float]]) -> None:
-  """Training loss per step (and its running mean) with the held-out losses, as a PNG."""
+def plot_losses(path: str, history: Sequence[tuple[int, Any]], eval_points: Sequence[tuple[int, Any]]) -> None:
+  """Training loss per step (and its running mean) with the held-out losses, as a PNG; with tasks
+  (losses ``{topic: loss}``) one curve per adapter."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  steps, losses = np.array(history, np.float64).reshape(-1, 2).T
+  named = lambda v: v if isinstance(v, dict) else {"": v}
   fig, ax = plt.subplots(figsize=(7, 4))
-  ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train (batch)")
-  if len(losses) >= 10:
-    k = 10
-    ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, "valid"), lw=2, label=f"train ({k}-step mean)")
-  ax.plot(*zip(*eval_points), "o", color="k", label="held-out (before, after)")
+  for name in named(history[0][1]):
+    steps = np.array([step for step, _ in history], np.float64)
+    losses = np.array([named(v)[name] for _, v in history], np.float64)
+    label = f" {name}" if name else ""
+    line, = ax.plot(steps, losses, lw=0.8, alpha=0.5, label=f"train{label} (batch)")
+    if len(losses) >= 10:
+      k = 10
+      ax.plot(steps[k - 1:], np.convolve(losses, np.ones(k) / k, "valid"), lw=2, color=line.get_color(),
+              label=f"train{label} ({k}-step mean)")
+    ax.plot([step for step, _ in eval_points], [named(v)[name] for _, v in eval_points], "o",
+            color=line.get_color() if name else "k", label=f"held-out{label} (before, after)")
   ax.set(xlabel="step", ylabel="cross-entropy (nats / token)", title="LoRA fine-tune")
   ax.grid(alpha=0.3)
   ax.legend()
@@ -716,8 +815,12 @@ def plot_losses(path: str, history: Sequence[tuple[int, float]], eval_points: Se
   plt.close(fig)
 
 
-def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[str]) -> str:
-  blocks = [f"### {p}\n--- before\n{b}\n--- after\n{a}\n" for p, b, a in zip(prompts, before, after)]
+def samples_text(prompts: Sequence[str], before: Sequence[str], after: Sequence[str] | dict[str, Sequence[str]]
+                 ) -> str:
+  """Each prompt's completion before and after training (after: by each adapter, with tasks)."""
+  afters = {"after": after} if not isinstance(after, dict) else {f"after ({k})": v for k, v in after.items()}
+  blocks = [f"### {p}\n--- before\n{b}\n" + "".join(f"--- {label}\n{a[i]}\n" for label, a in afters.items())
+            for i, (p, b) in enumerate(zip(prompts, before))]
   return "\n".join(blocks)
 
 
@@ -773,22 +876,29 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   """
   import yaml
 
-  train, held_out = make_examples(s, tokenizer)
-  held_out = held_out.take(slice(s.eval_examples))
+  tasks = make_tasks(s, tokenizer)
   cfg = lora_config(s)
-  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, CHECKPOINT))
+  out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, ADAPTERS, CHECKPOINT))
   mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
   base = params  # per layer, on one device: sampling after training runs on it
-  say(f"{len(train)} training and {len(held_out)} held-out examples of at most {s.seq_len} tokens; "
-        f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
-        f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
-        f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)")
+  for t in tasks:
+    say(f"{f'task {t.name}: ' if t.name else ''}{len(t.train)} training and {len(t.held_out)} held-out examples "
+        f"of at most {s.seq_len} tokens")
+  say(f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
+      f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
+      f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)"
+      + (f" per adapter, {len(tasks)} adapters in one mixed batch" if s.tasks else ""))
+  if s.tasks and s.share_prompt and s.format == "chat":
+    say("note: share_prompt is off with tasks (each row's prompt runs through its own adapter)")
   train_model, params, lora, train_cfg = training_layout(s.scan_layers, model.clone(remat=s.remat), params, lora,
                                                           cfg)
+  one_cfg = train_cfg  # one adapter's config in the training layout
+  if s.tasks:  # every adapter starts where a run on its topic alone starts
+    lora, train_cfg = lorax_jax.stack_adapters(params, [(lora, one_cfg)] * len(tasks))
   optimizer = make_optimizer(s)
   placement = None
   if mesh is None:
@@ -797,16 +907,15 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     params, lora, opt_state, placement = place(mesh, params, lora, train_cfg, optimizer)
     say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices of {jax.process_count()} process(es)")
   lora_apply = lorax_jax.lora_transform(train_model.apply, params, train_cfg)
-  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, train, held_out),
+  train_step, eval_sums = make_steps(lora_apply, optimizer, **work_options(s, tokenizer, tasks),
                                      eval_apply=eval_transform(train_model.apply, params, train_cfg),
                                      placement=placement)
   ckpt = os.path.join(out, CHECKPOINT)
+  files = Layout(s.tasks == 0, s.scan_layers)
 
   if checkpoint is not None:
     state = dict(checkpoint.state)
-    lora, opt_state = restore(checkpoint, unstack_layers(lora), unstack_layers(opt_state))
-    if s.scan_layers:
-      lora, opt_state = stack_layers(lora), stack_layers(opt_state)
+    lora, opt_state = files.read(restore(checkpoint, *files.write(lora, opt_state)))
     if placement is not None:
       lora, opt_state = jax.device_put(lora, placement.lora), jax.device_put(opt_state, placement.opt_state)
     say(f"resuming {ckpt} at step {state['step']}")
@@ -815,28 +924,32 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
       say(f"note: starting over in {out} (--resume would continue its checkpoint)")
     t = time.perf_counter()
     state = {"step": 0, "history": [], "train_seconds": 0.0, "train_tokens": 0,
-             "eval_before": evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)}
+             "eval_before": evaluate(eval_sums, params, lora, tasks, s.batch_size, placement)}
     t_eval = time.perf_counter()
     state["samples_before"] = sample(model, original, tokenizer, s)
-    say(f"held-out loss before: {state['eval_before']:.4f} ({t_eval - t:.0f}s with compilation; "
-          f"sampling {time.perf_counter() - t_eval:.0f}s)")
+    say(f"held-out loss before: {losses_text(state['eval_before'])} ({t_eval - t:.0f}s with compilation; "
+        f"sampling {time.perf_counter() - t_eval:.0f}s)")
   state["settings"] = settings.as_dict(s)
   if primary():
     os.makedirs(out, exist_ok=True)
     write_text_atomic(os.path.join(out, "settings.yaml"), yaml.safe_dump(state["settings"], sort_keys=False))
 
-  lora, opt_state, state = train_loop(s, train, params, lora, opt_state, state, train_step, key_dropout, ckpt,
+  lora, opt_state, state = train_loop(s, tasks, params, lora, opt_state, state, train_step, key_dropout, ckpt,
                                       placement)
+  adapters = lambda: [gathered(unstack_layers(one)) for one in  # per adapter, per layer, as NumPy
+                      (lorax_jax.unstack_adapters(params, lora, [one_cfg] * len(tasks)) if s.tasks else [lora])]
   if state["step"] < s.steps:
     say(f"stopped at step {state['step']} of {s.steps}: --resume goes on")
-    return {**state, "lora": gathered(unstack_layers(lora))}
+    return {**state, "lora": by_task(tasks, adapters())}
 
   t = time.perf_counter()
-  eval_after = evaluate(eval_sums, params, lora, held_out, s.batch_size, placement)
-  lora = gathered(unstack_layers(lora))
-  samples_after = sample(model, base, tokenizer, s, lora, cfg)
+  eval_after = evaluate(eval_sums, params, lora, tasks, s.batch_size, placement)
+  trained = adapters()
+  samples_after = by_task(tasks, [sample(model, base, tokenizer, s, one, cfg) for one in trained])
   say(f"evaluated and sampled in {time.perf_counter() - t:.0f}s")
-  save_trained_adapter(os.path.join(out, ADAPTER), lora, cfg, original, initial, base_model_name)
+  for task, one in zip(tasks, trained):
+    directory = os.path.join(out, ADAPTERS, task.name) if task.name else os.path.join(out, ADAPTER)
+    save_trained_adapter(directory, one, cfg, original, initial, base_model_name)
   text = samples_text(s.sample_prompts, state["samples_before"], samples_after)
   metrics = {"eval_before": state["eval_before"], "eval_after": eval_after, "steps": s.steps,
              "train_seconds": state["train_seconds"],
@@ -846,18 +959,40 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
     plot_losses(os.path.join(out, "loss.png"), state["history"], [(0, state["eval_before"]), (s.steps, eval_after)])
     write_text_atomic(os.path.join(out, "samples.txt"), text)
     write_text_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics, indent=2))
-  say(f"\n{text}\nheld-out loss: {state['eval_before']:.4f} before, {eval_after:.4f} after "
-      f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: adapter/, loss.png, "
+  written = ", ".join(f"{ADAPTERS}/{t.name}/" for t in tasks) if s.tasks else f"{ADAPTER}/"
+  say(f"\n{text}\nheld-out loss: {losses_text(state['eval_before'])} before, {losses_text(eval_after)} after "
+      f"({metrics['tokens_per_second']:.0f} tokens/s)\nwrote {s.out_dir}/: {written}, loss.png, "
       "samples.txt, metrics.json, settings.yaml, checkpoint/")
-  return {**metrics, "lora": lora}
+  return {**metrics, "lora": by_task(tasks, trained)}
 
 
-def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: Any,
+def losses_text(losses: float | dict[str, float]) -> str:
+  """``3.1234``, or ``art 3.1234, food 3.4567`` with tasks."""
+  return ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) if isinstance(losses, dict) else f"{losses:.4f}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the factors and optimizer state are laid out in the checkpoint: per layer (``layers_0 …``,
+  `unstack_layers`) for one adapter, whether or not the layers train scanned, so both read the same
+  files; with tasks the stacked tree as it trains (its leading axis is the adapters')."""
+
+  per_layer: bool
+  scanned: bool  # the layers train as one scan (`stack_layers`)
+
+  def write(self, *trees: Any) -> tuple[Any, ...]:
+    return tuple(unstack_layers(t) for t in trees) if self.per_layer else trees
+
+  def read(self, trees: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(stack_layers(t) for t in trees) if self.per_layer and self.scanned else trees
+
+
+def train_loop(s: Settings, tasks: Sequence[Task], params: Any, lora: Any, opt_state: Any,
                state: dict[str, Any], train_step: Callable[..., Any], key_dropout: jax.Array,
                ckpt: str, placement: Placement | None = None) -> tuple[Any, Any, dict[str, Any]]:
   """Steps ``state["step"] .. stop``, a checkpoint every ``save_every`` steps and at the end.
 
-  Batch ``k`` is `batch_indices` ``(seed, k)`` (every process computes the whole batch and
+  Batch ``k`` is `step_batch` ``(seed, k)`` (every process computes the whole batch and
   `put_batch` keeps its devices' rows) and its dropout key ``fold_in(key_dropout, k)``.
   Tokens per second count the non-padding tokens read, after the first (compiling) step.
   """
@@ -865,14 +1000,16 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
 
   stop = s.stop_at or s.steps
   state = dict(state)
+  ids = task_ids(tasks, s.batch_size)
+  files = Layout(s.tasks == 0, s.scan_layers)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
              dynamic_ncols=True, file=sys.stdout, disable=not primary())
   last, start = None, time.perf_counter()
   for step in bar:
-    batch = train.take(batch_indices(len(train), s.batch_size, s.seed, step))
-    lora, opt_state, loss = train_step(lora, opt_state, params, *put_batch(placement, batch.tokens, batch.weights),
-                                       jax.random.fold_in(key_dropout, step))
-    loss = float(loss)
+    batch = step_batch(s, tasks, step)
+    lora, opt_state, losses = train_step(lora, opt_state, params, *put_batch(placement, batch.tokens, batch.weights),
+                                         jax.random.fold_in(key_dropout, step), **with_ids(ids))
+    losses = np.atleast_1d(np.asarray(losses, np.float64))
     now = time.perf_counter()
     if last is not None:  # the first step of a process includes compilation
       state["train_seconds"] += now - last
@@ -881,10 +1018,10 @@ def train_loop(s: Settings, train: Examples, params: Any, lora: Any, opt_state: 
       bar.write(f"first step (with compilation): {now - start:.0f}s")
     last = now
     state["step"] = step + 1
-    state["history"].append((step + 1, loss))
-    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{state['train_tokens'] / max(state['train_seconds'], 1e-9):.0f}")
-    if state["step"] % s.save_every == 0 or state["step"] == stop:  # per-layer names, scanned or not
-      save_checkpoint(ckpt, unstack_layers(lora), unstack_layers(opt_state), state)
+    state["history"].append((step + 1, by_task(tasks, losses.tolist())))
+    bar.set_postfix(loss=f"{losses.mean():.3f}", tok_s=f"{state['train_tokens'] / max(state['train_seconds'], 1e-9):.0f}")
+    if state["step"] % s.save_every == 0 or state["step"] == stop:
+      save_checkpoint(ckpt, *files.write(lora, opt_state), state)
   bar.close()
   return lora, opt_state, state
 
