@@ -44,13 +44,18 @@ def torch_model(directory: str):
   return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 
 
+def mixtral_config():
+  """4 experts, top 2, hidden 32, 2 layers."""
+  return transformers.MixtralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, initializer_range=0.2)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-  """4 experts, top 2, hidden 32, 2 layers; norms moved off their init (1) so a misplaced one shows."""
+  """`mixtral_config`'s random checkpoint; norms moved off their init (1) so a misplaced one shows."""
   torch.manual_seed(0)
-  model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, initializer_range=0.2))
+  model = transformers.MixtralForCausalLM(mixtral_config())
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
