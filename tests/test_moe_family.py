@@ -219,6 +219,24 @@ def test_all_linear_adapter_both_ways(checkpoint, tmp_path):
   assert not any("mlp" in name for name in written["target_modules"])
 
 
+def test_router_named_in_target_modules_loads(checkpoint, tmp_path):
+  """A router adapter that names ``mlp.gate`` in ``target_modules`` (a transformers 4 adapter, where the
+  router was an ``nn.Linear``; PEFT converts it to ``target_parameters`` ``gate.weight``) loads here too."""
+  _, flax_model, params = load_llama(checkpoint)
+  cfg = LoraConfig(r=4, alpha=8, targets=ATTENTION + ["mlp/gate/kernel"])
+  lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
+  save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  config_file = tmp_path / "adapter_config.json"
+  config = json.loads(config_file.read_text())
+  config["target_modules"] += [name.removesuffix(".weight") for name in config.pop("target_parameters")]
+  config_file.write_text(json.dumps(config))
+  model = peft.PeftModel.from_pretrained(torch_model(checkpoint), str(tmp_path)).eval()
+  loaded, loaded_cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
+  got = lora_transform(flax_model.apply, params, loaded_cfg)(params, loaded, jnp.asarray(TOKENS))
+  assert max_diff(got, torch_logits(model, TOKENS)) < TOL
+  assert max_diff(got, lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS))) < 1e-6
+
+
 def test_target_parameters_refusals(checkpoint, tmp_path):
   _, _, params = load_llama(checkpoint)
   cfg = LoraConfig(r=2, targets=["experts/down_proj"], kernel_axes={"experts/down_proj": "sio"}, dropout=0.1)

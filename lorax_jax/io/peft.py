@@ -637,13 +637,16 @@ def _same(x: np.ndarray, y: np.ndarray) -> bool:
 def _parameter_modules(config: Mapping[str, Any], mods: list[Module], path_map: PathMap | None,
                        where: str) -> dict[str, str]:
   """``{parameter module name: its name in the file}`` (`wrapper_names`) of the modules the config's
-  ``target_parameters`` select as PEFT does (the name, or a ``.``-suffix of it).
+  ``target_parameters`` select as PEFT does (the name, or a ``.``-suffix of it), and of the routers
+  whose module ``target_modules`` selects (``mlp.gate``: PEFT reads them as ``target_parameters``
+  ``gate.weight``, its conversion of adapters from transformers 4, where the router was an ``nn.Linear``).
 
   Raises:
     ValueError: ``target_parameters`` selects no parameter of these params (PEFT refuses it too).
   """
   names = config.get("target_parameters")
-  selected = [m for m in mods if m.kind in PARAMETER_KINDS and matches(names, m.name)]
+  selected = [m for m in mods if m.kind in PARAMETER_KINDS and (
+      matches(names, m.name) or (m.kind == "router" and _peft_targets(config, m.name.removesuffix(".weight"))))]
   if names and not selected:
     raise ValueError(f"{where}: target_parameters {names!r} selects no parameter of these params (PEFT refuses "
                      "this adapter: no parameter was matched); load it onto the model it was trained for")
