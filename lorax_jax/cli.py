@@ -217,8 +217,8 @@ def summary_main(argv: Sequence[str]) -> None:
 
   s, args = settings.parse(finetune.Settings, "finetune", argv, summary_main.__doc__.split("\n")[0],
                            lambda p: p.add_argument("--adapter", help="PEFT LoRA adapter directory"))
-  _, params, _, _, cfg = _load(s.model, [args.adapter] if args.adapter else [])
-  print(lorax_jax.summary(params, cfg or finetune.lora_config(s)))
+  model, params, _, _, cfg = _load(s.model, [args.adapter] if args.adapter else [])
+  print(lorax_jax.summary(params, cfg or finetune.lora_config(s, model, params)))
 
 
 def finetune_main(argv: Sequence[str]) -> None:

@@ -9,6 +9,11 @@ out in torch:
 - ``"conv"``: Flax ``HWIO`` kernel, torch ``OIHW`` weight.
 - ``"conv1d"``: Flax ``[in, out]`` kernel, transformers' ``Conv1D`` ``[in, out]`` weight (GPT-2):
   the same layout; an adapter's factors are a linear layer's (PEFT's ``fan_in_fan_out``).
+- ``"router"``: a ``"linear"`` layout (Flax ``[in, out]``, torch ``[out, in]``) that torch holds as
+  a bare ``weight`` parameter of a module that is not an ``nn.Linear`` (transformers' MoE router,
+  ``MixtralTopKRouter``'s ``mlp.gate.weight``): an adapter names it whole, as PEFT's
+  ``target_parameters`` (``model.layers.0.mlp.gate.weight``), since PEFT wraps only ``nn.Linear``
+  modules as ``target_modules``.
 - ``"experts"``: Flax ``[E, in, out]`` stacked expert kernels (``lax.ragged_dot``), torch
   ``[E, out, in]`` (transformers' fused MoE experts, ``mlp.experts.gate_up_proj``): the last two
   axes swapped. Such a tensor has no ``.weight`` suffix: an adapter names it whole (PEFT's
@@ -46,8 +51,9 @@ from typing import Literal
 
 import numpy as np
 
-Kind = Literal["linear", "conv", "conv1d", "experts", "embedding", "param"]
-KINDS = ("linear", "conv", "conv1d", "experts", "embedding", "param")
+Kind = Literal["linear", "conv", "conv1d", "router", "experts", "embedding", "param"]
+KINDS = ("linear", "conv", "conv1d", "router", "experts", "embedding", "param")
+LINEAR_KINDS = ("linear", "router")  # torch's [out, in]: the transpose of a Flax [in..., out] kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +61,7 @@ class PathMap:
   """Rules ``(flax_pattern, hf_pattern, kind)``, tried in order (module docstring).
 
   Attributes:
-    rules: the rules; ``kind`` one of ``"linear"``, ``"conv"``, ``"embedding"``, ``"param"``.
+    rules: the rules; ``kind`` one of `KINDS` (module docstring).
     ties: ``(head, embedding)`` Hugging Face names of tied weights (`tied_embeddings`).
 
   Raises:
@@ -144,7 +150,7 @@ class PathMap:
 def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
   """A Flax-layout array in torch's layout (see the module docstring)."""
   x = np.asarray(x)
-  if kind == "linear":
+  if kind in LINEAR_KINDS:
     return x.reshape(-1, x.shape[-1]).T
   if kind == "conv":
     return x.transpose(3, 2, 0, 1)
@@ -155,7 +161,7 @@ def to_torch(x: np.ndarray, kind: str) -> np.ndarray:
 
 def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
   """The shape `to_torch` gives an array of Flax shape ``shape``."""
-  if kind == "linear":
+  if kind in LINEAR_KINDS:
     return (shape[-1], int(np.prod(shape[:-1])))
   if kind == "conv":
     return tuple(shape[i] for i in (3, 2, 0, 1))
@@ -167,7 +173,7 @@ def torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
 def from_torch(x: np.ndarray, kind: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
   """A torch-layout array in Flax's layout, reshaped to ``shape`` if given (inverse of `to_torch`)."""
   x = np.asarray(x)
-  if kind == "linear":
+  if kind in LINEAR_KINDS:
     x = x.T
   elif kind == "conv":
     x = x.transpose(2, 3, 1, 0)

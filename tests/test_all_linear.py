@@ -1,15 +1,16 @@
 """``targets="all-linear"`` decided by use (`lorax_jax.find_linear`, `lorax_jax.axes_from_use`).
 
 The reference is PEFT's own selection (``get_peft_model(..., LoraConfig(target_modules="all-linear"))``
-on the same transformers model) for the project's Llama and BERT, and the third-party library's
-own linear layer classes (keras ``Dense``/``EinsumDense``, a torch ``nn.Sequential``'s
-``Linear``s for a Haiku MLP) elsewhere.
+on the same transformers model) for every causal-LM family `lorax_jax.models.load_model` reads and
+for BERT, and the third-party library's own linear layer classes (keras ``Dense``/``EinsumDense``, a
+torch ``nn.Sequential``'s ``Linear``s for a Haiku MLP) elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,19 +28,34 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from lorax_jax.models import load_model, path_map  # noqa: E402
 from lorax_jax.models.bert import BERT_PATH_MAP, BertForSequenceClassification, load_bert  # noqa: E402
-from lorax_jax.models.llama import LLAMA_PATH_MAP, load_llama  # noqa: E402
+from test_families import FAMILIES  # noqa: E402
+from test_gpt2 import CONFIGS as GPT2_CONFIGS  # noqa: E402
+from test_moe_family import mixtral_config  # noqa: E402
+
+CAUSAL_LMS = {**FAMILIES, **GPT2_CONFIGS, "mixtral": mixtral_config}  # every family load_model reads
 
 
 def peft_selection(model, **kwargs) -> set[str]:
-  """The module names PEFT's ``all-linear`` adapts on a torch ``model``."""
+  """What PEFT's ``all-linear`` adapts on a torch ``model``: the modules it wraps in LoRA layers, by
+  module name, and the parameters it wraps (``target_parameters``: a MoE router's ``weight``, the
+  experts' stacks), by parameter name (the owner module, less PEFT's nesting, then the parameter)."""
   wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear", **kwargs))
-  return set(wrapped.peft_config["default"].target_modules)
+  found = set()
+  for name, module in wrapped.base_model.model.named_modules():
+    if isinstance(module, peft.tuners.lora.ParamWrapper):
+      owner = re.sub(r"(\.base_layer)+$", "", name)
+      found.add(f"{owner}.{module.parameter_name}")
+    elif isinstance(module, peft.tuners.lora.LoraLayer):
+      found.add(name)
+  return found
 
 
 def our_selection(apply_fn, params, path_map, cfg, *args) -> set[str]:
-  """The module names (PEFT's, through ``path_map``) `axes_from_use` targets for ``all-linear``;
-  also checks that the config targets exactly `find_linear`'s paths (less modules_to_save)."""
+  """The module names (PEFT's, through ``path_map``: a parameter module by its parameter's name)
+  `axes_from_use` targets for ``all-linear``; also checks that the config targets exactly
+  `find_linear`'s paths (less modules_to_save)."""
   filled = lj.axes_from_use(apply_fn, params, cfg, *args)
   targets = lj.find_targets(params, filled)
   saved = {p for p in lj.find_linear(apply_fn, params, *args)
@@ -49,21 +65,20 @@ def our_selection(apply_fn, params, path_map, cfg, *args) -> set[str]:
   return {names[p] for p in targets}
 
 
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
-def test_llama_all_linear_equals_peft(tmp_path, tie):
+@pytest.mark.parametrize("family", list(CAUSAL_LMS))
+def test_family_all_linear_equals_peft(tmp_path, family):
+  """Every projection but the head over the vocabulary (tied or not); Phi-3's fused ``qkv_proj`` and
+  GPT-2's ``Conv1D``\\ s as PEFT sees them; Mixtral's router and experts as PEFT's ``target_parameters``."""
   torch.manual_seed(0)
-  config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                    tie_word_embeddings=tie)
-  model = transformers.LlamaForCausalLM(config)
+  model = transformers.AutoModelForCausalLM.from_config(CAUSAL_LMS[family]())
   model.save_pretrained(str(tmp_path))
-  _, flax_model, params = load_llama(str(tmp_path))
-  tokens = jnp.zeros((1, 5), jnp.int32)
-  ours = our_selection(flax_model.apply, params, LLAMA_PATH_MAP, lj.LoraConfig(targets="all-linear"), tokens)
-  want = peft_selection(model, task_type="CAUSAL_LM")
-  assert ours == want
-  assert {"model.layers.1.mlp.gate_proj", "model.layers.0.self_attn.o_proj"} <= ours
-  assert "lm_head" not in ours and not any("embed" in n for n in ours)
+  config, flax_model, params = load_model(str(tmp_path))
+  ours = our_selection(flax_model.apply, params, path_map(config), lj.LoraConfig(targets="all-linear"),
+                       jnp.zeros((1, 5), jnp.int32))
+  assert ours == peft_selection(model, task_type="CAUSAL_LM")
+  assert not any(re.search("lm_head|embed|wte|wpe", name) for name in ours)
+  if family == "mixtral":
+    assert {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.down_proj"} <= ours
 
 
 @pytest.mark.parametrize("task", [None, "SEQ_CLS"])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+import lorax_jax
 from lorax_jax import cli, init_lora, init_lora_and_base, load_adapter, lora_transform
 from lorax_jax.apps import finetune, settings
 from lorax_jax.models import gguf
@@ -225,6 +226,17 @@ def test_defaults_come_from_the_packaged_yaml_and_flags_override_them(tmp_path):
   # YAML 1.1 reads 3e-4 (no dot) as a string; the settings layer reads it as the float it means.
   variant.write_text("lr: 3e-4\n")
   assert finetune.parse_args(["--config", str(variant)])[0].lr == 3e-4
+
+
+def test_all_linear_is_decided_by_use(tiny, tmp_path):
+  """With the model, ``targets: all-linear`` is `lorax_jax.axes_from_use`'s selection (PEFT's: every
+  projection, not the head; tests/test_all_linear.py checks it on every family), layouts and all."""
+  s, _ = finetune.parse_args(args(tiny, tmp_path))
+  model, params, _ = finetune.load_model(s.model, s.dtype)
+  cfg = finetune.lora_config(s, model, params)
+  assert cfg == lorax_jax.axes_from_use(model.apply, params, finetune.lora_config(s), jnp.zeros((2, 5), jnp.int32))
+  names = [t.name for t in lorax_jax.find_targets(params, cfg).values()]
+  assert len(names) == 7 * model.config.num_hidden_layers and not any("lm_head" in n for n in names)
 
 
 def test_every_packaged_config_parses():

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lorax_jax import LoraConfig, lora_transform
+from lorax_jax import LoraConfig, axes_from_use, find_targets, lora_transform
 from lorax_jax.io import load_adapter, save_adapter
 from lorax_jax.models import load_model, path_map
 from lorax_jax.models.generate import generate
@@ -44,13 +44,18 @@ def torch_model(directory: str):
   return transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
 
 
+def mixtral_config():
+  """4 experts, top 2, hidden 32, 2 layers."""
+  return transformers.MixtralConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, initializer_range=0.2)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-  """4 experts, top 2, hidden 32, 2 layers; norms moved off their init (1) so a misplaced one shows."""
+  """`mixtral_config`'s random checkpoint; norms moved off their init (1) so a misplaced one shows."""
   torch.manual_seed(0)
-  model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, initializer_range=0.2))
+  model = transformers.MixtralForCausalLM(mixtral_config())
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:
@@ -128,9 +133,10 @@ EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]  # PEFT's target_paramet
 
 
 def factored_logits(flax_model, params, lora, cfg) -> np.ndarray:
-  """The adapted logits, every expert LoRA factored by the engine's ragged_dot rule (no merged fallback)."""
+  """The adapted logits, every expert LoRA factored by the engine's ragged_dot rule (no merged fallback; the
+  tiny router may be merged by the cost rule)."""
   with warnings.catch_warnings():
-    warnings.filterwarnings("error", "lorax_jax: kernel .* merged")
+    warnings.filterwarnings("error", "lorax_jax: kernel .*/experts/.* merged")
     return np.asarray(lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS)))
 
 
@@ -164,23 +170,71 @@ def test_target_parameters_adapter_saved_here_is_pefts(checkpoint, tmp_path, par
   cfg = LoraConfig(r=4, alpha=8, targets=ATTENTION + flax_names, rank_pattern={"gate_up_proj": 2},
                    kernel_axes={name: "sio" for name in flax_names})
   lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
-  save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  assert_saved_here_is_pefts(checkpoint, str(tmp_path), flax_model, params, lora, cfg)
+
+
+def assert_saved_here_is_pefts(checkpoint, directory, flax_model, params, lora, cfg) -> dict:
+  """``lora`` saved to ``directory``: PEFT loads it without a warning, with the logits here (factored),
+  and its keys are those ``get_peft_model_state_dict`` gives a PEFT model of the written config,
+  which is returned."""
+  save_adapter(directory, lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
   got = factored_logits(flax_model, params, lora, cfg)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    model = peft.PeftModel.from_pretrained(torch_model(checkpoint), str(tmp_path)).eval()
+    model = peft.PeftModel.from_pretrained(torch_model(checkpoint), directory).eval()
   assert not [w for w in caught if any(s in str(w.message).lower() for s in ("missing", "unexpected"))]
   want = torch_logits(model, TOKENS)
   assert max_diff(got, want) < TOL
   assert max_diff(want, torch_logits(torch_model(checkpoint), TOKENS)) > 1e-2
-  with open(os.path.join(tmp_path, "adapter_config.json")) as f:
+  with open(os.path.join(directory, "adapter_config.json")) as f:
     written = json.load(f)
   reference = peft.get_peft_model(torch_model(checkpoint), peft.LoraConfig(
-      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=written["target_modules"],
+      task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, target_modules=written["target_modules"],
       target_parameters=written["target_parameters"], rank_pattern=written["rank_pattern"]))
   want_shapes = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(reference).items()}
-  assert {k: v.shape for k, v in read_safetensors(os.path.join(tmp_path, "adapter_model.safetensors")).items()
+  assert {k: v.shape for k, v in read_safetensors(os.path.join(directory, "adapter_model.safetensors")).items()
           } == want_shapes
+  return written
+
+
+def test_all_linear_adapter_both_ways(checkpoint, tmp_path):
+  """PEFT's ``all-linear`` on Mixtral adapts the attention projections, the router (``target_parameters``
+  ``gate.weight``: transformers' router is no ``nn.Linear``) and both expert stacks: such an adapter runs
+  here. ``all-linear`` by use adapts the same kernels, and its adapter saved here is PEFT's file, the
+  router and the experts in ``target_parameters``."""
+  model = peft.get_peft_model(torch_model(checkpoint), peft.LoraConfig(
+      task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
+  randomize_lora(model)
+  model.save_pretrained(str(tmp_path / "peft"))
+  _, flax_model, params = load_llama(checkpoint)
+  lora, cfg = load_adapter(str(tmp_path / "peft"), params, LLAMA_PATH_MAP)
+  assert "params/model/layers_1/mlp/gate/kernel" in {t.name for t in find_targets(params, cfg).values()}
+  assert max_diff(factored_logits(flax_model, params, lora, cfg), torch_logits(model, TOKENS)) < TOL
+
+  by_use = axes_from_use(flax_model.apply, params, LoraConfig(r=4, alpha=8, targets="all-linear"), TOKENS[:1])
+  assert set(find_targets(params, by_use)) == set(find_targets(params, cfg))
+  lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, by_use))
+  written = assert_saved_here_is_pefts(checkpoint, str(tmp_path / "here"), flax_model, params, lora, by_use)
+  assert "model.layers.1.mlp.gate.weight" in written["target_parameters"]
+  assert not any("mlp" in name for name in written["target_modules"])
+
+
+def test_router_named_in_target_modules_loads(checkpoint, tmp_path):
+  """A router adapter that names ``mlp.gate`` in ``target_modules`` (a transformers 4 adapter, where the
+  router was an ``nn.Linear``; PEFT converts it to ``target_parameters`` ``gate.weight``) loads here too."""
+  _, flax_model, params = load_llama(checkpoint)
+  cfg = LoraConfig(r=4, alpha=8, targets=ATTENTION + ["mlp/gate/kernel"])
+  lora = jax.tree.map(lambda x: 0.1 * x, random_lora(params, cfg))
+  save_adapter(str(tmp_path), lora, cfg, params, LLAMA_PATH_MAP, task_type="CAUSAL_LM")
+  config_file = tmp_path / "adapter_config.json"
+  config = json.loads(config_file.read_text())
+  config["target_modules"] += [name.removesuffix(".weight") for name in config.pop("target_parameters")]
+  config_file.write_text(json.dumps(config))
+  model = peft.PeftModel.from_pretrained(torch_model(checkpoint), str(tmp_path)).eval()
+  loaded, loaded_cfg = load_adapter(str(tmp_path), params, LLAMA_PATH_MAP)
+  got = lora_transform(flax_model.apply, params, loaded_cfg)(params, loaded, jnp.asarray(TOKENS))
+  assert max_diff(got, torch_logits(model, TOKENS)) < TOL
+  assert max_diff(got, lora_transform(flax_model.apply, params, cfg)(params, lora, jnp.asarray(TOKENS))) < 1e-6
 
 
 def test_target_parameters_refusals(checkpoint, tmp_path):
@@ -189,6 +243,10 @@ def test_target_parameters_refusals(checkpoint, tmp_path):
   lora = random_lora(params, cfg)
   with pytest.raises(ValueError, match="PEFT refuses lora_dropout, use_dora and lora_bias"):
     save_adapter(str(tmp_path / "dropout"), lora, cfg, params, LLAMA_PATH_MAP)
+  router = LoraConfig(r=2, targets=["mlp/gate/kernel"], dropout=0.1)  # a parameter too
+  with pytest.raises(ValueError, match="target params/model/layers_0/mlp/gate/kernel is the parameter "
+                                       r"model.layers.0.mlp.gate.weight \(PEFT's target_parameters\)"):
+    save_adapter(str(tmp_path / "router"), random_lora(params, router), router, params, LLAMA_PATH_MAP)
   by_name = LoraConfig(r=2, targets=["experts/down_proj"])  # the name rule's layout: "iio"
   with pytest.raises(ValueError, match="set LoraConfig.kernel_axes to 'sio'"):
     save_adapter(str(tmp_path / "axes"), random_lora(params, by_name), by_name, params, LLAMA_PATH_MAP)

@@ -196,9 +196,25 @@ def start_processes(coordinator: str | None, num_processes: int | None, process_
                      "JAX_PROCESS_ID) on every process") from None
 
 
-def lora_config(s: Settings) -> lorax_jax.LoraConfig:
-  return lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets),
-                              init=s.init, use_dora=s.use_dora)
+def lora_config(s: Settings, model: Any = None, params: Any = None) -> lorax_jax.LoraConfig:
+  """The `lorax_jax.LoraConfig` of the settings. ``targets: all-linear`` is PEFT's selection, decided by
+  use when the ``model`` and its ``params`` are given (`lorax_jax.axes_from_use` on a token batch: every
+  kernel the model multiplies as a linear layer's weight, but the head over the vocabulary; a Mixtral's
+  router and experts too): the config then targets exactly those kernels, with their layouts. Without
+  them (checking the settings) it stays `lorax_jax.find_targets`' name rule.
+
+  Args:
+    s: the settings.
+    model, params: the Flax model (``model.apply(params, tokens)``) and its params, for ``all-linear``.
+
+  >>> lora_config(parse_args(["--targets", "[q_proj, v_proj]", "--r", "4"])[0]).targets
+  ('q_proj', 'v_proj')
+  """
+  cfg = lorax_jax.LoraConfig(r=s.r, alpha=s.alpha, dropout=s.dropout, targets=settings.lora_targets(s.targets),
+                             init=s.init, use_dora=s.use_dora)
+  if cfg.targets == "all-linear" and model is not None:
+    cfg = lorax_jax.axes_from_use(model.apply, params, cfg, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  return cfg
 
 
 # ---------------------------------------------------------------------------------------
@@ -877,7 +893,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   import yaml
 
   tasks = make_tasks(s, tokenizer)
-  cfg = lora_config(s)
+  cfg = lora_config(s, model, params)
   out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, ADAPTERS, CHECKPOINT))
   mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))

@@ -13,10 +13,11 @@ A leaf of a stacked path-map rule (`lorax_jax.pathmap`, ``nn.scan`` layers on it
 one module per layer (``Module.layer``); an adapter holds the modules of the adapted layers.
 
 A leaf of path-map kind ``"experts"`` (stacked MoE experts ``[E, in, out]``, torch ``[E, out, in]``)
-is a *parameter module*, PEFT's ``target_parameters``: named by its whole tensor name
-(``model.layers.0.mlp.experts.gate_up_proj``). PEFT's file names it by the module owning the
-parameter instead, one ``base_layer.`` deeper per later-registered targeted parameter of that
-module (`wrapper_names`).
+or ``"router"`` (a MoE router's ``[in, out]`` kernel, torch's bare ``[out, in]`` parameter of a module
+that is not an ``nn.Linear``) is a *parameter module*, PEFT's ``target_parameters``: named by its
+whole tensor name (``model.layers.0.mlp.experts.gate_up_proj``, ``model.layers.0.mlp.gate.weight``).
+PEFT's file names it by the module owning the parameter instead, one ``base_layer.`` deeper per
+later-registered targeted parameter of that module (`wrapper_names`).
 
 Each module has a *kind*, which fixes the torch layout of its factors: the path map's kind,
 or without a map ``"embedding"`` for an ``embedding`` leaf, ``"conv"`` for a 4-axis
@@ -39,7 +40,7 @@ from lorax_jax.paths import KERNEL_LEAVES, Path, path_str
 from lorax_jax.qarray import leaves_with_paths
 
 ADAPTABLE_KINDS = ("linear", "conv", "conv1d", "embedding")
-PARAMETER_KIND = "experts"  # a module that is an nn.Parameter (PEFT's target_parameters)
+PARAMETER_KINDS = ("router", "experts")  # a module that is an nn.Parameter (PEFT's target_parameters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,8 @@ def modules(params: Any, path_map: PathMap | None = None) -> list[Module]:
     mapped = path_map.to_hf(path_str(path))
     if mapped is not None and mapped[1] in ADAPTABLE_KINDS and mapped[0].endswith(".weight"):
       found.append(Module(mapped[0].removesuffix(".weight"), path, mapped[1]))
-    elif mapped is not None and mapped[1] == PARAMETER_KIND:
-      found.append(Module(mapped[0], path, PARAMETER_KIND))
+    elif mapped is not None and mapped[1] in PARAMETER_KINDS:
+      found.append(Module(mapped[0], path, mapped[1]))
   return found
 
 
@@ -83,9 +84,10 @@ def wrapper_names(mods: Iterable[Module], path_map: PathMap) -> dict[str, str]:
   ``<owner>`` followed by ``base_layer.`` that many times.
 
   >>> from lorax_jax.models.llama import LLAMA_PATH_MAP
-  >>> mods = [Module(f"model.layers.0.mlp.experts.{p}", (), PARAMETER_KIND) for p in ("down_proj", "gate_up_proj")]
+  >>> mods = [Module(f"model.layers.0.mlp.experts.{p}", (), "experts") for p in ("down_proj", "gate_up_proj")]
+  >>> mods.append(Module("model.layers.0.mlp.gate.weight", (), "router"))
   >>> wrapper_names(mods, LLAMA_PATH_MAP)
-  {'model.layers.0.mlp.experts.gate_up_proj': 'model.layers.0.mlp.experts.base_layer', 'model.layers.0.mlp.experts.down_proj': 'model.layers.0.mlp.experts'}
+  {'model.layers.0.mlp.experts.gate_up_proj': 'model.layers.0.mlp.experts.base_layer', 'model.layers.0.mlp.experts.down_proj': 'model.layers.0.mlp.experts', 'model.layers.0.mlp.gate.weight': 'model.layers.0.mlp.gate'}
   """
   owners: dict[str, list[str]] = {}
   for m in mods:

@@ -25,10 +25,11 @@ at most `MAX_CONFIG_BYTES`.
 ``modules_to_save`` copies (`lorax_jax.io.saved`) are saved under their own tensor names, and a
 stacked kernel's layers as one module each (`lorax_jax.io.stacked`).
 
-Stacked MoE experts (path-map kind ``"experts"``) are PEFT's ``target_parameters``: listed there by
-their full names, their factors (`lorax_jax.io.factors`) under the owning module's name, nested
-as PEFT nests its ``ParamWrapper``\\ s (`lorax_jax.io.modules.wrapper_names`); PEFT refuses
-dropout, DoRA and ``lora_bias`` on them, and so does `save_adapter`.
+Stacked MoE experts and MoE routers (path-map kinds ``"experts"``, ``"router"``) are PEFT's
+``target_parameters``: listed there by their full names, their factors (`lorax_jax.io.factors`)
+under the owning module's name, nested as PEFT nests its ``ParamWrapper``\\ s
+(`lorax_jax.io.modules.wrapper_names`); PEFT refuses dropout, DoRA and ``lora_bias`` on them, and
+so does `save_adapter`.
 
 A PEFT adapter of an embedding that the model ties to its output head
 (``tie_word_embeddings``) adapts the token lookup only; `load_adapter` limits such a target
@@ -54,7 +55,7 @@ from lorax_jax.files import MAX_CONFIG_BYTES, open_regular, read_limited, text_w
 from lorax_jax.init import init_lora_and_base, on_original_base
 from lorax_jax.io.factors import (check_shape, factors_from_torch, factors_to_torch, lora_bias_shape, magnitude_shape,
                                   torch_shapes)
-from lorax_jax.io.modules import (PARAMETER_KIND, Module, align_names, by_name, by_target, exact_config, exact_regex,
+from lorax_jax.io.modules import (PARAMETER_KINDS, Module, align_names, by_name, by_target, exact_config, exact_regex,
                                   layout_hint, modules, parts_by_module, wrapper_names)
 from lorax_jax.io.peft_config import lookup, matches, read_config, warn_unmatched
 from lorax_jax.io.saved import PREFIX, saved_keys, saved_tensors, saved_tree, token_keys, token_tensors
@@ -154,11 +155,11 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   token_values, token_indices = token_tensors(lora, cfg, params, path_map)
   tensors |= token_values
-  parameters = [m for ms in mods.values() for m in ms if m.kind == PARAMETER_KIND]
+  parameters = [m for ms in mods.values() for m in ms if m.kind in PARAMETER_KINDS]
   wrapped = wrapper_names(parameters, path_map) if parameters else {}
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
-      if m.kind == PARAMETER_KIND and (cfg.dropout or t.dora or t.lora_bias):
+      if m.kind in PARAMETER_KINDS and (cfg.dropout or t.dora or t.lora_bias):
         raise ValueError(f"save_adapter: LoRA target {path_str(t.path)} is the parameter {m.name} (PEFT's "
                          "target_parameters), on which PEFT refuses lora_dropout, use_dora and lora_bias; train "
                          "it without them")
@@ -176,7 +177,7 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
       "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
       "r": cfg.r, "lora_alpha": _number(cfg.alpha), "lora_dropout": cfg.dropout,
       "use_rslora": cfg.use_rslora,
-      "target_modules": sorted(m.name for ms in mods.values() for m in ms if m.kind != PARAMETER_KIND),
+      "target_modules": sorted(m.name for ms in mods.values() for m in ms if m.kind not in PARAMETER_KINDS),
       "target_parameters": sorted(wrapped) or None,
       "rank_pattern": {re.escape(m.name): t.rank for t in targets.values() if t.rank != cfg.r for m in mods[t.path]},
       "alpha_pattern": {re.escape(m.name): _number(t.alpha)
@@ -330,7 +331,7 @@ def _load(dir_fd: int, directory: str, params: Any, path_map: PathMap | None, pa
         raise ValueError(f"{weights_path}: the layers of the stacked kernel {path_str(m.path)} differ in rank or "
                          "alpha; its factors hold one rank and alpha for every layer")
     warn_unmatched(config, [to_file(m.name) for m, _, _ in pairs], config_path)
-    kernel_axes = {**{re.escape(path_str(m.path)): "sio" for m, _, _ in pairs if m.kind == PARAMETER_KIND},
+    kernel_axes = {**{re.escape(path_str(m.path)): "sio" for m, _, _ in pairs if m.kind == "experts"},
                    **dict(kernel_axes or {})}  # experts [E, in, out]
     stacked = stacked_fields(pairs, {p: np.shape(x) for p, x in leaves_with_paths(params)},
                              kernel_axes, weights_path)
@@ -636,13 +637,16 @@ def _same(x: np.ndarray, y: np.ndarray) -> bool:
 def _parameter_modules(config: Mapping[str, Any], mods: list[Module], path_map: PathMap | None,
                        where: str) -> dict[str, str]:
   """``{parameter module name: its name in the file}`` (`wrapper_names`) of the modules the config's
-  ``target_parameters`` select as PEFT does (the name, or a ``.``-suffix of it).
+  ``target_parameters`` select as PEFT does (the name, or a ``.``-suffix of it), and of the routers
+  whose module ``target_modules`` selects (``mlp.gate``: PEFT reads them as ``target_parameters``
+  ``gate.weight``, its conversion of adapters from transformers 4, where the router was an ``nn.Linear``).
 
   Raises:
     ValueError: ``target_parameters`` selects no parameter of these params (PEFT refuses it too).
   """
   names = config.get("target_parameters")
-  selected = [m for m in mods if m.kind == PARAMETER_KIND and matches(names, m.name)]
+  selected = [m for m in mods if m.kind in PARAMETER_KINDS and (
+      matches(names, m.name) or (m.kind == "router" and _peft_targets(config, m.name.removesuffix(".weight"))))]
   if names and not selected:
     raise ValueError(f"{where}: target_parameters {names!r} selects no parameter of these params (PEFT refuses "
                      "this adapter: no parameter was matched); load it onto the model it was trained for")

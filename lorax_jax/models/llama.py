@@ -1020,7 +1020,7 @@ def _path_map() -> PathMap:
   rules += [(f"{layer}{n}/weight", f"{hf_layer}{n.replace('/', '.')}.weight", "param")
             for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                       "post_feedforward_layernorm", "self_attn/q_norm", "self_attn/k_norm")]
-  rules.append((f"{layer}mlp/gate/kernel", f"{hf_layer}mlp.gate.weight", "linear"))  # a mixture's router
+  rules.append((f"{layer}mlp/gate/kernel", f"{hf_layer}mlp.gate.weight", "router"))  # a mixture's router
   rules += [(f"{layer}mlp/experts/{p}", f"{hf_layer}mlp.experts.{p}", "experts") for p in ("gate_up_proj", "down_proj")]
   rules += [("params/model/norm/weight", "model.norm.weight", "param"),
             ("params/lm_head/kernel", "lm_head.weight", "linear")]
@@ -1031,7 +1031,8 @@ LLAMA_PATH_MAP: PathMap = _path_map()
 """Flax `Llama` param paths <-> Hugging Face tensor names of every family (`FAMILIES`): the
 projections' kernels and biases (Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` too), the norms
 (Qwen3's ``q_norm``/``k_norm``, Gemma's ``pre_feedforward_layernorm``/``post_feedforward_layernorm`` too),
-Mixtral's router ``mlp.gate`` and stacked experts (transformers' in-memory names ``mlp.experts.gate_up_proj``
+Mixtral's router ``mlp.gate`` (kind ``"router"``: transformers' ``MixtralTopKRouter`` holds its weight as a bare
+parameter, PEFT's ``target_parameters``) and stacked experts (transformers' in-memory names ``mlp.experts.gate_up_proj``
 and ``mlp.experts.down_proj``, kind ``"experts"``; `fuse_experts` reads a checkpoint's per-expert tensors as them)."""
 
 
