@@ -54,6 +54,8 @@ import lorax_jax
 from lorax_jax.apps import settings
 from lorax_jax.apps.fortunes import fortune_items
 from lorax_jax.files import MAX_TEXT_BYTES, check_destination, open_regular, read_regular, write_atomic, write_text_atomic
+from lorax_jax.io.modules import by_target, modules
+from lorax_jax.io.peft import check_parameter_options
 from lorax_jax.models import hf, model_type
 from lorax_jax.models.causal_lm import causal_lm_loss_sums, max_targets_per_batch
 from lorax_jax.models.generate import generate
@@ -894,6 +896,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
 
   tasks = make_tasks(s, tokenizer)
   cfg = lora_config(s, model, params)
+  targets = lorax_jax.find_targets(params, cfg)  # PEFT's refusals are said before training, not after
+  check_parameter_options(targets, by_target(modules(params, LLAMA_PATH_MAP), targets), cfg, "finetune")
   out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, ADAPTERS, CHECKPOINT))
   mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import jax
@@ -155,14 +155,11 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   _check_tied_saved(saved_modules or [], _ties(params, path_map), directory)
   token_values, token_indices = token_tensors(lora, cfg, params, path_map)
   tensors |= token_values
+  check_parameter_options(targets, mods, cfg, "save_adapter")
   parameters = [m for ms in mods.values() for m in ms if m.kind in PARAMETER_KINDS]
   wrapped = wrapper_names(parameters, path_map) if parameters else {}
   for t, a, b in target_factors(targets, lora):
     for m in mods[t.path]:
-      if m.kind in PARAMETER_KINDS and (cfg.dropout or t.dora or t.lora_bias):
-        raise ValueError(f"save_adapter: LoRA target {path_str(t.path)} is the parameter {m.name} (PEFT's "
-                         "target_parameters), on which PEFT refuses lora_dropout, use_dora and lora_bias; train "
-                         "it without them")
       t_m, a_m, b_m = module_factors(t, a, b, m)
       key_a, key_b = _keys(m, wrapped.get(m.name))
       tensors[key_a], tensors[key_b] = factors_to_torch(a_m, b_m, t_m, m.kind)
@@ -190,6 +187,19 @@ def save_adapter(directory: str, lora: Lora, cfg: LoraConfig, params: Any,
   }
   files = {WEIGHTS_NAME: safetensors_writer(tensors), CONFIG_NAME: text_writer(json.dumps(config, indent=2))}
   on_process_zero(lambda: write_dir_atomic(directory, files), f"the adapter {directory}")
+
+
+def check_parameter_options(targets: Mapping[Path, Target], mods: Mapping[Path, Sequence[Module]], cfg: LoraConfig,
+                            who: str) -> None:
+  """A ValueError naming the first target saved as a PEFT parameter (``target_parameters``: a router,
+  experts) when ``cfg`` asks for dropout, DoRA or ``lora_bias``, which PEFT refuses there.
+  ``mods``: `by_target`'s modules of each target. `lorax_jax.apps.finetune` calls it before training."""
+  for t in targets.values():
+    for m in mods[t.path]:
+      if m.kind in PARAMETER_KINDS and (cfg.dropout or t.dora or t.lora_bias):
+        raise ValueError(f"{who}: LoRA target {path_str(t.path)} is the parameter {m.name} (PEFT's "
+                         "target_parameters), on which PEFT refuses lora_dropout, use_dora and lora_bias; train "
+                         "it without them")
 
 
 def load_adapter(directory: str, params: Any, path_map: PathMap | None = None,
