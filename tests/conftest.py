@@ -31,6 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_mixed_batch.py::test_dense_dispatch_moe[1]": "k = 4 runs in the fast tier (19 s on 2 loaded cores)",
+    "tests/test_mixed_batch.py::test_dense_dispatch_moe[16]": "k = 4 runs in the fast tier (8 s on 2 loaded cores)",
     "tests/test_finetune.py::test_tasks_train_each_adapter_as_it_trains_alone":
         "a --tasks 2 run, its two single-topic runs and PEFT on each adapter (25 s on 2 loaded cores)",
     "tests/test_llama_speed.py::test_per_adapter_sums_equal_each_adapter_alone[every_position]":

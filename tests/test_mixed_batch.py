@@ -142,6 +142,20 @@ def test_linen_mlp_mixed_ranks_alphas_rslora_rank_pattern(k):
   check_mixed(case.apply_fn, case.params, x, random_adapters(case.params, cfgs), ids_for(k, x.shape[0]))
 
 
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_dense_dispatch_moe(k):
+  """An MoE whose experts ``[E, in, out]`` run as einsums over every token keeps the batch axis at
+  every expert use, so a mixed batch routes each example through its own adapter's experts (a
+  sorted `ragged_dot` MoE is refused by name: `test_refused_uses_are_named`)."""
+  ks = jax.random.split(jax.random.key(0), 3)
+  params = {"router": jax.random.normal(ks[0], (16, 4)),
+            "experts": {"w_in": jax.random.normal(ks[1], (4, 16, 24)) / 4,
+                        "w_out": jax.random.normal(ks[2], (4, 24, 16)) / 5}}
+  x = jax.random.normal(jax.random.key(3), (max(6, k + 2), 5, 16))
+  cfgs = configs(k, targets=["experts/w_in", "experts/w_out"], kernel_axes={"experts/.*": "sio"})
+  check_mixed(zoo.dense_moe_layer, params, x, random_adapters(params, cfgs), ids_for(k, x.shape[0]))
+
+
 @pytest.mark.parametrize("name, x", [
     ("mha_transformer", jax.random.randint(jax.random.key(2), (6, 7), 0, 40)),
     ("scan_remat_transformer", jax.random.randint(jax.random.key(3), (6, 5), 0, 40)),

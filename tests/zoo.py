@@ -175,6 +175,16 @@ def moe_layer(params: dict, x: jax.Array) -> jax.Array:
   return jnp.zeros_like(y).at[order].set(y)
 
 
+def dense_moe_layer(params: dict, x: jax.Array) -> jax.Array:
+  """A top-2 mixture of experts in the dense-dispatch form (GShard's einsums; Mixtral written without
+  a sort): every expert ``[E, in, out]`` on every token, the outputs weighed by the gates."""
+  logits = x @ params["router"]
+  top, idx = jax.lax.top_k(logits, 2)
+  gates = jnp.sum(jax.nn.one_hot(idx, logits.shape[-1]) * jax.nn.softmax(top)[..., None], axis=-2)
+  h = jax.nn.gelu(jnp.einsum("btd,edh->bteh", x, params["experts"]["w_in"]))
+  return jnp.einsum("bteh,ehd,bte->btd", h, params["experts"]["w_out"], gates)
+
+
 class LSTM(nn.Module):
   """`nn.OptimizedLSTMCell` (its gate kernels concatenated before one dot) under `nn.RNN`."""
 
