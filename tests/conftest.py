@@ -31,6 +31,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 # The slow tier: node id prefixes (a file, a file::test or one test[case]) and why; chosen by measured
 # time (docs/testing.md). Everything else is the fast tier.
 SLOW: dict[str, str] = {
+    "tests/test_finetune.py::test_dropout_seed_draws_other_masks_over_the_same_data":
+        "a second 8-step run beside the module's straight run (15 s on 2 loaded cores)",
     "tests/test_mixed_batch.py::test_dense_dispatch_moe[1]": "k = 4 runs in the fast tier (19 s on 2 loaded cores)",
     "tests/test_mixed_batch.py::test_dense_dispatch_moe[16]": "k = 4 runs in the fast tier (8 s on 2 loaded cores)",
     "tests/test_finetune.py::test_tasks_train_each_adapter_as_it_trains_alone":

@@ -463,3 +463,15 @@ def test_tasks_resume_continues_exactly(tiny, tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_dropout_seed_draws_other_masks_over_the_same_data(tiny, straight, tmp_path):
+  """``--dropout_seed`` changes the dropout masks only: the same held-out loss before (same data and
+  start), other training losses (other masks); 0 is the seed's own masks."""
+  out, result = straight
+  other = run(tiny, tmp_path, "--dropout_seed", "1")
+  assert other["eval_before"] == result["eval_before"]
+  ours, theirs = ([loss for _, loss in checkpoint_state(d)["history"]] for d in (out, tmp_path))
+  assert ours[0] == theirs[0]  # step 1: b = 0, so the branch (and its dropout) adds nothing
+  # Adam's first update is the gradient's sign, which the masks rarely flip: the losses part from step 3.
+  assert all(a != b for a, b in zip(ours[2:], theirs[2:])) and abs(ours[-1] - theirs[-1]) < 0.5, (ours, theirs)

@@ -89,6 +89,7 @@ class Settings:
   r: int
   alpha: float
   dropout: float
+  dropout_seed: int
   targets: tuple[str, ...]
   init: str
   use_dora: bool
@@ -901,6 +902,8 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   out = check_destination(s.out_dir, OUTPUT_FILES, (ADAPTER, ADAPTERS, CHECKPOINT))
   mesh = training_mesh(s)
   key_init, key_dropout = jax.random.split(jax.random.key(s.seed))
+  if s.dropout_seed:  # other masks, the same data and starting factors
+    key_dropout = jax.random.fold_in(key_dropout, s.dropout_seed)
   original = params
   lora, params = lorax_jax.init_lora_and_base(params, cfg, key_init)
   initial = jax.tree.map(jnp.copy, lora) if cfg.changes_base else None  # train_step donates lora
