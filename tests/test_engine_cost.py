@@ -146,11 +146,8 @@ def test_ragged_dot_experts_near_lower_bound():
   assert ratio <= 1.05, ratio
 
 
-LOOP = ("a kernel used inside a loop (nn.RNN's scan) is costed per iteration, where the merged step forms W' once "
-        "outside it; the cost rule sees one use")
 # The zoo, but models with `target_uses` (a tied embedding adapted at some uses: no merged model).
-ZOO = [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=LOOP)] if "lstm" in c.name else [])
-       for c in zoo.cases() + zf.cases() if not c.cfg.target_uses]
+ZOO = [pytest.param(c, id=c.name) for c in zoo.cases() + zf.cases() if not c.cfg.target_uses]
 
 
 @pytest.mark.parametrize("case", ZOO)
