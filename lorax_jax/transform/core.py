@@ -182,7 +182,8 @@ class Context:
     at every use in the body. A kernel that the body merges at a use for another reason, or
     concatenates with one that is not loop-invariant, is left to the per-use rule, as are all of
     them where `may_merge` forbids merging, kernels adapted at some uses only (``target_uses``:
-    ``W'`` would reach the others) and an enclosing loop's trial (that loop decides).
+    ``W'`` would reach the others), an enclosing loop's trial (that loop decides) and a ``quiet``
+    trial of a custom-derivative body.
 
     Args:
       consts: the loop's constant operands.
@@ -194,6 +195,8 @@ class Context:
     """
     if self.trial is not None:
       return consts, dataclasses.replace(self, trial=dataclasses.replace(self.trial, trips=self.trial.trips * length))
+    if self.quiet:  # a custom-derivative body's trial: its call is factored or merged whole
+      return consts, self
     numbers = {j: next(self.serial) for j, x in enumerate(consts)
                if isinstance(x, LoraKernel) and x.uses is None and self.may_merge(x)
                and not (x.invariant and set(x.invariant) <= self.kept)}
@@ -201,7 +204,8 @@ class Context:
       return consts, self
     marked = [dataclasses.replace(x, invariant=(numbers[j],)) if j in numbers else x for j, x in enumerate(consts)]
     trial = LoopCosts(length)
-    jax.eval_shape(lambda: trace(marked, dataclasses.replace(self, quiet=True, fallbacks=set(), trial=trial)))
+    trial_ctx = dataclasses.replace(self, quiet=True, fallbacks=set(), producers={}, trial=trial)
+    jax.eval_shape(lambda: trace(marked, trial_ctx))
     kernel = {numbers[j]: marked[j] for j in numbers}
     group = {n: frozenset([n]) for n in kernel}
     for ns, *_ in trial.uses:
