@@ -8,7 +8,12 @@ Each check lowers and compiles (never runs) a training step, so it costs seconds
   mixture of experts through `lax.ragged_dot`: FLOPs of the LoRA step against the frozen lower
   bound, the model's forward plus its backward to the input activations;
 - every zoo model (tests/zoo.py, tests/zoo_frameworks.py): FLOPs of the LoRA step at most the
-  merged step's (`lora_transform(mode="reference")`), the cost rule merging where that is cheaper.
+  merged step's (`lora_transform(mode="reference")`), the cost rule merging where that is cheaper
+  (the LSTMs' gate kernels, read at every step of `nn.RNN`'s scan, merged once before it).
+
+And the cost rule in a loop, without compiling: a scan's constant kernel merged once before the
+scan, or kept factored, as the loop formula (written out here) says; outputs and gradients
+against `zoo_frameworks.hand_merge`.
 """
 
 from __future__ import annotations
@@ -146,11 +151,8 @@ def test_ragged_dot_experts_near_lower_bound():
   assert ratio <= 1.05, ratio
 
 
-LOOP = ("a kernel used inside a loop (nn.RNN's scan) is costed per iteration, where the merged step forms W' once "
-        "outside it; the cost rule sees one use")
 # The zoo, but models with `target_uses` (a tied embedding adapted at some uses: no merged model).
-ZOO = [pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=LOOP)] if "lstm" in c.name else [])
-       for c in zoo.cases() + zf.cases() if not c.cfg.target_uses]
+ZOO = [pytest.param(c, id=c.name) for c in zoo.cases() + zf.cases() if not c.cfg.target_uses]
 
 
 @pytest.mark.parametrize("case", ZOO)
@@ -166,3 +168,103 @@ def test_zoo_step_flops_at_most_merged(case):
     got = flops(factored)
   assert got <= flops(merged), (got, sorted(factored.fallbacks))
   assert all(", merged: cheaper (factored " in what for _, what in factored.fallbacks), factored.fallbacks
+
+
+# The cost rule in a loop: a kernel the scan reads unchanged, costed over all its iterations.
+BATCH = 4
+
+
+def _rnn(params, xs):
+  """``h ← tanh(h·W + x_t)`` over ``xs [length, batch, d]``, ``W`` a constant of the scan."""
+  def step(h, x):
+    h = jnp.tanh(h @ params["w"] + x)
+    return h, h
+  return jax.lax.scan(step, jnp.zeros_like(xs[0]), xs)[1]
+
+
+def _nested_rnn(params, xs):
+  """The same recurrence over ``xs [outer, inner, batch, d]``: a scan of scans, ``W`` a constant of both."""
+  return jax.lax.scan(lambda h, chunk: (_rnn_from(params, h, chunk), None), jnp.zeros_like(xs[0, 0]), xs)[0]
+
+
+def _rnn_from(params, h, xs):
+  return jax.lax.scan(lambda h, x: (jnp.tanh(h @ params["w"] + x), None), h, xs)[0]
+
+
+def _loop_cost(trips: int, d: int) -> tuple[int, int]:
+  """docs/engine.md's cost rule for a loop, written out for `_rnn`'s one use of ``W [d, d]``:
+  (factored, merged) FLOPs over ``trips`` iterations, ``W'`` formed once."""
+  r = zf.R
+  branch = 2 * BATCH * d * r + 2 * BATCH * r * d
+  return trips * 3 * branch, trips * 2 * BATCH * d * d + 6 * r * d * d
+
+
+def _scan_level(jaxpr):
+  """The (nested jit's) jaxpr holding the outermost scan, and that scan's equation."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      return jaxpr, eqn
+    if eqn.primitive.name in ("pjit", "jit"):
+      found = _scan_level(eqn.params["jaxpr"].jaxpr)
+      if found:
+        return found
+  return None
+
+
+def _loop_case(model, d: int, shape: tuple[int, ...], **config) -> tuple[zf.Case, object]:
+  ks = jax.random.split(jax.random.key(0), 2)
+  params = {"w": jax.random.normal(ks[0], (d, d)) / d ** 0.5}
+  case = zf.Case("loop", model, params, (jax.random.normal(ks[1], (*shape, BATCH, d)),), dict(targets=["w"], **config))
+  return case, zoo.random_factors(params, case.cfg)
+
+
+def _check_exact(case: zf.Case, apply, lora) -> None:
+  """Outputs and LoRA gradients equal the hand-merged model's (1e-5)."""
+  merged = lambda l: case.apply_fn(zf.hand_merge(case, l), *case.inputs)
+  zoo.close(apply(case.params, lora, *case.inputs), merged(lora))
+  zoo.close(jax.grad(lambda l: zf.sin_loss(apply(case.params, l, *case.inputs)))(lora),
+            jax.grad(lambda l: zf.sin_loss(merged(l)))(lora))
+
+
+@pytest.mark.parametrize("model,shape", [(_rnn, (8,)), (_nested_rnn, (2, 4))], ids=["scan", "scan_of_scans"])
+def test_loop_invariant_kernel_merged_once_before_the_scan(model, shape):
+  """``W [8, 8]`` (r 2) read at every one of 8 iterations: per iteration its branch costs more
+  than its use (``3·branch > use``) but less than forming and differentiating ``W'``, so the
+  per-use rule would keep it factored at any length; over 8 iterations ``W'`` formed once is
+  cheaper. The merge is before the scan (the scan gets ``W'``, not the factors; a scan of scans
+  counts 2 × 4 iterations), reported with the loop's numbers, and exact."""
+  d = 8
+  case, lora = _loop_case(model, d, shape)
+  apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
+  with pytest.warns(UserWarning, match="merged: cheaper"):
+    _check_exact(case, apply, lora)
+  factored, merged = _loop_cost(8, d)
+  assert merged < factored
+  assert apply.fallbacks == {("w", f"dot_general in a scan of length {shape[0]} (W' formed once, before it), "
+                                   f"merged: cheaper (factored {factored} FLOPs > merged {merged})")}
+  level, scan = _scan_level(jax.make_jaxpr(lambda l: apply(case.params, l, *case.inputs))(lora).jaxpr)
+  before = level.eqns[:level.eqns.index(scan)]
+  assert any(e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (d, d)
+             and [v.aval.shape for v in e.invars] == [(zf.R, d), (zf.R, d)] for e in before)  # Σ_r a ⊗ b
+  assert (d, d) in [v.aval.shape for v in scan.invars] and (zf.R, d) not in [v.aval.shape for v in scan.invars]
+  # Never under strict, nor with dropout active.
+  for kwargs, cfg in (({}, case.cfg), ({"rng": jax.random.key(2)}, lj.LoraConfig(r=zf.R, targets=["w"], dropout=0.1))):
+    kept = lj.lora_transform(case.apply_fn, case.params, cfg, strict=not kwargs)
+    kept(case.params, lora, *case.inputs, **kwargs)
+    assert kept.fallbacks == set()
+
+
+@pytest.mark.parametrize("length,d", [(2, 8), (32, 32)])
+def test_loop_kernel_stays_factored_where_the_loop_costs_less_so(length, d):
+  """The decision follows the loop formula: ``W [8, 8]`` over 2 iterations (``W'``'s cost not
+  repaid: factored, where 8 iterations merge it) and ``W [32, 32]`` (r 2) over 32, whose branch
+  is cheaper than its use at every iteration (factored at any length). The factors enter the
+  scan; exact."""
+  case, lora = _loop_case(_rnn, d, (length,))
+  factored, merged = _loop_cost(length, d)
+  assert factored <= merged
+  apply = lj.lora_transform(case.apply_fn, case.params, case.cfg)
+  _check_exact(case, apply, lora)
+  assert apply.fallbacks == set()
+  _, scan = _scan_level(jax.make_jaxpr(lambda l: apply(case.params, l, *case.inputs))(lora).jaxpr)
+  assert (zf.R, d) in [v.aval.shape for v in scan.invars]

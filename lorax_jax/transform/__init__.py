@@ -52,7 +52,9 @@ kernel were ``W' = W + s · A ⊗ B``, without ever forming ``W'``:
    (``W + s · A ⊗ B``), and listed in ``lora_apply.fallbacks``; ``strict=True`` raises instead.
    So is a use where a training step is cheaper merged, by one cost rule from static shapes
    (`core.Context.cheaper_merged`: factored ``3 · branch`` FLOPs against ``use + 6·r·|W|``),
-   except with ``strict=True``, in a mixed batch, for a quantized kernel or under dropout.
+   except with ``strict=True``, in a mixed batch, for a quantized kernel or under dropout. A
+   kernel a ``scan`` reads unchanged is costed over its iterations (`core.Context.loop_invariants`:
+   ``length · 3 · branch`` against ``length · use + 6·r·|W|``) and merged once before the loop.
 7. A quantized kernel (a `lorax_jax.QArray` leaf, targeted or not) is traced as its
    float array and enters as a `QuantizedKernel`: its layout equations (casts, transposes,
    reshapes, slices, splits) are recorded, not run, and at each use it is dequantized inside a

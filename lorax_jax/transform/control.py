@@ -103,7 +103,9 @@ def _scan_walk(eqn: jex.core.JaxprEqn, ins: list[Tracked | None], walk: Walk) ->
 
 @rule("scan", kind="nested", walk=_scan_walk)
 def _scan_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[Any]:
-  """``lax.scan`` re-emitted; a stacked kernel is sliced with its factors, per iteration."""
+  """``lax.scan`` re-emitted; a stacked kernel is sliced with its factors, per iteration. A kernel
+  among the loop's constants is costed over all ``length`` iterations (`Context.loop_invariants`):
+  merged once before the loop (reported) or kept factored in the body."""
   p = eqn.params
   n_carry = p["num_carry"]
   consts, init, xs = _cut(invals, p["num_consts"], n_carry)
@@ -111,16 +113,18 @@ def _scan_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -> list[
   sliced = [_slice_leading(x) if isinstance(x, LoraKernel) else slice_quantized(x)
             if isinstance(x, QuantizedKernel) else (x, None) for x in xs]
   closed = p["jaxpr"]
-
-  def body(carry, step):
-    i, x_leaves = step
-    xs_now = [rebuild(x) if rebuild else x for x, (_, rebuild) in zip(x_leaves, sliced)]
-    outs = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *xs_now], ctx.fold(i))
-    outs = [as_array(x, ctx, "a scan output") for x in outs]
-    return outs[:n_carry], outs[n_carry:]
-
   steps = (jnp.arange(p["length"]), [x for x, _ in sliced])
-  carry, ys = lax.scan(body, init, steps, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+
+  def scan(consts: list[Any], ctx: Context) -> tuple[list[Any], list[Any]]:
+    def body(carry, step):
+      i, x_leaves = step
+      xs_now = [rebuild(x) if rebuild else x for x, (_, rebuild) in zip(x_leaves, sliced)]
+      outs = evaluate(closed.jaxpr, closed.consts, [*consts, *carry, *xs_now], ctx.fold(i))
+      outs = [as_array(x, ctx, "a scan output") for x in outs]
+      return outs[:n_carry], outs[n_carry:]
+    return lax.scan(body, init, steps, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+
+  carry, ys = scan(*ctx.loop_invariants(consts, p["length"], scan))
   return [*carry, *ys]
 
 

@@ -10,8 +10,9 @@ names. `Walk` follows kernels' axes through a jaxpr by the same rules' `Rule.wal
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,11 +29,36 @@ SHARED_KEY = 2**32 - 1  # folded into `rng` for `shared_dropout` keys; no target
 
 
 @dataclasses.dataclass
+class LoopCosts:
+  """What a loop's cost trial (`Context.loop_invariants`) records: for each use of a loop-invariant
+  kernel, ``(its invariant numbers, use FLOPs, branch FLOPs, the primitive)``, the FLOPs over all
+  ``trips`` iterations of the body being traced; and the kernels left to the per-use rule."""
+
+  trips: int
+  uses: list[tuple[tuple[int, ...], float, float, str]] = dataclasses.field(default_factory=list)
+  undecided: set[int] = dataclasses.field(default_factory=set)
+
+
+def _merge_flops(k: LoraKernel) -> int:
+  """Forming ``W' = W + s · A ⊗ B`` and differentiating it to both factors: ``6 · r · |W|``."""
+  return 6 * k.a.shape[k.rank_axis] * k.w.size
+
+
+def _cost_reason(what: str, factored: float, merged: float) -> str | None:
+  """The cost rule's verdict on a use (or a loop's uses) ``what``: the reason to merge, or None."""
+  if merged >= factored:
+    return None
+  return f"{what}, merged: cheaper (factored {factored:.0f} FLOPs > merged {merged:.0f})"
+
+
+@dataclasses.dataclass
 class Context:
   """What one evaluation needs besides values: dropout key and rate, strictness, the report.
 
   A ``quiet`` context records its fallbacks in ``fallbacks`` without warning (a nested rule trying
-  a body, which decides from them what to report).
+  a body, which decides from them what to report). Inside a loop's cost trial ``trial`` collects
+  the uses of its loop-invariant kernels; ``kept`` holds the loop-invariant kernels (their
+  `LoraKernel.invariant` numbers, drawn from ``serial``) that enclosing loops keep factored.
   """
 
   rng: jax.Array | None
@@ -46,6 +72,9 @@ class Context:
   inputs: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)
   producers: dict[Any, tuple[tuple[int, ...], Any]] = dataclasses.field(default_factory=dict)
   quiet: bool = False
+  trial: LoopCosts | None = None
+  kept: frozenset[int] = frozenset()
+  serial: Iterator[int] = dataclasses.field(default_factory=itertools.count)
 
   def fold(self, i: jax.Array) -> Context:
     """The context for one iteration ``i`` of a loop: its own dropout keys."""
@@ -77,6 +106,14 @@ class Context:
     self.uses[k.index] = use + 1
     return jax.random.fold_in(jax.random.fold_in(self.rng, k.index), use)
 
+  def may_merge(self, k: LoraKernel) -> bool:
+    """Whether the cost rule may merge ``k``: never with ``strict`` (every use factored), in a mixed
+    batch (no one merged kernel), for a quantized kernel (merging would form its float copy, what
+    QLoRA avoids), or while dropout is active (the merged kernel cannot drop out the branch's
+    input)."""
+    return not (self.strict or k.ids is not None or isinstance(k.w, QuantizedKernel)
+                or (self.rng is not None and self.rate > 0.0))
+
   def cheaper_merged(self, k: LoraKernel, use_flops: float, branch_flops: float, what: str) -> str | None:
     """The cost rule: the reason to merge ``k`` for this use by ``what`` (the primitive) when a
     training step is cheaper so, else None. One formula for every use; each use rule supplies
@@ -96,11 +133,13 @@ class Context:
 
     Elementwise work (the scale, adding the branch) is left out. A plain LoRA dot with ``M``
     rows and ``W [in, out]`` is merged when ``6·M·r·(in + out) > 2·M·in·out + 6·r·in·out``: with
-    ``in = out = d`` about ``r > d / 6`` when ``M ≫ d``, never for small ``M``. Never merged: with
-    ``strict`` (every use factored), in a mixed batch (no one merged kernel), a quantized kernel
-    (merging would form its float copy, what QLoRA avoids), while dropout is active (the merged
-    kernel cannot drop out the branch's input), in a ``quiet`` trial of a custom-derivative body
-    (whose call is then factored or merged whole, as ``strict`` or not decides outside it).
+    ``in = out = d`` about ``r > d / 6`` when ``M ≫ d``, never for small ``M``. Never merged where
+    `may_merge` says so, nor in a ``quiet`` trial of a custom-derivative body (whose call is then
+    factored or merged whole, as ``strict`` or not decides outside it).
+
+    A use of a loop-invariant kernel (``k.invariant``, inside a ``scan``) is decided by its loop
+    (`loop_invariants`): in the loop's trial it is recorded, not decided; in the body it stays
+    factored when the loop kept it so.
 
     Args:
       k: the kernel at this use.
@@ -111,14 +150,96 @@ class Context:
     Returns:
       ``"<what>, merged: cheaper (factored F FLOPs > merged M)"`` when merged is cheaper, else None.
     """
-    if (self.strict or self.quiet or k.ids is not None or isinstance(k.w, QuantizedKernel)
-        or (self.rng is not None and self.rate > 0.0)):
+    if not self.may_merge(k):
       return None
-    factored = 3 * branch_flops
-    merged = use_flops + 6 * k.a.shape[k.rank_axis] * k.w.size
-    if merged >= factored:
+    if k.invariant and self.trial is not None:
+      self.trial.uses.append((k.invariant, self.trial.trips * use_flops, self.trial.trips * branch_flops, what))
       return None
-    return f"{what}, merged: cheaper (factored {factored:.0f} FLOPs > merged {merged:.0f})"
+    if self.quiet or (k.invariant and set(k.invariant) <= self.kept):
+      return None
+    return _cost_reason(what, 3 * branch_flops, use_flops + _merge_flops(k))
+
+  def loop_invariants(self, consts: list[Any], length: int,
+                      trace: Callable[[list[Any], Context], Any]) -> tuple[list[Any], Context]:
+    """The cost rule for the kernels a loop of ``length`` iterations reads unchanged (its
+    constants ``consts``): each merged once before the loop, or kept factored in its body.
+
+    Per use, the rule would compare one iteration's branch with one iteration's use plus forming
+    and differentiating ``W'``, but the branch is paid every iteration and a loop-invariant
+    ``W'`` once. So ``trace(consts, ctx)`` traces the loop abstractly (`jax.eval_shape`) with the
+    kernels numbered (`LoraKernel.invariant`) and each of their uses recorded, its FLOPs times the
+    iterations (nested scans multiply; a ``while``'s unknown count is taken as one). Kernels that
+    meet in a use (a concatenation of gate kernels) are decided together, a group ``G`` of them
+    with uses ``U``::
+
+        factored = Σ_U length · 3 · branch
+        merged   = Σ_U length · use + Σ_G 6 · r · |W|        merge G before the loop when merged < factored
+
+    the per-use formula (`cheaper_merged`) summed over the iterations, ``W'`` formed and
+    differentiated once (each kernel at its own rank and size, not the concatenation's). A group
+    merged is reported like any fallback (``"dot_general in a scan of length 5 (W' formed once,
+    before it), merged: cheaper (...)"``) and enters the body as ``W'``; a group kept is factored
+    at every use in the body. A kernel that the body merges at a use for another reason, or
+    concatenates with one that is not loop-invariant, is left to the per-use rule, as are all of
+    them where `may_merge` forbids merging, kernels adapted at some uses only (``target_uses``:
+    ``W'`` would reach the others), an enclosing loop's trial (that loop decides) and a ``quiet``
+    trial of a custom-derivative body.
+
+    Args:
+      consts: the loop's constant operands.
+      length: its number of iterations.
+      trace: traces the loop on constants and a context (its outputs are not used).
+
+    Returns:
+      ``consts`` with each loop-invariant kernel merged or marked, and the context for the body.
+    """
+    if self.trial is not None:
+      return consts, dataclasses.replace(self, trial=dataclasses.replace(self.trial, trips=self.trial.trips * length))
+    if self.quiet:  # a custom-derivative body's trial: its call is factored or merged whole
+      return consts, self
+    numbers = {j: next(self.serial) for j, x in enumerate(consts)
+               if isinstance(x, LoraKernel) and x.uses is None and self.may_merge(x)
+               and not (x.invariant and set(x.invariant) <= self.kept)}
+    if not numbers:
+      return consts, self
+    marked = [dataclasses.replace(x, invariant=(numbers[j],)) if j in numbers else x for j, x in enumerate(consts)]
+    trial = LoopCosts(length)
+    trial_ctx = dataclasses.replace(self, quiet=True, fallbacks=set(), producers={}, trial=trial)
+    jax.eval_shape(lambda: trace(marked, trial_ctx))
+    kernel = {numbers[j]: marked[j] for j in numbers}
+    group = {n: frozenset([n]) for n in kernel}
+    for ns, *_ in trial.uses:
+      if not set(ns) <= group.keys():  # with a kernel of another loop
+        trial.undecided.update(n for n in ns if n in group)
+        continue
+      joined = frozenset().union(*(group[n] for n in ns))
+      group.update(dict.fromkeys(joined, joined))
+    merged: dict[int, str] = {}
+    kept: set[int] = set()
+    for g in set(group.values()):
+      uses = [u for u in trial.uses if set(u[0]) <= g]
+      if not uses or g & trial.undecided:
+        continue
+      what = ", ".join(sorted({u[3] for u in uses}))
+      reason = _cost_reason(f"{what} in a scan of length {length} (W' formed once, before it)",
+                            3 * sum(u[2] for u in uses),
+                            sum(u[1] for u in uses) + sum(_merge_flops(kernel[n]) for n in g))
+      if reason:
+        merged.update(dict.fromkeys(g, reason))
+      else:
+        kept.update(g)
+    out = [self.fallback(x, merged[numbers[j]]) if j in numbers and numbers[j] in merged
+           else marked[j] if j in numbers and numbers[j] in kept else x for j, x in enumerate(consts)]
+    return out, dataclasses.replace(self, kept=self.kept | kept)
+
+  def joined(self, ks: Sequence[LoraKernel]) -> tuple[int, ...]:
+    """The `LoraKernel.invariant` of a kernel built from ``ks`` (a concatenation): all of theirs
+    when each is loop-invariant, else none (and, in a loop's trial, theirs left to the per-use rule)."""
+    if all(x.invariant for x in ks):
+      return tuple(sorted({n for x in ks for n in x.invariant}))
+    if self.trial is not None:
+      self.trial.undecided.update(n for x in ks for n in x.invariant)
+    return ()
 
   def refuse(self, k: LoraKernel, what: str, why: str) -> ValueError:
     """The error for a mixed batch (``adapter_ids``) that cannot run ``k``'s use by ``what``."""
@@ -132,6 +253,8 @@ class Context:
     if k.ids is not None:
       raise self.refuse(k, what, "a mixed batch has no merged kernel for it (each example has its own "
                         "adapter), and the engine has no per-example rule there")
+    if self.trial is not None:  # merged at a use inside a loop's trial: the per-use rule decides it
+      self.trial.undecided.update(k.invariant)
     name = self.names[k.index]
     if self.strict:
       raise NotImplementedError(

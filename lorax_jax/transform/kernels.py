@@ -41,6 +41,10 @@ class LoraKernel:
   (an id out of range under ``jit``). Layout rules move the factors' other axes as before
   (`factor_axis`, `rank_axis` count the leading one); a use gathers each example's factors
   (`per_example`) and contracts them over the batch.
+
+  Inside a loop's body, ``invariant`` numbers the kernels the loop reads unchanged (its constants)
+  that this one is built from (a concatenation of several: all of them), for the loop's cost rule
+  (`core.Context.loop_invariants`); empty elsewhere.
   """
 
   w: jax.Array | QuantizedKernel
@@ -52,6 +56,7 @@ class LoraKernel:
   uses: tuple[str, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
   g: jax.Array | None = None
   ids: jax.Array | None = None
+  invariant: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
 
   @property
   def n_stack(self) -> int:

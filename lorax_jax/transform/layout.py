@@ -199,7 +199,7 @@ def _concatenate_rule(eqn: jex.core.JaxprEqn, invals: list[Any], ctx: Context) -
     return fallback_rule(eqn, invals, ctx)
   if any(x.g is not None for x in ks):
     return fallback_rule(eqn, invals, ctx, "concatenate of DoRA kernels")
-  k0 = ks[0]
+  k0 = dataclasses.replace(ks[0], invariant=ctx.joined(ks))
   cat_side = k0.labels[axis][0]
   r_axis = k0.rank_axis
   w = bind(eqn, [x.w for x in ks])[0]
