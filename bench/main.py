@@ -83,10 +83,10 @@ def finetune_max_targets(batch: int) -> int | None:
   try:
     s, _ = finetune.parse_args(["--batch_size", str(batch)])
     *_, tokenizer = load_smollm2()
-    train, held_out = finetune.make_examples(s, tokenizer)
+    tasks = finetune.make_tasks(s, tokenizer)
   except (ImportError, OSError):
     return None
-  return finetune.work_options(s, tokenizer, train, held_out)["max_targets"]
+  return finetune.work_options(s, tokenizer, tasks)["max_targets"]
 
 
 def main_job_config(dropout: float = 0.0) -> lorax_jax.LoraConfig:

@@ -301,12 +301,13 @@ def test_mesh_compiled_step_moves_factors_only_by_their_gradient_reduction(tiny_
   and one in the backward (x·aᵀ reduced over a sharded input axis, and its gradient)."""
   s, _ = finetune.parse_args(args(tiny_llama, tmp_path, "--mesh", MESH))
   model, params, tokenizer = finetune.load_model(s.model, s.dtype)
-  train, held_out = finetune.make_examples(s, tokenizer)
+  tasks = finetune.make_tasks(s, tokenizer)
+  train = tasks[0].train
   cfg, optimizer, mesh = finetune.lora_config(s), finetune.make_optimizer(s), finetune.training_mesh(s)
   lora = lorax_jax.init_lora(params, cfg, jax.random.key(0))
   train_model, params, lora, train_cfg = finetune.training_layout(True, model, params, lora, cfg)
   params, lora, opt_state, placement = finetune.place(mesh, params, lora, train_cfg, optimizer)
-  work = finetune.work_options(s, tokenizer, train, held_out)
+  work = finetune.work_options(s, tokenizer, tasks)
   batch = finetune.put_batch(placement, *(x[:s.batch_size] for x in (train.tokens, train.weights)))
   step, _ = finetune.make_steps(lorax_jax.lora_transform(train_model.apply, params, train_cfg), optimizer, **work,
                                 placement=placement)
