@@ -335,9 +335,9 @@ class Examples:
     """Rows ``start … start + size - 1``, the missing ones weightless copies of row 0 (no target)."""
     rows = self.take(slice(start, start + size))
     pad = size - len(rows)
-    return Examples.concat([rows, Examples(np.repeat(self.tokens[:1], pad, 0), np.zeros((pad, self.weights.shape[1]),
-                                                                                         np.float32),
-                                           np.zeros(pad, np.int64))])
+    blank = Examples(np.repeat(self.tokens[:1], pad, 0), np.zeros((pad, self.weights.shape[1]), np.float32),
+                     np.zeros(pad, np.int64))
+    return Examples.concat([rows, blank])
 
 
 def chat_examples(items: Sequence[str], tokenizer: Tokenizer, prompt: str, seq_len: int) -> Examples:
@@ -389,9 +389,9 @@ def make_examples(s: Settings, tokenizer: Tokenizer) -> tuple[Examples, Examples
   else:
     train, held_out = (text_examples(p, tokenizer, s.seq_len) for p in splits)
   if len(train) < s.batch_size or len(held_out) == 0:
+    topics = f" (topics {', '.join(s.topics)})" if "fortunes" in s.data and s.topics else ""
     raise ValueError(
-        f"data {', '.join(s.data)}{f' (topics {chr(44).join(s.topics)})' if 'fortunes' in s.data and s.topics else ''} "
-        f"gives {len(train)} training and {len(held_out)} held-out examples "
+        f"data {', '.join(s.data)}{topics} gives {len(train)} training and {len(held_out)} held-out examples "
         f"of at most {s.seq_len} tokens (from {len(items)} items of at most {s.max_chars or 'any'} "
         f"characters); need at least batch_size={s.batch_size} and 1: add data, raise seq_len or "
         "max_chars, or lower batch_size")
@@ -911,7 +911,7 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
   for t in tasks:
     say(f"{f'task {t.name}: ' if t.name else ''}{len(t.train)} training and {len(t.held_out)} held-out examples "
         f"of at most {s.seq_len} tokens")
-  say(f"LoRA r={s.r} on {len(lorax_jax.find_targets(params, cfg))} kernels: "
+  say(f"LoRA r={s.r} on {len(targets)} kernels: "
       f"{lorax_jax.lora_count(params, cfg):,} trainable parameters "
       f"({lorax_jax.lora_count(params, cfg) / lorax_jax.count(params):.3%} of the model)"
       + (f" per adapter, {len(tasks)} adapters in one mixed batch" if s.tasks else ""))
@@ -934,11 +934,10 @@ def run(s: Settings, model: Any, params: Any, tokenizer: Tokenizer, *,
                                      eval_apply=eval_transform(train_model.apply, params, train_cfg),
                                      placement=placement)
   ckpt = os.path.join(out, CHECKPOINT)
-  files = Layout(s.tasks == 0, s.scan_layers)
 
   if checkpoint is not None:
     state = dict(checkpoint.state)
-    lora, opt_state = files.read(restore(checkpoint, *files.write(lora, opt_state)))
+    lora, opt_state = from_files(s, restore(checkpoint, *to_files(s, lora, opt_state)))
     if placement is not None:
       lora, opt_state = jax.device_put(lora, placement.lora), jax.device_put(opt_state, placement.opt_state)
     say(f"resuming {ckpt} at step {state['step']}")
@@ -994,20 +993,17 @@ def losses_text(losses: float | dict[str, float]) -> str:
   return ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) if isinstance(losses, dict) else f"{losses:.4f}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How the factors and optimizer state are laid out in the checkpoint: per layer (``layers_0 …``,
+def to_files(s: Settings, *trees: Any) -> tuple[Any, ...]:
+  """The factors and optimizer state as the checkpoint holds them: per layer (``layers_0 …``,
   `unstack_layers`) for one adapter, whether or not the layers train scanned, so both read the same
-  files; with tasks the stacked tree as it trains (its leading axis is the adapters')."""
+  files; with tasks the stacked tree as it trains (its leading axis is the adapters'). `from_files`
+  is the inverse."""
+  return trees if s.tasks else tuple(unstack_layers(t) for t in trees)
 
-  per_layer: bool
-  scanned: bool  # the layers train as one scan (`stack_layers`)
 
-  def write(self, *trees: Any) -> tuple[Any, ...]:
-    return tuple(unstack_layers(t) for t in trees) if self.per_layer else trees
-
-  def read(self, trees: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(stack_layers(t) for t in trees) if self.per_layer and self.scanned else trees
+def from_files(s: Settings, trees: tuple[Any, ...]) -> tuple[Any, ...]:
+  """`to_files`' trees back in the training layout."""
+  return tuple(stack_layers(t) for t in trees) if s.scan_layers and not s.tasks else trees
 
 
 def train_loop(s: Settings, tasks: Sequence[Task], params: Any, lora: Any, opt_state: Any,
@@ -1024,7 +1020,6 @@ def train_loop(s: Settings, tasks: Sequence[Task], params: Any, lora: Any, opt_s
   stop = s.stop_at or s.steps
   state = dict(state)
   ids = task_ids(tasks, s.batch_size)
-  files = Layout(s.tasks == 0, s.scan_layers)
   bar = tqdm(range(state["step"], stop), initial=state["step"], total=s.steps, desc="train",
              dynamic_ncols=True, file=sys.stdout, disable=not primary())
   last, start = None, time.perf_counter()
@@ -1044,7 +1039,7 @@ def train_loop(s: Settings, tasks: Sequence[Task], params: Any, lora: Any, opt_s
     state["history"].append((step + 1, by_task(tasks, losses.tolist())))
     bar.set_postfix(loss=f"{losses.mean():.3f}", tok_s=f"{state['train_tokens'] / max(state['train_seconds'], 1e-9):.0f}")
     if state["step"] % s.save_every == 0 or state["step"] == stop:
-      save_checkpoint(ckpt, *files.write(lora, opt_state), state)
+      save_checkpoint(ckpt, *to_files(s, lora, opt_state), state)
   bar.close()
   return lora, opt_state, state
 
